@@ -1,0 +1,53 @@
+"""slope-lightning: SLoPe 2:4 sparse pretraining for PyTorch and Lightning.
+
+The method itself (``sparsify``, ``SparseLinear``, adapters, ``memory_report``) imports only
+torch. The Lightning pieces (``SLoPeModule``, ``MaskScheduler``, ``LazyLoRA``,
+``TextDataModule``) are imported on first use, so plain-PyTorch users never load Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from slope_lightning.sparse import (
+    MemoryReport,
+    SparseLinear,
+    SparsifyReport,
+    add_adapters,
+    densify,
+    memory_report,
+    merge_for_inference,
+    sparsify,
+    unmerge,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "SLoPeModule": "slope_lightning.module",
+    "MaskScheduler": "slope_lightning.callbacks",
+    "LazyLoRA": "slope_lightning.callbacks",
+    "TextDataModule": "slope_lightning.data",
+    "Transformer": "slope_lightning.models",
+    "TransformerConfig": "slope_lightning.models",
+}
+
+__all__ = [
+    "MemoryReport",
+    "SparseLinear",
+    "SparsifyReport",
+    "add_adapters",
+    "densify",
+    "memory_report",
+    "merge_for_inference",
+    "sparsify",
+    "unmerge",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'slope_lightning' has no attribute {name!r}")

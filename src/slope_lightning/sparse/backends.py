@@ -1,0 +1,105 @@
+"""Backends: how a SparseLinear computes its three GEMMs.
+
+Every backend implements the same three operations on 2-D operands; the layer owns the
+packed weight and any cache a backend derives from it. ``reference`` is plain torch and runs
+anywhere; it builds the dense W_R (and W_RC in the backward) transiently, one layer at a time.
+GPU backends (``cusparselt``, ``cutlass``, ``auto``) plug in behind the same interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from slope_lightning.sparse.layout import NMLayout
+
+BackendName = Literal["reference", "cusparselt", "cutlass", "auto"]
+KNOWN_BACKENDS: tuple[str, ...] = ("reference", "cusparselt", "cutlass", "auto")
+GPU_BACKENDS: tuple[str, ...] = ("cusparselt", "cutlass", "auto")
+
+
+class SparseBackend(ABC):
+    """The three GEMMs of a SLoPe linear layer, on 2-D operands.
+
+    ``layout`` describes W (d_out, d_in) pruned along d_in; ``row_index`` is M_R and
+    ``col_index`` is M_C (packed, for Wᵀ pruned along d_out).
+    """
+
+    name: str
+
+    @abstractmethod
+    def forward(
+        self, x: Tensor, values: Tensor, row_index: Tensor, bias: Tensor | None, layout: NMLayout
+    ) -> Tensor:
+        """Y = X W_Rᵀ + b for X of shape (T, d_in); returns (T, d_out)."""
+
+    @abstractmethod
+    def grad_input(
+        self,
+        grad_out: Tensor,
+        values: Tensor,
+        row_index: Tensor,
+        col_index: Tensor,
+        layout: NMLayout,
+    ) -> Tensor:
+        """dX = dY W_RC for dY of shape (T, d_out); returns (T, d_in)."""
+
+    @abstractmethod
+    def grad_values(
+        self, grad_out: Tensor, x: Tensor, row_index: Tensor, layout: NMLayout
+    ) -> Tensor:
+        """(dYᵀ X) at M_R's positions; returns (d_out, d_in·N/M)."""
+
+
+class ReferenceBackend(SparseBackend):
+    """Plain torch on any device and dtype, any N:M: dense tensors only inside one call."""
+
+    name = "reference"
+
+    def forward(
+        self, x: Tensor, values: Tensor, row_index: Tensor, bias: Tensor | None, layout: NMLayout
+    ) -> Tensor:
+        weight = layout.to_dense(values, row_index)  # (d_out, d_in), transient
+        return F.linear(x, weight, bias)
+
+    def grad_input(
+        self,
+        grad_out: Tensor,
+        values: Tensor,
+        row_index: Tensor,
+        col_index: Tensor,
+        layout: NMLayout,
+    ) -> Tensor:
+        weight = layout.to_dense(values, row_index)  # W_R (d_out, d_in), transient
+        keep_t = layout.transposed().mask(col_index)  # M_C as (d_in, d_out) bool, transient
+        weight.masked_fill_(~keep_t.t(), 0)  # W_RC = W_R ⊙ M_C
+        return grad_out @ weight  # (T, d_in)
+
+    def grad_values(
+        self, grad_out: Tensor, x: Tensor, row_index: Tensor, layout: NMLayout
+    ) -> Tensor:
+        grad_weight = grad_out.t() @ x  # (d_out, d_in): the dense GEMM of the method
+        return layout.gather(grad_weight, row_index)  # (d_out, d_in·N/M)
+
+
+def resolve_backend(name: str, device: torch.device | None = None) -> SparseBackend:
+    """Return the backend called ``name`` for ``device``, or raise a clear error."""
+    if name == "reference":
+        return ReferenceBackend()
+    if name in GPU_BACKENDS:
+        if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
+            where = "this machine has no CUDA GPU" if not torch.cuda.is_available() else (
+                f"the layer is on {device}"
+            )
+            raise RuntimeError(
+                f"backend {name!r} runs 2:4 sparse GEMMs on a CUDA GPU, but {where}; "
+                "use backend='reference' (plain torch, any device) or move the model to CUDA"
+            )
+        raise NotImplementedError(
+            f"backend {name!r} is not available in this release; use backend='reference'"
+        )
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(KNOWN_BACKENDS)}")

@@ -1,0 +1,105 @@
+"""Exact byte counts of model state: parameters, gradients, optimizer state, buffers, caches.
+
+Activations are not counted (like the SLoPe paper's memory figures). Tensors that share
+memory (tied weights, views) are counted once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from slope_lightning.sparse.adapters import LowRankAdapter
+from slope_lightning.sparse.linear import SparseLinear
+
+CATEGORIES: tuple[str, ...] = (
+    "sparse values",
+    "metadata",
+    "dense parameters",
+    "gradients",
+    "optimizer state",
+    "buffers",
+    "caches",
+)
+
+
+@dataclass
+class MemoryReport:
+    """Bytes of model state by category; ``print(report)`` shows a table in MiB."""
+
+    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+    def as_dict(self) -> dict[str, int]:
+        return {**self.bytes, "total": self.total}
+
+    def __str__(self) -> str:
+        width = max(len(c) for c in [*CATEGORIES, "total"])
+        rows = [f"{name:<{width}}  {count / 2**20:>12.3f} MiB" for name, count in self.bytes.items()]
+        rows.append(f"{'total':<{width}}  {self.total / 2**20:>12.3f} MiB")
+        return "\n".join(rows)
+
+
+class _Counter:
+    """Adds tensor sizes to categories, counting each piece of memory once."""
+
+    def __init__(self) -> None:
+        self.report = MemoryReport()
+        self._seen: set[tuple[int, int, int]] = set()
+
+    def add(self, category: str, tensor: Tensor | None) -> None:
+        if tensor is None or not isinstance(tensor, Tensor) or tensor.device.type == "meta":
+            return
+        key = (tensor.data_ptr(), tensor.numel(), tensor.element_size())
+        if tensor.numel() == 0 or key in self._seen:
+            return
+        self._seen.add(key)
+        self.report.bytes[category] += tensor.numel() * tensor.element_size()
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterable[Tensor]:
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, Tensor):
+                yield value
+
+
+def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
+    """Count the bytes of ``model``'s state (and ``optimizer``'s, if given), exactly.
+
+    Categories: "sparse values" (kept weight values of SparseLinear layers and adapters' Lᵀ),
+    "metadata" (packed mask offsets), "dense parameters" (everything else trainable),
+    "gradients", "optimizer state", "buffers" (other persistent buffers) and "caches"
+    (non-persistent buffers and kernel/inference caches derived from parameters).
+    """
+    counter = _Counter()
+    sparse_value_ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            sparse_value_ids.add(id(module.values))
+            counter.add("metadata", module.row_index)
+            counter.add("metadata", module.col_index)
+        elif isinstance(module, LowRankAdapter):
+            sparse_value_ids.add(id(module.down_values))
+            counter.add("metadata", module.down_index)
+    for param in model.parameters():
+        counter.add("sparse values" if id(param) in sparse_value_ids else "dense parameters", param)
+    for param in model.parameters():
+        counter.add("gradients", param.grad)
+    if optimizer is not None:
+        for tensor in _optimizer_tensors(optimizer):
+            counter.add("optimizer state", tensor)
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            persistent = name not in module._non_persistent_buffers_set
+            counter.add("buffers" if persistent else "caches", buffer)
+        if isinstance(module, SparseLinear) and module._fused is not None:
+            for tensor in module._fused:
+                counter.add("caches", tensor)
+    return counter.report

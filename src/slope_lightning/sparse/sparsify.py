@@ -1,0 +1,283 @@
+"""Model-level operations: sparsify, densify, add adapters, merge for inference.
+
+All of them act in place on any ``nn.Module`` by swapping or visiting its ``nn.Linear`` /
+``SparseLinear`` children; nothing is monkey-patched and nothing is registered globally.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+from slope_lightning.sparse.adapters import AdapterInit
+from slope_lightning.sparse.backends import KNOWN_BACKENDS
+from slope_lightning.sparse.linear import SparseLinear
+from slope_lightning.sparse.masks import MaskMethod, check_nm
+
+logger = logging.getLogger(__name__)
+
+#: Layers left dense by default: LM heads and embeddings (the method sparsifies only the
+#: linear layers inside transformer blocks).
+DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "*.lm_head", "output", "*embed*", "*wte", "*wpe")
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What :func:`sparsify` did with one linear layer."""
+
+    name: str
+    out_features: int
+    in_features: int
+    converted: bool
+    reason: str
+
+
+@dataclass
+class SparsifyReport:
+    """Per-layer outcome of :func:`sparsify`; ``print(report)`` shows a table."""
+
+    n: int
+    m: int
+    backend: str
+    layers: list[LayerDecision] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[LayerDecision]:
+        return [d for d in self.layers if d.converted]
+
+    @property
+    def skipped(self) -> list[LayerDecision]:
+        return [d for d in self.layers if not d.converted]
+
+    def __str__(self) -> str:
+        width = max([len("layer"), *(len(d.name) for d in self.layers)])
+        lines = [
+            f"sparsify {self.n}:{self.m}, backend={self.backend}: "
+            f"{len(self.converted)} converted, {len(self.skipped)} left dense",
+            f"{'layer':<{width}}  {'shape (out x in)':>17}  result",
+        ]
+        for d in self.layers:
+            shape = f"{d.out_features} x {d.in_features}"
+            result = "sparse" if d.converted else "dense"
+            lines.append(f"{d.name:<{width}}  {shape:>17}  {result}: {d.reason}")
+        return "\n".join(lines)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> str | None:
+    return next((p for p in patterns if fnmatchcase(name, p)), None)
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """Map id(parameter) to every qualified name it is registered under."""
+    owners: dict[int, list[str]] = defaultdict(list)
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False):
+            owners[id(param)].append(f"{module_name}.{param_name}" if module_name else param_name)
+    return owners
+
+
+def _linear_children(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """(qualified name, parent, attribute, child) for every Linear/SparseLinear child."""
+    found = []
+    for parent_name, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.Linear | SparseLinear):
+                name = f"{parent_name}.{attr}" if parent_name else attr
+                found.append((name, parent, attr, child))
+    return found
+
+
+def sparsify(
+    model: nn.Module,
+    n: int = 2,
+    m: int = 4,
+    *,
+    backend: str = "reference",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    max_aspect_ratio: float | None = None,
+    transpose_mask_interval: int | None = 1,
+    mask_method: MaskMethod = "magnitude",
+    seed: int | None = None,
+) -> SparsifyReport:
+    """Replace ``model``'s nn.Linear layers by SLoPe SparseLinear layers, in place.
+
+    Args:
+        model: any module; its Linear children are swapped (the model itself must not be a
+            bare Linear: wrap it, or use ``SparseLinear.from_linear``).
+        n, m: the N:M pattern (2:4 default).
+        backend: GEMM backend for every converted layer.
+        include: fnmatch patterns on qualified layer names; if given, only matching layers are
+            considered, and a matching layer that cannot be converted is an error.
+        exclude: patterns of layers left dense (default: LM heads and embeddings).
+        max_aspect_ratio: leave dense layers whose max(d_out/d_in, d_in/d_out) exceeds this.
+        transpose_mask_interval: optimizer steps between re-derivations of M_C (None: manual).
+        mask_method: "magnitude" or "random" row masks.
+        seed: seed for random masks.
+
+    Returns:
+        A :class:`SparsifyReport` listing every linear layer, converted or not, and why.
+
+    Raises:
+        ValueError: bad n/m, unknown backend, or an explicitly included layer that cannot be
+            converted (dimension not divisible by m, non-float weight).
+    """
+    check_nm(n, m)
+    if backend not in KNOWN_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(KNOWN_BACKENDS)}")
+    if isinstance(model, nn.Linear | SparseLinear):
+        raise ValueError(
+            "sparsify() swaps layers inside a model; for a single layer use "
+            "SparseLinear.from_linear(linear, n, m)"
+        )
+    if max_aspect_ratio is not None and max_aspect_ratio < 1:
+        raise ValueError(f"max_aspect_ratio must be >= 1, got {max_aspect_ratio}")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    owners = _parameter_owners(model)
+    report = SparsifyReport(n=n, m=m, backend=backend)
+
+    for name, parent, attr, child in _linear_children(model):
+        d_out, d_in = child.out_features, child.in_features
+
+        def decide(converted: bool, reason: str, name: str = name) -> None:
+            report.layers.append(LayerDecision(name, d_out, d_in, converted, reason))
+
+        if isinstance(child, SparseLinear):
+            decide(True, f"already sparse ({child.n}:{child.m})")
+            continue
+        excluded_by = _matches(name, exclude)
+        if excluded_by is not None:
+            decide(False, f"excluded by pattern {excluded_by!r}")
+            continue
+        included_by = _matches(name, include) if include is not None else None
+        if include is not None and included_by is None:
+            decide(False, "not matched by include patterns")
+            continue
+        shared = [o for o in owners[id(child.weight)] if o != f"{name}.weight"]
+        if shared:
+            decide(False, f"weight shared with {', '.join(shared)}")
+            continue
+        problem = None
+        if not child.weight.is_floating_point():
+            problem = f"weight dtype {child.weight.dtype} is not floating point"
+        elif d_in % m or d_out % m:
+            problem = f"d_in={d_in} and d_out={d_out} must both be divisible by m={m}"
+        if problem is not None:
+            if included_by is not None:
+                raise ValueError(
+                    f"layer {name!r} matches include pattern {included_by!r} but cannot be "
+                    f"sparsified: {problem}; remove it from include or change the layer"
+                )
+            decide(False, problem)
+            continue
+        ratio = max(d_out, d_in) / min(d_out, d_in)
+        if max_aspect_ratio is not None and ratio > max_aspect_ratio:
+            decide(False, f"aspect ratio {ratio:.2f} > max_aspect_ratio {max_aspect_ratio}")
+            continue
+        sparse = SparseLinear.from_linear(
+            child,
+            n,
+            m,
+            backend=backend,
+            transpose_mask_interval=transpose_mask_interval,
+            mask_method=mask_method,
+            generator=generator,
+            name=name,
+        )
+        sparse.values.requires_grad_(child.weight.requires_grad)
+        sparse.train(child.training)
+        setattr(parent, attr, sparse)
+        decide(True, "converted")
+
+    if not report.converted:
+        reasons = sorted({d.reason for d in report.layers}) or ["the model has no nn.Linear layer"]
+        warnings.warn(
+            f"sparsify() converted no layer ({'; '.join(reasons)}); check include/exclude "
+            f"patterns and that layer sizes are divisible by m={m}",
+            stacklevel=2,
+        )
+    logger.info("%s", report)
+    return report
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:
+    """Every SparseLinear in ``model`` with its qualified name."""
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SparseLinear)]
+
+
+def densify(model: nn.Module) -> list[str]:
+    """Undo :func:`sparsify`: swap every SparseLinear for an equivalent nn.Linear.
+
+    Adapters are folded into the dense weight. Returns the names of the swapped layers.
+    """
+    swapped = []
+    for name, parent, attr, child in _linear_children(model):
+        if isinstance(child, SparseLinear):
+            setattr(parent, attr, child.to_linear())
+            swapped.append(name)
+    return swapped
+
+
+def add_adapters(
+    model: nn.Module,
+    rank: int | float,
+    *,
+    init: AdapterInit = "slope",
+    alpha: float | None = None,
+    seed: int | None = None,
+) -> list[nn.Parameter]:
+    """Attach lazy low-rank adapters to every SparseLinear in ``model``.
+
+    Args:
+        rank: an int, or a float in (0, 1) read as a fraction of each layer's d_in
+            (the paper's 1.56% is ``0.0156``).
+        init: "slope" (L ~ N(0,1), R = 0, s = 1/r) or "peft" (Kaiming L, R = 0, s = alpha/r).
+        alpha: scale numerator for ``init="peft"`` (default: r, i.e. s = 1).
+        seed: seed for L's initialisation.
+
+    Returns:
+        The new parameters, to be added to a running optimizer
+        (``optimizer.add_param_group({"params": params})``).
+
+    Raises:
+        ValueError: no SparseLinear in the model, or a bad rank for some layer.
+        RuntimeError: some layer already has an adapter.
+    """
+    layers = sparse_layers(model)
+    if not layers:
+        raise ValueError("add_adapters(): the model has no SparseLinear layer; call sparsify() first")
+    if any(layer.adapter is not None for _, layer in layers):
+        raise RuntimeError("add_adapters(): the model already has adapters")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    params: list[nn.Parameter] = []
+    for _, layer in layers:
+        params += layer.add_adapter(rank, init=init, alpha=alpha, generator=generator)
+    return params
+
+
+def merge_for_inference(model: nn.Module) -> int:
+    """Switch every SparseLinear to the fused sparse + low-rank inference path.
+
+    Run the merged model under ``torch.no_grad()`` or ``torch.inference_mode()``: a forward
+    with gradients enabled unmerges the layer (merged weights are not trained). Returns the
+    number of layers merged.
+    """
+    layers = sparse_layers(model)
+    for _, layer in layers:
+        layer.merge()
+    return len(layers)
+
+
+def unmerge(model: nn.Module) -> int:
+    """Undo :func:`merge_for_inference` on every merged SparseLinear; returns how many."""
+    merged = [layer for _, layer in sparse_layers(model) if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    return len(merged)
