@@ -102,4 +102,6 @@ class LowRankAdapter(nn.Module):
         return (self.up.t() @ self.down_dense()) * self.scale
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, scale={float(self.scale):.4g}, n={self.layout.n}, m={self.layout.m}"
+        return (
+            f"rank={self.rank}, scale={float(self.scale):.4g}, n={self.layout.n}, m={self.layout.m}"
+        )

@@ -92,8 +92,10 @@ def resolve_backend(name: str, device: torch.device | None = None) -> SparseBack
         return ReferenceBackend()
     if name in GPU_BACKENDS:
         if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
-            where = "this machine has no CUDA GPU" if not torch.cuda.is_available() else (
-                f"the layer is on {device}"
+            where = (
+                "this machine has no CUDA GPU"
+                if not torch.cuda.is_available()
+                else (f"the layer is on {device}")
             )
             raise RuntimeError(
                 f"backend {name!r} runs 2:4 sparse GEMMs on a CUDA GPU, but {where}; "

@@ -138,7 +138,10 @@ class SparseLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.name = name
-        for label, size in (("in_features (d_in)", in_features), ("out_features (d_out)", out_features)):
+        for label, size in (
+            ("in_features (d_in)", in_features),
+            ("out_features (d_out)", out_features),
+        ):
             if size % m != 0:
                 raise ValueError(
                     f"layer {name!r}: {label}={size} is not divisible by m={m}; N:M pruning "
@@ -379,11 +382,10 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
-                f"layer {self.name!r}: input has {x.shape[-1]} features, expected {self.in_features}"
+                f"layer {self.name!r}: input has {x.shape[-1]} features, "
+                f"expected {self.in_features}"
             )
-        training_step = torch.is_grad_enabled() and (
-            self.values.requires_grad or x.requires_grad
-        )
+        training_step = torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad)
         if training_step:
             if self.merged:
                 logger.info("layer %r: unmerged for a training forward", self.name)

@@ -41,7 +41,9 @@ class MemoryReport:
 
     def __str__(self) -> str:
         width = max(len(c) for c in [*CATEGORIES, "total"])
-        rows = [f"{name:<{width}}  {count / 2**20:>12.3f} MiB" for name, count in self.bytes.items()]
+        rows = [
+            f"{name:<{width}}  {count / 2**20:>12.3f} MiB" for name, count in self.bytes.items()
+        ]
         rows.append(f"{'total':<{width}}  {self.total / 2**20:>12.3f} MiB")
         return "\n".join(rows)
 

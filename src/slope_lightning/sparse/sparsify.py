@@ -146,7 +146,9 @@ def sparsify(
     for name, parent, attr, child in _linear_children(model):
         d_out, d_in = child.out_features, child.in_features
 
-        def decide(converted: bool, reason: str, name: str = name) -> None:
+        def decide(
+            converted: bool, reason: str, name: str = name, d_out: int = d_out, d_in: int = d_in
+        ) -> None:
             report.layers.append(LayerDecision(name, d_out, d_in, converted, reason))
 
         if isinstance(child, SparseLinear):
@@ -252,7 +254,9 @@ def add_adapters(
     """
     layers = sparse_layers(model)
     if not layers:
-        raise ValueError("add_adapters(): the model has no SparseLinear layer; call sparsify() first")
+        raise ValueError(
+            "add_adapters(): the model has no SparseLinear layer; call sparsify() first"
+        )
     if any(layer.adapter is not None for _, layer in layers):
         raise RuntimeError("add_adapters(): the model already has adapters")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
