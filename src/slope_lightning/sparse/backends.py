@@ -75,8 +75,10 @@ class ReferenceBackend(SparseBackend):
         layout: NMLayout,
     ) -> Tensor:
         weight = layout.to_dense(values, row_index)  # W_R (d_out, d_in), transient
-        keep_t = layout.transposed().mask(col_index)  # M_C as (d_in, d_out) bool, transient
-        weight.masked_fill_(~keep_t.t(), 0)  # W_RC = W_R ⊙ M_C
+        # M_C is stored for W_Rᵀ's rows; one bool transpose is far cheaper than a strided
+        # in-place op on the float weight.
+        keep = layout.transposed().mask(col_index).t().contiguous()  # (d_out, d_in) bool
+        weight.masked_fill_(~keep, 0)  # W_RC = W_R ⊙ M_C
         return grad_out @ weight  # (T, d_in)
 
     def grad_values(

@@ -9,8 +9,10 @@ double-pruned transpose (rows = d_in, cols = d_out) and an adapter's Lᵀ (rows 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from slope_lightning.sparse.masks import (
@@ -19,7 +21,12 @@ from slope_lightning.sparse.masks import (
     nm_positions,
     positions_to_columns,
 )
-from slope_lightning.sparse.packing import pack_positions, packed_width, unpack_positions
+from slope_lightning.sparse.packing import (
+    bits_per_offset,
+    pack_positions,
+    packed_width,
+    unpack_positions,
+)
 
 
 @dataclass(frozen=True)
@@ -72,23 +79,68 @@ class NMLayout:
         """Kept offsets (rows, G, n) from the packed index."""
         return unpack_positions(index, self.m, self.groups_per_row, self.n)
 
+    @cached_property
+    def _byte_tables(self) -> tuple[Tensor, Tensor] | None:
+        """Per-byte lookup tables, when every packed byte holds whole groups (2:4, 1:4, 2:8...).
+
+        Row b of the first table is the boolean mask of the columns that byte value b
+        covers; row b of the second, the kept columns relative to the byte's first column.
+        Decoding a packed index is then one table lookup per byte instead of bit arithmetic
+        per offset, which matters on the hot path (every forward and backward).
+        """
+        bits = bits_per_offset(self.m)
+        per_byte = 8 // bits
+        if per_byte % self.n:
+            return None
+        groups_per_byte = per_byte // self.n
+        byte = torch.arange(256)
+        offsets = torch.stack(
+            [(byte >> (bits * i)) & ((1 << bits) - 1) for i in range(per_byte)], -1
+        )
+        offsets = offsets.view(256, groups_per_byte, self.n)  # (256, groups, n)
+        invalid = (offsets >= self.m).any(-1).any(-1)
+        offsets = offsets.masked_fill(invalid[:, None, None], 0)  # bytes that never occur
+        starts = torch.arange(groups_per_byte)[:, None] * self.m
+        columns = (offsets + starts).view(256, per_byte)  # (256, per_byte)
+        mask = torch.zeros(256, groups_per_byte * self.m, dtype=torch.uint8)
+        mask.scatter_(1, columns, 1)
+        return mask, columns
+
     def columns(self, index: Tensor) -> Tensor:
         """Absolute column of every kept value, (rows, cols·N/M) int64."""
-        return positions_to_columns(self.positions(index), self.m)
+        tables = self._byte_tables
+        if tables is None:
+            return positions_to_columns(self.positions(index), self.m)
+        columns = F.embedding(index.long(), tables[1].to(index.device))  # (rows, W, per_byte)
+        span = tables[0].shape[1]  # columns covered by one byte
+        columns += torch.arange(index.shape[1], device=index.device)[:, None] * span
+        return columns.view(self.rows, -1)[:, : self.kept_per_row]
 
-    def to_dense(self, values: Tensor, index: Tensor) -> Tensor:
-        """Dense (rows, cols) tensor with zeros at pruned positions. Transient use only."""
+    def to_dense(self, values: Tensor, index: Tensor, columns: Tensor | None = None) -> Tensor:
+        """Dense (rows, cols) tensor with zeros at pruned positions. Transient use only.
+
+        ``columns`` may pass in :meth:`columns` of ``index`` when the caller already has it.
+        """
         out = values.new_zeros(self.rows, self.cols)
-        return out.scatter(1, self.columns(index), values)
+        if columns is None and self._byte_tables is not None:
+            # Kept values are stored in row-major column order, the order masked_scatter_
+            # fills True entries in; cheaper than building int64 column indices.
+            return out.masked_scatter_(self.mask(index), values)
+        columns = self.columns(index) if columns is None else columns
+        return out.scatter_(1, columns, values)
 
     def mask(self, index: Tensor) -> Tensor:
         """Dense boolean (rows, cols) mask of kept positions. Transient use only."""
+        tables = self._byte_tables
+        if tables is not None:
+            mask = F.embedding(index.long(), tables[0].to(index.device))  # (rows, W, span)
+            return mask.view(self.rows, -1)[:, : self.cols].bool()
         out = torch.zeros(self.rows, self.cols, dtype=torch.bool, device=index.device)
         return out.scatter_(1, self.columns(index), True)
 
-    def gather(self, dense: Tensor, index: Tensor) -> Tensor:
+    def gather(self, dense: Tensor, index: Tensor, columns: Tensor | None = None) -> Tensor:
         """Entries of a dense (rows, cols) tensor at the kept positions: (rows, cols·N/M)."""
-        return dense.gather(1, self.columns(index))
+        return dense.gather(1, self.columns(index) if columns is None else columns)
 
     def transposed(self) -> NMLayout:
         """Layout of the transpose pruned along the other dimension (for M_C)."""

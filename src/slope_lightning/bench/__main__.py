@@ -1,0 +1,47 @@
+"""Benchmarks: ``python -m slope_lightning.bench {memory,layers} [--out DIR]``.
+
+Each prints a markdown table and writes JSON + markdown under ``--out``
+(default ``benchmarks/results``) naming the machine, torch version, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from slope_lightning.bench import common
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m slope_lightning.bench", description=__doc__)
+    parser.add_argument("suite", choices=["memory", "layers"])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per batch (layers)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (layers)")
+    parser.add_argument(
+        "--shapes",
+        default="4096x4096",
+        help="comma-separated d_out x d_in shapes for 'layers', e.g. 4096x4096,11008x4096",
+    )
+    parser.add_argument("--presets", default="tiny,gpt2-small", help="transformers for 'memory'")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    info = common.machine_info()
+    if args.suite == "memory":
+        from slope_lightning.bench import memory
+
+        rows = memory.layer_rows() + memory.transformer_rows(tuple(args.presets.split(",")))
+        text = common.write_results("memory", args.out, info, rows, memory.COLUMNS)
+    else:
+        from slope_lightning.bench import layers
+
+        shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
+        rows = layers.layer_rows(shapes, tokens=args.tokens, repeats=args.repeats)
+        name = "layers-cpu-reference" if info["device"] == "cpu" else "layers"
+        text = common.write_results(name, args.out, info, rows, layers.COLUMNS)
+    print(text)  # the table is the command's output
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Step time of one linear layer, SLoPe (current backend) vs nn.Linear, in the same run.
+
+On a machine without a GPU this measures the ``reference`` backend (plain torch): it tells
+the overhead of the method's bookkeeping, not a sparse speedup (CPUs have no 2:4 kernels).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from slope_lightning.bench.common import median_seconds
+from slope_lightning.sparse import SparseLinear
+
+DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096),)
+
+
+def _fwd_bwd(layer: nn.Module, x: torch.Tensor) -> None:
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    layer(x).sum().backward()
+
+
+def _fwd(layer: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        layer(x)
+
+
+def layer_rows(
+    shapes=DEFAULT_SHAPES, tokens: int = 2048, repeats: int = 5, dtype=torch.float32
+) -> list[dict[str, Any]]:
+    rows = []
+    for d_out, d_in in shapes:
+        torch.manual_seed(0)
+        dense = nn.Linear(d_in, d_out, bias=False, dtype=dtype)
+        sparse = SparseLinear.from_linear(dense)
+        x = torch.randn(tokens, d_in, dtype=dtype, requires_grad=True)
+        for phase, run in (("forward", _fwd), ("fwd+bwd", _fwd_bwd)):
+            # Alternate the two so that machine noise hits both alike.
+            dense_s = median_seconds(lambda run=run: run(dense, x), repeats)
+            sparse_s = median_seconds(lambda run=run: run(sparse, x), repeats)
+            rows.append(
+                {
+                    "shape (out x in)": f"{d_out}x{d_in}",
+                    "tokens": tokens,
+                    "phase": phase,
+                    "backend": "reference (CPU)" if x.device.type == "cpu" else "reference",
+                    "dense_ms": dense_s * 1e3,
+                    "slope_ms": sparse_s * 1e3,
+                    "slope/dense": sparse_s / dense_s,
+                }
+            )
+    return rows
+
+
+COLUMNS = ["shape (out x in)", "tokens", "phase", "backend", "dense_ms", "slope_ms", "slope/dense"]
