@@ -38,9 +38,8 @@ def layer_rows(
         sparse = SparseLinear.from_linear(dense)
         x = torch.randn(tokens, d_in, dtype=dtype, requires_grad=True)
         for phase, run in (("forward", _fwd), ("fwd+bwd", _fwd_bwd)):
-            # Alternate the two so that machine noise hits both alike.
-            dense_s = median_seconds(lambda run=run: run(dense, x), repeats)
-            sparse_s = median_seconds(lambda run=run: run(sparse, x), repeats)
+            dense_s = median_seconds(lambda run=run, d=dense, x=x: run(d, x), repeats)
+            sparse_s = median_seconds(lambda run=run, s=sparse, x=x: run(s, x), repeats)
             rows.append(
                 {
                     "shape (out x in)": f"{d_out}x{d_in}",
