@@ -267,23 +267,26 @@ class SparseLinear(nn.Module):
             _, col_index = self.layout.transposed().prune(w_r_t)
         return col_index
 
-    def refresh_transpose_mask(self) -> TransposeMaskRefresh:
-        """Re-derive M_C from the current W_R and report what changed.
+    def refresh_transpose_mask(self, with_stats: bool = True) -> TransposeMaskRefresh | None:
+        """Re-derive M_C from the current W_R; report what changed if ``with_stats``.
 
         Deterministic in W_R, so every DDP rank derives the same mask, and calling it when
-        W_R has not changed is harmless.
+        W_R has not changed is harmless. The statistics cost three transient masks; skip
+        them on steps that do not log.
         """
         old = self.col_index
         new = self._derive_col_index()
+        self.col_index = new
+        self._updates_since_refresh = 0
+        self._seen_version = self.values._version
+        if not with_stats:
+            return None
         t_layout = self.layout.transposed()
         with torch.no_grad():
             new_mask = t_layout.mask(new)  # (d_in, d_out), transient
             flipped = int((new_mask & ~t_layout.mask(old)).sum())
             w_r_mask = self.layout.mask(self.row_index).t()  # (d_in, d_out)
             kept = int((new_mask & w_r_mask).sum())
-        self.col_index = new
-        self._updates_since_refresh = 0
-        self._seen_version = self.values._version
         return TransposeMaskRefresh(flipped=flipped, kept=kept, total=self.values.numel())
 
     def _track_updates(self) -> None:
@@ -294,7 +297,7 @@ class SparseLinear(nn.Module):
             self._updates_since_refresh += 1
         interval = self.transpose_mask_interval
         if interval is not None and self._updates_since_refresh >= interval:
-            self.refresh_transpose_mask()
+            self.refresh_transpose_mask(with_stats=False)
 
     def get_extra_state(self) -> dict[str, int]:
         pending = int(self.values._version != self._seen_version)
