@@ -11,7 +11,6 @@ import logging
 import math
 import zlib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -182,6 +181,7 @@ class LazyLoRA(Callback):
         self.active = False
         self.started_at: int | None = None
         self._needs_optimizer_group = False
+        self._strict_loading = True
 
     def start_step(self, trainer: pl.Trainer) -> int:
         """The optimizer step at which adapters are switched on."""
@@ -197,21 +197,30 @@ class LazyLoRA(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _require_sparse_layers(pl_module, "LazyLoRA")
-        ckpt_path = getattr(trainer, "ckpt_path", None)
-        if stage == "fit" and ckpt_path and not self.active:
-            self._restore_adapters(pl_module, Path(ckpt_path))
+        # A checkpoint taken after the start holds adapter weights the fresh model lacks.
+        # Lightning loads the model before any callback sees the checkpoint, so loading is
+        # made lenient here and done strictly again, adapters included, in on_load_checkpoint.
+        self._strict_loading = pl_module.strict_loading
+        pl_module.strict_loading = False
 
-    def _restore_adapters(self, pl_module: pl.LightningModule, ckpt_path: Path) -> None:
-        """Recreate adapters a checkpoint holds, so its weights and optimizer state load."""
-        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
-        added = restore_adapters(pl_module, checkpoint.get("state_dict", {}))
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        state = checkpoint.get("state_dict", {})
+        added = restore_adapters(pl_module, state)
+        pl_module.strict_loading = self._strict_loading
         if added:
+            pl_module.load_state_dict(state, strict=self._strict_loading)
             self.active = True
             self._needs_optimizer_group = True
-            logger.info("LazyLoRA: restored adapters on %d layers from %s", added, ckpt_path)
+            logger.info("LazyLoRA: restored adapters on %d layers from the checkpoint", added)
+        elif self._strict_loading:
+            pl_module.load_state_dict(state, strict=True)  # the check the lenient load skipped
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.strict_loading = self._strict_loading
         self.start_step(trainer)  # validate early: a bad start fails before training
         if self._needs_optimizer_group:  # resumed after the start: optimizer state follows
             self._extend_optimizer(trainer, pl_module)
@@ -243,6 +252,12 @@ class LazyLoRA(Callback):
         if not trainer.optimizers:
             raise RuntimeError("LazyLoRA: the trainer has no optimizer to add adapters to")
         optimizer = trainer.optimizers[0]
+        adapter_params = self._adapter_parameters(pl_module)
+        # After a resume, configure_optimizers() may already have put the restored adapters
+        # into its groups; they belong in their own group, as in the uninterrupted run.
+        adapter_ids = {id(p) for p in adapter_params}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in adapter_ids]
         base_group = optimizer.param_groups[0]
         base_lr = base_group.get("initial_lr", base_group["lr"])
         lr = self.lr if self.lr is not None else base_lr
@@ -250,7 +265,7 @@ class LazyLoRA(Callback):
         multiplier = base_group["lr"] / base_lr if base_lr > 0 else 1.0
         optimizer.add_param_group(
             {
-                "params": self._adapter_parameters(pl_module),
+                "params": adapter_params,
                 "weight_decay": self.weight_decay,
                 "lr": lr * multiplier,
                 "initial_lr": lr,

@@ -123,9 +123,12 @@ class SLoPeModule(pl.LightningModule):
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
         self.sparsity = sparsity or SparsityConfig()
         self.optim = optimizer or OptimizerConfig()
+        # Plain dicts, not dataclass instances: checkpoints stay loadable with weights_only.
+        self.save_hyperparameters(ignore=["sparsity", "optimizer"])
+        self.hparams["sparsity"] = dataclasses.asdict(self.sparsity)
+        self.hparams["optimizer"] = dataclasses.asdict(self.optim)
         _validate_optimizer(self.optim)
         overrides = dict(model_overrides or {})
         if vocab_size is not None:

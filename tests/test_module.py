@@ -1,0 +1,163 @@
+"""SLoPeModule trains, resumes exactly across the adapter start, exports, and validates config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from slope_lightning.callbacks import LazyLoRA, MaskScheduler
+from slope_lightning.data import TextDataModule
+from slope_lightning.export import load_exported
+from slope_lightning.module import OptimizerConfig, SLoPeModule, SparsityConfig, lr_multiplier
+from slope_lightning.sparse import SparseLinear, sparse_layers
+
+from lightning_helpers import LossRecorder, StopAt, write_corpus
+
+SMALL = {"n_layer": 2, "d_model": 64, "n_head": 2, "n_kv_head": 1}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("corpus")
+    return write_corpus(root / "docs"), str(root / "cache")
+
+
+def make_data(corpus, batch_size: int = 4) -> TextDataModule:
+    sources, cache = corpus
+    return TextDataModule(
+        sources=[sources], cache_dir=cache, vocab_size=300, seq_len=32, batch_size=batch_size
+    )
+
+
+def make_module(sparse: bool = True, **kwargs) -> SLoPeModule:
+    return SLoPeModule(
+        preset="tiny",
+        vocab_size=300,
+        seq_len=32,
+        model_overrides=SMALL,
+        sparsity=SparsityConfig(sparse=sparse),
+        optimizer=OptimizerConfig(lr=3e-3, warmup=2),
+        **kwargs,
+    )
+
+
+def make_trainer(root: Path, callbacks, max_steps: int = 8) -> pl.Trainer:
+    return pl.Trainer(
+        default_root_dir=root,
+        max_steps=max_steps,
+        accelerator="cpu",
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+
+
+def slope_callbacks(start: int = 5) -> list[pl.Callback]:
+    return [MaskScheduler(every=1), LazyLoRA(start=start, rank=4)]
+
+
+def run(corpus, root: Path, max_steps: int, stop_at: int | None = None, ckpt: Path | None = None):
+    pl.seed_everything(7)
+    module = make_module(export_dir=str(root / "export"))
+    recorder = LossRecorder()
+    callbacks = [*slope_callbacks(), recorder] + ([StopAt(stop_at)] if stop_at else [])
+    trainer = make_trainer(root, callbacks, max_steps)
+    trainer.fit(module, datamodule=make_data(corpus), ckpt_path=ckpt)
+    return trainer, module, recorder.losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_at", [3, 6], ids=["before-adapters", "after-adapters"])
+def test_resume_continues_exactly_like_an_uninterrupted_run(corpus, tmp_path, stop_at):
+    _, full_module, full = run(corpus, tmp_path / "full", max_steps=8)
+    trainer, _, first = run(corpus, tmp_path / "part", max_steps=8, stop_at=stop_at)
+    ckpt = tmp_path / "interrupted.ckpt"
+    trainer.save_checkpoint(ckpt)
+    _, resumed_module, rest = run(corpus, tmp_path / "resumed", max_steps=8, ckpt=ckpt)
+    assert sorted(first) == list(range(stop_at))
+    assert sorted(rest) == list(range(stop_at, 8))
+    assert {**first, **rest} == full  # bit-exact losses, step by step
+    for (name, a), (_, b) in zip(
+        full_module.state_dict().items(), resumed_module.state_dict().items(), strict=True
+    ):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_training_reduces_loss_and_exports_a_loadable_model(corpus, tmp_path):
+    _, module, losses = run(corpus, tmp_path, max_steps=8)
+    assert losses[7] < losses[0]
+    assert all(layer.adapter is not None for _, layer in sparse_layers(module))
+    exported = load_exported(tmp_path / "export")
+    idx = torch.randint(0, 300, (2, 16))
+    module.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(idx)[0], module.model(idx)[0])
+    assert any(isinstance(m, SparseLinear) for m in exported.modules())
+
+
+def test_dense_baseline_has_no_sparse_layers_and_the_same_architecture():
+    dense, sparse = make_module(sparse=False), make_module(sparse=True)
+    assert not sparse_layers(dense)
+    assert len(sparse_layers(sparse)) == 2 * 7  # q, k, v, o, gate, up, down per block
+    assert dense.config == sparse.config
+
+
+def test_weight_decay_applies_to_matrices_only(corpus, tmp_path):
+    module = make_module()
+    trainer = make_trainer(tmp_path, [], max_steps=1)
+    trainer.fit(module, datamodule=make_data(corpus))
+    decayed, plain = trainer.optimizers[0].param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"])
+    assert all(p.dim() == 1 for p in plain["params"])
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
+    cfg = OptimizerConfig(schedule="cosine", min_lr_ratio=0.1)
+    values = [lr_multiplier(step, 10, 100, cfg) for step in range(101)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[9:], values[10:], strict=False))
+    linear = OptimizerConfig(schedule="linear", min_lr_ratio=0.0)
+    assert lr_multiplier(55, 10, 100, linear) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"preset": "gpt5"}, "gpt5"),
+        ({"model_overrides": {"n_layers": 2}}, "unknown keys.*n_layers"),
+        ({"optimizer": OptimizerConfig(lr=0.0)}, "lr must be positive"),
+        ({"optimizer": OptimizerConfig(min_lr_ratio=2.0)}, "min_lr_ratio"),
+        ({"sparsity": SparsityConfig(n=4, m=4)}, "n < m"),
+    ],
+)
+def test_bad_module_settings_are_clear_errors(kwargs, match):
+    base = {"preset": "tiny", "vocab_size": 300, "seq_len": 32, "model_overrides": SMALL}
+    with pytest.raises(ValueError, match=match):
+        SLoPeModule(**{**base, **kwargs})
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(corpus, tmp_path):
+    module = SLoPeModule(preset="tiny", vocab_size=64, seq_len=32, model_overrides=SMALL)
+    trainer = make_trainer(tmp_path, [], max_steps=1)
+    with pytest.raises(
+        ValueError, match="tokenizer has .* tokens but the model's vocab_size is 64"
+    ):
+        trainer.fit(module, datamodule=make_data(corpus))
+
+
+def test_max_steps_is_required_for_the_schedule(corpus, tmp_path):
+    trainer = pl.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    with pytest.raises(ValueError, match="set trainer.max_steps"):
+        trainer.fit(make_module(), datamodule=make_data(corpus))
