@@ -8,11 +8,53 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-WORDS = (
-    "the a king queen castle river forest night day speaks walks sees loves hates old young "
-    "brave quiet storm light dark sword letter friend enemy home far near under over with "
-    "and but so then when where while because gold silver bread wine song tale"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "king",
+    "queen",
+    "castle",
+    "river",
+    "forest",
+    "night",
+    "day",
+    "speaks",
+    "walks",
+    "sees",
+    "loves",
+    "hates",
+    "old",
+    "young",
+    "brave",
+    "quiet",
+    "storm",
+    "light",
+    "dark",
+    "sword",
+    "letter",
+    "friend",
+    "enemy",
+    "home",
+    "far",
+    "near",
+    "under",
+    "over",
+    "with",
+    "and",
+    "but",
+    "so",
+    "then",
+    "when",
+    "where",
+    "while",
+    "because",
+    "gold",
+    "silver",
+    "bread",
+    "wine",
+    "song",
+    "tale",
+]
 
 
 def write_corpus(directory: Path, documents: int = 24, words: int = 600, seed: int = 0) -> str:

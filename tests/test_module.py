@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
+from lightning_helpers import LossRecorder, StopAt, write_corpus
 from slope_lightning.callbacks import LazyLoRA, MaskScheduler
 from slope_lightning.data import TextDataModule
 from slope_lightning.export import load_exported
 from slope_lightning.module import OptimizerConfig, SLoPeModule, SparsityConfig, lr_multiplier
 from slope_lightning.sparse import SparseLinear, sparse_layers
-
-from lightning_helpers import LossRecorder, StopAt, write_corpus
 
 SMALL = {"n_layer": 2, "d_model": 64, "n_head": 2, "n_kv_head": 1}
 
@@ -125,7 +125,7 @@ def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
     values = [lr_multiplier(step, 10, 100, cfg) for step in range(101)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert values[100] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(values[9:], values[10:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values))
     linear = OptimizerConfig(schedule="linear", min_lr_ratio=0.0)
     assert lr_multiplier(55, 10, 100, linear) == pytest.approx(0.5)
 
