@@ -125,7 +125,7 @@ def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
     values = [lr_multiplier(step, 10, 100, cfg) for step in range(101)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert values[100] == pytest.approx(0.1)
-    assert all(a >= b for a, b in itertools.pairwise(values))
+    assert all(a >= b for a, b in itertools.pairwise(values[9:]))
     linear = OptimizerConfig(schedule="linear", min_lr_ratio=0.0)
     assert lr_multiplier(55, 10, 100, linear) == pytest.approx(0.5)
 
