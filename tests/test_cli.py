@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slope_lightning.cli import main
-
 from lightning_helpers import write_corpus
+from slope_lightning.cli import main
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
