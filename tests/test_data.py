@@ -609,3 +609,14 @@ def test_interrupted_tokenization_leaves_no_partial_files(
 
     monkeypatch.undo()
     _ready(_datamodule(tmp_path, corpus_glob))  # a later run completes normally
+
+
+def test_stratified_split_holds_out_documents_of_every_source():
+    docs = [Document(f"big/{i}", f"text {i}") for i in range(60)]
+    docs += [Document(f"small/{i}", f"other {i}") for i in range(6)]
+    _, plain_val = split_documents(docs, val_fraction=0.1, seed=3)
+    _, val = split_documents(docs, val_fraction=0.1, seed=3, stratify=True)
+    assert {d.name.split("/")[0] for d in val} == {"big", "small"}
+    assert len(val) == 6 + 1
+    assert split_documents(docs, 0.1, 3, stratify=True)[1] == val  # deterministic
+    assert plain_val  # the plain split is unchanged in behaviour

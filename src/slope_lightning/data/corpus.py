@@ -338,17 +338,24 @@ def load_documents(sources: Sequence[str | Path], text_key: str = "text") -> lis
 
 
 def split_documents(
-    documents: Sequence[Document], val_fraction: float = 0.05, seed: int = 1234
+    documents: Sequence[Document],
+    val_fraction: float = 0.05,
+    seed: int = 1234,
+    stratify: bool = False,
 ) -> tuple[list[Document], list[Document]]:
     """Split documents (never windows) into train and validation, deterministically.
 
     ``round(len(documents) * val_fraction)`` documents, at least one and at most all but one, are
-    drawn with a generator seeded by ``seed``; both splits keep the input order.
+    drawn with a generator seeded by ``seed``; both splits keep the input order. With
+    ``stratify``, documents are grouped by the prefix of their name before the first "/"
+    (the default corpus names them ``shakespeare/...`` and ``wiki/...``) and each group is
+    split on its own, so validation covers every source, not just the largest by count.
 
     Args:
         documents: the corpus.
         val_fraction: share of documents for validation, in (0, 1).
         seed: seed of the draw.
+        stratify: split each name-prefix group separately.
 
     Raises:
         ValueError: fewer than two documents, or ``val_fraction`` outside (0, 1).
@@ -361,8 +368,17 @@ def split_documents(
             f"Cannot split {n} document(s) into train and validation by document; give at least "
             f"two documents (e.g. split a long text file into several files)."
         )
-    n_val = min(max(1, round(n * val_fraction)), n - 1)
-    val_index = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+    groups: dict[str, list[int]] = {}
+    for i, doc in enumerate(documents):
+        key = doc.name.split("/", 1)[0] if stratify else ""
+        groups.setdefault(key, []).append(i)
+    val_index: set[int] = set()
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        n_val = min(max(1, round(len(members) * val_fraction)), len(members) - 1)
+        chosen = np.random.default_rng(seed).permutation(len(members))[:n_val]
+        val_index.update(members[j] for j in chosen.tolist())
     train = [doc for i, doc in enumerate(documents) if i not in val_index]
     val = [doc for i, doc in enumerate(documents) if i in val_index]
     return train, val

@@ -376,7 +376,11 @@ class TextDataModule(pl.LightningDataModule):
     def _resolve(self, build: bool) -> _Prepared:
         """Find (and with ``build``, create) the tokenizer and token files for this config."""
         documents = self._read_corpus(download=build)
-        train_docs, val_docs = split_documents(documents, self.val_fraction, self.seed)
+        # The default corpus mixes sources; validation should hold some of each.
+        stratify = self.sources is None
+        train_docs, val_docs = split_documents(
+            documents, self.val_fraction, self.seed, stratify=stratify
+        )
         if self.tokenizer_path is not None:
             tokenizer_file = Path(self.tokenizer_path)
         else:
