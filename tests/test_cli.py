@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from lightning_helpers import write_corpus
+from slope_lightning.bench.runs import summarise
 from slope_lightning.cli import main
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -69,6 +70,10 @@ def test_fit_runs_end_to_end_and_resumes_from_last(tmp_path, monkeypatch):
         "adapters/R_norm",
     ):
         assert any(t.startswith(tag) for t in tags), f"{tag} not logged; have {sorted(tags)}"
+    summary = summarise(run_dir)  # the benchmark that builds the README's results table
+    assert summary["method"] == "SLoPe" and summary["steps"] == 6
+    assert summary["val_ppl"] == pytest.approx(float(trainer.callback_metrics["val/ppl"]))
+    assert summary["model_state_MiB"] > 0
     # Resume from `last` and train further.
     resumed = main([*args, "--trainer.max_steps=8", "--ckpt_path=last"])
     assert resumed.trainer.global_step == 8

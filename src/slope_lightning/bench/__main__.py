@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m slope_lightning.bench {memory,layers} [--out DIR]``.
+"""Benchmarks: ``python -m slope_lightning.bench {memory,layers,runs} [--out DIR]``.
 
 Each prints a markdown table and writes JSON + markdown under ``--out``
 (default ``benchmarks/results``) naming the machine, torch version, date and command.
@@ -15,7 +15,8 @@ from slope_lightning.bench import common
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m slope_lightning.bench", description=__doc__)
-    parser.add_argument("suite", choices=["memory", "layers"])
+    parser.add_argument("suite", choices=["memory", "layers", "runs"])
+    parser.add_argument("run_dirs", nargs="*", type=Path, help="log dirs of finished runs (runs)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per batch (layers)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (layers)")
@@ -33,6 +34,13 @@ def main(argv: list[str] | None = None) -> None:
 
         rows = memory.layer_rows() + memory.transformer_rows(tuple(args.presets.split(",")))
         text = common.write_results("memory", args.out, info, rows, memory.COLUMNS)
+    elif args.suite == "runs":
+        from slope_lightning.bench import runs
+
+        if not args.run_dirs:
+            parser.error("runs: give the log directories of finished runs")
+        rows = runs.run_rows(args.run_dirs)
+        text = common.write_results("runs", args.out, info, rows, runs.COLUMNS)
     else:
         from slope_lightning.bench import layers
 
