@@ -17,7 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from slope_lightning.sparse.adapters import AdapterInit, LowRankAdapter, resolve_rank
-from slope_lightning.sparse.backends import SparseBackend, resolve_backend
+from slope_lightning.sparse.backends import (
+    OperandCache,
+    ReferenceBackend,
+    SparseBackend,
+    resolve_backend,
+)
 from slope_lightning.sparse.layout import NMLayout
 from slope_lightning.sparse.masks import MaskMethod
 
@@ -52,6 +57,8 @@ class _SparseLinearFunction(torch.autograd.Function):
         col_index: Tensor,
         layout: NMLayout,
         backend: SparseBackend,
+        cache: OperandCache,
+        mask_generation: int,
     ) -> Tensor:
         device_type = x.device.type
         compute_dtype = x.dtype
@@ -61,11 +68,16 @@ class _SparseLinearFunction(torch.autograd.Function):
         x2d = x.reshape(-1, layout.cols).to(compute_dtype)  # (T, d_in)
         w = values.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
+        # Cached kernel operands are rebuilt when the values change (their version counter
+        # moves at every optimizer step) or M_C is refreshed (its generation moves).
+        forward_key = (values._version, compute_dtype)
         with torch.autocast(device_type, enabled=False):
-            y2d = backend.forward(x2d, w, row_index, b, layout)  # (T, d_out)
+            y2d = backend.forward(x2d, w, row_index, b, layout, cache, forward_key)  # (T, d_out)
         ctx.save_for_backward(x2d, values, row_index, col_index)
         ctx.layout = layout
         ctx.backend = backend
+        ctx.cache = cache
+        ctx.backward_key = (values._version, mask_generation, compute_dtype)
         ctx.compute_dtype = compute_dtype
         ctx.x_dtype = x.dtype
         ctx.x_shape = x.shape
@@ -84,13 +96,15 @@ class _SparseLinearFunction(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 w = values.to(ctx.compute_dtype)
-                grad_x = backend.grad_input(dy, w, row_index, col_index, layout)
+                grad_x = backend.grad_input(
+                    dy, w, row_index, col_index, layout, ctx.cache, ctx.backward_key
+                )
                 grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
                 grad_values = backend.grad_values(dy, x2d, row_index, layout).to(values.dtype)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_values, grad_bias, None, None, None, None
+        return grad_x, grad_values, grad_bias, None, None, None, None, None, None
 
 
 class SparseLinear(nn.Module):
@@ -104,7 +118,8 @@ class SparseLinear(nn.Module):
         bias: whether to learn an additive bias.
         n, m: the N:M pattern (2:4 is what GPUs accelerate; any 1 <= n < m works on
             the reference backend).
-        backend: name of the GEMM backend ("reference" runs everywhere).
+        backend: name of the GEMM backend ("reference" runs everywhere; "cusparselt",
+            "cutlass" and "auto" need a CUDA GPU), or a SparseBackend instance.
         transpose_mask_interval: re-derive M_C from the current W_R after this many optimizer
             updates of the values (detected automatically). None: only when
             :meth:`refresh_transpose_mask` is called (e.g. by the MaskScheduler callback).
@@ -127,7 +142,7 @@ class SparseLinear(nn.Module):
         *,
         n: int = 2,
         m: int = 4,
-        backend: str = "reference",
+        backend: str | SparseBackend = "reference",
         transpose_mask_interval: int | None = 1,
         weight: Tensor | None = None,
         mask_method: MaskMethod = "magnitude",
@@ -156,7 +171,7 @@ class SparseLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.layout = NMLayout(out_features, in_features, n, m)
-        self.backend_name = backend
+        self.backend_name = backend if isinstance(backend, str) else backend.name
         self.transpose_mask_interval = transpose_mask_interval
 
         if weight is None:
@@ -191,7 +206,12 @@ class SparseLinear(nn.Module):
         self._fused_key: tuple[int, ...] = ()
         self._seen_version = self.values._version
         self._updates_since_refresh = 0
-        self._backend: SparseBackend = resolve_backend(backend)
+        self._backend: SparseBackend = (
+            resolve_backend(backend) if isinstance(backend, str) else backend
+        )
+        self._operands = OperandCache()  # kernel-side copies of the weight (GPU backends)
+        self._mask_generation = 0  # bumped whenever M_C changes
+        self._checked: set[tuple[torch.dtype, torch.device]] = set()
 
     # ------------------------------------------------------------------ construction / export
 
@@ -202,7 +222,7 @@ class SparseLinear(nn.Module):
         n: int = 2,
         m: int = 4,
         *,
-        backend: str = "reference",
+        backend: str | SparseBackend = "reference",
         transpose_mask_interval: int | None = 1,
         mask_method: MaskMethod = "magnitude",
         generator: torch.Generator | None = None,
@@ -277,6 +297,7 @@ class SparseLinear(nn.Module):
         old = self.col_index
         new = self._derive_col_index()
         self.col_index = new
+        self._mask_generation += 1
         self._updates_since_refresh = 0
         self._seen_version = self.values._version
         if not with_stats:
@@ -372,6 +393,16 @@ class SparseLinear(nn.Module):
                 fused_values = torch.cat([self.values, adapter.down_values.to(self.values.dtype)])
                 fused_index = torch.cat([self.row_index, adapter.down_index])
                 up = (adapter.up * adapter.scale).to(self.values.dtype)  # scale folded into R
+                pad = (-fused_values.shape[0]) % 32
+                if pad and not isinstance(self._backend, ReferenceBackend):
+                    # Sparse kernels want row counts in multiples of 32: pad with zero rows
+                    # (valid N:M offsets, zero values) and matching zero rows of s·R.
+                    pad_layout = NMLayout(pad, self.in_features, self.n, self.m)
+                    zeros = self.values.new_zeros(pad, self.in_features)
+                    pad_values, pad_index = pad_layout.prune(zeros)
+                    fused_values = torch.cat([fused_values, pad_values])
+                    fused_index = torch.cat([fused_index, pad_index])
+                    up = torch.cat([up, up.new_zeros(pad, self.out_features)])
             for label, tensor in (("weight", fused_values), ("adapter R", up)):
                 if not torch.isfinite(tensor).all():
                     raise ValueError(
@@ -396,12 +427,42 @@ class SparseLinear(nn.Module):
             self._track_updates()
         elif self.merged:
             return self._merged_forward(x)
+        self._check_backend(x)
         y = _SparseLinearFunction.apply(
-            x, self.values, self.bias, self.row_index, self.col_index, self.layout, self._backend
+            x,
+            self.values,
+            self.bias,
+            self.row_index,
+            self.col_index,
+            self.layout,
+            self._backend,
+            self._operands,
+            self._mask_generation,
         )
         if self.adapter is not None:
             y = y + self.adapter(x).to(y.dtype)
         return y
+
+    @property
+    def backend(self) -> SparseBackend:
+        """The GEMM backend (for ``auto``, its ``choice`` and ``reason`` after first use)."""
+        return self._backend
+
+    def _check_backend(self, x: Tensor) -> None:
+        """Fail clearly, once per dtype and device, if the backend cannot run this layer."""
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        if (dtype, x.device) in self._checked:
+            return
+        why = self._backend.unsupported(self.layout, dtype, x.device)
+        if why is not None:
+            raise RuntimeError(
+                f"layer {self.name!r} ({self.out_features}x{self.in_features}): backend "
+                f"{self.backend_name!r} cannot run it: {why}; use backend='auto' (falls back "
+                "per layer) or 'reference', or exclude the layer"
+            )
+        self._checked.add((dtype, x.device))
 
     def _merged_forward(self, x: Tensor) -> Tensor:
         """One N:M GEMM for [X W_Rᵀ | X L], then one multiply-add for (X L)·(s R)."""
@@ -416,8 +477,9 @@ class SparseLinear(nn.Module):
         x2d = x.reshape(-1, self.in_features).to(compute_dtype)  # (T, d_in)
         bias = self.bias.to(compute_dtype) if self.bias is not None else None
         with torch.autocast(x.device.type, enabled=False):
+            key = ("fused", self._fused_key, compute_dtype)
             fused = self._backend.forward(
-                x2d, fused_values.to(compute_dtype), fused_index, None, layout
+                x2d, fused_values.to(compute_dtype), fused_index, None, layout, self._operands, key
             )  # (T, d_out + r)
             y = fused[:, : self.out_features]
             if up.shape[0] > 0:

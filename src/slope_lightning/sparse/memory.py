@@ -101,7 +101,7 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         for name, buffer in module.named_buffers(recurse=False):
             persistent = name not in module._non_persistent_buffers_set
             counter.add("buffers" if persistent else "caches", buffer)
-        if isinstance(module, SparseLinear) and module._fused is not None:
-            for tensor in module._fused:
+        if isinstance(module, SparseLinear):
+            for tensor in [*(module._fused or ()), *module._operands.tensors()]:
                 counter.add("caches", tensor)
     return counter.report

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from slope_lightning.sparse.adapters import AdapterInit
-from slope_lightning.sparse.backends import KNOWN_BACKENDS
+from slope_lightning.sparse.backends import KNOWN_BACKENDS, SparseBackend
 from slope_lightning.sparse.linear import SparseLinear
 from slope_lightning.sparse.masks import MaskMethod, check_nm
 
@@ -100,7 +100,7 @@ def sparsify(
     n: int = 2,
     m: int = 4,
     *,
-    backend: str = "reference",
+    backend: str | SparseBackend = "reference",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     max_aspect_ratio: float | None = None,
@@ -114,7 +114,8 @@ def sparsify(
         model: any module; its Linear children are swapped (the model itself must not be a
             bare Linear: wrap it, or use ``SparseLinear.from_linear``).
         n, m: the N:M pattern (2:4 default).
-        backend: GEMM backend for every converted layer.
+        backend: GEMM backend for every converted layer: a name (each layer gets its own
+            instance, so ``auto`` decides per layer) or a SparseBackend instance (shared).
         include: fnmatch patterns on qualified layer names; if given, only matching layers are
             considered, and a matching layer that cannot be converted is an error.
         exclude: patterns of layers left dense (default: LM heads and embeddings).
@@ -131,7 +132,7 @@ def sparsify(
             converted (dimension not divisible by m, non-float weight).
     """
     check_nm(n, m)
-    if backend not in KNOWN_BACKENDS:
+    if isinstance(backend, str) and backend not in KNOWN_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(KNOWN_BACKENDS)}")
     if isinstance(model, nn.Linear | SparseLinear):
         raise ValueError(
@@ -142,7 +143,7 @@ def sparsify(
         raise ValueError(f"max_aspect_ratio must be >= 1, got {max_aspect_ratio}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     owners = _parameter_owners(model)
-    report = SparsifyReport(n=n, m=m, backend=backend)
+    report = SparsifyReport(n=n, m=m, backend=backend if isinstance(backend, str) else backend.name)
 
     for name, parent, attr, child in _linear_children(model):
         d_out, d_in = child.out_features, child.in_features

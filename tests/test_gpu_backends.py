@@ -1,0 +1,204 @@
+"""GPU backend logic (padding, tiling, operand caching, dispatch, auto-tuning), proved on CPU
+with emulated 2:4 kernels; the real kernels are checked in the `gpu` group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from slope_lightning import add_adapters, merge_for_inference, sparsify
+from slope_lightning.sparse import SparseLinear, sparse_layers
+from slope_lightning.sparse.backends import ReferenceBackend
+from slope_lightning.sparse.gpu import (
+    AutoBackend,
+    SemiStructuredBackend,
+    ShapeLimits,
+    make_gpu_backend,
+    row_tiles,
+)
+
+
+class EmulatedOps:
+    """Stands in for cuSPARSELt: dense math on CPU, with the kernels' shape rules asserted."""
+
+    name = "emulated"
+    limits = {torch.float64: ShapeLimits(16, 16, 8), torch.float32: ShapeLimits(16, 16, 8)}
+
+    def __init__(self) -> None:
+        self.compressed_shapes: list[tuple[int, int]] = []
+
+    def compress(self, dense):
+        rows, cols = dense.shape
+        assert rows % 16 == 0 and cols % 16 == 0
+        groups = (dense != 0).view(rows, cols // 4, 4).sum(-1)
+        assert (groups <= 2).all(), "operand is not 2:4 along its columns"
+        self.compressed_shapes.append((rows, cols))
+        return dense.clone()
+
+    def matmul(self, packed, x, rows):
+        assert x.shape[0] % 8 == 0, "token dimension must be padded"
+        assert packed.shape[0] == rows
+        return x @ packed.t()
+
+
+def emulated(**kwargs) -> SemiStructuredBackend:
+    return SemiStructuredBackend(EmulatedOps(), require_cuda=False, **kwargs)
+
+
+def twin_layers(d_in, d_out, backend, seed=0):
+    torch.manual_seed(seed)
+    dense = nn.Linear(d_in, d_out, dtype=torch.float64)
+    return SparseLinear.from_linear(dense), SparseLinear.from_linear(dense, backend=backend)
+
+
+@pytest.mark.parametrize("tokens", [13, 16, 1])
+@pytest.mark.parametrize(
+    ("d_in", "d_out", "tiles"),
+    [(32, 32, {}), (16, 64, {"tile_forward": True}), (64, 16, {"tile_backward": True})],
+)
+def test_sparse_gemm_backend_matches_reference(tokens, d_in, d_out, tiles):
+    reference, layer = twin_layers(d_in, d_out, emulated(**tiles))
+    x = torch.randn(tokens, d_in, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    grad = torch.randn(tokens, d_out, dtype=torch.float64)
+    layer(x).backward(grad)
+    reference(x_ref).backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.values.grad, reference.values.grad)
+    torch.testing.assert_close(layer(x), reference(x_ref))
+
+
+def test_tiles_are_square_row_blocks():
+    assert row_tiles(64, 16, tile=True) == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    assert row_tiles(40, 16, tile=True) == [(0, 16), (16, 32), (32, 40)]
+    assert row_tiles(16, 64, tile=True) == [(0, 16)]
+    assert row_tiles(64, 16, tile=False) == [(0, 64)]
+    backend = emulated(tile_forward=True, tile_backward=True)
+    _, layer = twin_layers(16, 64, backend)
+    layer(torch.randn(8, 16, dtype=torch.float64, requires_grad=True)).sum().backward()
+    assert backend.ops.compressed_shapes == [(16, 16)] * 4 + [(16, 64)]  # W_R tiled, W_RCᵀ not
+
+
+def test_compressed_operands_are_rebuilt_only_when_values_or_mask_change():
+    backend = emulated()
+    _, layer = twin_layers(32, 32, backend)
+    layer.transpose_mask_interval = None
+    x = torch.randn(8, 32, dtype=torch.float64, requires_grad=True)
+    for _ in range(3):
+        layer(x).sum().backward()
+    assert layer._operands.builds == 2  # forward W_R and backward W_RCᵀ, once each
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    layer(x).sum().backward()
+    assert layer._operands.builds == 4  # new values: both rebuilt
+    layer.refresh_transpose_mask()
+    layer(x).sum().backward()
+    assert layer._operands.builds == 5  # new M_C: only W_RCᵀ rebuilt
+
+
+def test_merged_inference_pads_adapter_rows_for_the_kernels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48, dtype=torch.float64))
+    sparsify(model, backend=emulated())
+    add_adapters(model, rank=3)
+    with torch.no_grad():
+        model[0].adapter.up.normal_()
+        x = torch.randn(5, 32, dtype=torch.float64)
+        unmerged = model(x)
+        merge_for_inference(model)
+        torch.testing.assert_close(model(x), unmerged)
+    fused_values, _, up = model[0]._fused
+    assert fused_values.shape[0] % 32 == 0 and up.shape[0] == fused_values.shape[0] - 48
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "dtype", "match"),
+    [
+        ({"n": 1, "m": 4}, torch.float64, "runs 2:4 only, not 1:4"),
+        ({}, torch.float16, "computes in float64, float32, not torch.float16"),
+        ({"d_out": 40}, torch.float64, "multiple of 16"),
+    ],
+)
+def test_an_explicit_backend_that_cannot_run_a_layer_names_it(kwargs, dtype, match):
+    d_out = kwargs.pop("d_out", 32)
+    layer = SparseLinear(
+        32, d_out, backend=emulated(), name="blocks.0.mlp.up_proj", dtype=dtype, **kwargs
+    )
+    with pytest.raises(RuntimeError, match=f"blocks.0.mlp.up_proj.*{match}"):
+        layer(torch.randn(4, 32, dtype=dtype))
+
+
+def test_auto_keeps_the_fastest_candidate_and_remembers_it(tmp_path, monkeypatch):
+    cache_file = tmp_path / "autotune.json"
+    fast, slow = emulated(), emulated(tile_forward=True)
+    auto = AutoBackend([fast, slow], autotune_file=cache_file, repeats=1)
+    timings = {"emulated": 1.0, "emulated+tiled": 2.0, "reference": 3.0}
+    monkeypatch.setattr(
+        AutoBackend, "_time", lambda self, backend, args, layout: timings[backend.name]
+    )
+    _, layer = twin_layers(32, 64, auto)
+    layer(torch.randn(8, 32, dtype=torch.float64))
+    assert auto.choice is fast and "measured" in auto.reason
+    assert "emulated" in cache_file.read_text()
+
+    def no_timing(*args):
+        raise AssertionError("a cached choice must not be re-measured")
+
+    monkeypatch.setattr(AutoBackend, "_time", no_timing)
+    again = AutoBackend([emulated(), emulated(tile_forward=True)], autotune_file=cache_file)
+    _, layer = twin_layers(32, 64, again)
+    layer(torch.randn(8, 32, dtype=torch.float64))
+    assert again.choice.name == "emulated" and "cached" in again.reason
+
+
+def test_auto_falls_back_to_the_dense_gemm_with_the_reason(tmp_path):
+    auto = AutoBackend([emulated()], autotune_file=tmp_path / "a.json")
+    layer = SparseLinear(32, 32, n=1, m=4, backend=auto)  # 1:4: no 2:4 kernel applies
+    layer(torch.randn(4, 32))
+    assert isinstance(auto.choice, ReferenceBackend)
+    assert "runs 2:4 only" in auto.reason
+
+
+def test_auto_measures_for_real_on_cpu(tmp_path):
+    auto = AutoBackend([emulated()], autotune_file=tmp_path / "a.json", repeats=2)
+    reference, layer = twin_layers(32, 32, auto)
+    x = torch.randn(8, 32, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), reference(x))
+    assert auto.choice is not None and "ms" in auto.reason
+
+
+def test_unknown_gpu_backend_name():
+    with pytest.raises(ValueError, match="cusparselt, cutlass or auto"):
+        make_gpu_backend("tensorrt")
+
+
+def test_sparsify_shares_a_backend_instance():
+    backend = emulated()
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    report = sparsify(model, backend=backend)
+    assert report.backend == "emulated"
+    assert all(layer.backend is backend for _, layer in sparse_layers(model))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name", ["cusparselt", "cutlass", "auto"])
+@pytest.mark.parametrize(
+    ("d_in", "d_out", "tokens"), [(256, 256, 100), (256, 1024, 64), (1024, 256, 8)]
+)
+def test_gpu_backends_match_reference_in_bf16(name, d_in, d_out, tokens, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLOPE_AUTOTUNE_FILE", str(tmp_path / "autotune.json"))
+    torch.manual_seed(0)
+    dense = nn.Linear(d_in, d_out, device="cuda", dtype=torch.bfloat16)
+    reference = SparseLinear.from_linear(dense)
+    layer = SparseLinear.from_linear(dense, backend=name)
+    x = torch.randn(tokens, d_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    grad = torch.randn(tokens, d_out, device="cuda", dtype=torch.bfloat16)
+    layer(x).backward(grad)
+    reference(x_ref).backward(grad)
+    torch.testing.assert_close(layer(x), reference(x_ref), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=3e-2, rtol=3e-2)
