@@ -3,6 +3,8 @@ with emulated 2:4 kernels; the real kernels are checked in the `gpu` group."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from torch import nn
@@ -23,7 +25,10 @@ class EmulatedOps:
     """Stands in for cuSPARSELt: dense math on CPU, with the kernels' shape rules asserted."""
 
     name = "emulated"
-    limits = {torch.float64: ShapeLimits(16, 16, 8), torch.float32: ShapeLimits(16, 16, 8)}
+    limits: ClassVar[dict[torch.dtype, ShapeLimits]] = {
+        torch.float64: ShapeLimits(16, 16, 8),
+        torch.float32: ShapeLimits(16, 16, 8),
+    }
 
     def __init__(self) -> None:
         self.compressed_shapes: list[tuple[int, int]] = []

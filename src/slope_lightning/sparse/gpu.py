@@ -19,7 +19,7 @@ import os
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -64,7 +64,7 @@ class CuSparseLtOps:
     """
 
     name = "cusparselt"
-    limits = {
+    limits: ClassVar[dict[torch.dtype, ShapeLimits]] = {
         torch.float16: ShapeLimits(16, 16, 8),
         torch.bfloat16: ShapeLimits(16, 16, 8),
     }
@@ -88,7 +88,7 @@ class CutlassOps:
     """CUTLASS via PyTorch's semi-structured conversion and ``_sparse_semi_structured_mm``."""
 
     name = "cutlass"
-    limits = {
+    limits: ClassVar[dict[torch.dtype, ShapeLimits]] = {
         torch.float16: ShapeLimits(32, 64, 8),
         torch.bfloat16: ShapeLimits(32, 64, 8),
     }
@@ -254,7 +254,8 @@ class AutoBackend(SparseBackend):
 
     def _key(self, layout: NMLayout, x: Tensor) -> str:
         device = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
-        return f"{device}|torch {torch.__version__}|{layout.rows}x{layout.cols}|{x.dtype}|T{x.shape[0]}"
+        shape = f"{layout.rows}x{layout.cols}"
+        return f"{device}|torch {torch.__version__}|{shape}|{x.dtype}|T{x.shape[0]}"
 
     def _load(self) -> dict[str, str]:
         try:
