@@ -10,6 +10,8 @@ import argparse
 import logging
 from pathlib import Path
 
+import torch
+
 from slope_lightning.bench import common
 
 
@@ -25,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
         default="4096x4096",
         help="comma-separated d_out x d_in shapes for 'layers', e.g. 4096x4096,11008x4096",
     )
+    parser.add_argument(
+        "--backends", default="reference", help="comma-separated SparseLinear backends (layers)"
+    )
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (layers)")
     parser.add_argument("--presets", default="tiny,gpt2-small", help="transformers for 'memory'")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -45,7 +51,13 @@ def main(argv: list[str] | None = None) -> None:
         from slope_lightning.bench import layers
 
         shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
-        rows = layers.layer_rows(shapes, tokens=args.tokens, repeats=args.repeats)
+        rows = layers.layer_rows(
+            shapes,
+            tokens=args.tokens,
+            repeats=args.repeats,
+            dtype=getattr(torch, args.dtype),
+            backends=tuple(args.backends.split(",")),
+        )
         name = "layers-cpu-reference" if info["device"] == "cpu" else "layers"
         text = common.write_results(name, args.out, info, rows, layers.COLUMNS)
     print(text)  # the table is the command's output
