@@ -166,3 +166,12 @@ def test_callbacks_on_a_dense_module_say_to_sparsify():
 def test_bad_callback_arguments_are_rejected(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_a_fractional_rank_refers_to_the_hidden_size():
+    spy = AdapterSpy()
+    lazy = LazyLoRA(start=2, rank=0.25, hidden_size=16)
+    module = ForeignModule()
+    trainer([lazy, spy], max_steps=3).fit(module, loader())
+    assert [layer.adapter.rank for _, layer in sparse_layers(module)] == [4, 4]
+    assert lazy.resolved_rank(module) == 4

@@ -133,8 +133,10 @@ class LazyLoRA(Callback):
     Args:
         start: a float in (0, 1): fraction of ``trainer.max_steps`` (default 0.99); or an int:
             the optimizer step at which adapters are switched on.
-        rank: adapter rank: an int, or a float in (0, 1) read as a fraction of each layer's
-            input width (0.0156 = the paper's 1.56%).
+        rank: adapter rank: an int, or a float in (0, 1) read as a fraction of the hidden
+            size (0.0156 = the paper's 1.56%), as the paper reports ranks.
+        hidden_size: the hidden size a fractional rank refers to; None: the module's
+            ``config.d_model`` if it has one (SLoPeModule does), else each layer's d_in.
         init: "slope" (L ~ N(0, 1), R = 0, s = 1/r) or "peft" (Kaiming L, R = 0, s = alpha/r).
         alpha: scale numerator for ``init="peft"``.
         lr: learning rate of the adapter parameters (None: the first param group's).
@@ -150,6 +152,7 @@ class LazyLoRA(Callback):
         self,
         start: float | int = 0.99,
         rank: float | int = 0.0156,
+        hidden_size: int | None = None,
         init: AdapterInit = "slope",
         alpha: float | None = None,
         lr: float | None = None,
@@ -172,7 +175,10 @@ class LazyLoRA(Callback):
         if lr is not None and lr <= 0:
             raise ValueError(f"LazyLoRA(lr={lr}): the learning rate must be positive")
         self.start = start
+        if hidden_size is not None and hidden_size < 1:
+            raise ValueError(f"LazyLoRA(hidden_size={hidden_size}): give a positive width")
         self.rank = rank
+        self.hidden_size = hidden_size
         self.init: AdapterInit = init
         self.alpha = alpha
         self.lr = lr
@@ -232,14 +238,22 @@ class LazyLoRA(Callback):
     ) -> None:
         if self.active or trainer.global_step < self.start_step(trainer):
             return
+        rank = self.resolved_rank(pl_module)
         for name, layer in sparse_layers(pl_module):
             # Seeded per layer by a stable hash, so every DDP rank draws the same L.
             generator = torch.Generator().manual_seed(self.seed + zlib.crc32(name.encode()))
-            layer.add_adapter(self.rank, init=self.init, alpha=self.alpha, generator=generator)
+            layer.add_adapter(rank, init=self.init, alpha=self.alpha, generator=generator)
         self._extend_optimizer(trainer, pl_module)
         self.active = True
         self.started_at = trainer.global_step
         logger.info("LazyLoRA: adapters switched on at step %d", trainer.global_step)
+
+    def resolved_rank(self, pl_module: pl.LightningModule) -> int | float:
+        """The rank to use: an int, or (no hidden size known) a fraction of each layer's d_in."""
+        if isinstance(self.rank, int):
+            return self.rank
+        hidden = self.hidden_size or getattr(getattr(pl_module, "config", None), "d_model", None)
+        return max(1, round(self.rank * hidden)) if hidden else self.rank
 
     def _adapter_parameters(self, pl_module: pl.LightningModule) -> list[torch.nn.Parameter]:
         params: list[torch.nn.Parameter] = []
