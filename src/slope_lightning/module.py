@@ -232,9 +232,10 @@ class SLoPeModule(pl.LightningModule):
 
     @override
     def on_train_end(self) -> None:
+        # trainer.log_dir is a collective under DDP: every rank must ask for it.
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         if not self.trainer.is_global_zero:
             return
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         target = Path(self.export_dir) if self.export_dir else Path(log_dir) / "export"
         export_model(self.model, self.config, self.sparsity, target)
         logger.info("exported the final model to %s", target)
