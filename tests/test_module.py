@@ -161,3 +161,21 @@ def test_max_steps_is_required_for_the_schedule(corpus, tmp_path):
     )
     with pytest.raises(ValueError, match="set trainer.max_steps"):
         trainer.fit(make_module(), datamodule=make_data(corpus))
+
+
+@pytest.mark.slow
+def test_validate_from_a_checkpoint_taken_after_the_adapter_start(corpus, tmp_path):
+    trainer, module, _ = run(corpus, tmp_path / "train", max_steps=6)
+    ckpt = tmp_path / "after.ckpt"
+    trainer.save_checkpoint(ckpt)
+    fresh = make_module()
+    assert all(layer.adapter is None for _, layer in sparse_layers(fresh))
+    evaluator = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=2
+    )
+    evaluator.validate(fresh, datamodule=make_data(corpus), ckpt_path=ckpt)
+    for (name, layer), (_, trained) in zip(
+        sparse_layers(fresh), sparse_layers(module), strict=True
+    ):
+        assert layer.adapter is not None, name
+        assert torch.equal(layer.adapter.up, trained.adapter.up)

@@ -203,26 +203,25 @@ class LazyLoRA(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _require_sparse_layers(pl_module, "LazyLoRA")
-        # A checkpoint taken after the start holds adapter weights the fresh model lacks.
-        # Lightning loads the model before any callback sees the checkpoint, so loading is
-        # made lenient here and done strictly again, adapters included, in on_load_checkpoint.
         self._strict_loading = pl_module.strict_loading
-        pl_module.strict_loading = False
+        if stage == "fit":
+            # A checkpoint taken after the start holds adapter weights a fresh model lacks.
+            # Lightning loads the model before callbacks see the checkpoint, so loading is
+            # made lenient here and done again, strictly, in on_load_checkpoint.
+            pl_module.strict_loading = False
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         state = checkpoint.get("state_dict", {})
-        added = restore_adapters(pl_module, state)
+        added = restore_adapters(pl_module, state)  # none if the module restored them itself
         pl_module.strict_loading = self._strict_loading
-        if added:
-            pl_module.load_state_dict(state, strict=self._strict_loading)
+        pl_module.load_state_dict(state, strict=self._strict_loading)
+        if any(layer.adapter is not None for _, layer in sparse_layers(pl_module)):
             self.active = True
             self._needs_optimizer_group = True
-            logger.info("LazyLoRA: restored adapters on %d layers from the checkpoint", added)
-        elif self._strict_loading:
-            pl_module.load_state_dict(state, strict=True)  # the check the lenient load skipped
+            logger.info("LazyLoRA: resumed with adapters on (%d restored here)", added)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -21,7 +21,13 @@ from typing_extensions import override
 
 from slope_lightning.export import export_model
 from slope_lightning.models import Transformer, TransformerConfig
-from slope_lightning.sparse import DEFAULT_EXCLUDE, SparsifyReport, memory_report, sparsify
+from slope_lightning.sparse import (
+    DEFAULT_EXCLUDE,
+    SparsifyReport,
+    memory_report,
+    restore_adapters,
+    sparsify,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +212,12 @@ class SLoPeModule(pl.LightningModule):
             )
         if self.sparsify_report is not None and stage == "fit":
             logger.info("%s", self.sparsify_report)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lazy adapters switched on before the checkpoint was saved must exist before its
+        # weights load, in fit, validate and test alike.
+        restore_adapters(self, checkpoint.get("state_dict", {}))
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
