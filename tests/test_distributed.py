@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from lightning_helpers import write_corpus
 from slope_lightning.data import TextDataModule
 
 WORKER = Path(__file__).with_name("ddp_train.py")
+TIMEOUT_S = int(os.environ.get("SLOPE_DDP_TEST_TIMEOUT", "240"))
 
 
 def free_port() -> int:
@@ -30,8 +32,23 @@ def train(devices: int, batch_size: int, sources: str, cache: str, out: Path) ->
     env["OMP_NUM_THREADS"] = "1"  # two ranks share two cores
     command = [sys.executable, str(WORKER), f"--devices={devices}", f"--batch-size={batch_size}"]
     command += [f"--sources={sources}", f"--cache={cache}", f"--out={out}"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-4000:]
+    # Rank 0 launches rank 1 as its child: run both in a session of their own, so a hang is
+    # ended for both (a killed rank 0 would leave rank 1 waiting in a collective).
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"{devices}-process training hung for {TIMEOUT_S} s:\n{stderr[-4000:]}")
+    assert process.returncode == 0, stderr[-4000:]
 
 
 @pytest.mark.slow
