@@ -44,6 +44,13 @@ class TransposeMaskRefresh:
     total: int
 
 
+def compute_dtype_of(x: Tensor) -> torch.dtype:
+    """The dtype the GEMMs run in: autocast's when it is on for x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class _SparseLinearFunction(torch.autograd.Function):
     """Y = X W_Rᵀ + b with the SLoPe backward; saves X and the packed weight, never a dense one."""
 
@@ -61,9 +68,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         mask_generation: int,
     ) -> Tensor:
         device_type = x.device.type
-        compute_dtype = x.dtype
-        if torch.is_autocast_enabled(device_type):
-            compute_dtype = torch.get_autocast_dtype(device_type)
+        compute_dtype = compute_dtype_of(x)
         lead = x.shape[:-1]
         x2d = x.reshape(-1, layout.cols).to(compute_dtype)  # (T, d_in)
         w = values.to(compute_dtype)
@@ -450,9 +455,7 @@ class SparseLinear(nn.Module):
 
     def _check_backend(self, x: Tensor) -> None:
         """Fail clearly, once per dtype and device, if the backend cannot run this layer."""
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = compute_dtype_of(x)
         if (dtype, x.device) in self._checked:
             return
         why = self._backend.unsupported(self.layout, dtype, x.device)
@@ -470,9 +473,7 @@ class SparseLinear(nn.Module):
             self._fused = self._build_fused()  # parameters changed in place since merge()
         fused_values, fused_index, up = self._fused
         layout = self.layout.stacked(NMLayout(up.shape[0], self.in_features, self.n, self.m))
-        compute_dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            compute_dtype = torch.get_autocast_dtype(x.device.type)
+        compute_dtype = compute_dtype_of(x)
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features).to(compute_dtype)  # (T, d_in)
         bias = self.bias.to(compute_dtype) if self.bias is not None else None
