@@ -18,3 +18,9 @@ timeout 300 python -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OU
 timeout 240 python -m slope_lightning.bench layers --out "$OUT" --dtype bfloat16 --tokens 8192 \
   --repeats 10 --backends reference,cusparselt,cutlass,auto \
   --shapes 4096x4096,14336x4096,4096x14336,768x768,3072x768 2>&1 | tail -30
+
+timeout 150 python -m slope_lightning.bench step --out "$OUT" --preset llama-1b --batch 2 \
+  --dtype bfloat16 --repeats 5 --backends auto 2>&1 | tail -8
+
+timeout 90 python -m slope_lightning.bench inference --out "$OUT" --preset gpt2-small \
+  --dtype bfloat16 --repeats 5 --backends auto 2>&1 | tail -8

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m slope_lightning.bench {memory,layers,runs} [--out DIR]``.
+"""Benchmarks: ``python -m slope_lightning.bench {memory,layers,step,inference,runs}``.
 
 Each prints a markdown table and writes JSON + markdown under ``--out``
 (default ``benchmarks/results``) naming the machine, torch version, date and command.
@@ -17,7 +17,7 @@ from slope_lightning.bench import common
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m slope_lightning.bench", description=__doc__)
-    parser.add_argument("suite", choices=["memory", "layers", "runs"])
+    parser.add_argument("suite", choices=["memory", "layers", "step", "inference", "runs"])
     parser.add_argument("run_dirs", nargs="*", type=Path, help="log dirs of finished runs (runs)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per batch (layers)")
@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
         "--backends", default="reference", help="comma-separated SparseLinear backends (layers)"
     )
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (layers)")
+    parser.add_argument("--preset", default="tiny", help="transformer preset (step, inference)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (step)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (step)")
     parser.add_argument("--presets", default="tiny,gpt2-small", help="transformers for 'memory'")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -40,6 +43,23 @@ def main(argv: list[str] | None = None) -> None:
 
         rows = memory.layer_rows() + memory.transformer_rows(tuple(args.presets.split(",")))
         text = common.write_results("memory", args.out, info, rows, memory.COLUMNS)
+    elif args.suite in ("step", "inference"):
+        from slope_lightning.bench import model
+
+        dtype = getattr(torch, args.dtype)
+        backend = args.backends.split(",")[0]
+        if args.suite == "step":
+            rows = model.step_rows(
+                args.preset, args.batch, backend, dtype, args.repeats, args.compile
+            )
+            columns = model.STEP_COLUMNS
+        else:
+            rows = model.inference_rows(
+                args.preset, backend=backend, dtype=dtype, repeats=args.repeats
+            )
+            columns = model.INFERENCE_COLUMNS
+        name = args.suite if info["device"] != "cpu" else f"{args.suite}-cpu-reference"
+        text = common.write_results(name, args.out, info, rows, columns)
     elif args.suite == "runs":
         from slope_lightning.bench import runs
 

@@ -1,0 +1,42 @@
+"""The benchmark commands run and report what they claim (tiny shapes; numbers not asserted,
+except exact memory counts)."""
+
+from __future__ import annotations
+
+import json
+
+from slope_lightning.bench import layers, memory, model
+from slope_lightning.bench.__main__ import main
+
+SMALL = {"n_layer": 1, "d_model": 64, "n_head": 2, "n_kv_head": 1, "seq_len": 32, "vocab_size": 128}
+
+
+def test_sparse_layers_need_at_most_six_tenths_of_dense_model_state():
+    rows = memory.layer_rows(shapes=((64, 128), (256, 64)), tokens=4)
+    assert all(0.5 < row["ratio"] <= 0.6 for row in rows)
+
+
+def test_layer_benchmark_compares_against_dense_in_the_same_run():
+    rows = layers.layer_rows(shapes=((32, 64),), tokens=16, repeats=1)
+    assert [row["phase"] for row in rows] == ["forward", "fwd+bwd"]
+    assert all(row["backend"] == "reference (CPU)" and row["slope/dense"] > 0 for row in rows)
+
+
+def test_step_and_inference_benchmarks_cover_dense_and_slope():
+    steps = model.step_rows("tiny", batch=2, repeats=1, **SMALL)
+    assert [row["method"] for row in steps] == ["dense", "slope (reference)"]
+    assert steps[0]["speedup_vs_dense"] == 1.0
+    inference = model.inference_rows("tiny", prompt=8, new_tokens=2, repeats=1, **SMALL)
+    assert [row["method"] for row in inference] == [
+        "dense",
+        "slope merged r=0.00%",
+        "slope merged r=1.56%",
+        "slope merged r=6.25%",
+    ]
+
+
+def test_command_writes_json_and_markdown_naming_the_machine(tmp_path, capsys):
+    main(["layers", "--shapes", "32x64", "--tokens", "8", "--repeats", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "layers-cpu-reference.json").read_text())
+    assert {"date", "command", "torch", "device"} <= set(result["info"])
+    assert "| shape (out x in) |" in capsys.readouterr().out
