@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from slope_lightning import add_adapters, merge_for_inference, sparsify
-from slope_lightning.sparse import SparseLinear, sparse_layers
+from slope_lightning.sparse import SparseLinear, backend_report, sparse_layers
 from slope_lightning.sparse.backends import ReferenceBackend
 from slope_lightning.sparse.gpu import (
     AutoBackend,
@@ -164,12 +164,15 @@ def test_auto_falls_back_to_the_dense_gemm_with_the_reason(tmp_path):
     assert "runs 2:4 only" in auto.reason
 
 
-def test_auto_measures_for_real_on_cpu(tmp_path):
+def test_auto_measures_for_real_on_cpu_and_reports_its_choice(tmp_path):
     auto = AutoBackend([emulated()], autotune_file=tmp_path / "a.json", repeats=2)
     reference, layer = twin_layers(32, 32, auto)
+    model = nn.Sequential(layer)
+    assert "auto -> ? (not chosen yet" in backend_report(model)
     x = torch.randn(8, 32, dtype=torch.float64)
     torch.testing.assert_close(layer(x), reference(x))
     assert auto.choice is not None and "ms" in auto.reason
+    assert f"auto -> {auto.choice.name} (measured" in backend_report(model)
 
 
 def test_unknown_gpu_backend_name():

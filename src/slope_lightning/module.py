@@ -24,6 +24,7 @@ from slope_lightning.models import Transformer, TransformerConfig
 from slope_lightning.sparse import (
     DEFAULT_EXCLUDE,
     SparsifyReport,
+    backend_report,
     memory_report,
     restore_adapters,
     sparsify,
@@ -223,6 +224,8 @@ class SLoPeModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Model-state memory: once the optimizer state exists (after the first step) and
         # again whenever parameters are added (lazy adapters).
+        if self.trainer.global_step == 1 and self.sparsity.backend == "auto":
+            logger.info("backends chosen at first use:\n%s", backend_report(self.model))
         count = sum(1 for _ in self.parameters())
         if self.trainer.global_step >= 1 and count != self._logged_param_count:
             self._logged_param_count = count

@@ -216,6 +216,25 @@ def sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:
     return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SparseLinear)]
 
 
+def backend_report(model: nn.Module) -> str:
+    """A table of every SparseLinear's backend and, for ``auto``, its choice and why.
+
+    ``auto`` decides at a layer's first forward, so call this after one step.
+    """
+    layers = sparse_layers(model)
+    width = max([len("layer"), *(len(name) for name, _ in layers)])
+    lines = [f"{'layer':<{width}}  {'shape (out x in)':>17}  backend"]
+    for name, layer in layers:
+        backend = layer.backend
+        shape = f"{layer.out_features} x {layer.in_features}"
+        text = backend.name
+        choice = getattr(backend, "choice", None)
+        if hasattr(backend, "choice"):
+            text += f" -> {choice.name if choice is not None else '?'} ({backend.reason})"
+        lines.append(f"{name:<{width}}  {shape:>17}  {text}")
+    return "\n".join(lines)
+
+
 def densify(model: nn.Module) -> list[str]:
     """Undo :func:`sparsify`: swap every SparseLinear for an equivalent nn.Linear.
 
