@@ -26,3 +26,14 @@ def test_quickstart_is_exactly_two_commands():
         "pip install -e . && slope-lightning fit --config configs/tiny.yaml",
         'pip install -e ".[test]" && python -m pytest -q',
     ]
+
+
+def test_quickstart_notebook_runs():
+    import json
+
+    notebook = json.loads((README.parent / "notebooks" / "quickstart.ipynb").read_text())
+    namespace: dict = {}
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), "quickstart.ipynb", "exec"), namespace)
+    assert (namespace["after"] - namespace["before"]).abs().max() < 1e-4
