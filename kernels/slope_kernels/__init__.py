@@ -1,7 +1,9 @@
-"""Triton kernels for SLoPe, each beside a plain-torch reference of itself (torchao layout).
+"""Triton kernels for SLoPe (arXiv 2405.16325), each beside a plain-torch reference of itself
+(torchao's kernel layout).
 
-Run on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests them). Importing
-works without triton installed; calling a kernel then raises and points to the reference.
+They run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` is set before this
+package is first imported (how CI tests them). Importing works without triton installed
+(``TRITON_AVAILABLE`` is then False); calling a kernel raises and names its reference.
 """
 
 from slope_kernels._triton import TRITON_AVAILABLE

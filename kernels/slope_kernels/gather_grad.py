@@ -1,64 +1,135 @@
-"""The packed values' gradient in one pass: entries of the dense weight gradient dYᵀX at M_R's
-positions, decoding the 2-bit packed offsets in the kernel (SLoPe's 2:4 layout). Kernel, host
-wrapper and plain-torch reference."""
+"""The packed values' gradient in one pass: the dense weight gradient dYᵀX read at M_R's kept
+positions, decoding the packed offsets in the kernel (SLoPe's sparse weight gradient, arXiv
+2405.16325; kernel, host wrapper and plain-torch reference after torchao's layout).
+
+Packed format (as ``slope_lightning.sparse.packing``): kept value j of a row lies in group
+j // n at offset ``(index[row, j // P] >> (j % P)·bits) & (2**bits - 1)``, with ``bits`` the
+offset width (1, 2, 4 or 8 for m up to 2, 4, 16, 256) and P = 8 // bits offsets per byte.
+Any N:M pattern works; 2:4 compiles to shifts and masks (2 bits, 4 offsets per byte).
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
-from slope_kernels._triton import check_launchable, jit, tl
-from slope_kernels.fused_lowrank import triton_cdiv
+from slope_kernels._triton import (
+    block_size,
+    cdiv,
+    check_launchable,
+    check_rows_contiguous,
+    jit,
+    tl,
+)
+
+
+def offset_bits(m: int) -> int:
+    """Bits per packed offset for groups of m: the smallest of 1, 2, 4, 8 that holds 0..m-1."""
+    needed = max(1, math.ceil(math.log2(m)))
+    for bits in (1, 2, 4, 8):
+        if needed <= bits:
+            return bits
+    raise ValueError(f"m={m} needs {needed} bits per offset; packed offsets hold at most 8")
+
+
+def check_pattern(name: str, n: int, m: int) -> None:
+    """Raise a ValueError unless 1 <= n < m <= 256 (the patterns the packed format stores)."""
+    if not (isinstance(n, int) and isinstance(m, int)) or not 1 <= n < m <= 256:
+        raise ValueError(f"{name}: invalid N:M pattern {n}:{m}; need 1 <= n < m <= 256")
+
+
+def packed_index_width(kept: int, m: int) -> int:
+    """Bytes per row that hold ``kept`` offsets of groups of m."""
+    return cdiv(kept, 8 // offset_bits(m))
 
 
 @jit
 def gather_packed_grad_kernel(
     grad_ptr, index_ptr, out_ptr, ROWS, KEPT, stride_g, stride_i, stride_o,
+    N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    """One (BLOCK_R, BLOCK_K) tile of kept values: decode each offset, load that gradient."""
+    PER_BYTE: tl.constexpr = 8 // BITS
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     kept = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     inside = (rows[:, None] < ROWS) & (kept[None, :] < KEPT)
-    # 2:4: four 2-bit offsets per byte; kept value j belongs to group j // 2.
     byte = tl.load(
-        index_ptr + rows[:, None] * stride_i + (kept[None, :] // 4), mask=inside, other=0
-    )
-    offset = (byte.to(tl.int32) >> (2 * (kept[None, :] % 4))) & 3
-    column = (kept[None, :] // 2) * 4 + offset
-    values = tl.load(grad_ptr + rows[:, None] * stride_g + column, mask=inside, other=0.0)
+        index_ptr + rows[:, None] * stride_i + kept[None, :] // PER_BYTE, mask=inside, other=0
+    )  # (BLOCK_R, BLOCK_K) uint8
+    offset = (byte.to(tl.int32) >> ((kept[None, :] % PER_BYTE) * BITS)) & ((1 << BITS) - 1)
+    column = (kept[None, :] // N) * M + offset
+    # offset < M always holds for a valid index; checking it keeps a corrupt one in bounds.
+    values = tl.load(grad_ptr + rows[:, None] * stride_g + column, mask=inside & (offset < M))
     tl.store(out_ptr + rows[:, None] * stride_o + kept[None, :], values, mask=inside)
 
 
 def gather_packed_grad(grad_dense: Tensor, index: Tensor, n: int = 2, m: int = 4) -> Tensor:
-    """grad_dense (rows, cols) at the kept positions packed in index (rows, cols/8) uint8."""
-    if (n, m) != (2, 4):
-        raise ValueError(f"gather_packed_grad supports 2:4 only, got {n}:{m}; use the reference")
-    rows, cols = grad_dense.shape
-    if cols % 4:
-        raise ValueError(f"cols={cols} is not divisible by m=4")
-    kept = cols // 2
-    if index.dtype != torch.uint8 or index.shape != (rows, -(-kept // 4)):
+    """Entries of ``grad_dense`` at the kept positions of a packed N:M index.
+
+    Equals ``NMLayout(rows, cols, n, m).gather(grad_dense, index)`` exactly (a pure gather).
+
+    Args:
+        grad_dense: (rows, cols) dense gradient, cols divisible by m, contiguous along cols;
+            any dtype Triton loads (the values are copied, never converted).
+        index: uint8 (rows, ceil(cols·n/m / (8 // bits))) packed offsets, contiguous along
+            its last dimension.
+        n, m: the N:M pattern (any 1 <= n < m <= 256).
+
+    Returns:
+        (rows, cols·n/m) in grad_dense's dtype, ordered like the packed values.
+
+    Raises:
+        ValueError: an invalid pattern, cols not divisible by m, an index of the wrong
+            dtype or shape, a strided last dimension, or tensors on different devices.
+        RuntimeError: triton is missing or the device does not fit.
+    """
+    name = "gather_packed_grad"
+    check_pattern(name, n, m)
+    if grad_dense.dim() != 2:
         raise ValueError(
-            f"index must be uint8 of shape ({rows}, {-(-kept // 4)}), got "
-            f"{index.dtype} {tuple(index.shape)}"
+            f"{name}: grad_dense must be 2-D (rows, cols), got {tuple(grad_dense.shape)}"
         )
-    if grad_dense.stride(1) != 1 or index.stride(1) != 1:
-        raise ValueError("grad_dense and index must be contiguous along their last dimension")
-    check_launchable(grad_dense, index)
-    out = grad_dense.new_empty(rows, kept)
-    block_r, block_k = 16, 64
-    grid = (triton_cdiv(rows, block_r), triton_cdiv(kept, block_k))
+    rows, cols = grad_dense.shape
+    if cols % m:
+        raise ValueError(f"{name}: cols={cols} is not divisible by m={m}")
+    kept = cols // m * n
+    width = packed_index_width(kept, m)
+    if index.dtype != torch.uint8 or tuple(index.shape) != (rows, width):
+        raise ValueError(
+            f"{name}: index must be uint8 of shape ({rows}, {width}) for a ({rows}, {cols}) "
+            f"gradient pruned {n}:{m}, got {index.dtype} {tuple(index.shape)}"
+        )
+    check_rows_contiguous(name, grad_dense=grad_dense, index=index)
+    check_launchable(name, grad_dense, index)
+    out = grad_dense.new_empty(rows, kept)  # (rows, cols·n/m)
+    if out.numel() == 0:
+        return out
+    block_r, block_k = block_size(rows, 1, 16), block_size(kept, 16, 128)
+    grid = (cdiv(rows, block_r), cdiv(kept, block_k))
     gather_packed_grad_kernel[grid](
         grad_dense, index, out, rows, kept, grad_dense.stride(0), index.stride(0), out.stride(0),
-        BLOCK_R=block_r, BLOCK_K=block_k,
+        N=n, M=m, BITS=offset_bits(m), BLOCK_R=block_r, BLOCK_K=block_k,
     )  # fmt: skip
     return out
+
+
+def unpack_columns(index: Tensor, n: int, m: int, kept: int) -> Tensor:
+    """Absolute column (rows, kept) int64 of every kept value of a packed index."""
+    bits = offset_bits(m)
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=index.device, dtype=torch.int32) * bits
+    offsets = (index.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (R, W, P)
+    offsets = offsets.flatten(1)[:, :kept].long()  # (R, kept)
+    groups = torch.arange(kept, device=index.device) // n
+    return groups * m + offsets
 
 
 def gather_packed_grad_reference(
     grad_dense: Tensor, index: Tensor, n: int = 2, m: int = 4
 ) -> Tensor:
-    from slope_lightning.sparse.layout import NMLayout
-
-    rows, cols = grad_dense.shape
-    return NMLayout(rows, cols, n, m).gather(grad_dense, index)
+    """Plain torch: unpack every offset, then one gather along cols."""
+    cols = grad_dense.shape[1]
+    return grad_dense.gather(1, unpack_columns(index, n, m, cols // m * n))
