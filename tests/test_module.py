@@ -134,7 +134,10 @@ def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
     ("kwargs", "match"),
     [
         ({"preset": "gpt5"}, "gpt5"),
-        ({"model_overrides": {"n_layers": 2}}, "unknown keys.*n_layers"),
+        (
+            {"model_overrides": {"n_layers": 2}},
+            "model_overrides: unknown .*field.*n_layers",
+        ),
         ({"optimizer": OptimizerConfig(lr=0.0)}, "lr must be positive"),
         ({"optimizer": OptimizerConfig(min_lr_ratio=2.0)}, "min_lr_ratio"),
         ({"sparsity": SparsityConfig(n=4, m=4)}, "n < m"),

@@ -319,13 +319,12 @@ class LazyLoRA(Callback):
     ) -> None:
         if not self.active or trainer.global_step % max(1, trainer.log_every_n_steps):
             return
+        adapters = [layer.adapter for _, layer in sparse_layers(pl_module) if layer.adapter]
         with torch.no_grad():
-            down = [
-                layer.adapter.down_values for _, layer in sparse_layers(pl_module) if layer.adapter
-            ]
-            up = [layer.adapter.up for _, layer in sparse_layers(pl_module) if layer.adapter]
-            down_norm = torch.linalg.vector_norm(torch.stack([d.float().norm() for d in down]))
-            up_norm = torch.linalg.vector_norm(torch.stack([u.float().norm() for u in up]))
+            down_norm = torch.linalg.vector_norm(
+                torch.stack([a.down_values.float().norm() for a in adapters])
+            )
+            up_norm = torch.linalg.vector_norm(torch.stack([a.up.float().norm() for a in adapters]))
         pl_module.log_dict(
             {"adapters/L_norm": down_norm, "adapters/R_norm": up_norm},
             on_step=True,

@@ -142,14 +142,10 @@ class SLoPeModule(pl.LightningModule):
             overrides["vocab_size"] = vocab_size
         if seq_len is not None:
             overrides["seq_len"] = seq_len
-        known = {f.name for f in dataclasses.fields(TransformerConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(
-                f"model_overrides has unknown keys {unknown}; TransformerConfig fields are "
-                f"{sorted(known)}"
-            )
-        self.config = TransformerConfig.from_name(preset, **overrides)
+        try:
+            self.config = TransformerConfig.from_name(preset, **overrides)
+        except ValueError as error:
+            raise ValueError(f"model.preset / model.model_overrides: {error}") from error
         self.model = Transformer(self.config)
         self.sparsify_report: SparsifyReport | None = None
         if self.sparsity.sparse:

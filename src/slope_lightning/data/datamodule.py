@@ -50,6 +50,7 @@ from slope_lightning.data.corpus import (
 )
 from slope_lightning.data.tokenizer import (
     MIN_VOCAB_SIZE,
+    atomic_write_bytes,
     load_tokenizer,
     separator_id,
     tokenizer_cache_path,
@@ -93,6 +94,14 @@ class TokenFile:
         return {**self.__dict__, "_array": None}
 
 
+def _require_window(tokens: TokenFile, seq_len: int) -> None:
+    """Raise unless ``tokens`` holds one window of ``seq_len`` inputs plus its target."""
+    if tokens.num_tokens < seq_len + 1:
+        raise ValueError(
+            f"{tokens.path} has {tokens.num_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}."
+        )
+
+
 class RandomWindows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Training windows: item ``g`` is ``(x, y)`` from the window at a pseudo-random offset that
     depends only on ``(seed, g)``.
@@ -102,11 +111,7 @@ class RandomWindows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """
 
     def __init__(self, tokens: TokenFile, seq_len: int, seed: int, samples_per_epoch: int) -> None:
-        if tokens.num_tokens < seq_len + 1:
-            raise ValueError(
-                f"{tokens.path} has {tokens.num_tokens} tokens, fewer than seq_len + 1 = "
-                f"{seq_len + 1}."
-            )
+        _require_window(tokens, seq_len)
         self.tokens = tokens
         self.seq_len = seq_len
         self.seed = seed
@@ -132,11 +137,7 @@ class ConsecutiveWindows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     ``i * seq_len`` (its target reaches one token into the next window)."""
 
     def __init__(self, tokens: TokenFile, seq_len: int) -> None:
-        if tokens.num_tokens < seq_len + 1:
-            raise ValueError(
-                f"{tokens.path} has {tokens.num_tokens} tokens, fewer than seq_len + 1 = "
-                f"{seq_len + 1}."
-            )
+        _require_window(tokens, seq_len)
         self.tokens = tokens
         self.seq_len = seq_len
 
@@ -458,7 +459,7 @@ class TextDataModule(pl.LightningDataModule):
             "train_documents": len(train_docs),
             "val_documents": len(val_docs),
         }
-        _atomic_write_bytes(tokens_dir / "meta.json", json.dumps(meta, indent=2).encode())
+        atomic_write_bytes(tokens_dir / "meta.json", json.dumps(meta, indent=2).encode())
         log.info(
             "Wrote %d train and %d validation tokens (%s) to %s",
             counts["train"],
@@ -612,17 +613,6 @@ class TextDataModule(pl.LightningDataModule):
         self._base_samples = int(state_dict["consumed_samples"])
         self._base_batches = int(state_dict["processed_batches"])
         self._resume_pending = True
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _encode_to_file(

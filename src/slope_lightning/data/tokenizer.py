@@ -38,12 +38,13 @@ def tokenizer_cache_path(
     return Path(cache_dir) / "tokenizers" / f"bpe{vocab_size}-{key[:16]}" / "tokenizer.json"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: never a half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -106,7 +107,7 @@ def train_tokenizer(
             vocab_size,
         )
     if path is not None:
-        _atomic_write_text(path, tokenizer.to_str())
+        atomic_write_bytes(path, tokenizer.to_str().encode("utf-8"))
         log.info("Cached tokenizer at %s", path)
     return tokenizer
 
