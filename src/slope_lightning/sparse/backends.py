@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slope_lightning.sparse.kernel_ops import KernelChoices, gather_grad
 from slope_lightning.sparse.layout import NMLayout
 
 BackendName = Literal["reference", "cusparselt", "cutlass", "auto"]
@@ -69,9 +70,16 @@ class SparseBackend(ABC):
     ``layout`` describes W (d_out, d_in) pruned along d_in; ``row_index`` is M_R and
     ``col_index`` is M_C (packed, for Wᵀ pruned along d_out). ``cache`` and ``key`` let a
     backend keep derived operands across calls (``key`` changes whenever they must be rebuilt).
+
+    Args:
+        kernels: which steps run as Triton kernels instead of torch compositions (default:
+            none; ``auto`` sets them from measurements, see ``sparse.kernel_ops``).
     """
 
     name: str
+
+    def __init__(self, kernels: KernelChoices | None = None) -> None:
+        self.kernels = kernels if kernels is not None else KernelChoices()
 
     def unsupported(self, layout: NMLayout, dtype: torch.dtype, device: torch.device) -> str | None:
         """Why this backend cannot run the layer, or None if it can."""
@@ -108,7 +116,7 @@ class SparseBackend(ABC):
     ) -> Tensor:
         """(dYᵀ X) at M_R's positions; returns (d_out, d_in·N/M). A dense GEMM everywhere."""
         grad_weight = grad_out.t() @ x  # (d_out, d_in): the dense GEMM of the method
-        return layout.gather(grad_weight, row_index)  # (d_out, d_in·N/M)
+        return gather_grad(grad_weight, row_index, layout, self.kernels.gather_grad)
 
 
 def double_pruned_transpose(

@@ -30,7 +30,14 @@ from slope_lightning.sparse.backends import (
     SparseBackend,
     double_pruned_transpose,
 )
+from slope_lightning.sparse.kernel_ops import (
+    KernelChoices,
+    add_bias,
+    kernels_unavailable,
+    measure_kernels,
+)
 from slope_lightning.sparse.layout import NMLayout
+from slope_lightning.sparse.timing import time_ms
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +130,7 @@ class SemiStructuredBackend(SparseBackend):
         tile_forward: cut W_R (d_out, d_in) into square row tiles when d_out > d_in.
         tile_backward: cut W_RCᵀ (d_in, d_out) likewise when d_in > d_out.
         require_cuda: refuse non-CUDA tensors (False only for tests with emulated kernels).
+        kernels: which steps run as Triton kernels (see ``sparse.kernel_ops``).
     """
 
     def __init__(
@@ -131,7 +139,9 @@ class SemiStructuredBackend(SparseBackend):
         tile_forward: bool = False,
         tile_backward: bool = False,
         require_cuda: bool = True,
+        kernels: KernelChoices | None = None,
     ) -> None:
+        super().__init__(kernels)
         self.ops = ops
         self.tile_forward = tile_forward
         self.tile_backward = tile_backward
@@ -199,7 +209,7 @@ class SemiStructuredBackend(SparseBackend):
 
         tiles = cache.get(f"{self.name}:forward", key, build)
         y = self._apply(tiles, x)  # (T, d_out)
-        return y + bias if bias is not None else y
+        return add_bias(y, bias, self.kernels.bias_add)
 
     def grad_input(
         self,
@@ -234,8 +244,11 @@ class AutoBackend(SparseBackend):
 
     Candidates are the 2:4 backends (tiled or not) that support the layer, and the dense
     GEMM on the masked weight (``reference``): where sparse loses, the layer still trains
-    SLoPe-sparse, with dense GEMMs. Choices are cached on disk keyed by device name, torch
-    version, shape, dtype and token count. ``choice`` and ``reason`` say what was picked.
+    SLoPe-sparse, with dense GEMMs. On CUDA it then times each Triton kernel of
+    ``slope_kernels`` against the torch composition it replaces and keeps the faster
+    (``kernel_ops.measure_kernels``). Choices are cached on disk keyed by device name, torch
+    version, shape, dtype and token count. ``choice``, ``kernels`` and ``reason`` say what was
+    picked and why.
     """
 
     name = "auto"
@@ -251,21 +264,27 @@ class AutoBackend(SparseBackend):
         self.repeats = repeats
         self.choice: SparseBackend | None = None
         self.reason = "not chosen yet (decided at the first forward)"
+        self.kernel_reason = "not chosen yet"
+
+    @property
+    def kernels(self) -> KernelChoices:  # type: ignore[override]
+        """The chosen backend's kernel choices (all torch before the first forward)."""
+        return self.choice.kernels if self.choice is not None else KernelChoices()
 
     def _key(self, layout: NMLayout, x: Tensor) -> str:
         device = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
         shape = f"{layout.rows}x{layout.cols}"
         return f"{device}|torch {torch.__version__}|{shape}|{x.dtype}|T{x.shape[0]}"
 
-    def _load(self) -> dict[str, str]:
+    def _load(self) -> dict[str, Any]:
         try:
             return json.loads(self.autotune_file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
-    def _save(self, table: dict[str, str]) -> None:
+    def _save(self, table: dict[str, Any]) -> None:
         self.autotune_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.autotune_file.with_suffix(".tmp")
+        tmp = self.autotune_file.with_suffix(f".{os.getpid()}.tmp")  # one per DDP rank
         tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
         tmp.replace(self.autotune_file)
 
@@ -277,22 +296,26 @@ class AutoBackend(SparseBackend):
             backend.forward(x, values, row_index, None, layout, cache, 0)
             backend.grad_input(grad, values, row_index, col_index, layout, cache, 0)
 
-        run()  # builds the cached operands: setup, not timed
-        if x.is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(x.device)
-            start.record()
-            for _ in range(self.repeats):
-                run()
-            end.record()
-            torch.cuda.synchronize(x.device)
-            return start.elapsed_time(end) / self.repeats
-        import time
+        return time_ms(run, x.device, self.repeats)  # the untimed first call builds the cache
 
-        begin = time.perf_counter()
-        for _ in range(self.repeats):
-            run()
-        return (time.perf_counter() - begin) / self.repeats * 1e3
+    def _choose_kernels(self, layout: NMLayout, x: Tensor, table: dict[str, Any]) -> KernelChoices:
+        """Triton kernel or torch composition per step, measured on CUDA and cached."""
+        why_not = kernels_unavailable(x.device)
+        if why_not is not None:
+            self.kernel_reason = f"torch everywhere: {why_not}"
+            return KernelChoices()
+        key = self._key(layout, x) + "|kernels"
+        cached = table.get(key)
+        if isinstance(cached, dict):
+            self.kernel_reason = f"cached measurement ({self.autotune_file})"
+            return KernelChoices(**cached)
+        choices, times = measure_kernels(layout, x.dtype, x.device, tokens=x.shape[0])
+        self.kernel_reason = "measured " + ", ".join(
+            f"{step} torch {t['torch']:.3f} / triton {t['triton']:.3f} ms"
+            for step, t in times.items()
+        )
+        table[key] = choices.as_dict()
+        return choices
 
     def _choose(
         self, x: Tensor, values: Tensor, row_index: Tensor, col_index: Tensor, layout: NMLayout
@@ -307,21 +330,34 @@ class AutoBackend(SparseBackend):
                 skipped.append(f"{candidate.name}: {why}")
         key = self._key(layout, x)
         table = self._load()
+        before = dict(table)
         if table.get(key) in usable:
             self.reason = f"cached measurement ({self.autotune_file})"
-            return usable[table[key]]
-        if len(usable) == 1:
+            best = table[key]
+        elif len(usable) == 1:
             self.reason = "dense GEMM on the masked weight; " + "; ".join(skipped)
-            return usable["reference"]
-        grad = torch.randn(x.shape[0], layout.rows, dtype=x.dtype, device=x.device)
-        args = (x.detach(), values.detach(), row_index, col_index, grad)
-        times = {name: self._time(backend, args, layout) for name, backend in usable.items()}
-        best = min(times, key=times.__getitem__)
-        self.reason = "measured " + ", ".join(f"{n} {t:.3f} ms" for n, t in times.items())
-        table[key] = best
-        self._save(table)
-        logger.info("auto backend for %dx%d: %s (%s)", layout.rows, layout.cols, best, self.reason)
-        return usable[best]
+            best = "reference"
+        else:
+            grad = torch.randn(x.shape[0], layout.rows, dtype=x.dtype, device=x.device)
+            args = (x.detach(), values.detach(), row_index, col_index, grad)
+            times = {name: self._time(backend, args, layout) for name, backend in usable.items()}
+            best = min(times, key=times.__getitem__)
+            self.reason = "measured " + ", ".join(f"{n} {t:.3f} ms" for n, t in times.items())
+            table[key] = best
+        chosen = usable[best]
+        chosen.kernels = self._choose_kernels(layout, x, table)
+        if table != before:
+            self._save(table)
+        logger.info(
+            "auto backend for %dx%d: %s (%s); kernels %s (%s)",
+            layout.rows,
+            layout.cols,
+            best,
+            self.reason,
+            chosen.kernels.describe(),
+            self.kernel_reason,
+        )
+        return chosen
 
     def forward(
         self,

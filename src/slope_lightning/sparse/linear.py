@@ -23,6 +23,7 @@ from slope_lightning.sparse.backends import (
     SparseBackend,
     resolve_backend,
 )
+from slope_lightning.sparse.kernel_ops import add_bias, derive_col_index, lowrank_add
 from slope_lightning.sparse.layout import NMLayout
 from slope_lightning.sparse.masks import MaskMethod
 
@@ -194,6 +195,9 @@ class SparseLinear(nn.Module):
                 f"(out_features, in_features) = {(out_features, in_features)}"
             )
         factory = {"device": device or weight.device, "dtype": dtype or weight.dtype}
+        self._backend: SparseBackend = (
+            resolve_backend(backend) if isinstance(backend, str) else backend
+        )
         with torch.no_grad():
             values, row_index = self.layout.prune(weight.detach(), mask_method, generator)
         self.values = nn.Parameter(values.to(**factory))  # (d_out, d_in·N/M)
@@ -211,9 +215,6 @@ class SparseLinear(nn.Module):
         self._fused_key: tuple[int, ...] = ()
         self._seen_version = self.values._version
         self._updates_since_refresh = 0
-        self._backend: SparseBackend = (
-            resolve_backend(backend) if isinstance(backend, str) else backend
-        )
         self._operands = OperandCache()  # kernel-side copies of the weight (GPU backends)
         self._mask_generation = 0  # bumped whenever M_C changes
         self._checked: set[tuple[torch.dtype, torch.device]] = set()
@@ -287,10 +288,8 @@ class SparseLinear(nn.Module):
 
     def _derive_col_index(self) -> Tensor:
         """M_C: N:M of W_R along d_out, by magnitude, as packed offsets of W_Rᵀ's rows."""
-        with torch.no_grad():
-            w_r_t = self.layout.to_dense(self.values, self.row_index).t()  # (d_in, d_out)
-            _, col_index = self.layout.transposed().prune(w_r_t)
-        return col_index
+        impl = self._backend.kernels.transpose_index
+        return derive_col_index(self.values, self.row_index, self.layout, impl)
 
     def refresh_transpose_mask(self, with_stats: bool = True) -> TransposeMaskRefresh | None:
         """Re-derive M_C from the current W_R; report what changed if ``with_stats``.
@@ -483,10 +482,12 @@ class SparseLinear(nn.Module):
                 x2d, fused_values.to(compute_dtype), fused_index, None, layout, self._operands, key
             )  # (T, d_out + r)
             y = fused[:, : self.out_features]
+            kernels = self._backend.kernels
             if up.shape[0] > 0:
-                y = torch.addmm(y, fused[:, self.out_features :], up.to(compute_dtype))
-            if bias is not None:
-                y = y + bias
+                low_rank = fused[:, self.out_features :]  # X L (T, r)
+                y = lowrank_add(y, low_rank, up.to(compute_dtype), bias, kernels.lowrank_add)
+            else:
+                y = add_bias(y, bias, kernels.bias_add)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -217,7 +217,8 @@ def sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:
 
 
 def backend_report(model: nn.Module) -> str:
-    """A table of every SparseLinear's backend and, for ``auto``, its choice and why.
+    """A table of every SparseLinear's backend and, for ``auto``, its choice and why, and which
+    steps run as Triton kernels (only where measured faster than torch).
 
     ``auto`` decides at a layer's first forward, so call this after one step.
     """
@@ -231,6 +232,11 @@ def backend_report(model: nn.Module) -> str:
         choice = getattr(backend, "choice", None)
         if hasattr(backend, "choice"):
             text += f" -> {choice.name if choice is not None else '?'} ({backend.reason})"
+        kernels = backend.kernels
+        if "triton" in kernels.as_dict().values() or hasattr(backend, "kernel_reason"):
+            text += f"; kernels {kernels.describe()}"
+            if hasattr(backend, "kernel_reason"):
+                text += f" ({backend.kernel_reason})"
         lines.append(f"{name:<{width}}  {shape:>17}  {text}")
     return "\n".join(lines)
 
