@@ -1,12 +1,17 @@
-"""Step time of one linear layer, SLoPe (each backend) vs nn.Linear, in the same run.
+"""Time of one linear layer, SLoPe (each backend, tiled or not) vs nn.Linear, in the same run:
+the forward, the input gradient alone, and forward + backward.
+
+Shapes come from real models (``MODEL_SHAPES``: the attention and MLP projections of GPT-2
+small/medium, OPT-6.7B/13B, LLaMA-3-8B and Mistral-7B) or are given as ``d_out x d_in``.
 
 On a machine without a GPU this measures the ``reference`` backend (plain torch): it tells
 the overhead of the method's bookkeeping, not a sparse speedup (CPUs have no 2:4 kernels).
-On a GPU, pass ``--backends reference,cusparselt,cutlass,auto --dtype bfloat16``.
+On a GPU, pass e.g. ``--backends cusparselt,cusparselt+tiled,cutlass,auto --dtype bfloat16``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -14,57 +19,150 @@ from torch import nn
 
 from slope_lightning.bench.common import median_seconds
 from slope_lightning.sparse import SparseLinear
+from slope_lightning.sparse.backends import SparseBackend, resolve_backend
 
-DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096),)
+Shape = tuple[int, int]
+
+#: (d_out, d_in) of every distinct projection: attention (fused QKV or Q/K/V/O) and MLP.
+MODEL_SHAPES: dict[str, tuple[Shape, ...]] = {
+    "gpt2-small": ((2304, 768), (768, 768), (3072, 768), (768, 3072)),
+    "gpt2-medium": ((3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096)),
+    "opt-6.7b": ((4096, 4096), (16384, 4096), (4096, 16384)),
+    "opt-13b": ((5120, 5120), (20480, 5120), (5120, 20480)),
+    # LLaMA-3-8B and Mistral-7B share their projection shapes (GQA: 8 KV heads of 128).
+    "llama-3-8b": ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)),
+    "mistral-7b": ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)),
+}
+
+DEFAULT_SHAPES: tuple[Shape, ...] = ((4096, 4096),)
+PHASES: tuple[str, ...] = ("forward", "input-grad", "fwd+bwd")
 
 
-def _fwd_bwd(layer: nn.Module, x: torch.Tensor) -> None:
-    layer.zero_grad(set_to_none=True)
-    x.grad = None
-    layer(x).sum().backward()
+def shapes_of(models: Iterable[str]) -> list[Shape]:
+    """The distinct layer shapes of the named models, in first-seen order."""
+    shapes: list[Shape] = []
+    for model in models:
+        if model not in MODEL_SHAPES:
+            raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODEL_SHAPES)}")
+        shapes += [shape for shape in MODEL_SHAPES[model] if shape not in shapes]
+    return shapes
 
 
-def _fwd(layer: nn.Module, x: torch.Tensor) -> None:
-    with torch.no_grad():
-        layer(x)
+def make_backend(name: str) -> SparseBackend:
+    """A backend by name; ``cusparselt+tiled`` / ``cutlass+tiled`` cut tall operands in tiles."""
+    if not name.endswith("+tiled"):
+        return resolve_backend(name)
+    from slope_lightning.sparse.gpu import CuSparseLtOps, CutlassOps, SemiStructuredBackend
+
+    ops = {"cusparselt": CuSparseLtOps, "cutlass": CutlassOps}.get(name.removesuffix("+tiled"))
+    if ops is None:
+        raise ValueError(f"unknown backend {name!r}; only cusparselt and cutlass can be tiled")
+    resolve_backend(name.removesuffix("+tiled"))  # the same clear error without a GPU
+    return SemiStructuredBackend(ops(), tile_forward=True, tile_backward=True)
+
+
+def _phase_runner(phase: str, layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """A closure running one phase of ``layer`` on ``x``."""
+    if phase == "forward":
+
+        def run() -> None:
+            with torch.no_grad():
+                layer(x)
+
+        return run
+    if phase == "input-grad":
+        # The parameters are frozen for this phase, so backward computes dX alone.
+        y = layer(x)
+        grad = torch.randn_like(y)
+
+        def run() -> None:
+            torch.autograd.grad(y, x, grad, retain_graph=True)
+
+        return run
+
+    def run() -> None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).sum().backward()
+
+    return run
+
+
+def _time_phase(phase: str, layer: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    frozen = phase == "input-grad"
+    for parameter in layer.parameters():
+        parameter.requires_grad_(not frozen)
+    try:
+        return median_seconds(_phase_runner(phase, layer, x), repeats)
+    finally:
+        for parameter in layer.parameters():
+            parameter.requires_grad_(True)
 
 
 def layer_rows(
-    shapes=DEFAULT_SHAPES,
-    tokens: int = 2048,
+    shapes: Iterable[Shape] = DEFAULT_SHAPES,
+    tokens: int | Iterable[int] = 2048,
     repeats: int = 5,
     dtype: torch.dtype = torch.float32,
     backends: tuple[str, ...] = ("reference",),
     device: str | None = None,
+    phases: tuple[str, ...] = PHASES,
 ) -> list[dict[str, Any]]:
+    """One row per (shape, token count, backend, phase): dense and SLoPe time and their ratio.
+
+    A backend that cannot run a shape gets a row with the reason instead of a time.
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    token_counts = [tokens] if isinstance(tokens, int) else list(tokens)
     rows = []
     for d_out, d_in in shapes:
         torch.manual_seed(0)
         dense = nn.Linear(d_in, d_out, bias=False, dtype=dtype, device=device)
-        x = torch.randn(tokens, d_in, dtype=dtype, device=device, requires_grad=True)
-        for backend in backends:
-            sparse = SparseLinear.from_linear(dense, backend=backend)
-            label = backend if device != "cpu" else f"{backend} (CPU)"
-            for phase, run in (("forward", _fwd), ("fwd+bwd", _fwd_bwd)):
-                dense_s = median_seconds(lambda run=run, d=dense, x=x: run(d, x), repeats)
-                sparse_s = median_seconds(lambda run=run, s=sparse, x=x: run(s, x), repeats)
-                rows.append(
-                    {
-                        "shape (out x in)": f"{d_out}x{d_in}",
-                        "tokens": tokens,
-                        "dtype": str(dtype).removeprefix("torch."),
-                        "phase": phase,
-                        "backend": label,
-                        "dense_ms": dense_s * 1e3,
-                        "slope_ms": sparse_s * 1e3,
-                        "slope/dense": sparse_s / dense_s,
-                    }
-                )
-            choice = getattr(sparse.backend, "choice", None)
-            if choice is not None:
-                rows[-1]["backend"] += f" -> {choice.name}"
+        for count in token_counts:
+            x = torch.randn(count, d_in, dtype=dtype, device=device, requires_grad=True)
+            dense_s = {phase: _time_phase(phase, dense, x, repeats) for phase in phases}
+            for backend in backends:
+                rows += _backend_rows(backend, dense, x, dense_s, repeats, device)
     return rows
+
+
+def _backend_rows(
+    backend: str,
+    dense: nn.Linear,
+    x: torch.Tensor,
+    dense_s: dict[str, float],
+    repeats: int,
+    device: str,
+) -> list[dict[str, Any]]:
+    label = backend if device != "cpu" else f"{backend} (CPU)"
+    base = {
+        "shape (out x in)": f"{dense.out_features}x{dense.in_features}",
+        "tokens": x.shape[0],
+        "dtype": str(x.dtype).removeprefix("torch."),
+        "backend": label,
+    }
+    try:
+        sparse = SparseLinear.from_linear(dense, backend=make_backend(backend))
+        sparse_s = {phase: _time_phase(phase, sparse, x, repeats) for phase in dense_s}
+    except RuntimeError as error:  # the backend cannot run this shape/dtype/device
+        return [{**base, "phase": "all", "note": str(error).splitlines()[0]}]
+    note = ""
+    choice = getattr(sparse.backend, "choice", None)
+    if choice is not None:
+        base["backend"] += f" -> {choice.name}"
+        note = f"kernels {sparse.backend.kernels.describe()}"
+    return [
+        {
+            **base,
+            "phase": phase,
+            "dense_ms": dense_s[phase] * 1e3,
+            "slope_ms": sparse_s[phase] * 1e3,
+            "slope/dense": sparse_s[phase] / dense_s[phase],
+            "dense/slope": dense_s[phase] / sparse_s[phase],
+            "note": note,
+        }
+        for phase in dense_s
+    ]
 
 
 COLUMNS = [
@@ -76,4 +174,6 @@ COLUMNS = [
     "dense_ms",
     "slope_ms",
     "slope/dense",
+    "dense/slope",
+    "note",
 ]

@@ -118,6 +118,8 @@ def kernels_unavailable(device: torch.device) -> str | None:
     """Why the Triton kernels cannot be timed on ``device`` (None when they can)."""
     if device.type != "cuda":
         return "Triton kernels are only timed on CUDA (on CPU they run interpreted, for tests)"
+    if not torch.cuda.is_available():
+        return "this machine has no CUDA GPU"
     try:
         from slope_kernels import TRITON_AVAILABLE
     except ImportError:  # pragma: no cover - slope_kernels ships with this package
