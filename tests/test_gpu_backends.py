@@ -116,6 +116,22 @@ def test_merged_inference_pads_adapter_rows_for_the_kernels():
     assert fused_values.shape[0] % 32 == 0 and up.shape[0] == fused_values.shape[0] - 48
 
 
+def test_tiled_merged_inference_keeps_the_adapter_rows():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 96, dtype=torch.float64))  # tall: 3 square row tiles
+    ops = EmulatedOps()
+    sparsify(model, backend=SemiStructuredBackend(ops, tile_forward=True, require_cuda=False))
+    add_adapters(model, rank=5)
+    with torch.no_grad():
+        model[0].adapter.up.normal_()
+        x = torch.randn(6, 32, dtype=torch.float64)
+        unmerged = model(x)
+        merge_for_inference(model)
+        torch.testing.assert_close(model(x), unmerged)
+    # [W_R; Lᵀ; zero padding] = 96 + 5 + 27 rows, compressed as four 32-row tiles
+    assert ops.compressed_shapes[-4:] == [(32, 32)] * 4
+
+
 @pytest.mark.parametrize(
     ("kwargs", "dtype", "match"),
     [
