@@ -45,7 +45,11 @@ def test_a_backend_that_cannot_run_gets_a_row_saying_why():
 
 def test_step_and_inference_benchmarks_cover_dense_and_slope():
     steps = model.step_rows("tiny", batch=2, repeats=1, **SMALL)
-    assert [row["method"] for row in steps] == ["dense", "slope (reference)"]
+    assert [row["method"] for row in steps] == [
+        "dense",
+        "slope (reference)",
+        "transposable (reference)",
+    ]
     assert steps[0]["speedup_vs_dense"] == 1.0
     inference = model.inference_rows("tiny", prompt=8, new_tokens=2, repeats=1, **SMALL)
     assert [row["method"] for row in inference] == [

@@ -14,6 +14,8 @@ from slope_lightning.sparse import SparseLinear, backend_report, sparse_layers
 from slope_lightning.sparse.backends import ReferenceBackend
 from slope_lightning.sparse.gpu import (
     AutoBackend,
+    CuSparseLtOps,
+    CutlassOps,
     SemiStructuredBackend,
     ShapeLimits,
     make_gpu_backend,
@@ -191,6 +193,14 @@ def test_auto_measures_for_real_on_cpu_and_reports_its_choice(tmp_path):
     assert f"auto -> {auto.choice.name} (measured" in backend_report(model)
 
 
+def test_each_kernel_library_names_the_gpus_it_cannot_run_on():
+    assert CutlassOps().unsupported_gpu((8, 0)) is None
+    assert CutlassOps().unsupported_gpu((8, 9)) is None
+    assert "sm80-sm89 only, this GPU is sm90" in CutlassOps().unsupported_gpu((9, 0))
+    assert CuSparseLtOps().unsupported_gpu((9, 0)) is None
+    assert "sm80+" in CuSparseLtOps().unsupported_gpu((7, 5))
+
+
 def test_unknown_gpu_backend_name():
     with pytest.raises(ValueError, match="cusparselt, cutlass or auto"):
         make_gpu_backend("tensorrt")
@@ -214,6 +224,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
     ("d_in", "d_out", "tokens"), [(256, 256, 100), (256, 1024, 64), (1024, 256, 8)]
 )
 def test_gpu_backends_match_reference_in_bf16(name, d_in, d_out, tokens, tmp_path, monkeypatch):
+    if name == "cutlass" and torch.cuda.get_device_capability()[0] != 8:
+        pytest.skip("PyTorch's CUTLASS 2:4 kernels run on sm8x only")
     monkeypatch.setenv("SLOPE_AUTOTUNE_FILE", str(tmp_path / "autotune.json"))
     torch.manual_seed(0)
     dense = nn.Linear(d_in, d_out, device="cuda", dtype=torch.bfloat16)

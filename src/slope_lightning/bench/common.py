@@ -62,13 +62,40 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def write_results(
-    name: str, out_dir: Path, info: dict[str, Any], rows: list[dict[str, Any]], columns: list[str]
+    name: str,
+    out_dir: Path,
+    info: dict[str, Any],
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    plot_column: str | None = None,
 ) -> str:
-    """Write ``<name>.json`` and ``<name>.md`` to ``out_dir``; return the markdown text."""
+    """Write ``<name>.json`` and ``<name>.md`` to ``out_dir``; return the markdown text.
+
+    With ``plot_column`` (a ratio or speedup column), also draw ``<name>.png``: one bar per
+    row and a reference line at 1.0. matplotlib is optional; without it the PNG is skipped
+    with a warning and the JSON and markdown are still written.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     header = "\n".join(f"- {key}: {value}" for key, value in info.items())
     text = f"# {name}\n\n{header}\n\n{markdown_table(rows, columns)}\n"
     (out_dir / f"{name}.md").write_text(text)
     (out_dir / f"{name}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
     logger.info("wrote %s and %s", out_dir / f"{name}.md", out_dir / f"{name}.json")
+    if plot_column is not None:
+        try:
+            import matplotlib  # noqa: F401  (optional dependency: the "bench" extra)
+        except ImportError:
+            logger.warning(
+                "matplotlib is not installed: skipped %s (install it with "
+                '`pip install -e ".[bench]"`)',
+                out_dir / f"{name}.png",
+            )
+        else:
+            from slope_lightning.bench.plot import bar_chart
+
+            png = bar_chart(
+                out_dir / f"{name}.png", rows, columns, plot_column, f"{name}: {plot_column}", info
+            )
+            if png is not None:
+                logger.info("wrote %s", png)
     return text

@@ -1,18 +1,27 @@
-"""Model-state memory, dense vs SLoPe, counted exactly after one AdamW step (fp32).
+"""Memory of dense vs SLoPe (and the transposable 2:4 baseline), two ways.
 
-Counts parameters, gradients, optimizer state and persistent buffers (not activations),
-as the SLoPe paper's memory columns do.
+1. Model state (:func:`layer_rows`, :func:`transformer_rows`): parameters, gradients, optimizer
+   state and persistent buffers counted exactly after one AdamW step (fp32), not activations,
+   as the SLoPe paper's memory columns do.
+2. Peak training and inference memory (:func:`peak_rows`) for every method of
+   :data:`~slope_lightning.bench.methods.METHODS`. On CUDA: the caching allocator's peak over
+   one step. On CPU there is no allocator peak counter, so the rows hold an exact count
+   instead, labelled as such: model state plus the tensors autograd saves for backward
+   (training), model state plus merged inference caches (inference).
 """
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from slope_lightning.bench.methods import METHODS, build_model
 from slope_lightning.models import Transformer, TransformerConfig
-from slope_lightning.sparse import memory_report, sparsify
+from slope_lightning.sparse import SparseLinear, memory_report, merge_for_inference, sparsify
+from slope_lightning.sparse.transposable import TransposableSparseLinear
 
 #: LLaMA-7B projection shapes (d_out, d_in): attention, MLP up/gate, MLP down.
 LLAMA_7B_SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096), (11008, 4096), (4096, 11008))
@@ -79,3 +88,277 @@ def transformer_rows(presets=("tiny", "gpt2-small")) -> list[dict[str, Any]]:
 
 
 COLUMNS = ["model", "dense_MiB", "slope_MiB", "ratio", "metadata_MiB"]
+
+
+# ------------------------------------------------------------------------------------------
+# Peak training and inference memory
+# ------------------------------------------------------------------------------------------
+
+#: What a peak row's ``memory_MiB`` means; a CPU count never reads as a GPU peak.
+MEASURE_CUDA = "allocator peak (CUDA)"
+MEASURE_CPU_TRAIN = "state + saved activations (exact count, CPU)"
+MEASURE_CPU_INFER = "model state + merged caches (exact count, CPU; activations not counted)"
+
+
+class SavedTensorCounter:
+    """Counts the bytes of the tensors autograd saves for backward inside a ``with`` block.
+
+    Each piece of memory is counted once: tensors are keyed by their untyped storage (a view,
+    a reshape or a tensor saved twice shares one), and the whole storage is counted, since
+    a saved view keeps all of it alive. Storages in ``exclude`` (e.g. the model's parameters
+    and buffers, already counted as model state) are left out. Only ``save_for_backward`` is
+    seen: tensors a custom autograd Function keeps as plain ``ctx`` attributes are not.
+
+    Example:
+        >>> x = torch.randn(4, 4, requires_grad=True)
+        >>> with SavedTensorCounter() as saved:
+        ...     y = (x * x).sum()
+        >>> saved.total  # x saved twice by mul, counted once
+        64
+    """
+
+    def __init__(self, exclude: set[int] | None = None) -> None:
+        self.exclude: set[int] = set(exclude or ())
+        self.storages: dict[int, int] = {}  # storage data_ptr -> bytes
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key != 0 and key not in self.exclude and tensor.device.type != "meta":
+            self.storages[key] = max(self.storages.get(key, 0), storage.nbytes())
+        return tensor  # saved as usual: counting must not change what backward sees
+
+    @staticmethod
+    def _unpack(tensor: Tensor) -> Tensor:
+        return tensor
+
+    @property
+    def total(self) -> int:
+        """Bytes of distinct saved storages."""
+        return sum(self.storages.values())
+
+    def __enter__(self) -> SavedTensorCounter:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def state_storages(model: nn.Module) -> set[int]:
+    """Storage addresses of ``model``'s parameters and buffers (what model state counts)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return {t.untyped_storage().data_ptr() for t in tensors if t.numel() > 0}
+
+
+def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """:func:`memory_report`'s exact total, plus the transposable baseline's operand caches.
+
+    A :class:`TransposableSparseLinear` keeps its current mask (reference kernel) or its
+    compressed W_s and W_sᵀ (GPU kernels) in an operand cache that :func:`memory_report` does
+    not look into; they are real state of that method, so they are added here, each storage
+    once. Skipped for a layer whose caches :func:`memory_report` already counts.
+    """
+    total = memory_report(model, optimizer).total
+    seen: set[int] = set()
+    for module in model.modules():
+        if not isinstance(module, TransposableSparseLinear):
+            continue
+        if memory_report(module).bytes["caches"] > 0:
+            continue  # memory_report has learnt about this cache: do not count it twice
+        for tensor in module._operands.tensors():
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def kernels_used(model: nn.Module) -> str:
+    """Which GEMMs the sparse layers ran: SLoPe's backend (``auto``'s choice once made) and
+    the transposable layers' kernels; ``"dense"`` for a model without sparse layers."""
+    names: set[str] = set()
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            choice = getattr(module.backend, "choice", None)
+            names.add(choice.name if choice is not None else module.backend_name)
+        elif isinstance(module, TransposableSparseLinear):
+            names.update(module.chosen_kernels)
+    return ",".join(sorted(names)) or "dense"
+
+
+def _release(device: torch.device) -> None:
+    """Free what the previous measurement left, so it does not inflate the next peak."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _training_peak(
+    preset: str,
+    method: str,
+    batch: int,
+    backend: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    overrides: dict[str, Any],
+) -> dict[str, Any]:
+    """One warm-up AdamW step (counted exactly) and, on CUDA, one step under the peak counter."""
+    model, config = build_model(
+        preset, method, backend=backend, dtype=dtype, device=device, **overrides
+    )
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    idx = torch.randint(0, config.vocab_size, (batch, config.seq_len), device=device)  # (B, T)
+
+    # Warm-up step: builds the optimizer state and kernel caches; counts saved activations.
+    with SavedTensorCounter(exclude=state_storages(model)) as saved:
+        _, loss = model(idx, idx)
+    assert loss is not None
+    loss.backward()
+    optimizer.step()
+    state = model_state_bytes(model, optimizer)  # with gradients, before zero_grad
+    optimizer.zero_grad(set_to_none=True)
+    del loss
+    row: dict[str, Any] = {
+        "state_MiB": state / 2**20,
+        "saved_activations_MiB": saved.total / 2**20,
+    }
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        _, loss = model(idx, idx)
+        assert loss is not None
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)  # a sync point: the peak is read after the step ends
+        row["measure"] = MEASURE_CUDA
+        row["memory_MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        row["measure"] = MEASURE_CPU_TRAIN
+        row["memory_MiB"] = (state + saved.total) / 2**20
+    row["tokens"] = batch * config.seq_len
+    row["kernels"] = kernels_used(model)
+    return row
+
+
+@torch.no_grad()
+def _inference_peak(
+    preset: str,
+    method: str,
+    batch: int,
+    backend: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    overrides: dict[str, Any],
+) -> dict[str, Any]:
+    """One prefill forward in eval mode (SLoPe merged), after one warm-up forward."""
+    model, config = build_model(
+        preset, method, backend=backend, dtype=dtype, device=device, **overrides
+    )
+    model.eval()
+    if method == "slope":
+        merge_for_inference(model)
+    idx = torch.randint(0, config.vocab_size, (batch, config.seq_len), device=device)  # (B, T)
+    model(idx)  # warm-up: builds the fused inference caches
+    state = model_state_bytes(model)  # parameters, buffers, merged caches; no gradients
+    row: dict[str, Any] = {"state_MiB": state / 2**20, "saved_activations_MiB": None}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        model(idx)
+        torch.cuda.synchronize(device)
+        row["measure"] = MEASURE_CUDA
+        row["memory_MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        row["measure"] = MEASURE_CPU_INFER
+        row["memory_MiB"] = state / 2**20
+    row["tokens"] = batch * config.seq_len
+    row["kernels"] = kernels_used(model)
+    return row
+
+
+def peak_rows(
+    presets: tuple[str, ...] = ("tiny",),
+    methods: tuple[str, ...] = METHODS,
+    batch: int = 1,
+    seq_len: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    backend: str = "reference",
+    **overrides: Any,
+) -> list[dict[str, Any]]:
+    """Peak training and inference memory of each method, with ratios vs dense (same run).
+
+    Training: one AdamW step (forward, backward, step, zero_grad) on (batch, seq_len) tokens.
+    Inference: one prefill forward under ``torch.no_grad`` in eval mode, SLoPe merged
+    (:func:`~slope_lightning.sparse.merge_for_inference`). On CUDA ``memory_MiB`` is
+    ``torch.cuda.max_memory_allocated`` over the measured step; on CPU it is the exact count
+    named in the ``measure`` column. ``state_MiB`` and ``saved_activations_MiB`` are the
+    exact counts on either device.
+
+    Args:
+        presets: :meth:`TransformerConfig.from_name` presets.
+        methods: names from :data:`~slope_lightning.bench.methods.METHODS`; ``"dense"`` is
+            measured first (added if missing) as the base of ``vs_dense``.
+        batch: sequences per step.
+        seq_len: tokens per sequence, also the model's context (``TransformerConfig.seq_len``,
+            which sizes GPT-2's position table); None keeps the preset's.
+        dtype: parameter dtype.
+        device: where to measure; None picks CUDA when available.
+        backend: SparseLinear backend for ``slope`` (the ``kernels`` column says what ran).
+        overrides: TransformerConfig fields to change (e.g. ``n_layer=1``).
+
+    Raises:
+        ValueError: an unknown method or a non-positive batch or seq_len.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if batch < 1 or (seq_len is not None and seq_len < 1):
+        raise ValueError(f"batch and seq_len must be positive, got {batch} and {seq_len}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if seq_len is not None:
+        overrides = {**overrides, "seq_len": seq_len}
+    ordered = ["dense", *(m for m in methods if m != "dense")]
+    rows = []
+    for preset in presets:
+        for phase, measure in (("training", _training_peak), ("inference", _inference_peak)):
+            dense_mib = None
+            for method in ordered:
+                _release(device)
+                row = measure(preset, method, batch, backend, dtype, device, overrides)
+                dense_mib = dense_mib or row["memory_MiB"]
+                rows.append(
+                    {
+                        "preset": preset,
+                        "phase": phase,
+                        "method": method,
+                        "device": device.type,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        **row,
+                        "vs_dense": row["memory_MiB"] / dense_mib,
+                    }
+                )
+    _release(device)
+    return rows
+
+
+PEAK_COLUMNS = [
+    "preset",
+    "phase",
+    "method",
+    "kernels",
+    "device",
+    "dtype",
+    "tokens",
+    "measure",
+    "memory_MiB",
+    "vs_dense",
+    "state_MiB",
+    "saved_activations_MiB",
+]

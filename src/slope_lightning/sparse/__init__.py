@@ -3,6 +3,7 @@ with the double-pruned backward, lazy low-rank adapters, sparsify() and memory a
 
 from slope_lightning.sparse.adapters import LowRankAdapter
 from slope_lightning.sparse.backends import ReferenceBackend, SparseBackend, resolve_backend
+from slope_lightning.sparse.kernel_ops import KernelChoices
 from slope_lightning.sparse.layout import NMLayout
 from slope_lightning.sparse.linear import SparseLinear, TransposeMaskRefresh
 from slope_lightning.sparse.masks import nm_mask, nm_positions
@@ -20,9 +21,15 @@ from slope_lightning.sparse.sparsify import (
     sparsify,
     unmerge,
 )
+from slope_lightning.sparse.transposable import (
+    TransposableSparseLinear,
+    transposable_mask,
+    transposable_sparsify,
+)
 
 __all__ = [
     "DEFAULT_EXCLUDE",
+    "KernelChoices",
     "LayerDecision",
     "LowRankAdapter",
     "MemoryReport",
@@ -31,6 +38,7 @@ __all__ = [
     "SparseBackend",
     "SparseLinear",
     "SparsifyReport",
+    "TransposableSparseLinear",
     "TransposeMaskRefresh",
     "add_adapters",
     "backend_report",
@@ -43,5 +51,7 @@ __all__ = [
     "restore_adapters",
     "sparse_layers",
     "sparsify",
+    "transposable_mask",
+    "transposable_sparsify",
     "unmerge",
 ]

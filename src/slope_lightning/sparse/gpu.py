@@ -57,6 +57,9 @@ class SemiStructuredOps(Protocol):
     name: str
     limits: dict[torch.dtype, ShapeLimits]
 
+    def unsupported_gpu(self, capability: tuple[int, int]) -> str | None:
+        """Why the kernels cannot run on a GPU of this compute capability (None if they can)."""
+
     def compress(self, dense: Tensor) -> Any:
         """Compress a 2:4-sparse (rows, cols) tensor (pruned along cols)."""
 
@@ -79,6 +82,11 @@ class CuSparseLtOps:
     def __init__(self) -> None:
         self._alg_ids: dict[tuple[int, ...], int] = {}
 
+    def unsupported_gpu(self, capability: tuple[int, int]) -> str | None:
+        if capability < (8, 0):
+            return "cusparselt needs an sm80+ GPU (Ampere or newer)"
+        return None
+
     def compress(self, dense: Tensor) -> Any:
         return torch._cslt_compress(dense.contiguous())
 
@@ -99,6 +107,16 @@ class CutlassOps:
         torch.float16: ShapeLimits(32, 64, 8),
         torch.bfloat16: ShapeLimits(32, 64, 8),
     }
+
+    def unsupported_gpu(self, capability: tuple[int, int]) -> str | None:
+        # PyTorch builds its CUTLASS 2:4 GEMM for sm8x only; Hopper (sm90) and later fail at
+        # run time (pytorch/pytorch#132928, #132009): use cusparselt there.
+        if capability[0] != 8:
+            major, minor = capability
+            return (
+                f"PyTorch's CUTLASS 2:4 kernels run on sm80-sm89 only, this GPU is sm{major}{minor}"
+            )
+        return None
 
     def compress(self, dense: Tensor) -> Any:
         from torch.sparse._semi_structured_conversions import (
@@ -155,8 +173,9 @@ class SemiStructuredBackend(SparseBackend):
         if self.require_cuda:
             if device.type != "cuda":
                 return f"{self.ops.name} needs a CUDA tensor, got {device}"
-            if torch.cuda.get_device_capability(device) < (8, 0):
-                return f"{self.ops.name} needs an sm80+ GPU (Ampere or newer)"
+            why = self.ops.unsupported_gpu(torch.cuda.get_device_capability(device))
+            if why is not None:
+                return why
         limits = self.ops.limits.get(dtype)
         if limits is None:
             allowed = ", ".join(str(d).removeprefix("torch.") for d in self.ops.limits)

@@ -1,0 +1,575 @@
+"""The dynamic transposable 2:4 baseline: a dense master weight re-pruned at every step.
+
+Each forward prunes the dense weight W (d_out, d_in) with a *transposable* 2:4 mask, one that
+keeps 2 entries per row and 2 per column in every 4×4 tile, so that the pruned W_s is 2:4
+along d_in (for the forward Y = X W_sᵀ) and along d_out (for the input gradient dX = dY W_s):
+both GEMMs use the same sparse weight. The weight gradient dW = dYᵀ X is dense and flows
+straight through to the dense master weight, as in torchao's semi-sparse training (the kind
+of baseline torchao shipped until 2026). After Hu et al., "Accelerating Transformer
+Pre-training with 2:4 Sparsity" (FST), ICML 2024.
+
+Compared with SLoPe it keeps a dense weight, dense optimizer state, and prunes every step; it
+gives no inference speedup (it ends dense).
+
+Kernels:
+
+- ``reference`` (any device, any dtype): the exact transposable mask of
+  :func:`transposable_mask` and dense GEMMs on the masked weight.
+- ``cutlass`` (CUDA, fp16/bf16, sm80-sm89): ``torch._sparse_semi_structured_tile`` prunes
+  4×4 tiles greedily by |w| and packs W_s and W_sᵀ for CUTLASS in one kernel;
+  ``torch._sparse_semi_structured_mm`` runs both sparse GEMMs.
+- ``cusparselt`` (CUDA, fp16/bf16, cuSPARSELt available): the same tile pruning for the
+  mask; W_s and W_sᵀ compressed by ``torch._cslt_compress`` and multiplied by
+  ``torch._cslt_sparse_mm``.
+- ``auto``: per layer and compute dtype, at the forward: ``cutlass`` on sm8x, else
+  ``cusparselt``, when dtype and shape allow; otherwise ``reference``.
+
+The greedy tile pruning of the GPU kernels may keep fewer than 2 entries in some rows or
+columns of a tile (it never keeps more), so their W_s can differ from the exact reference
+mask; :meth:`TransposableSparseLinear.sparse_weight` returns the W_s a kernel actually uses.
+
+Status: the GPU kernels are written against the operator schemas of torch 2.13 and the
+tile kernel's source; their tests (``gpu`` group) have not run on a GPU yet.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Sequence
+from functools import cache
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slope_lightning.sparse.backends import OperandCache
+from slope_lightning.sparse.linear import SparseLinear, compute_dtype_of
+from slope_lightning.sparse.sparsify import (
+    DEFAULT_EXCLUDE,
+    _linear_children,
+    _matches,
+    _parameter_owners,
+)
+
+logger = logging.getLogger(__name__)
+
+TransposableKernel = Literal["reference", "cutlass", "cusparselt", "auto"]
+KERNELS: tuple[str, ...] = ("reference", "cutlass", "cusparselt", "auto")
+
+#: Tiles scored per chunk in :func:`transposable_mask` (bounds its (tiles, 90) score matrix).
+_TILES_PER_CHUNK = 1 << 16
+#: The pruning algorithm of ``torch._sparse_semi_structured_tile`` that ranks by |w| (its
+#: default, "", ranks by signed value).
+_TILE_ALGORITHM = "largest_abs_values_greedy"
+#: Both dimensions of W must be multiples of this for the GPU kernels: the tile kernel packs
+#: 32×64 blocks of W and of Wᵀ, and reads and writes whole blocks without bounds checks.
+_GPU_MULTIPLE = 64
+#: The dense operand's rows (tokens) are padded to a multiple of this for fp16/bf16 kernels.
+_TOKEN_MULTIPLE = 8
+
+
+# ---------------------------------------------------------------------------- the mask
+
+
+@cache
+def _patterns_cpu() -> Tensor:
+    """The 90 binary 4×4 matrices with two ones in every row and column, as (90, 16) bool.
+
+    Ordered lexicographically by the rows' kept column pairs, so ties go to the first.
+    """
+    pairs = list(itertools.combinations(range(4), 2))  # 6 ways to keep 2 of 4 in a row
+    patterns = []
+    for rows in itertools.product(pairs, repeat=4):
+        tile = torch.zeros(4, 4, dtype=torch.bool)
+        for r, kept in enumerate(rows):
+            tile[r, list(kept)] = True
+        if bool((tile.sum(0) == 2).all()):
+            patterns.append(tile.flatten())
+    return torch.stack(patterns)  # (90, 16)
+
+
+def transposable_patterns(device: torch.device | str | None = None) -> Tensor:
+    """The 90 transposable 2:4 patterns of a 4×4 tile, (90, 16) bool, row-major per tile."""
+    return _patterns_cpu().to(device)
+
+
+def transposable_mask(weight: Tensor) -> Tensor:
+    """The transposable 2:4 mask of ``weight`` that keeps the most magnitude.
+
+    In every 4×4 tile exactly 2 entries per row and 2 per column are kept, and among the 90
+    such patterns the one with the largest sum of |w| is chosen (exactly: all patterns are
+    scored, in float32, by one matmul per chunk of tiles). An exact tie goes to the first
+    pattern in :func:`transposable_patterns` order. Works on any device and dtype.
+
+    Args:
+        weight: a (rows, cols) tensor; both sizes multiples of 4.
+
+    Returns:
+        A bool tensor of ``weight``'s shape, True where an entry is kept.
+
+    Raises:
+        ValueError: ``weight`` is not 2-D or a size is not a multiple of 4.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"transposable_mask needs a 2-D weight, got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    if rows % 4 or cols % 4:
+        raise ValueError(
+            f"transposable_mask needs both dimensions divisible by 4 (whole 4×4 tiles), got "
+            f"shape {tuple(weight.shape)}; pad the weight or leave this layer dense"
+        )
+    patterns = transposable_patterns(weight.device)  # (90, 16) bool
+    scores_of = patterns.t().to(torch.float32)  # (16, 90)
+    tiles = (
+        weight.detach()
+        .abs()
+        .to(torch.float32)
+        .reshape(rows // 4, 4, cols // 4, 4)
+        .permute(0, 2, 1, 3)
+        .reshape(-1, 16)
+    )  # (tiles, 16), row-major inside each tile
+    with torch.autocast(weight.device.type, enabled=False):  # score in float32, not bf16
+        choice = torch.cat(
+            [
+                (chunk @ scores_of).argmax(dim=1)  # (chunk,): first maximum on ties
+                for chunk in tiles.split(_TILES_PER_CHUNK)
+            ]
+        )
+    mask = patterns[choice]  # (tiles, 16)
+    return mask.reshape(rows // 4, cols // 4, 4, 4).permute(0, 2, 1, 3).reshape(rows, cols)
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+def _pad_tokens(x: Tensor) -> Tensor:
+    """x (T, k) with T padded by zero rows to a multiple of 8, as the fp16/bf16 kernels need."""
+    pad = (-x.shape[0]) % _TOKEN_MULTIPLE
+    return F.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+def _kernel_problem(
+    kernel: str, d_out: int, d_in: int, dtype: torch.dtype, device: torch.device
+) -> str | None:
+    """Why ``kernel`` cannot run a (d_out, d_in) layer computing in ``dtype``; None if it can."""
+    if kernel == "reference":
+        return None
+    if device.type != "cuda":
+        return f"{kernel} needs a CUDA tensor, got {device}"
+    if torch.version.hip is not None:
+        return f"{kernel}: torch._sparse_semi_structured_tile is not built for ROCm"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"{kernel} computes in float16 or bfloat16, not {dtype}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if kernel == "cutlass" and major != 8:
+        # torch's CUTLASS 2:4 GEMM (sparse_semi_structured_mad_op) checks for compute
+        # capability 8.x and fails elsewhere, Hopper included.
+        return f"torch's CUTLASS 2:4 GEMM runs on sm80-sm89 GPUs only, this one is sm{major}{minor}"
+    if kernel == "cusparselt":
+        if major < 8:
+            return f"cusparselt needs an sm80+ GPU, this one is sm{major}{minor}"
+        if not torch.backends.cusparselt.is_available():
+            return "this torch build has no cuSPARSELt"
+    if d_out % _GPU_MULTIPLE or d_in % _GPU_MULTIPLE:
+        return (
+            f"{kernel} needs d_out and d_in to be multiples of {_GPU_MULTIPLE}, "
+            f"got d_out={d_out}, d_in={d_in}"
+        )
+    return None
+
+
+def _tile(weight_c: Tensor, use_cutlass: bool) -> tuple[Tensor, ...]:
+    """torch._sparse_semi_structured_tile on a contiguous fp16/bf16 (d_out, d_in) weight.
+
+    Returns (packed, meta, packed_t, meta_t, bitmask): W_s and W_sᵀ packed for CUTLASS
+    (``use_cutlass=True``), and the per-tile keep bits that
+    ``torch._sparse_semi_structured_apply_dense`` turns back into a dense W_s.
+    """
+    return torch._sparse_semi_structured_tile(
+        weight_c, algorithm=_TILE_ALGORITHM, use_cutlass=use_cutlass
+    )
+
+
+def _build_operands(kernel: str, weight: Tensor, compute_dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """What ``kernel`` needs of the current weight; rebuilt after every optimizer step.
+
+    reference: (mask,). cutlass: (packed, meta, packed_t, meta_t, bitmask).
+    cusparselt: (compressed W_s, compressed W_sᵀ, bitmask).
+    """
+    with torch.no_grad():
+        if kernel == "reference":
+            return (transposable_mask(weight),)  # (d_out, d_in) bool
+        weight_c = weight.detach().to(compute_dtype).contiguous()  # (d_out, d_in)
+        if kernel == "cutlass":
+            return _tile(weight_c, use_cutlass=True)
+        # cusparselt: the tile kernel gives the mask (its CUTLASS packing is discarded);
+        # _cslt_compress packs W_s and W_sᵀ in whatever layout the installed cuSPARSELt
+        # expects, rather than trusting the tile kernel's own cuSPARSELt packing, which
+        # torch only tests on sm8x.
+        bitmask = _tile(weight_c, use_cutlass=True)[4]
+        pruned = torch._sparse_semi_structured_apply_dense(weight_c, bitmask)  # W_s dense
+        return (
+            torch._cslt_compress(pruned),  # W_s, 2:4 along d_in
+            torch._cslt_compress(pruned.t().contiguous()),  # W_sᵀ, 2:4 along d_out
+            bitmask,
+        )
+
+
+def _sparse_mm(
+    kernel: str, operands: tuple[Tensor, ...], dense: Tensor, transposed: bool
+) -> Tensor:
+    """dense @ W_sᵀ (``transposed=False``) or dense @ W_s (``transposed=True``), 2-D.
+
+    The sparse operand must be the left one: dense @ Aᵀ is computed as (A denseᵀ)ᵀ, with A
+    the packed W_s (d_out, d_in) or W_sᵀ (d_in, d_out).
+    """
+    tokens = dense.shape[0]
+    # Contiguous first: an incoming gradient may be a stride-0 expand, which no kernel takes.
+    padded = _pad_tokens(dense.contiguous())  # (T8, k); padded.t() is column-major (k, T8)
+    if kernel == "cutlass":
+        packed, meta, packed_t, meta_t, _ = operands
+        values, metadata = (packed_t, meta_t) if transposed else (packed, meta)
+        out = torch._sparse_semi_structured_mm(values, metadata, padded.t()).t()  # (T8, n)
+    else:  # cusparselt
+        compressed = operands[1] if transposed else operands[0]
+        out = torch._cslt_sparse_mm(compressed, padded.t(), transpose_result=True)  # (T8, n)
+    return out[:tokens]
+
+
+class _TransposableLinearFunction(torch.autograd.Function):
+    """Y = X W_sᵀ + b; dX = dY W_s (the same transposable W_s); dW = dYᵀ X dense (STE)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        kernel: str,
+        operands: tuple[Tensor, ...],
+    ) -> Tensor:
+        d_out, d_in = weight.shape
+        compute_dtype = compute_dtype_of(x)
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, d_in).to(compute_dtype)  # (T, d_in)
+        with torch.autocast(x.device.type, enabled=False):
+            if kernel == "reference":
+                w_s = weight.to(compute_dtype) * operands[0]  # (d_out, d_in), transient
+                y2d = x2d @ w_s.t()  # (T, d_out)
+            else:
+                y2d = _sparse_mm(kernel, operands, x2d, transposed=False)  # (T, d_out)
+            if bias is not None:
+                y2d = y2d + bias.to(compute_dtype)
+        ctx.save_for_backward(x2d, weight)
+        ctx.kernel = kernel
+        ctx.operands = operands  # the W_s of this forward, even if the cache moves on
+        ctx.compute_dtype = compute_dtype
+        ctx.x_dtype = x.dtype
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y2d.reshape(*lead, d_out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x2d, weight = ctx.saved_tensors
+        d_out = weight.shape[0]
+        dy = grad_out.reshape(-1, d_out).to(ctx.compute_dtype)  # (T, d_out)
+        grad_x = grad_weight = grad_bias = None
+        with torch.autocast(dy.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                if ctx.kernel == "reference":
+                    w_s = weight.to(ctx.compute_dtype) * ctx.operands[0]  # (d_out, d_in)
+                    grad_x = dy @ w_s  # (T, d_in)
+                else:
+                    grad_x = _sparse_mm(ctx.kernel, ctx.operands, dy, transposed=True)
+                grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1]:
+                # Dense and straight through to the master weight: pruned entries get their
+                # gradient too, so they can grow back into the mask.
+                grad_weight = (dy.t() @ x2d).to(weight.dtype)  # (d_out, d_in)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = dy.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+# ---------------------------------------------------------------------------- the layer
+
+
+class TransposableSparseLinear(nn.Module):
+    """A drop-in nn.Linear trained with a dynamic transposable 2:4 weight (the FST baseline).
+
+    Holds a dense master ``weight`` (d_out, d_in) Parameter. Every forward uses
+    W_s = W ⊙ M(W), M a transposable 2:4 mask; M and any compressed kernel operands are
+    cached and rebuilt only when the weight changes in place (its version counter moves at
+    every optimizer step), so gradient accumulation and evaluation do not re-prune.
+
+    Args:
+        in_features, out_features: d_in and d_out; both must be divisible by 4.
+        bias: whether to learn an additive bias.
+        kernel: "reference" (any device), "cutlass" or "cusparselt" (CUDA, fp16/bf16), or
+            "auto" (a GPU kernel where one can run, else reference; decided per forward
+            device and compute dtype).
+        device, dtype: of the new parameters.
+        name: the layer's name in its model, used in error messages.
+
+    Example:
+        >>> layer = TransposableSparseLinear.from_linear(nn.Linear(64, 32), kernel="reference")
+        >>> layer(torch.randn(8, 64)).shape
+        torch.Size([8, 32])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        kernel: TransposableKernel = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        name: str = "TransposableSparseLinear",
+    ) -> None:
+        super().__init__()
+        self.name = name
+        if kernel not in KERNELS:
+            raise ValueError(
+                f"layer {name!r}: unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}"
+            )
+        for label, size in (
+            ("in_features (d_in)", in_features),
+            ("out_features (d_out)", out_features),
+        ):
+            if size % 4:
+                raise ValueError(
+                    f"layer {name!r}: {label}={size} is not divisible by 4; a transposable "
+                    "2:4 mask needs whole 4×4 tiles (exclude this layer)"
+                )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel = kernel
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+        self._operands = OperandCache()  # mask or compressed W_s / W_sᵀ, per weight version
+        self._chosen: dict[tuple[torch.device, torch.dtype], str] = {}
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation (kaiming_uniform_(a=sqrt(5)) and a uniform bias)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        kernel: TransposableKernel = "auto",
+        name: str = "TransposableSparseLinear",
+    ) -> TransposableSparseLinear:
+        """Wrap ``linear``'s own weight and bias Parameters (shared, not copied).
+
+        Sharing keeps an optimizer that already holds them valid and costs no memory.
+        """
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            kernel=kernel,
+            device="meta",  # placeholders, replaced by linear's parameters below
+            dtype=linear.weight.dtype,
+            name=name,
+        )
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.train(linear.training)
+        return layer
+
+    # ------------------------------------------------------------------ kernels and cache
+
+    @torch.compiler.disable
+    def kernel_for(self, device: torch.device, compute_dtype: torch.dtype) -> str:
+        """The kernel this layer runs for inputs on ``device`` computing in ``compute_dtype``.
+
+        Raises:
+            RuntimeError: an explicitly requested GPU kernel cannot run this layer.
+        """
+        key = (device, compute_dtype)
+        chosen = self._chosen.get(key)
+        if chosen is not None:
+            return chosen
+        shape = (self.out_features, self.in_features)
+        if self.kernel == "auto":
+            chosen = "reference"
+            reasons = []
+            for candidate in ("cutlass", "cusparselt"):
+                why = _kernel_problem(candidate, *shape, compute_dtype, device)
+                if why is None:
+                    chosen = candidate
+                    break
+                reasons.append(why)
+            if chosen == "reference" and device.type == "cuda":
+                logger.info(
+                    "layer %r (%dx%d, %s): dense masked reference (%s)",
+                    self.name,
+                    *shape,
+                    compute_dtype,
+                    "; ".join(reasons),
+                )
+        else:
+            why = _kernel_problem(self.kernel, *shape, compute_dtype, device)
+            if why is not None:
+                raise RuntimeError(
+                    f"layer {self.name!r} ({shape[0]}x{shape[1]}, computing in {compute_dtype} "
+                    f"on {device}): kernel {self.kernel!r} cannot run it: {why}; use "
+                    "kernel='auto' (falls back to the dense masked reference per layer) or "
+                    "'reference', run on a supported GPU under bf16/fp16 autocast, or exclude "
+                    "the layer"
+                )
+            chosen = self.kernel
+        self._chosen[key] = chosen
+        return chosen
+
+    # The cache lives in Python and its mask search is data dependent: torch.compile runs
+    # this eagerly (a graph break per layer) and traces the matmuls around it.
+    @torch.compiler.disable
+    def _current_operands(self, kernel: str, compute_dtype: torch.dtype) -> tuple[Tensor, ...]:
+        weight = self.weight
+        # Rebuilt when the weight changes in place (optimizer step, load_state_dict) or is
+        # replaced (.to(), which allocates new storage).
+        # The reference mask does not depend on the compute dtype; GPU operands do.
+        key = (
+            weight.device,
+            weight.dtype,
+            weight.data_ptr(),
+            weight._version,
+            compute_dtype if kernel != "reference" else None,
+        )
+        return self._operands.get(
+            kernel, key, lambda: _build_operands(kernel, weight, compute_dtype)
+        )
+
+    @property
+    def chosen_kernels(self) -> tuple[str, ...]:
+        """The kernels this layer has run so far (one per device and compute dtype seen)."""
+        return tuple(sorted(set(self._chosen.values())))
+
+    @property
+    def mask_builds(self) -> int:
+        """How many times the mask (and kernel operands) were built: once per weight update."""
+        return self._operands.builds
+
+    def sparse_weight(self, compute_dtype: torch.dtype | None = None) -> Tensor:
+        """The dense W_s (d_out, d_in) the forward uses now, in ``compute_dtype``.
+
+        For the reference kernel W ⊙ transposable_mask(W); for a GPU kernel, the tile
+        kernel's own (greedy) pruning.
+        """
+        compute_dtype = compute_dtype or self.weight.dtype
+        kernel = self.kernel_for(self.weight.device, compute_dtype)
+        operands = self._current_operands(kernel, compute_dtype)
+        with torch.no_grad():
+            weight_c = self.weight.detach().to(compute_dtype)
+            if kernel == "reference":
+                return weight_c * operands[0]
+            return torch._sparse_semi_structured_apply_dense(weight_c.contiguous(), operands[-1])
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"layer {self.name!r}: input has {x.shape[-1]} features, "
+                f"expected {self.in_features}"
+            )
+        compute_dtype = compute_dtype_of(x)
+        kernel = self.kernel_for(x.device, compute_dtype)
+        operands = self._current_operands(kernel, compute_dtype)
+        return _TransposableLinearFunction.apply(x, self.weight, self.bias, kernel, operands)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, kernel={self.kernel!r}"
+        )
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+def transposable_sparsify(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    kernel: TransposableKernel = "auto",
+) -> list[str]:
+    """Replace ``model``'s nn.Linear layers by TransposableSparseLinear layers, in place.
+
+    Selects layers as :func:`slope_lightning.sparse.sparsify` does: LM heads and embeddings
+    stay dense by default, tied weights and layers whose sizes are not multiples of 4 are
+    left dense, and SLoPe SparseLinear layers are left alone.
+
+    Args:
+        model: any module whose Linear children are swapped.
+        include: fnmatch patterns on qualified layer names; if given, only matching layers
+            are considered, and a matching layer that cannot be converted is an error.
+        exclude: patterns of layers left dense (default: LM heads and embeddings).
+        kernel: the kernel of every converted layer (see :class:`TransposableSparseLinear`).
+
+    Returns:
+        The qualified names of the converted layers.
+
+    Raises:
+        ValueError: unknown kernel, ``model`` is itself a Linear, or an included layer cannot
+            be converted.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if isinstance(model, nn.Linear):
+        raise ValueError(
+            "transposable_sparsify() swaps layers inside a model; for a single layer use "
+            "TransposableSparseLinear.from_linear(linear)"
+        )
+    owners = _parameter_owners(model)
+    converted: list[str] = []
+    for name, parent, attr, child in _linear_children(model):
+        if isinstance(child, SparseLinear):
+            logger.info("%s: left alone (already a SLoPe SparseLinear)", name)
+            continue
+        if _matches(name, exclude) is not None:
+            continue
+        included_by = _matches(name, include) if include is not None else None
+        if include is not None and included_by is None:
+            continue
+        shared = [o for o in owners[id(child.weight)] if o != f"{name}.weight"]
+        problem = None
+        if shared:
+            problem = f"weight shared with {', '.join(shared)}"
+        elif not child.weight.is_floating_point():
+            problem = f"weight dtype {child.weight.dtype} is not floating point"
+        elif child.in_features % 4 or child.out_features % 4:
+            problem = (
+                f"d_in={child.in_features} and d_out={child.out_features} must both be "
+                "divisible by 4"
+            )
+        if problem is not None:
+            if included_by is not None:
+                raise ValueError(
+                    f"layer {name!r} matches include pattern {included_by!r} but cannot be "
+                    f"made transposable 2:4: {problem}; remove it from include"
+                )
+            logger.info("%s: left dense (%s)", name, problem)
+            continue
+        setattr(parent, attr, TransposableSparseLinear.from_linear(child, kernel, name=name))
+        converted.append(name)
+    logger.info("transposable_sparsify: %d layers converted (kernel=%s)", len(converted), kernel)
+    return converted
