@@ -59,3 +59,13 @@ def test_tied_parameters_are_counted_once():
     report = memory_report(nn.ModuleList([embed, head]))
     assert report.bytes["dense parameters"] == 10 * 8 * 4
     assert "total" in str(report)
+
+
+def test_the_transposable_baselines_mask_cache_is_counted_as_a_cache():
+    from slope_lightning.sparse import transposable_sparsify
+
+    model = nn.Sequential(nn.Linear(64, 32))
+    transposable_sparsify(model, include=["0"], kernel="reference")
+    assert memory_report(model).bytes["caches"] == 0  # nothing built before the first forward
+    model(torch.randn(4, 64))
+    assert memory_report(model).bytes["caches"] == 64 * 32  # one bool per weight entry

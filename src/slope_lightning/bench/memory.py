@@ -153,26 +153,10 @@ def state_storages(model: nn.Module) -> set[int]:
 
 
 def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """:func:`memory_report`'s exact total, plus the transposable baseline's operand caches.
-
-    A :class:`TransposableSparseLinear` keeps its current mask (reference kernel) or its
-    compressed W_s and W_sᵀ (GPU kernels) in an operand cache that :func:`memory_report` does
-    not look into; they are real state of that method, so they are added here, each storage
-    once. Skipped for a layer whose caches :func:`memory_report` already counts.
-    """
-    total = memory_report(model, optimizer).total
-    seen: set[int] = set()
-    for module in model.modules():
-        if not isinstance(module, TransposableSparseLinear):
-            continue
-        if memory_report(module).bytes["caches"] > 0:
-            continue  # memory_report has learnt about this cache: do not count it twice
-        for tensor in module._operands.tensors():
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-    return total
+    """:func:`memory_report`'s exact total: parameters, gradients, optimizer state, buffers
+    and every layer's caches (SLoPe's kernel operands and merged inference operands, the
+    transposable baseline's mask or compressed W_s and W_sᵀ)."""
+    return memory_report(model, optimizer).total
 
 
 def kernels_used(model: nn.Module) -> str:

@@ -383,6 +383,11 @@ class SparseLinear(nn.Module):
         self._fused = None
         self.merged = False
 
+    def cached_tensors(self) -> list[Tensor]:
+        """Tensors derived from the parameters and kept between calls (for memory reports):
+        the merged inference operands and the backend's kernel-side copies."""
+        return [*(self._fused or ()), *self._operands.tensors()]
+
     def _parameter_versions(self) -> tuple[int, ...]:
         params = [self.values] + ([] if self.adapter is None else list(self.adapter.parameters()))
         return tuple(p._version for p in params)

@@ -78,7 +78,8 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     Categories: "sparse values" (kept weight values of SparseLinear layers and adapters' Lᵀ),
     "metadata" (packed mask offsets), "dense parameters" (everything else trainable),
     "gradients", "optimizer state", "buffers" (other persistent buffers) and "caches"
-    (non-persistent buffers and kernel/inference caches derived from parameters).
+    (non-persistent buffers, and the kernel/inference caches derived from parameters that
+    any module lists through a ``cached_tensors()`` method).
     """
     counter = _Counter()
     sparse_value_ids: set[int] = set()
@@ -101,7 +102,8 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         for name, buffer in module.named_buffers(recurse=False):
             persistent = name not in module._non_persistent_buffers_set
             counter.add("buffers" if persistent else "caches", buffer)
-        if isinstance(module, SparseLinear):
-            for tensor in [*(module._fused or ()), *module._operands.tensors()]:
+        cached_tensors = getattr(module, "cached_tensors", None)
+        if callable(cached_tensors):  # SparseLinear, TransposableSparseLinear
+            for tensor in cached_tensors():
                 counter.add("caches", tensor)
     return counter.report

@@ -458,6 +458,10 @@ class TransposableSparseLinear(nn.Module):
             kernel, key, lambda: _build_operands(kernel, weight, compute_dtype)
         )
 
+    def cached_tensors(self) -> list[Tensor]:
+        """The current mask or compressed W_s / W_sᵀ (for memory reports)."""
+        return self._operands.tensors()
+
     @property
     def chosen_kernels(self) -> tuple[str, ...]:
         """The kernels this layer has run so far (one per device and compute dtype seen)."""
