@@ -193,12 +193,43 @@ def test_auto_measures_for_real_on_cpu_and_reports_its_choice(tmp_path):
     assert f"auto -> {auto.choice.name} (measured" in backend_report(model)
 
 
-def test_each_kernel_library_names_the_gpus_it_cannot_run_on():
+def test_each_kernel_library_names_the_gpus_it_cannot_run_on(monkeypatch):
     assert CutlassOps().unsupported_gpu((8, 0)) is None
     assert CutlassOps().unsupported_gpu((8, 9)) is None
     assert "sm80-sm89 only, this GPU is sm90" in CutlassOps().unsupported_gpu((9, 0))
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
     assert CuSparseLtOps().unsupported_gpu((9, 0)) is None
     assert "sm80+" in CuSparseLtOps().unsupported_gpu((7, 5))
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: False)
+    assert "no cuSPARSELt" in CuSparseLtOps().unsupported_gpu((9, 0))
+
+
+def test_cusparselt_searches_an_algorithm_once_per_shape_for_all_layers(monkeypatch):
+    calls = []
+
+    def search(packed, dense, transpose_result):
+        calls.append(tuple(dense.shape))
+        assert transpose_result and not dense.is_contiguous()  # x.t(): column-major (k, T)
+        return 3
+
+    def sparse_mm(packed, dense, transpose_result, alg_id):
+        assert alg_id == 3
+        return (packed @ dense).t().contiguous()  # (T, rows), as cuSPARSELt returns it
+
+    monkeypatch.setattr(CuSparseLtOps, "alg_ids", {})
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", search)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm)
+    weight, x = torch.randn(32, 16), torch.randn(8, 16)
+    for _ in range(2):  # two layers of one shape: two instances, one search
+        torch.testing.assert_close(CuSparseLtOps().matmul(weight, x, 32), x @ weight.t())
+    assert calls == [(16, 8)]
+
+    def failing_search(*args, **kwargs):
+        raise RuntimeError("CUSPARSE_STATUS_NOT_SUPPORTED")
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", failing_search)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda p, d, transpose_result, alg_id: alg_id)
+    assert CuSparseLtOps().matmul(weight, torch.randn(16, 16), 32) == 0  # default algorithm
 
 
 def test_unknown_gpu_backend_name():

@@ -13,7 +13,7 @@ from slope_lightning.sparse import KernelChoices, SparseLinear, backend_report
 from slope_lightning.sparse import gpu as gpu_module
 from slope_lightning.sparse.backends import ReferenceBackend
 from slope_lightning.sparse.gpu import AutoBackend
-from slope_lightning.sparse.kernel_ops import measure_kernels
+from slope_lightning.sparse.kernel_ops import add_bias, measure_kernels
 from slope_lightning.sparse.layout import NMLayout
 from test_gpu_backends import emulated
 
@@ -103,6 +103,34 @@ def test_a_kernel_that_fails_to_run_is_never_chosen(monkeypatch):
 
     choices, times = measure_kernels(NMLayout(32, 64, 2, 4), torch.float32, "cpu", 8, timer=timer)
     assert choices.bias_add == "torch" and times["bias_add"]["triton"] == float("inf")
+
+
+def test_a_kernel_that_fails_to_compile_is_never_chosen(monkeypatch):
+    class CompilationError(Exception):  # like triton's: not a RuntimeError
+        pass
+
+    def broken(*args, **kwargs):
+        raise CompilationError("unsupported on this GPU")
+
+    monkeypatch.setattr(slope_kernels, "fused_lowrank_add", broken)
+
+    def timer(fn, device):
+        fn()
+        return 1.0
+
+    choices, times = measure_kernels(NMLayout(32, 64, 2, 4), torch.float32, "cpu", 8, timer=timer)
+    assert choices.lowrank_add == "torch" and times["lowrank_add"]["triton"] == float("inf")
+
+
+def test_bias_add_on_a_transposed_gemm_output_uses_torch():
+    # CUTLASS returns Y as a transposed view (stride(-1) = T), which the kernel refuses.
+    y = torch.randn(48, 16).t()  # (16, 48), strides (1, 16)
+    bias = torch.randn(48)
+    torch.testing.assert_close(add_bias(y, bias, "triton"), y + bias)
+    contiguous = y.contiguous()
+    expected = contiguous + bias
+    assert add_bias(contiguous, bias, "triton") is contiguous  # the kernel, in place
+    torch.testing.assert_close(contiguous, expected)
 
 
 def test_auto_uses_torch_compositions_on_cpu_and_says_why(tmp_path):

@@ -144,8 +144,12 @@ def _backend_rows(
     try:
         sparse = SparseLinear.from_linear(dense, backend=make_backend(backend))
         sparse_s = {phase: _time_phase(phase, sparse, x, repeats) for phase in dense_s}
-    except RuntimeError as error:  # the backend cannot run this shape/dtype/device
-        return [{**base, "phase": "all", "note": str(error).splitlines()[0]}]
+    except Exception as error:  # cannot run this shape/dtype/device, or a kernel failed
+        lines = str(error).strip().splitlines() or [""]
+        # A RuntimeError is the backends' "cannot run this layer"; anything else (e.g. a
+        # Triton compile error) is named, and costs one row, not the whole benchmark.
+        kind = "" if isinstance(error, RuntimeError) else f"{type(error).__name__}: "
+        return [{**base, "phase": "all", "note": kind + lines[0]}]
     note = ""
     choice = getattr(sparse.backend, "choice", None)
     if choice is not None:

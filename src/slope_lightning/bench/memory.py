@@ -35,16 +35,28 @@ def _state_bytes(model: nn.Module, run_step: Any) -> tuple[int, dict[str, int]]:
     return report.total, report.as_dict()
 
 
-def layer_rows(shapes=LLAMA_7B_SHAPES, tokens: int = 8) -> list[dict[str, Any]]:
+def _default_device(device: str | torch.device | None) -> torch.device:
+    """CUDA when available: building and pruning billion-parameter models on the CPU takes
+    minutes. Byte counts do not depend on the device."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def layer_rows(
+    shapes=LLAMA_7B_SHAPES, tokens: int = 8, device: str | torch.device | None = None
+) -> list[dict[str, Any]]:
+    device = _default_device(device)
     rows = []
     for d_out, d_in in shapes:
-        x = torch.randn(tokens, d_in)
+        x = torch.randn(tokens, d_in, device=device)
 
         def run_step(model: nn.Module, x=x) -> None:
             model(x).sum().backward()
 
-        dense_total, _ = _state_bytes(nn.Sequential(nn.Linear(d_in, d_out, bias=False)), run_step)
-        sparse_model = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
+        with torch.device(device):
+            dense_model = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
+            sparse_model = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
+        dense_total, _ = _state_bytes(dense_model, run_step)
+        del dense_model
         sparsify(sparse_model)
         sparse_total, parts = _state_bytes(sparse_model, run_step)
         rows.append(
@@ -59,20 +71,24 @@ def layer_rows(shapes=LLAMA_7B_SHAPES, tokens: int = 8) -> list[dict[str, Any]]:
     return rows
 
 
-def transformer_rows(presets=("tiny", "gpt2-small")) -> list[dict[str, Any]]:
+def transformer_rows(
+    presets=("tiny", "gpt2-small"), device: str | torch.device | None = None
+) -> list[dict[str, Any]]:
+    device = _default_device(device)
     rows = []
     for preset in presets:
         config = TransformerConfig.from_name(preset)
-        idx = torch.randint(0, config.vocab_size, (1, 16))
+        idx = torch.randint(0, config.vocab_size, (1, 16), device=device)
 
         def run_step(model: nn.Module, idx=idx) -> None:
             _, loss = model(idx, idx)
             loss.backward()
 
         torch.manual_seed(0)
-        dense_total, _ = _state_bytes(Transformer(config), run_step)
-        torch.manual_seed(0)
-        sparse_model = Transformer(config)
+        with torch.device(device):
+            dense_total, _ = _state_bytes(Transformer(config), run_step)
+            torch.manual_seed(0)
+            sparse_model = Transformer(config)
         report = sparsify(sparse_model)
         sparse_total, parts = _state_bytes(sparse_model, run_step)
         rows.append(
@@ -189,9 +205,10 @@ def _training_peak(
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
     """One warm-up AdamW step (counted exactly) and, on CUDA, one step under the peak counter."""
-    model, config = build_model(
-        preset, method, backend=backend, dtype=dtype, device=device, **overrides
-    )
+    with torch.device(device):  # built and pruned on the device, not on the CPU
+        model, config = build_model(
+            preset, method, backend=backend, dtype=dtype, device=device, **overrides
+        )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     idx = torch.randint(0, config.vocab_size, (batch, config.seq_len), device=device)  # (B, T)
@@ -239,9 +256,10 @@ def _inference_peak(
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
     """One prefill forward in eval mode (SLoPe merged), after one warm-up forward."""
-    model, config = build_model(
-        preset, method, backend=backend, dtype=dtype, device=device, **overrides
-    )
+    with torch.device(device):
+        model, config = build_model(
+            preset, method, backend=backend, dtype=dtype, device=device, **overrides
+        )
     model.eval()
     if method == "slope":
         merge_for_inference(model)

@@ -70,7 +70,8 @@ class SemiStructuredOps(Protocol):
 class CuSparseLtOps:
     """cuSPARSELt via ``torch._cslt_compress`` / ``torch._cslt_sparse_mm``.
 
-    The algorithm id is searched once per (rows, cols, tokens, dtype) and cached.
+    The algorithm id is searched once per (device, rows, cols, tokens, dtype) for the whole
+    process (every layer of one shape shares it: a search runs dozens of GEMMs) and cached.
     """
 
     name = "cusparselt"
@@ -78,24 +79,31 @@ class CuSparseLtOps:
         torch.float16: ShapeLimits(16, 16, 8),
         torch.bfloat16: ShapeLimits(16, 16, 8),
     }
-
-    def __init__(self) -> None:
-        self._alg_ids: dict[tuple[int, ...], int] = {}
+    #: Searched algorithm ids, shared by every instance (one per layer under ``auto``).
+    alg_ids: ClassVar[dict[tuple[Hashable, ...], int]] = {}
 
     def unsupported_gpu(self, capability: tuple[int, int]) -> str | None:
         if capability < (8, 0):
             return "cusparselt needs an sm80+ GPU (Ampere or newer)"
+        if not torch.backends.cusparselt.is_available():
+            return "this torch build has no cuSPARSELt"
         return None
 
     def compress(self, dense: Tensor) -> Any:
         return torch._cslt_compress(dense.contiguous())
 
     def matmul(self, packed: Any, x: Tensor, rows: int) -> Tensor:
-        key = (rows, x.shape[1], x.shape[0], hash(x.dtype))
-        alg_id = self._alg_ids.get(key)
+        key = (str(x.device), rows, x.shape[1], x.shape[0], x.dtype)
+        alg_id = self.alg_ids.get(key)
         if alg_id is None:
-            alg_id = int(torch._cslt_sparse_mm_search(packed, x.t(), transpose_result=True))
-            self._alg_ids[key] = alg_id
+            # torch 2.11-2.13: returns an int (deprecated in favour of
+            # torch._C._cusparselt.mm_search, which also returns split-k settings).
+            try:
+                alg_id = int(torch._cslt_sparse_mm_search(packed, x.t(), transpose_result=True))
+            except RuntimeError as error:  # keep cuSPARSELt's default algorithm
+                logger.warning("cusparselt algorithm search failed for %s: %s", key, error)
+                alg_id = 0
+            self.alg_ids[key] = alg_id
         return torch._cslt_sparse_mm(packed, x.t(), transpose_result=True, alg_id=alg_id)
 
 

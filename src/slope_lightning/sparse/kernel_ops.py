@@ -80,7 +80,9 @@ def add_bias(y: Tensor, bias: Tensor | None, impl: Impl) -> Tensor:
     """y (T, N) + bias (N,), or y itself without a bias."""
     if bias is None:
         return y
-    if impl == "triton":
+    # The kernel needs y contiguous along N; CUTLASS's output is a transposed view
+    # (stride(-1) = T), which only the torch composition takes.
+    if impl == "triton" and (y.shape[-1] <= 1 or y.stride(-1) == 1):
         from slope_kernels import bias_add
 
         return bias_add(y, bias, inplace=True)  # y is the GEMM's fresh output
@@ -156,7 +158,8 @@ def measure_kernels(
 
     Returns:
         The choices and, per step, the milliseconds of each implementation. A step whose
-        kernel fails to run keeps torch, with the failure's type recorded as ``inf``.
+        kernel fails to run (any exception: Triton's compile and resource errors are not
+        RuntimeErrors) keeps torch, with its time recorded as ``inf``.
     """
     rows, cols = layout.rows, layout.cols
     rank = rank if rank is not None else max(16, cols // 16)
@@ -183,7 +186,7 @@ def measure_kernels(
         for impl in ("torch", "triton"):
             try:
                 times[step][impl] = timer(lambda run=run, impl=impl: run(impl), device)
-            except (RuntimeError, ValueError):
+            except Exception:  # e.g. triton CompilationError, OutOfResources, a ValueError
                 times[step][impl] = float("inf")
         chosen[step] = "triton" if times[step]["triton"] < times[step]["torch"] else "torch"
     return KernelChoices(**chosen), times

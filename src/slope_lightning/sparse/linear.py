@@ -473,6 +473,7 @@ class SparseLinear(nn.Module):
 
     def _merged_forward(self, x: Tensor) -> Tensor:
         """One N:M GEMM for [X W_Rᵀ | X L], then one multiply-add for (X L)·(s R)."""
+        self._check_backend(x)  # the same clear error as a training forward
         if self._fused is None or self._fused_key != self._parameter_versions():
             self._fused = self._build_fused()  # parameters changed in place since merge()
         fused_values, fused_index, up = self._fused
