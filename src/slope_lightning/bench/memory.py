@@ -195,6 +195,19 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _build_on(
+    preset: str,
+    method: str,
+    backend: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    overrides: dict[str, Any],
+) -> tuple[Transformer, TransformerConfig]:
+    """The benchmark model, built and pruned on ``device`` itself (not on the CPU first)."""
+    with torch.device(device):
+        return build_model(preset, method, backend=backend, dtype=dtype, device=device, **overrides)
+
+
 def _training_peak(
     preset: str,
     method: str,
@@ -205,10 +218,7 @@ def _training_peak(
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
     """One warm-up AdamW step (counted exactly) and, on CUDA, one step under the peak counter."""
-    with torch.device(device):  # built and pruned on the device, not on the CPU
-        model, config = build_model(
-            preset, method, backend=backend, dtype=dtype, device=device, **overrides
-        )
+    model, config = _build_on(preset, method, backend, dtype, device, overrides)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     idx = torch.randint(0, config.vocab_size, (batch, config.seq_len), device=device)  # (B, T)
@@ -256,10 +266,7 @@ def _inference_peak(
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
     """One prefill forward in eval mode (SLoPe merged), after one warm-up forward."""
-    with torch.device(device):
-        model, config = build_model(
-            preset, method, backend=backend, dtype=dtype, device=device, **overrides
-        )
+    model, config = _build_on(preset, method, backend, dtype, device, overrides)
     model.eval()
     if method == "slope":
         merge_for_inference(model)
