@@ -161,7 +161,8 @@ def test_auto_keeps_the_fastest_candidate_and_remembers_it(tmp_path, monkeypatch
     )
     _, layer = twin_layers(32, 64, auto)
     layer(torch.randn(8, 32, dtype=torch.float64))
-    assert auto.choice is fast and "measured" in auto.reason
+    assert auto.choice.name == "emulated" and auto.choice.ops is fast.ops
+    assert "measured" in auto.reason
     assert "emulated" in cache_file.read_text()
 
     def no_timing(*args):
@@ -172,6 +173,33 @@ def test_auto_keeps_the_fastest_candidate_and_remembers_it(tmp_path, monkeypatch
     _, layer = twin_layers(32, 64, again)
     layer(torch.randn(8, 32, dtype=torch.float64))
     assert again.choice.name == "emulated" and "cached" in again.reason
+
+
+def test_auto_decides_again_for_another_token_bucket_or_operand_shape(tmp_path, monkeypatch):
+    measured = []
+
+    def fake_time(self, backend, args, layout):
+        measured.append((layout.rows, args[0].shape[0], backend.name))
+        tokens = args[0].shape[0]  # sparse wins on big batches, dense when decoding
+        return {"emulated": 1.0 if tokens > 8 else 3.0, "reference": 2.0}[backend.name]
+
+    monkeypatch.setattr(AutoBackend, "_time", fake_time)
+    auto = AutoBackend([emulated()], autotune_file=tmp_path / "a.json", repeats=1)
+    reference, layer = twin_layers(32, 64, auto)
+    for tokens in (64, 40, 1, 2):  # buckets 64, 64, 1, 2
+        x = torch.randn(tokens, 32, dtype=torch.float64, requires_grad=True)
+        layer(x).sum().backward()
+        torch.testing.assert_close(layer(x), reference(x))
+    picked = {key[-1]: backend.name for key, backend in auto.choices.items()}
+    assert picked == {64: "emulated", 1: "reference", 2: "reference"}
+    assert len(measured) == 6  # two candidates for each of three buckets
+    with torch.no_grad():
+        add_adapters(nn.Sequential(layer), rank=4)
+        merge_for_inference(nn.Sequential(layer))
+        layer(torch.randn(64, 32, dtype=torch.float64))
+    assert (96, 32, torch.float64, 64) in auto.choices  # [W_R; Lᵀ; padding]: its own decision
+    assert "T<=64" in (tmp_path / "a.json").read_text()
+    assert "64x32 T<=1: reference" in backend_report(nn.Sequential(layer))
 
 
 def test_auto_falls_back_to_the_dense_gemm_with_the_reason(tmp_path):

@@ -13,6 +13,7 @@ emulated kernels (padding, tiling, caching, dispatch); not yet measured on a GPU
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -266,16 +267,26 @@ def default_autotune_file() -> Path:
     return Path.home() / ".cache" / "slope_lightning" / "autotune.json"
 
 
+def token_bucket(tokens: int) -> int:
+    """The power of two at or above ``tokens``: ``auto`` decides once per bucket, so a batch
+    of 2000 tokens reuses the measurement made at 1500, while decoding one token at a time
+    (where a dense GEMM usually wins) gets its own."""
+    return 1 << max(0, tokens - 1).bit_length()
+
+
 class AutoBackend(SparseBackend):
-    """Per layer, at first use: time every candidate on the real shape and keep the fastest.
+    """Per layer: time every candidate on the real shape and keep the fastest.
 
     Candidates are the 2:4 backends (tiled or not) that support the layer, and the dense
     GEMM on the masked weight (``reference``): where sparse loses, the layer still trains
     SLoPe-sparse, with dense GEMMs. On CUDA it then times each Triton kernel of
     ``slope_kernels`` against the torch composition it replaces and keeps the faster
-    (``kernel_ops.measure_kernels``). Choices are cached on disk keyed by device name, torch
-    version, shape, dtype and token count. ``choice``, ``kernels`` and ``reason`` say what was
-    picked and why.
+    (``kernel_ops.measure_kernels``).
+
+    A decision is made at the first call for each operand shape (the training weight, or the
+    merged [W_R; Lᵀ] of inference), dtype and token bucket (:func:`token_bucket`), and cached
+    on disk keyed by device name, torch version, shape, dtype and bucket. ``choices`` holds
+    every decision; ``choice``, ``kernels`` and ``reason`` describe the latest.
     """
 
     name = "auto"
@@ -289,9 +300,15 @@ class AutoBackend(SparseBackend):
         self.candidates = candidates
         self.autotune_file = autotune_file or default_autotune_file()
         self.repeats = repeats
+        self.choices: dict[tuple[int, int, torch.dtype, int], SparseBackend] = {}
         self.choice: SparseBackend | None = None
         self.reason = "not chosen yet (decided at the first forward)"
         self.kernel_reason = "not chosen yet"
+
+    @staticmethod
+    def _decision(layout: NMLayout, x: Tensor) -> tuple[int, int, torch.dtype, int]:
+        """What one decision covers: operand shape, dtype and token bucket."""
+        return (layout.rows, layout.cols, x.dtype, token_bucket(x.shape[0]))
 
     @property
     def kernels(self) -> KernelChoices:  # type: ignore[override]
@@ -301,7 +318,8 @@ class AutoBackend(SparseBackend):
     def _key(self, layout: NMLayout, x: Tensor) -> str:
         device = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
         shape = f"{layout.rows}x{layout.cols}"
-        return f"{device}|torch {torch.__version__}|{shape}|{x.dtype}|T{x.shape[0]}"
+        bucket = token_bucket(x.shape[0])
+        return f"{device}|torch {torch.__version__}|{shape}|{x.dtype}|T<={bucket}"
 
     def _load(self) -> dict[str, Any]:
         try:
@@ -371,7 +389,7 @@ class AutoBackend(SparseBackend):
             best = min(times, key=times.__getitem__)
             self.reason = "measured " + ", ".join(f"{n} {t:.3f} ms" for n, t in times.items())
             table[key] = best
-        chosen = usable[best]
+        chosen = copy.copy(usable[best])  # its own kernel choices; ops and name are shared
         chosen.kernels = self._choose_kernels(layout, x, table)
         if table != before:
             self._save(table)
@@ -396,11 +414,14 @@ class AutoBackend(SparseBackend):
         cache: OperandCache | None = None,
         key: Hashable = None,
     ) -> Tensor:
-        if self.choice is None:
+        decision = self._decision(layout, x)
+        chosen = self.choices.get(decision)
+        if chosen is None:
             # M_C for timing the backward: derived from W_R as the layer derives it.
             col_index = layout.transposed().prune(layout.to_dense(values, row_index).t())[1]
-            self.choice = self._choose(x, values, row_index, col_index, layout)
-        return self.choice.forward(x, values, row_index, bias, layout, cache, key)
+            chosen = self.choices[decision] = self._choose(x, values, row_index, col_index, layout)
+            self.choice = chosen
+        return chosen.forward(x, values, row_index, bias, layout, cache, key)
 
     def grad_input(
         self,
@@ -412,9 +433,13 @@ class AutoBackend(SparseBackend):
         cache: OperandCache | None = None,
         key: Hashable = None,
     ) -> Tensor:
-        if self.choice is None:
-            raise RuntimeError("auto backend: grad_input before any forward")
-        return self.choice.grad_input(grad_out, values, row_index, col_index, layout, cache, key)
+        chosen = self.choices.get(self._decision(layout, grad_out))
+        if chosen is None:
+            raise RuntimeError(
+                f"auto backend: grad_input for {grad_out.shape[0]} tokens of a "
+                f"{layout.rows}x{layout.cols} operand before any forward of that size"
+            )
+        return chosen.grad_input(grad_out, values, row_index, col_index, layout, cache, key)
 
 
 def make_gpu_backend(name: str) -> SparseBackend:

@@ -232,6 +232,12 @@ def backend_report(model: nn.Module) -> str:
         choice = getattr(backend, "choice", None)
         if hasattr(backend, "choice"):
             text += f" -> {choice.name if choice is not None else '?'} ({backend.reason})"
+            decisions = getattr(backend, "choices", {})
+            if len(decisions) > 1:  # per operand shape and token bucket
+                text += "; all: " + ", ".join(
+                    f"{rows}x{cols} T<={bucket}: {chosen.name}"
+                    for (rows, cols, _, bucket), chosen in decisions.items()
+                )
         kernels = backend.kernels
         if "triton" in kernels.as_dict().values() or hasattr(backend, "kernel_reason"):
             text += f"; kernels {kernels.describe()}"
