@@ -195,19 +195,6 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _build_on(
-    preset: str,
-    method: str,
-    backend: str,
-    dtype: torch.dtype,
-    device: torch.device,
-    overrides: dict[str, Any],
-) -> tuple[Transformer, TransformerConfig]:
-    """The benchmark model, built and pruned on ``device`` itself (not on the CPU first)."""
-    with torch.device(device):
-        return build_model(preset, method, backend=backend, dtype=dtype, device=device, **overrides)
-
-
 def _training_peak(
     preset: str,
     method: str,
@@ -218,7 +205,9 @@ def _training_peak(
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
     """One warm-up AdamW step (counted exactly) and, on CUDA, one step under the peak counter."""
-    model, config = _build_on(preset, method, backend, dtype, device, overrides)
+    model, config = build_model(
+        preset, method, backend=backend, dtype=dtype, device=device, **overrides
+    )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     idx = torch.randint(0, config.vocab_size, (batch, config.seq_len), device=device)  # (B, T)
@@ -266,7 +255,9 @@ def _inference_peak(
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
     """One prefill forward in eval mode (SLoPe merged), after one warm-up forward."""
-    model, config = _build_on(preset, method, backend, dtype, device, overrides)
+    model, config = build_model(
+        preset, method, backend=backend, dtype=dtype, device=device, **overrides
+    )
     model.eval()
     if method == "slope":
         merge_for_inference(model)

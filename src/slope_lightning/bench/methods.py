@@ -44,8 +44,8 @@ def build_model(
         overrides: TransformerConfig fields to change (e.g. ``n_layer=2``).
 
     Returns:
-        ``(model, config)``; the model's weights depend only on ``preset`` and ``overrides``
-        (seed 0), not on ``method``.
+        ``(model, config)``; the model's weights depend only on ``preset``, ``overrides`` and
+        the device's random generator (seed 0), not on ``method``.
 
     Raises:
         ValueError: unknown method.
@@ -54,10 +54,11 @@ def build_model(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     torch.manual_seed(0)
     config = TransformerConfig.from_name(preset, **overrides)
-    model = Transformer(config)
-    if method == "slope":
-        sparsify(model, backend=backend)
-    elif method == "transposable":
-        on_cuda = torch.device(device).type == "cuda"
-        transposable_sparsify(model, kernel="auto" if on_cuda else "reference")
+    with torch.device(device):  # built and pruned on the device: on a CPU this takes minutes
+        model = Transformer(config)
+        if method == "slope":
+            sparsify(model, backend=backend)
+        elif method == "transposable":
+            on_cuda = torch.device(device).type == "cuda"
+            transposable_sparsify(model, kernel="auto" if on_cuda else "reference")
     return model.to(device=device, dtype=dtype), config

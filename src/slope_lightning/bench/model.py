@@ -71,8 +71,7 @@ def step_rows(
         for method in METHODS:
             if compiled:
                 torch._dynamo.reset()  # fresh caches: earlier models do not count against limits
-            with torch.device(device):  # built and pruned on the device (CPU: minutes)
-                model, config = build_model(preset, method, backend, dtype, device, **overrides)
+            model, config = build_model(preset, method, backend, dtype, device, **overrides)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             idx = torch.randint(0, config.vocab_size, (batch, config.seq_len), device=device)
             forward = torch.compile(model) if compiled else model
@@ -132,8 +131,7 @@ def inference_rows(
     rows = []
     dense_prefill = None
     for method, rank in [("dense", 0.0)] + [("slope", r) for r in ranks]:
-        with torch.device(device):
-            model, config = build_model(preset, method, backend, dtype, device, **overrides)
+        model, config = build_model(preset, method, backend, dtype, device, **overrides)
         if method == "slope":
             if rank > 0:
                 add_adapters(model, rank=max(1, round(rank * config.d_model)), seed=0)
