@@ -422,6 +422,11 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    # torch.compile runs this layer eagerly (one graph break per layer) and compiles the
+    # rest of the model: its forward keeps Python-side state (version counters, kernel-side
+    # caches, auto-tuning) that Dynamo cannot trace, and the GEMMs it calls are the backend's
+    # kernels in either case.
+    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
