@@ -4,8 +4,11 @@ except exact memory counts)."""
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import pytest
+import torch
 
 from slope_lightning.bench import layers, memory, model
 from slope_lightning.bench.__main__ import main
@@ -91,3 +94,32 @@ def test_kernel_benchmark_reports_which_implementation_is_used(monkeypatch):
         ("lowrank_add", "triton", 2.0),
         ("bias_add", "torch", 1 / 3),
     ]
+
+
+def gpu_check_commands() -> list[list[str]]:
+    """The benchmark command lines of scripts/gpu_check.sh, continuation lines joined."""
+    script = (Path(__file__).parents[1] / "scripts" / "gpu_check.sh").read_text()
+    commands = []
+    for line in script.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        if "$BENCH" in words:
+            commands.append(words[words.index("$BENCH") + 1 :])
+    return commands
+
+
+def test_the_gpu_check_script_only_uses_options_and_names_that_exist():
+    """The GPU machine is lent for minutes: a typo there would waste the whole run."""
+    from slope_lightning.bench.__main__ import build_parser
+    from slope_lightning.models import TransformerConfig
+
+    commands = gpu_check_commands()
+    assert {c[0] for c in commands} == {"kernels", "layers", "step", "inference", "memory"}
+    for argv in commands:
+        args = build_parser().parse_args([word.replace("$OUT", "out") for word in argv])
+        assert isinstance(getattr(torch, args.dtype), torch.dtype)
+        if args.models:
+            layers.shapes_of(args.models.split(","))
+        for preset in {args.preset, *args.presets.split(",")}:
+            TransformerConfig.from_name(preset)
+        for backend in args.backends.split(","):
+            assert backend.removesuffix("+tiled") in ("reference", "cusparselt", "cutlass", "auto")

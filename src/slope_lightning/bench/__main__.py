@@ -15,7 +15,8 @@ import torch
 from slope_lightning.bench import common
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of every suite (also used to check ``scripts/gpu_check.sh``)."""
     parser = argparse.ArgumentParser(prog="python -m slope_lightning.bench", description=__doc__)
     parser.add_argument(
         "suite", choices=["memory", "layers", "kernels", "step", "inference", "runs"]
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
         "--new-tokens", type=int, default=16, help="tokens decoded after the prompt (inference)"
     )
     parser.add_argument("--presets", default="tiny,gpt2-small", help="transformers for 'memory'")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     info = common.machine_info()
