@@ -297,3 +297,10 @@ def test_gpu_backends_match_reference_in_bf16(name, d_in, d_out, tokens, tmp_pat
     reference(x_ref).backward(grad)
     torch.testing.assert_close(layer(x), reference(x_ref), atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(x.grad, x_ref.grad, atol=3e-2, rtol=3e-2)
+
+
+def test_the_sparsify_report_of_auto_points_to_the_choices_made_later():
+    from slope_lightning.sparse import SparsifyReport
+
+    assert "backend_report(model)" in str(SparsifyReport(n=2, m=4, backend="auto"))
+    assert "backend_report" not in str(SparsifyReport(n=2, m=4, backend="reference"))

@@ -68,6 +68,11 @@ class SparsifyReport:
             shape = f"{d.out_features} x {d.in_features}"
             result = "sparse" if d.converted else "dense"
             lines.append(f"{d.name:<{width}}  {shape:>17}  {result}: {d.reason}")
+        if self.backend == "auto":
+            lines.append(
+                "auto measures each layer's GEMMs and kernels at its first forward; "
+                "backend_report(model) shows the choices after one step"
+            )
         return "\n".join(lines)
 
 
