@@ -200,6 +200,10 @@ def test_auto_decides_again_for_another_token_bucket_or_operand_shape(tmp_path, 
     assert (96, 32, torch.float64, 64) in auto.choices  # [W_R; Lᵀ; padding]: its own decision
     assert "T<=64" in (tmp_path / "a.json").read_text()
     assert "64x32 T<=1: reference" in backend_report(nn.Sequential(layer))
+    layer.unmerge()
+    layer(torch.randn(64, 32, dtype=torch.float64)).sum().backward()  # training again
+    assert auto.choice is auto.choices[(64, 32, torch.float64, 64)]  # the running decision
+    assert "auto -> emulated" in backend_report(nn.Sequential(layer))
 
 
 def test_auto_falls_back_to_the_dense_gemm_with_the_reason(tmp_path):
@@ -261,8 +265,25 @@ def test_cusparselt_searches_an_algorithm_once_per_shape_for_all_layers(monkeypa
 
 
 def test_unknown_gpu_backend_name():
-    with pytest.raises(ValueError, match="cusparselt, cutlass or auto"):
+    expected = r"cusparselt, cutlass \(each optionally \+tiled\) or auto"
+    with pytest.raises(ValueError, match=expected):
         make_gpu_backend("tensorrt")
+
+
+def test_tiled_backends_can_be_asked_for_by_name():
+    backend = make_gpu_backend("cusparselt+tiled")
+    assert backend.name == "cusparselt+tiled" and backend.tile_forward and backend.tile_backward
+    assert not make_gpu_backend("cutlass").tile_forward
+
+
+def test_a_backend_subclass_that_skips_the_base_init_still_works():
+    class Mine(ReferenceBackend):
+        def __init__(self) -> None:  # no super().__init__()
+            self.calls = 0
+
+    layer = SparseLinear(32, 16, backend=Mine())
+    layer(torch.randn(4, 32)).sum().backward()
+    assert layer.values.grad is not None
 
 
 def test_sparsify_shares_a_backend_instance():

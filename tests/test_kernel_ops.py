@@ -4,6 +4,8 @@ kernel only where it measured faster, and remembers the choice."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -168,6 +170,15 @@ def test_auto_measures_kernels_once_per_shape_and_caches_the_choice(tmp_path, mo
     SparseLinear(64, 32, backend=again, dtype=torch.float64)(x)
     assert again.kernels.gather_grad == "triton" and "cached" in again.kernel_reason
     assert len(measured) == 1
+
+    # An entry written by another version (other steps) is measured again, not trusted.
+    table = json.loads(cache_file.read_text())
+    key = next(k for k in table if k.endswith("|kernels"))
+    table[key] = {"old_step": "triton"}
+    cache_file.write_text(json.dumps(table))
+    third = AutoBackend([emulated()], autotune_file=cache_file, repeats=1)
+    SparseLinear(64, 32, backend=third, dtype=torch.float64)(x)
+    assert len(measured) == 2 and "measured" in third.kernel_reason
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -41,7 +41,9 @@ class SparsityConfig:
         sparse: False trains the dense baseline under the same config.
         n: kept entries per group (2 for 2:4).
         m: group size (4 for 2:4).
-        backend: GEMM backend: "reference" (plain torch, any device) or a GPU backend.
+        backend: GEMM backend: "reference" (plain torch, any device) or a GPU backend:
+            "cusparselt", "cutlass" (either "+tiled" to cut tall weights into square tiles)
+            or "auto" (per layer, the fastest measured; bf16/fp16 precision needed).
         include: fnmatch patterns of layer names to sparsify (None: all block linears).
         exclude: patterns left dense (None: LM head and embeddings).
         max_aspect_ratio: leave layers with max(d_out/d_in, d_in/d_out) above this dense.
@@ -53,7 +55,9 @@ class SparsityConfig:
     sparse: bool = True
     n: int = 2
     m: int = 4
-    backend: Literal["reference", "cusparselt", "cutlass", "auto"] = "reference"
+    backend: Literal[
+        "reference", "cusparselt", "cusparselt+tiled", "cutlass", "cutlass+tiled", "auto"
+    ] = "reference"
     include: list[str] | None = None
     exclude: list[str] | None = None
     max_aspect_ratio: float | None = None

@@ -19,7 +19,6 @@ from torch import nn
 
 from slope_lightning.bench.common import median_seconds
 from slope_lightning.sparse import SparseLinear
-from slope_lightning.sparse.backends import SparseBackend, resolve_backend
 
 Shape = tuple[int, int]
 
@@ -46,19 +45,6 @@ def shapes_of(models: Iterable[str]) -> list[Shape]:
             raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODEL_SHAPES)}")
         shapes += [shape for shape in MODEL_SHAPES[model] if shape not in shapes]
     return shapes
-
-
-def make_backend(name: str) -> SparseBackend:
-    """A backend by name; ``cusparselt+tiled`` / ``cutlass+tiled`` cut tall operands in tiles."""
-    if not name.endswith("+tiled"):
-        return resolve_backend(name)
-    from slope_lightning.sparse.gpu import CuSparseLtOps, CutlassOps, SemiStructuredBackend
-
-    ops = {"cusparselt": CuSparseLtOps, "cutlass": CutlassOps}.get(name.removesuffix("+tiled"))
-    if ops is None:
-        raise ValueError(f"unknown backend {name!r}; only cusparselt and cutlass can be tiled")
-    resolve_backend(name.removesuffix("+tiled"))  # the same clear error without a GPU
-    return SemiStructuredBackend(ops(), tile_forward=True, tile_backward=True)
 
 
 def _phase_runner(phase: str, layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -142,7 +128,7 @@ def _backend_rows(
         "backend": label,
     }
     try:
-        sparse = SparseLinear.from_linear(dense, backend=make_backend(backend))
+        sparse = SparseLinear.from_linear(dense, backend=backend)
         sparse_s = {phase: _time_phase(phase, sparse, x, repeats) for phase in dense_s}
     except Exception as error:  # cannot run this shape/dtype/device, or a kernel failed
         lines = str(error).strip().splitlines() or [""]

@@ -168,13 +168,6 @@ def state_storages(model: nn.Module) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors if t.numel() > 0}
 
 
-def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """:func:`memory_report`'s exact total: parameters, gradients, optimizer state, buffers
-    and every layer's caches (SLoPe's kernel operands and merged inference operands, the
-    transposable baseline's mask or compressed W_s and W_sᵀ)."""
-    return memory_report(model, optimizer).total
-
-
 def kernels_used(model: nn.Module) -> str:
     """Which GEMMs the sparse layers ran: SLoPe's backend (``auto``'s choice once made) and
     the transposable layers' kernels; ``"dense"`` for a model without sparse layers."""
@@ -218,7 +211,7 @@ def _training_peak(
     assert loss is not None
     loss.backward()
     optimizer.step()
-    state = model_state_bytes(model, optimizer)  # with gradients, before zero_grad
+    state = memory_report(model, optimizer).total  # with gradients, before zero_grad
     optimizer.zero_grad(set_to_none=True)
     del loss
     row: dict[str, Any] = {
@@ -263,7 +256,7 @@ def _inference_peak(
         merge_for_inference(model)
     idx = torch.randint(0, config.vocab_size, (batch, config.seq_len), device=device)  # (B, T)
     model(idx)  # warm-up: builds the fused inference caches
-    state = model_state_bytes(model)  # parameters, buffers, merged caches; no gradients
+    state = memory_report(model).total  # parameters, buffers, merged caches; no grads
     row: dict[str, Any] = {"state_MiB": state / 2**20, "saved_activations_MiB": None}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -319,9 +312,7 @@ def peak_rows(
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if batch < 1 or (seq_len is not None and seq_len < 1):
         raise ValueError(f"batch and seq_len must be positive, got {batch} and {seq_len}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = _default_device(device)
     if seq_len is not None:
         overrides = {**overrides, "seq_len": seq_len}
     ordered = ["dense", *(m for m in methods if m != "dense")]

@@ -19,9 +19,18 @@ from torch import Tensor
 from slope_lightning.sparse.kernel_ops import KernelChoices, gather_grad
 from slope_lightning.sparse.layout import NMLayout
 
-BackendName = Literal["reference", "cusparselt", "cutlass", "auto"]
-KNOWN_BACKENDS: tuple[str, ...] = ("reference", "cusparselt", "cutlass", "auto")
-GPU_BACKENDS: tuple[str, ...] = ("cusparselt", "cutlass", "auto")
+BackendName = Literal[
+    "reference", "cusparselt", "cusparselt+tiled", "cutlass", "cutlass+tiled", "auto"
+]
+#: "+tiled": tall operands cut into square row tiles (the paper's tiling), always on.
+GPU_BACKENDS: tuple[str, ...] = (
+    "cusparselt",
+    "cusparselt+tiled",
+    "cutlass",
+    "cutlass+tiled",
+    "auto",
+)
+KNOWN_BACKENDS: tuple[str, ...] = ("reference", *GPU_BACKENDS)
 
 
 class OperandCache:
@@ -77,9 +86,12 @@ class SparseBackend(ABC):
     """
 
     name: str
+    #: Class default (torch everywhere), so a subclass that never calls this __init__ works.
+    kernels: KernelChoices = KernelChoices()
 
     def __init__(self, kernels: KernelChoices | None = None) -> None:
-        self.kernels = kernels if kernels is not None else KernelChoices()
+        if kernels is not None:
+            self.kernels = kernels
 
     def unsupported(self, layout: NMLayout, dtype: torch.dtype, device: torch.device) -> str | None:
         """Why this backend cannot run the layer, or None if it can."""

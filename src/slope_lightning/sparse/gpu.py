@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -34,6 +34,7 @@ from slope_lightning.sparse.backends import (
 from slope_lightning.sparse.kernel_ops import (
     KernelChoices,
     add_bias,
+    derive_col_index,
     kernels_unavailable,
     measure_kernels,
 )
@@ -312,7 +313,7 @@ class AutoBackend(SparseBackend):
 
     @property
     def kernels(self) -> KernelChoices:  # type: ignore[override]
-        """The chosen backend's kernel choices (all torch before the first forward)."""
+        """The running decision's kernel choices (all torch before the first forward)."""
         return self.choice.kernels if self.choice is not None else KernelChoices()
 
     def _key(self, layout: NMLayout, x: Tensor) -> str:
@@ -351,7 +352,16 @@ class AutoBackend(SparseBackend):
             return KernelChoices()
         key = self._key(layout, x) + "|kernels"
         cached = table.get(key)
-        if isinstance(cached, dict):
+        known = {field.name for field in fields(KernelChoices)}
+        if (
+            isinstance(cached, dict)
+            and set(cached) == known
+            and set(cached.values())
+            <= {
+                "torch",
+                "triton",
+            }
+        ):
             self.kernel_reason = f"cached measurement ({self.autotune_file})"
             return KernelChoices(**cached)
         choices, times = measure_kernels(layout, x.dtype, x.device, tokens=x.shape[0])
@@ -418,9 +428,9 @@ class AutoBackend(SparseBackend):
         chosen = self.choices.get(decision)
         if chosen is None:
             # M_C for timing the backward: derived from W_R as the layer derives it.
-            col_index = layout.transposed().prune(layout.to_dense(values, row_index).t())[1]
+            col_index = derive_col_index(values, row_index, layout, "torch")
             chosen = self.choices[decision] = self._choose(x, values, row_index, col_index, layout)
-            self.choice = chosen
+        self.choice = chosen  # the decision running now: reports, kernels and grad_values
         return chosen.forward(x, values, row_index, bias, layout, cache, key)
 
     def grad_input(
@@ -433,21 +443,34 @@ class AutoBackend(SparseBackend):
         cache: OperandCache | None = None,
         key: Hashable = None,
     ) -> Tensor:
+        chosen = self._decided(layout, grad_out, "grad_input")
+        return chosen.grad_input(grad_out, values, row_index, col_index, layout, cache, key)
+
+    def grad_values(
+        self, grad_out: Tensor, x: Tensor, row_index: Tensor, layout: NMLayout
+    ) -> Tensor:
+        return self._decided(layout, grad_out, "grad_values").grad_values(
+            grad_out, x, row_index, layout
+        )
+
+    def _decided(self, layout: NMLayout, grad_out: Tensor, what: str) -> SparseBackend:
+        """The decision the forward of this operand and token count made."""
         chosen = self.choices.get(self._decision(layout, grad_out))
         if chosen is None:
             raise RuntimeError(
-                f"auto backend: grad_input for {grad_out.shape[0]} tokens of a "
+                f"auto backend: {what} for {grad_out.shape[0]} tokens of a "
                 f"{layout.rows}x{layout.cols} operand before any forward of that size"
             )
-        return chosen.grad_input(grad_out, values, row_index, col_index, layout, cache, key)
+        return chosen
 
 
 def make_gpu_backend(name: str) -> SparseBackend:
-    """The GPU backend called ``name``: "cusparselt", "cutlass" or "auto"."""
-    if name == "cusparselt":
-        return SemiStructuredBackend(CuSparseLtOps())
-    if name == "cutlass":
-        return SemiStructuredBackend(CutlassOps())
+    """The GPU backend called ``name``: "cusparselt", "cutlass" (each optionally "+tiled")
+    or "auto"."""
+    tiled = name.endswith("+tiled")
+    ops = {"cusparselt": CuSparseLtOps, "cutlass": CutlassOps}.get(name.removesuffix("+tiled"))
+    if ops is not None:
+        return SemiStructuredBackend(ops(), tile_forward=tiled, tile_backward=tiled)
     if name == "auto":
         cslt = CuSparseLtOps()
         return AutoBackend(
@@ -457,4 +480,6 @@ def make_gpu_backend(name: str) -> SparseBackend:
                 SemiStructuredBackend(CutlassOps()),
             ]
         )
-    raise ValueError(f"unknown GPU backend {name!r}; choose cusparselt, cutlass or auto")
+    raise ValueError(
+        f"unknown GPU backend {name!r}; choose cusparselt, cutlass (each optionally +tiled) or auto"
+    )

@@ -31,7 +31,7 @@ Impl = Literal["torch", "triton"]
 IMPLS: tuple[str, ...] = ("torch", "triton")
 
 
-@dataclass
+@dataclass(frozen=True)
 class KernelChoices:
     """Which implementation runs each replaceable step of one layer."""
 
