@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slope_lightning.sparse.backends import OperandCache
+from slope_lightning.sparse.gpu import CuSparseLtOps, CutlassOps, SemiStructuredOps
 from slope_lightning.sparse.linear import SparseLinear, compute_dtype_of
 from slope_lightning.sparse.sparsify import (
     DEFAULT_EXCLUDE,
@@ -151,6 +152,11 @@ def _pad_tokens(x: Tensor) -> Tensor:
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
+def _ops(kernel: str) -> SemiStructuredOps:
+    """SLoPe's own wrappers of the GEMM kernels: the same limits and algorithm search."""
+    return CutlassOps() if kernel == "cutlass" else CuSparseLtOps()
+
+
 def _kernel_problem(
     kernel: str, d_out: int, d_in: int, dtype: torch.dtype, device: torch.device
 ) -> str | None:
@@ -161,18 +167,12 @@ def _kernel_problem(
         return f"{kernel} needs a CUDA tensor, got {device}"
     if torch.version.hip is not None:
         return f"{kernel}: torch._sparse_semi_structured_tile is not built for ROCm"
-    if dtype not in (torch.float16, torch.bfloat16):
+    ops = _ops(kernel)
+    if dtype not in ops.limits:
         return f"{kernel} computes in float16 or bfloat16, not {dtype}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if kernel == "cutlass" and major != 8:
-        # torch's CUTLASS 2:4 GEMM (sparse_semi_structured_mad_op) checks for compute
-        # capability 8.x and fails elsewhere, Hopper included.
-        return f"torch's CUTLASS 2:4 GEMM runs on sm80-sm89 GPUs only, this one is sm{major}{minor}"
-    if kernel == "cusparselt":
-        if major < 8:
-            return f"cusparselt needs an sm80+ GPU, this one is sm{major}{minor}"
-        if not torch.backends.cusparselt.is_available():
-            return "this torch build has no cuSPARSELt"
+    why = ops.unsupported_gpu(torch.cuda.get_device_capability(device))
+    if why is not None:
+        return why
     if d_out % _GPU_MULTIPLE or d_in % _GPU_MULTIPLE:
         return (
             f"{kernel} needs d_out and d_in to be multiples of {_GPU_MULTIPLE}, "
@@ -219,24 +219,22 @@ def _build_operands(kernel: str, weight: Tensor, compute_dtype: torch.dtype) -> 
 
 
 def _sparse_mm(
-    kernel: str, operands: tuple[Tensor, ...], dense: Tensor, transposed: bool
+    kernel: str, operands: tuple[Tensor, ...], dense: Tensor, rows: int, transposed: bool
 ) -> Tensor:
     """dense @ W_sᵀ (``transposed=False``) or dense @ W_s (``transposed=True``), 2-D.
 
-    The sparse operand must be the left one: dense @ Aᵀ is computed as (A denseᵀ)ᵀ, with A
-    the packed W_s (d_out, d_in) or W_sᵀ (d_in, d_out).
+    The sparse operand A is the packed W_s (d_out, d_in) or W_sᵀ (d_in, d_out), with ``rows``
+    rows; the result is dense @ Aᵀ of shape (T, rows), through SLoPe's own kernel wrappers.
     """
     tokens = dense.shape[0]
     # Contiguous first: an incoming gradient may be a stride-0 expand, which no kernel takes.
-    padded = _pad_tokens(dense.contiguous())  # (T8, k); padded.t() is column-major (k, T8)
+    padded = _pad_tokens(dense.contiguous())  # (T8, k)
     if kernel == "cutlass":
         packed, meta, packed_t, meta_t, _ = operands
-        values, metadata = (packed_t, meta_t) if transposed else (packed, meta)
-        out = torch._sparse_semi_structured_mm(values, metadata, padded.t()).t()  # (T8, n)
+        operand: Any = (packed_t, meta_t) if transposed else (packed, meta)
     else:  # cusparselt
-        compressed = operands[1] if transposed else operands[0]
-        out = torch._cslt_sparse_mm(compressed, padded.t(), transpose_result=True)  # (T8, n)
-    return out[:tokens]
+        operand = operands[1] if transposed else operands[0]
+    return _ops(kernel).matmul(operand, padded, rows)[:tokens]  # (T, rows)
 
 
 class _TransposableLinearFunction(torch.autograd.Function):
@@ -260,7 +258,7 @@ class _TransposableLinearFunction(torch.autograd.Function):
                 w_s = weight.to(compute_dtype) * operands[0]  # (d_out, d_in), transient
                 y2d = x2d @ w_s.t()  # (T, d_out)
             else:
-                y2d = _sparse_mm(kernel, operands, x2d, transposed=False)  # (T, d_out)
+                y2d = _sparse_mm(kernel, operands, x2d, d_out, transposed=False)  # (T, d_out)
             if bias is not None:
                 y2d = y2d + bias.to(compute_dtype)
         ctx.save_for_backward(x2d, weight)
@@ -286,7 +284,8 @@ class _TransposableLinearFunction(torch.autograd.Function):
                     w_s = weight.to(ctx.compute_dtype) * ctx.operands[0]  # (d_out, d_in)
                     grad_x = dy @ w_s  # (T, d_in)
                 else:
-                    grad_x = _sparse_mm(ctx.kernel, ctx.operands, dy, transposed=True)
+                    d_in = weight.shape[1]
+                    grad_x = _sparse_mm(ctx.kernel, ctx.operands, dy, d_in, transposed=True)
                 grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
                 # Dense and straight through to the master weight: pruned entries get their
