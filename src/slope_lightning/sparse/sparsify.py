@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -100,6 +100,57 @@ def _linear_children(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Mod
     return found
 
 
+def linear_candidates(
+    model: nn.Module,
+    include: Sequence[str] | None,
+    exclude: Sequence[str],
+    multiple: int,
+    what: str,
+    multiple_name: str = "",
+) -> Iterator[tuple[str, nn.Module, str, nn.Module, str | None]]:
+    """Every Linear/SparseLinear child of ``model`` and why it stays as it is (None: convert).
+
+    Yields (qualified name, parent, attribute, child, reason). The selection rules shared by
+    :func:`sparsify` and the baselines: ``exclude`` patterns, ``include`` patterns, weights
+    shared with another module (tied heads), non-float weights, and sizes not divisible by
+    ``multiple`` (called ``multiple_name`` in messages, e.g. "m=4"). A SparseLinear child
+    is yielded with its "already sparse" reason.
+
+    Raises:
+        ValueError: a layer matched by ``include`` cannot be converted (``what`` names the
+            conversion in the message).
+    """
+    owners = _parameter_owners(model)
+    for name, parent, attr, child in _linear_children(model):
+        if isinstance(child, SparseLinear):
+            yield name, parent, attr, child, f"already sparse ({child.n}:{child.m})"
+            continue
+        excluded_by = _matches(name, exclude)
+        if excluded_by is not None:
+            yield name, parent, attr, child, f"excluded by pattern {excluded_by!r}"
+            continue
+        included_by = _matches(name, include) if include is not None else None
+        if include is not None and included_by is None:
+            yield name, parent, attr, child, "not matched by include patterns"
+            continue
+        d_out, d_in = child.out_features, child.in_features
+        shared = [o for o in owners[id(child.weight)] if o != f"{name}.weight"]
+        problem = None
+        if shared:
+            problem = f"weight shared with {', '.join(shared)}"
+        elif not child.weight.is_floating_point():
+            problem = f"weight dtype {child.weight.dtype} is not floating point"
+        elif d_in % multiple or d_out % multiple:
+            divisor = multiple_name or str(multiple)
+            problem = f"d_in={d_in} and d_out={d_out} must both be divisible by {divisor}"
+        if problem is not None and included_by is not None:
+            raise ValueError(
+                f"layer {name!r} matches include pattern {included_by!r} but cannot be "
+                f"{what}: {problem}; remove it from include or change the layer"
+            )
+        yield name, parent, attr, child, problem
+
+
 def sparsify(
     model: nn.Module,
     n: int = 2,
@@ -147,10 +198,11 @@ def sparsify(
     if max_aspect_ratio is not None and max_aspect_ratio < 1:
         raise ValueError(f"max_aspect_ratio must be >= 1, got {max_aspect_ratio}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    owners = _parameter_owners(model)
     report = SparsifyReport(n=n, m=m, backend=backend if isinstance(backend, str) else backend.name)
 
-    for name, parent, attr, child in _linear_children(model):
+    for name, parent, attr, child, reason in linear_candidates(
+        model, include, exclude, m, f"sparsified {n}:{m}", multiple_name=f"m={m}"
+    ):
         d_out, d_in = child.out_features, child.in_features
 
         def decide(
@@ -158,33 +210,8 @@ def sparsify(
         ) -> None:
             report.layers.append(LayerDecision(name, d_out, d_in, converted, reason))
 
-        if isinstance(child, SparseLinear):
-            decide(True, f"already sparse ({child.n}:{child.m})")
-            continue
-        excluded_by = _matches(name, exclude)
-        if excluded_by is not None:
-            decide(False, f"excluded by pattern {excluded_by!r}")
-            continue
-        included_by = _matches(name, include) if include is not None else None
-        if include is not None and included_by is None:
-            decide(False, "not matched by include patterns")
-            continue
-        shared = [o for o in owners[id(child.weight)] if o != f"{name}.weight"]
-        if shared:
-            decide(False, f"weight shared with {', '.join(shared)}")
-            continue
-        problem = None
-        if not child.weight.is_floating_point():
-            problem = f"weight dtype {child.weight.dtype} is not floating point"
-        elif d_in % m or d_out % m:
-            problem = f"d_in={d_in} and d_out={d_out} must both be divisible by m={m}"
-        if problem is not None:
-            if included_by is not None:
-                raise ValueError(
-                    f"layer {name!r} matches include pattern {included_by!r} but cannot be "
-                    f"sparsified: {problem}; remove it from include or change the layer"
-                )
-            decide(False, problem)
+        if reason is not None:
+            decide(isinstance(child, SparseLinear), reason)
             continue
         ratio = max(d_out, d_in) / min(d_out, d_in)
         if max_aspect_ratio is not None and ratio > max_aspect_ratio:

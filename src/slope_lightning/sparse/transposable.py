@@ -47,13 +47,8 @@ from torch import Tensor, nn
 
 from slope_lightning.sparse.backends import OperandCache
 from slope_lightning.sparse.gpu import CuSparseLtOps, CutlassOps, SemiStructuredOps
-from slope_lightning.sparse.linear import SparseLinear, compute_dtype_of
-from slope_lightning.sparse.sparsify import (
-    DEFAULT_EXCLUDE,
-    _linear_children,
-    _matches,
-    _parameter_owners,
-)
+from slope_lightning.sparse.linear import compute_dtype_of
+from slope_lightning.sparse.sparsify import DEFAULT_EXCLUDE, linear_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -542,35 +537,12 @@ def transposable_sparsify(
             "transposable_sparsify() swaps layers inside a model; for a single layer use "
             "TransposableSparseLinear.from_linear(linear)"
         )
-    owners = _parameter_owners(model)
     converted: list[str] = []
-    for name, parent, attr, child in _linear_children(model):
-        if isinstance(child, SparseLinear):
-            logger.info("%s: left alone (already a SLoPe SparseLinear)", name)
-            continue
-        if _matches(name, exclude) is not None:
-            continue
-        included_by = _matches(name, include) if include is not None else None
-        if include is not None and included_by is None:
-            continue
-        shared = [o for o in owners[id(child.weight)] if o != f"{name}.weight"]
-        problem = None
-        if shared:
-            problem = f"weight shared with {', '.join(shared)}"
-        elif not child.weight.is_floating_point():
-            problem = f"weight dtype {child.weight.dtype} is not floating point"
-        elif child.in_features % 4 or child.out_features % 4:
-            problem = (
-                f"d_in={child.in_features} and d_out={child.out_features} must both be "
-                "divisible by 4"
-            )
-        if problem is not None:
-            if included_by is not None:
-                raise ValueError(
-                    f"layer {name!r} matches include pattern {included_by!r} but cannot be "
-                    f"made transposable 2:4: {problem}; remove it from include"
-                )
-            logger.info("%s: left dense (%s)", name, problem)
+    for name, parent, attr, child, reason in linear_candidates(
+        model, include, exclude, 4, "made transposable 2:4"
+    ):
+        if reason is not None:
+            logger.info("%s: left as it is (%s)", name, reason)
             continue
         setattr(parent, attr, TransposableSparseLinear.from_linear(child, kernel, name=name))
         converted.append(name)
