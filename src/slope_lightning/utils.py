@@ -1,0 +1,102 @@
+"""Small shared utilities: file digests, atomic writes and timing.
+
+A leaf module: it imports only the standard library and torch, so every layer (the torch-only
+``sparse/`` included) can use it. One of each: no other module hashes files, writes files
+atomically or times code on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (files may be large)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    """Hex sha256 of a string's UTF-8 bytes (cache keys built from settings)."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
+
+    Whatever the writer does (``save_file``, ``tokenizer.save``, ``ndarray.tofile``), a crash
+    or an exception leaves either the old file or none, never a half-written one that later
+    looks valid. The temporary file is removed on failure.
+
+    Example:
+        >>> with atomic_path(target) as tmp:  # doctest: +SKIP
+        ...     save_file(tensors, str(tmp))
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write ``data`` (bytes, or text as UTF-8) to ``path`` through a temporary file."""
+    payload = data.encode() if isinstance(data, str) else data
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
+
+
+def median_ms(
+    fn: Callable[[], object], device: torch.device | str, repeats: int = 10, warmup: int = 1
+) -> float:
+    """Median milliseconds of one ``fn()`` call over ``repeats`` calls, after ``warmup`` calls.
+
+    The median, not the mean, so one slow outlier (a page fault, another process) does not
+    decide. On CUDA each call is bracketed by events recorded on the stream and the host
+    synchronises once, after the last call, so the timing adds no sync between calls and
+    measures the device time a training step would see. Elsewhere ``perf_counter``.
+    """
+    if repeats < 1:
+        raise ValueError(f"median_ms: repeats must be >= 1, got {repeats}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()  # builds caches, compiles kernels: setup, not timed
+    if device.type == "cuda":
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(repeats)
+        ]
+        torch.cuda.synchronize(device)
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)  # the one sync point of the measurement
+        return statistics.median(start.elapsed_time(end) for start, end in events)
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
