@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from slope_lightning.sparse import add_adapters, merge_for_inference, sparsify
-from slope_lightning.sparse.gpu import AutoBackend
+from slope_lightning.sparse.backends import AutoBackend
 from test_gpu_backends import emulated
 
 
@@ -36,11 +36,7 @@ def train(model: nn.Module, steps: int = 3) -> list[float]:
 def test_a_compiled_sparse_model_trains_like_the_eager_one(backend, tmp_path):
     def sparse_model() -> nn.Module:
         model = mlp()
-        chosen = (
-            AutoBackend([emulated()], autotune_file=tmp_path / "a.json", repeats=1)
-            if backend == "auto"
-            else backend
-        )
+        chosen = AutoBackend([emulated()]) if backend == "auto" else backend
         sparsify(model, backend=chosen)
         return model
 

@@ -1,56 +1,36 @@
 """GPU backend logic (padding, tiling, operand caching, dispatch, auto-tuning), proved on CPU
-with emulated 2:4 kernels; the real kernels are checked in the `gpu` group."""
+through the emulated 2:4 ops; the real kernels are checked in the `gpu` group."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+import json
 
 import pytest
 import torch
 from torch import nn
 
 from slope_lightning import add_adapters, merge_for_inference, sparsify
-from slope_lightning.sparse import SparseLinear, backend_report, sparse_layers
-from slope_lightning.sparse.backends import ReferenceBackend
-from slope_lightning.sparse.gpu import (
+from slope_lightning.sparse import SparseLinear, backend_report, sparse_layers, use_decision_store
+from slope_lightning.sparse.backends import (
     AutoBackend,
+    BackendName,
+    DecisionStore,
+    ReferenceBackend,
+    SemiStructuredBackend,
+    make_backend,
+    resolve_backend,
+    row_tiles,
+)
+from slope_lightning.sparse.backends.ops import (
+    ALGORITHM_IDS,
     CuSparseLtOps,
     CutlassOps,
-    SemiStructuredBackend,
-    ShapeLimits,
-    make_gpu_backend,
-    row_tiles,
+    EmulatedOps,
 )
 
 
-class EmulatedOps:
-    """Stands in for cuSPARSELt: dense math on CPU, with the kernels' shape rules asserted."""
-
-    name = "emulated"
-    limits: ClassVar[dict[torch.dtype, ShapeLimits]] = {
-        torch.float64: ShapeLimits(16, 16, 8),
-        torch.float32: ShapeLimits(16, 16, 8),
-    }
-
-    def __init__(self) -> None:
-        self.compressed_shapes: list[tuple[int, int]] = []
-
-    def compress(self, dense):
-        rows, cols = dense.shape
-        assert rows % 16 == 0 and cols % 16 == 0
-        groups = (dense != 0).view(rows, cols // 4, 4).sum(-1)
-        assert (groups <= 2).all(), "operand is not 2:4 along its columns"
-        self.compressed_shapes.append((rows, cols))
-        return dense.clone()
-
-    def matmul(self, packed, x, rows):
-        assert x.shape[0] % 8 == 0, "token dimension must be padded"
-        assert packed.shape[0] == rows
-        return x @ packed.t()
-
-
-def emulated(**kwargs) -> SemiStructuredBackend:
-    return SemiStructuredBackend(EmulatedOps(), require_cuda=False, **kwargs)
+def emulated(tiled: bool = False) -> SemiStructuredBackend:
+    return SemiStructuredBackend(EmulatedOps(), tiled=tiled)
 
 
 def twin_layers(d_in, d_out, backend, seed=0):
@@ -62,10 +42,10 @@ def twin_layers(d_in, d_out, backend, seed=0):
 @pytest.mark.parametrize("tokens", [13, 16, 1])
 @pytest.mark.parametrize(
     ("d_in", "d_out", "tiles"),
-    [(32, 32, {}), (16, 64, {"tile_forward": True}), (64, 16, {"tile_backward": True})],
+    [(32, 32, False), (16, 64, True), (64, 16, True)],
 )
 def test_sparse_gemm_backend_matches_reference(tokens, d_in, d_out, tiles):
-    reference, layer = twin_layers(d_in, d_out, emulated(**tiles))
+    reference, layer = twin_layers(d_in, d_out, emulated(tiled=tiles))
     x = torch.randn(tokens, d_in, dtype=torch.float64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     grad = torch.randn(tokens, d_out, dtype=torch.float64)
@@ -81,26 +61,82 @@ def test_tiles_are_square_row_blocks():
     assert row_tiles(40, 16, tile=True) == [(0, 16), (16, 32), (32, 40)]
     assert row_tiles(16, 64, tile=True) == [(0, 16)]
     assert row_tiles(64, 16, tile=False) == [(0, 64)]
-    backend = emulated(tile_forward=True, tile_backward=True)
+    backend = emulated(tiled=True)
     _, layer = twin_layers(16, 64, backend)
     layer(torch.randn(8, 16, dtype=torch.float64, requires_grad=True)).sum().backward()
     assert backend.ops.compressed_shapes == [(16, 16)] * 4 + [(16, 64)]  # W_R tiled, W_RCᵀ not
 
 
-def test_compressed_operands_are_rebuilt_only_when_values_or_mask_change():
+def test_training_keeps_no_kernel_operand_between_steps():
     backend = emulated()
     _, layer = twin_layers(32, 32, backend)
     layer.transpose_mask_interval = None
     x = torch.randn(8, 32, dtype=torch.float64, requires_grad=True)
-    for _ in range(3):
+    for step in range(3):
         layer(x).sum().backward()
-    assert layer._operands.builds == 2  # forward W_R and backward W_RCᵀ, once each
-    torch.optim.SGD(layer.parameters(), lr=0.1).step()
-    layer(x).sum().backward()
-    assert layer._operands.builds == 4  # new values: both rebuilt
-    layer.refresh_transpose_mask()
-    layer(x).sum().backward()
-    assert layer._operands.builds == 5  # new M_C: only W_RCᵀ rebuilt
+        assert len(backend.ops.compressed_shapes) == 2 * (step + 1)  # W_R, then W_RCᵀ
+        assert layer.cached_tensors() == []  # nothing held next to the values
+
+
+def test_inference_operands_are_reused_until_the_weight_or_mask_changes():
+    backend = emulated()
+    _, layer = twin_layers(32, 32, backend)
+    layer.transpose_mask_interval = None
+    x = torch.randn(8, 32, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+    assert layer._operands.builds == 1 and len(layer.cached_tensors()) == 1
+    with torch.no_grad():
+        layer.values.mul_(2)  # an in-place update moves the version
+        layer(x)
+    assert layer._operands.builds == 2
+    layer(x.requires_grad_()).sum().backward()  # a training forward drops the copies
+    assert layer.cached_tensors() == []
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.AdamW(p, lr=0.1, fused=True),
+        lambda p: torch.optim.AdamW(p, lr=0.1, foreach=True),
+        lambda p: torch.optim.AdamW(p, lr=0.1, foreach=False),
+        lambda p: torch.optim.SGD(p, lr=0.1),
+    ],
+    ids=["adamw-fused", "adamw-foreach", "adamw-loop", "sgd"],
+)
+@pytest.mark.parametrize("backend", ["reference", "emulated", "emulated_tiled"])
+def test_after_an_optimizer_step_inference_equals_a_freshly_built_layer(make_optimizer, backend):
+    torch.manual_seed(0)
+    layer = SparseLinear.from_linear(nn.Linear(32, 64), backend=backend)
+    x = torch.randn(8, 32)
+    optimizer = make_optimizer(layer.parameters())
+    with torch.no_grad():
+        layer(x)  # evaluation before the step fills the inference cache
+    layer(x).pow(2).sum().backward()
+    optimizer.step()
+    fresh = SparseLinear(32, 64, backend="reference")
+    fresh.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), fresh(x))
+
+
+def test_a_hand_written_update_to_and_load_state_dict_invalidate_the_inference_cache():
+    torch.manual_seed(0)
+    layer = SparseLinear.from_linear(nn.Linear(32, 32), backend="emulated")
+    other = SparseLinear.from_linear(nn.Linear(32, 32), backend="emulated")
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        layer(x)
+        for param in layer.parameters():
+            param.data.add_(1.0)  # .data: no version bump, but a new key is not needed...
+        layer.values.add_(0.0)  # ...once any in-place op on the Parameter moves it
+        expected = nn.functional.linear(x, layer.to_dense(), layer.bias)
+        torch.testing.assert_close(layer(x), expected)
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(layer(x), other(x))
+        moved = layer.to(torch.float64)
+        torch.testing.assert_close(moved(x.double()), other(x).double())
 
 
 def test_merged_inference_pads_adapter_rows_for_the_kernels():
@@ -114,15 +150,15 @@ def test_merged_inference_pads_adapter_rows_for_the_kernels():
         unmerged = model(x)
         merge_for_inference(model)
         torch.testing.assert_close(model(x), unmerged)
-    fused_values, _, up = model[0]._fused
-    assert fused_values.shape[0] % 32 == 0 and up.shape[0] == fused_values.shape[0] - 48
+    fused = model[0]._fused
+    assert fused.values.shape[0] % 32 == 0 and fused.up.shape[0] == fused.values.shape[0] - 48
 
 
 def test_tiled_merged_inference_keeps_the_adapter_rows():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 96, dtype=torch.float64))  # tall: 3 square row tiles
     ops = EmulatedOps()
-    sparsify(model, backend=SemiStructuredBackend(ops, tile_forward=True, require_cuda=False))
+    sparsify(model, backend=SemiStructuredBackend(ops, tiled=True))
     add_adapters(model, rank=5)
     with torch.no_grad():
         model[0].adapter.up.normal_()
@@ -138,53 +174,116 @@ def test_tiled_merged_inference_keeps_the_adapter_rows():
     ("kwargs", "dtype", "match"),
     [
         ({"n": 1, "m": 4}, torch.float64, "runs 2:4 only, not 1:4"),
-        ({}, torch.float16, "computes in float64, float32, not torch.float16"),
+        ({"d_out": 48, "d_in": 20}, torch.float64, "multiple of 16"),
         ({"d_out": 40}, torch.float64, "multiple of 16"),
     ],
 )
 def test_an_explicit_backend_that_cannot_run_a_layer_names_it(kwargs, dtype, match):
-    d_out = kwargs.pop("d_out", 32)
+    d_out, d_in = kwargs.pop("d_out", 32), kwargs.pop("d_in", 32)
     layer = SparseLinear(
-        32, d_out, backend=emulated(), name="blocks.0.mlp.up_proj", dtype=dtype, **kwargs
+        d_in, d_out, backend=emulated(), name="blocks.0.mlp.up_proj", dtype=dtype, **kwargs
     )
     with pytest.raises(RuntimeError, match=f"blocks.0.mlp.up_proj.*{match}"):
-        layer(torch.randn(4, 32, dtype=dtype))
+        layer(torch.randn(4, d_in, dtype=dtype))
 
 
-def test_auto_keeps_the_fastest_candidate_and_remembers_it(tmp_path, monkeypatch):
-    cache_file = tmp_path / "autotune.json"
-    fast, slow = emulated(), emulated(tile_forward=True)
-    auto = AutoBackend([fast, slow], autotune_file=cache_file, repeats=1)
-    timings = {"emulated": 1.0, "emulated+tiled": 2.0, "reference": 3.0}
-    monkeypatch.setattr(
-        AutoBackend, "_time", lambda self, backend, args, layout: timings[backend.name]
-    )
+def fixed_timer(timings, log=None):
+    """A timer that reports ``timings[backend name]`` instead of measuring."""
+
+    def timer(fn, device):
+        backend = fn.__closure__ and next(
+            c.cell_contents for c in fn.__closure__ if hasattr(c.cell_contents, "unsupported")
+        )
+        if log is not None:
+            log.append(backend.name)
+        value = timings[backend.name]
+        return value() if callable(value) else value
+
+    return timer
+
+
+def test_auto_keeps_the_fastest_candidate_and_remembers_it_in_its_store(tmp_path):
+    store_file = tmp_path / "autotune.json"
+    fast, slow = emulated(), emulated(tiled=True)
+    timings = {"emulated": 1.0, "emulated_tiled": 2.0, "reference": 3.0}
+    auto = AutoBackend([fast, slow], DecisionStore(store_file), timer=fixed_timer(timings))
     _, layer = twin_layers(32, 64, auto)
     layer(torch.randn(8, 32, dtype=torch.float64))
     assert auto.choice.name == "emulated" and auto.choice.ops is fast.ops
     assert "measured" in auto.reason
-    assert "emulated" in cache_file.read_text()
+    assert "emulated" in store_file.read_text()
 
-    def no_timing(*args):
-        raise AssertionError("a cached choice must not be re-measured")
+    def no_timing(fn, device):
+        raise AssertionError("a stored choice must not be re-measured")
 
-    monkeypatch.setattr(AutoBackend, "_time", no_timing)
-    again = AutoBackend([emulated(), emulated(tile_forward=True)], autotune_file=cache_file)
+    again = AutoBackend([emulated(), emulated(tiled=True)], DecisionStore(store_file), no_timing)
     _, layer = twin_layers(32, 64, again)
     layer(torch.randn(8, 32, dtype=torch.float64))
-    assert again.choice.name == "emulated" and "cached" in again.reason
+    assert again.choice.name == "emulated" and "stored" in again.reason
 
 
-def test_auto_decides_again_for_another_token_bucket_or_operand_shape(tmp_path, monkeypatch):
+def test_auto_keeps_its_decisions_in_memory_unless_given_a_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    auto = make_backend("auto")
+    assert auto.store.path is None
+    model = nn.Sequential(nn.Linear(32, 32))
+    sparsify(model, backend="emulated")
+    store = use_decision_store(model, tmp_path / "run" / "autotune.json")
+    assert store.path == tmp_path / "run" / "autotune.json"
+    assert not (tmp_path / ".cache").exists()
+
+
+def test_a_corrupt_decision_file_is_remeasured_not_trusted(tmp_path, caplog):
+    store_file = tmp_path / "autotune.json"
+    store_file.write_text("{not json")
+    store = DecisionStore(store_file)
+    assert store.get("anything") is None
+    assert "ignoring unreadable" in caplog.text
+    store.put("k", "reference")
+    assert json.loads(store_file.read_text()) == {"k": "reference"}
+
+
+def test_measuring_draws_nothing_from_the_global_random_generator():
+    auto = AutoBackend([emulated()], timer=lambda fn, device: (fn(), 1.0)[1])
+    _, layer = twin_layers(32, 32, auto)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    layer(torch.randn(8, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_auto_times_training_operands_with_their_per_step_rebuild():
+    ops = EmulatedOps()
+    pick = fixed_timer({"emulated": 1.0, "reference": 2.0})
+
+    def timer(fn, device):
+        fn()
+        fn()
+        return pick(fn, device)
+
+    auto = AutoBackend([SemiStructuredBackend(ops)], timer=timer)
+    _, layer = twin_layers(32, 32, auto)
+    layer(torch.randn(8, 32, dtype=torch.float64, requires_grad=True)).sum().backward()
+    # two timed calls, each compressing W_R and W_RCᵀ anew; then the real step's two
+    assert auto.choice.name == "emulated"
+    assert len(ops.compressed_shapes) == 2 * 2 + 2
+
+
+def test_auto_decides_again_for_another_token_bucket_or_operand_shape(tmp_path):
     measured = []
 
-    def fake_time(self, backend, args, layout):
-        measured.append((layout.rows, args[0].shape[0], backend.name))
-        tokens = args[0].shape[0]  # sparse wins on big batches, dense when decoding
+    def fake_timer(fn, device):
+        cells = [c.cell_contents for c in fn.__closure__]
+        backend = next(c for c in cells if hasattr(c, "unsupported"))
+        x = next(
+            c for c in cells if isinstance(c, torch.Tensor) and c.dim() == 2 and c.shape[1] == 32
+        )
+        measured.append((x.shape[0], backend.name))
+        tokens = x.shape[0]  # sparse wins on big batches, dense when decoding
         return {"emulated": 1.0 if tokens > 8 else 3.0, "reference": 2.0}[backend.name]
 
-    monkeypatch.setattr(AutoBackend, "_time", fake_time)
-    auto = AutoBackend([emulated()], autotune_file=tmp_path / "a.json", repeats=1)
+    auto = AutoBackend([emulated()], DecisionStore(tmp_path / "a.json"), timer=fake_timer)
     reference, layer = twin_layers(32, 64, auto)
     for tokens in (64, 40, 1, 2):  # buckets 64, 64, 1, 2
         x = torch.randn(tokens, 32, dtype=torch.float64, requires_grad=True)
@@ -203,19 +302,20 @@ def test_auto_decides_again_for_another_token_bucket_or_operand_shape(tmp_path, 
     layer.unmerge()
     layer(torch.randn(64, 32, dtype=torch.float64)).sum().backward()  # training again
     assert auto.choice is auto.choices[(64, 32, torch.float64, 64)]  # the running decision
+    assert auto.running is auto.choice
     assert "auto -> emulated" in backend_report(nn.Sequential(layer))
 
 
-def test_auto_falls_back_to_the_dense_gemm_with_the_reason(tmp_path):
-    auto = AutoBackend([emulated()], autotune_file=tmp_path / "a.json")
+def test_auto_falls_back_to_the_dense_gemm_with_the_reason():
+    auto = AutoBackend([emulated()])
     layer = SparseLinear(32, 32, n=1, m=4, backend=auto)  # 1:4: no 2:4 kernel applies
     layer(torch.randn(4, 32))
     assert isinstance(auto.choice, ReferenceBackend)
     assert "runs 2:4 only" in auto.reason
 
 
-def test_auto_measures_for_real_on_cpu_and_reports_its_choice(tmp_path):
-    auto = AutoBackend([emulated()], autotune_file=tmp_path / "a.json", repeats=2)
+def test_auto_measures_for_real_on_cpu_and_reports_its_choice():
+    auto = AutoBackend([emulated()])
     reference, layer = twin_layers(32, 32, auto)
     model = nn.Sequential(layer)
     assert "auto -> ? (not chosen yet" in backend_report(model)
@@ -248,7 +348,7 @@ def test_cusparselt_searches_an_algorithm_once_per_shape_for_all_layers(monkeypa
         assert alg_id == 3
         return (packed @ dense).t().contiguous()  # (T, rows), as cuSPARSELt returns it
 
-    monkeypatch.setattr(CuSparseLtOps, "alg_ids", {})
+    monkeypatch.setattr(ALGORITHM_IDS, "ids", {})
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", search)
     monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm)
     weight, x = torch.randn(32, 16), torch.randn(8, 16)
@@ -264,16 +364,31 @@ def test_cusparselt_searches_an_algorithm_once_per_shape_for_all_layers(monkeypa
     assert CuSparseLtOps().matmul(weight, torch.randn(16, 16), 32) == 0  # default algorithm
 
 
-def test_unknown_gpu_backend_name():
-    expected = r"cusparselt, cutlass \(each optionally \+tiled\) or auto"
-    with pytest.raises(ValueError, match=expected):
-        make_gpu_backend("tensorrt")
+def test_backend_names_are_one_enum_that_parses_values_and_old_spellings():
+    assert BackendName.parse("cusparselt_tiled") is BackendName.cusparselt_tiled
+    assert BackendName.parse("cusparselt+tiled") is BackendName.cusparselt_tiled  # old spelling
+    assert all(member.name == member.value for member in BackendName)
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'; choose one of reference"):
+        make_backend("tensorrt")
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        sparsify(nn.Sequential(nn.Linear(8, 8)), backend="tensorrt")
 
 
 def test_tiled_backends_can_be_asked_for_by_name():
-    backend = make_gpu_backend("cusparselt+tiled")
-    assert backend.name == "cusparselt+tiled" and backend.tile_forward and backend.tile_backward
-    assert not make_gpu_backend("cutlass").tile_forward
+    backend = make_backend("cusparselt_tiled")
+    assert backend.name == "cusparselt_tiled" and backend.tiled
+    assert not make_backend("cutlass").tiled
+    assert make_backend("emulated").name == "emulated"
+
+
+def test_gpu_backends_by_name_need_cuda_but_emulated_runs_anywhere():
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="'cusparselt' runs 2:4 sparse GEMMs on a CUDA GPU"):
+            resolve_backend("cusparselt")
+    reference, layer = twin_layers(32, 32, "emulated")
+    x = torch.randn(8, 32, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), reference(x))
+    assert layer.backend.row_multiple == 32 and reference.backend.row_multiple == 1
 
 
 def test_a_backend_subclass_that_skips_the_base_init_still_works():
@@ -306,7 +421,6 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def test_gpu_backends_match_reference_in_bf16(name, d_in, d_out, tokens, tmp_path, monkeypatch):
     if name == "cutlass" and torch.cuda.get_device_capability()[0] != 8:
         pytest.skip("PyTorch's CUTLASS 2:4 kernels run on sm8x only")
-    monkeypatch.setenv("SLOPE_AUTOTUNE_FILE", str(tmp_path / "autotune.json"))
     torch.manual_seed(0)
     dense = nn.Linear(d_in, d_out, device="cuda", dtype=torch.bfloat16)
     reference = SparseLinear.from_linear(dense)

@@ -12,9 +12,14 @@ from torch import nn
 
 import slope_kernels
 from slope_lightning.sparse import KernelChoices, SparseLinear, backend_report
-from slope_lightning.sparse import gpu as gpu_module
-from slope_lightning.sparse.backends import ReferenceBackend
-from slope_lightning.sparse.gpu import AutoBackend
+from slope_lightning.sparse.backends import (
+    AutoBackend,
+    DecisionStore,
+    ReferenceBackend,
+    SemiStructuredBackend,
+)
+from slope_lightning.sparse.backends import auto as auto_module
+from slope_lightning.sparse.backends.ops import EmulatedOps
 from slope_lightning.sparse.kernel_ops import add_bias, measure_kernels
 from slope_lightning.sparse.layout import NMLayout
 from test_gpu_backends import emulated
@@ -66,7 +71,7 @@ def test_merged_inference_is_the_same_with_the_fused_lowrank_kernel(rank):
 
 
 def test_the_sparse_gemm_bias_add_kernel_matches_torch():
-    plain, kernel = twins(emulated(), emulated(kernels=TRITON))
+    plain, kernel = twins(emulated(), SemiStructuredBackend(EmulatedOps(), kernels=TRITON))
     x = torch.randn(13, 64)
     with torch.no_grad():
         torch.testing.assert_close(kernel(x), plain(x))
@@ -136,7 +141,7 @@ def test_bias_add_on_a_transposed_gemm_output_uses_torch():
 
 
 def test_auto_uses_torch_compositions_on_cpu_and_says_why(tmp_path):
-    auto = AutoBackend([emulated()], autotune_file=tmp_path / "a.json", repeats=1)
+    auto = AutoBackend([emulated()])
     layer = SparseLinear(64, 32, backend=auto)
     layer(torch.randn(8, 64))
     assert auto.kernels == KernelChoices()
@@ -151,10 +156,10 @@ def test_auto_measures_kernels_once_per_shape_and_caches_the_choice(tmp_path, mo
         measured.append((layout.rows, layout.cols, tokens))
         return KernelChoices(gather_grad="triton"), {"gather_grad": {"torch": 2.0, "triton": 1.0}}
 
-    monkeypatch.setattr(gpu_module, "kernels_unavailable", lambda device: None)
-    monkeypatch.setattr(gpu_module, "measure_kernels", fake_measure)
+    monkeypatch.setattr(auto_module, "kernels_unavailable", lambda device: None)
+    monkeypatch.setattr(auto_module, "measure_kernels", fake_measure)
     cache_file = tmp_path / "autotune.json"
-    auto = AutoBackend([emulated()], autotune_file=cache_file, repeats=1)
+    auto = AutoBackend([emulated()], DecisionStore(cache_file))
     layer = SparseLinear(64, 32, backend=auto, dtype=torch.float64)
     reference = SparseLinear(64, 32, dtype=torch.float64)
     reference.load_state_dict(layer.state_dict())
@@ -166,9 +171,9 @@ def test_auto_measures_kernels_once_per_shape_and_caches_the_choice(tmp_path, mo
     assert "gather_grad torch 2.000 / triton 1.000 ms" in auto.kernel_reason
     assert "|kernels" in cache_file.read_text()
 
-    again = AutoBackend([emulated()], autotune_file=cache_file, repeats=1)
+    again = AutoBackend([emulated()], DecisionStore(cache_file))
     SparseLinear(64, 32, backend=again, dtype=torch.float64)(x)
-    assert again.kernels.gather_grad == "triton" and "cached" in again.kernel_reason
+    assert again.kernels.gather_grad == "triton" and "stored" in again.kernel_reason
     assert len(measured) == 1
 
     # An entry written by another version (other steps) is measured again, not trusted.
@@ -176,7 +181,7 @@ def test_auto_measures_kernels_once_per_shape_and_caches_the_choice(tmp_path, mo
     key = next(k for k in table if k.endswith("|kernels"))
     table[key] = {"old_step": "triton"}
     cache_file.write_text(json.dumps(table))
-    third = AutoBackend([emulated()], autotune_file=cache_file, repeats=1)
+    third = AutoBackend([emulated()], DecisionStore(cache_file))
     SparseLinear(64, 32, backend=third, dtype=torch.float64)(x)
     assert len(measured) == 2 and "measured" in third.kernel_reason
 

@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 
 import slope_kernels._triton as kernel_runtime
 from slope_kernels import (
+    TRITON_AVAILABLE,
     bias_add,
     bias_add_reference,
     derive_transpose_index,
@@ -33,7 +34,8 @@ from slope_kernels import (
     gather_packed_grad,
     gather_packed_grad_reference,
 )
-from slope_lightning.sparse import NMLayout, SparseLinear
+from slope_kernels import gather_grad, packed_format, transpose_mask
+from slope_lightning.sparse import NMLayout, SparseLinear, packing
 
 INTERPRET = kernel_runtime.INTERPRET
 DEVICES = [
@@ -76,6 +78,139 @@ def stored_exactly(dtype: torch.dtype, device: str) -> dict[str, float]:
     if dtype == torch.bfloat16 and device == "cpu":
         return {"atol": 1e-30, "rtol": 2**-7}
     return {"atol": 0.0, "rtol": 0.0}
+
+
+# ---------------------------------------------------------------- the packed format
+
+FORMAT_FUNCTIONS = (
+    "bits_per_offset",
+    "packed_width",
+    "check_pattern",
+    "pack_positions",
+    "unpack_positions",
+    "unpack_columns",
+)
+PATTERNS = [(1, 2), (1, 4), (2, 4), (3, 4), (2, 3), (2, 8), (3, 8), (5, 16), (7, 200)]
+
+
+@pytest.mark.parametrize("name", FORMAT_FUNCTIONS)
+def test_library_and_kernels_share_one_packed_format(name):
+    """One definition: the library's packing module re-exports the kernels' format, and the
+    kernels' references use it, so neither side can drift from the other."""
+    assert getattr(packing, name) is getattr(packed_format, name)
+    for module in (gather_grad, transpose_mask):
+        if hasattr(module, name):
+            assert getattr(module, name) is getattr(packed_format, name), module.__name__
+
+
+def random_positions(rows: int, groups: int, n: int, m: int, seed: int = 0) -> torch.Tensor:
+    """Offsets (rows, groups, n): n distinct values of [0, m) per group, ascending."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.rand(rows, groups, m, generator=g).argsort(-1)[..., :n]
+    return chosen.sort(-1).values  # (rows, groups, n) int64
+
+
+@pytest.mark.parametrize(("n", "m"), PATTERNS)
+@pytest.mark.parametrize(("rows", "groups"), [(1, 1), (3, 5), (13, 9)])
+def test_packed_format_round_trips_and_matches_the_layout(n, m, rows, groups):
+    positions = random_positions(rows, groups, n, m, seed=rows * groups + m)
+    packed = packed_format.pack_positions(positions, m)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (rows, packed_format.packed_width(groups * n, m))
+    unpacked = packed_format.unpack_positions(packed, m, groups, n)
+    assert unpacked.dtype == torch.int64 and torch.equal(unpacked, positions)
+    columns = packed_format.unpack_columns(packed, n, m, groups * n)  # (rows, groups·n)
+    starts = torch.arange(groups)[:, None] * m
+    assert torch.equal(columns, (positions + starts).flatten(1))
+    # The library decodes the same bits (2:4-like patterns through its byte tables).
+    assert torch.equal(NMLayout(rows, groups * m, n, m).columns(packed), columns)
+
+
+def test_packed_format_pins_its_bits():
+    """The bit layout itself, so that a change to it fails here and not in a checkpoint."""
+    widths = {2: 1, 3: 2, 4: 2, 5: 4, 16: 4, 17: 8, 256: 8}
+    assert {m: packed_format.bits_per_offset(m) for m in widths} == widths
+    # 2:4, two groups: offsets 0, 1 | 2, 3 fill one byte from its lowest bits up.
+    byte = packed_format.pack_positions(torch.tensor([[[0, 1], [2, 3]]]), 4)
+    assert byte.tolist() == [[0 | 1 << 2 | 2 << 4 | 3 << 6]]
+    assert packed_format.packed_width(6, 4) == 2  # 6 offsets of 2 bits: 2 bytes, last padded
+    assert packed_format.packed_width(3, 8) == 2  # 4 bits each, 2 per byte
+    with pytest.raises(ValueError, match="m <= 256"):
+        packed_format.bits_per_offset(257)
+    with pytest.raises(ValueError, match="demo: invalid N:M pattern 4:4"):
+        packed_format.check_pattern("demo", 4, 4)
+
+
+LAZY_IMPORT_SCRIPT = """
+import sys
+import torch  # torch itself may import triton in some builds; what we import must not
+before = "triton" in sys.modules
+import slope_kernels.packed_format
+import slope_kernels
+loaded = sorted(k for k in sys.modules if k.startswith("slope_kernels."))
+assert loaded == ["slope_kernels.packed_format"], loaded
+assert before or "triton" not in sys.modules, "slope_kernels.packed_format imported triton"
+import slope_kernels.bias  # the module first: the package attribute must stay the function
+from slope_kernels import bias_add, gather_packed_grad
+assert bias_add.__module__ == "slope_kernels.bias", bias_add
+assert slope_kernels.bias_add is bias_add and callable(gather_packed_grad)
+assert isinstance(slope_kernels.TRITON_AVAILABLE, bool)
+try:
+    slope_kernels.no_such_kernel
+except AttributeError as error:
+    assert "no_such_kernel" in str(error)
+else:
+    raise AssertionError("unknown names must raise AttributeError")
+print("lazy ok")
+"""
+
+
+def test_kernel_package_imports_its_kernels_lazily():
+    """``import slope_kernels.packed_format`` (what the library does) loads no kernel and no
+    triton; the kernels load on first use and are the functions, never shadowed by their
+    modules."""
+    done = subprocess.run(
+        [sys.executable, "-c", LAZY_IMPORT_SCRIPT], capture_output=True, text=True, env=os.environ
+    )
+    assert done.returncode == 0 and "lazy ok" in done.stdout, done.stderr[-3000:]
+
+
+SPARSE_IMPORT_SCRIPT = """
+import sys
+import slope_lightning.sparse
+from slope_lightning.sparse import packing
+ours = sorted(k for k in sys.modules if k.startswith("slope_kernels"))
+assert ours == ["slope_kernels", "slope_kernels.packed_format"], ours
+print("sparse ok")
+"""
+
+
+def test_the_library_loads_the_format_and_no_kernel():
+    """``import slope_lightning.sparse`` loads the packed format and neither a kernel module nor
+    ``slope_kernels._triton`` (the optional triton import); kernels load when a backend first
+    uses one. (torch's own ``torch._dynamo``, imported by ``@torch.compiler.disable``, may still
+    import triton: that is torch's probe, not ours.)"""
+    done = subprocess.run(
+        [sys.executable, "-c", SPARSE_IMPORT_SCRIPT], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "sparse ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_the_library_imports_without_triton():
+    """A CPU install without triton: the method and its packed format still import."""
+    script = (
+        "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+        "import slope_lightning.sparse as sparse, slope_kernels\n"
+        "assert not slope_kernels.TRITON_AVAILABLE\n"
+        "assert sparse.NMLayout(2, 8, 2, 4).kept_per_row == 4\n"
+        "print('no triton ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0 and "no triton ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_triton_is_available_where_the_kernel_tests_run():
+    assert TRITON_AVAILABLE  # the module is skipped above without triton
 
 
 # ---------------------------------------------------------------- fused_lowrank_add
@@ -313,13 +448,12 @@ def test_package_imports_without_triton_and_points_to_the_references(monkeypatch
 
 
 COMPILE_SCRIPT = """
-import sys
+import importlib
 import triton
 from triton.backends.compiler import GPUTarget
-import slope_kernels
 
 def compile_for(module, kernel, pointers, constexprs, arch):
-    fn = getattr(sys.modules["slope_kernels." + module], kernel)
+    fn = getattr(importlib.import_module("slope_kernels." + module), kernel)
     signature = {a: pointers.get(a, "i32") for a in fn.arg_names}
     signature |= {a: "constexpr" for a in constexprs}
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
@@ -331,13 +465,13 @@ for dtype, fp32 in (("fp32", True), ("bf16", False)):
     tiles = dict(HAS_BIAS=True, DOT_FP32=fp32, BLOCK_T=64, BLOCK_N=64, BLOCK_R=16)
     compile_for("fused_lowrank", "fused_lowrank_kernel", ptrs, tiles, 90)
 ptrs = {"y_ptr": "*bf16", "bias_ptr": "*fp32", "out_ptr": "*bf16"}
-compile_for("bias_add", "bias_add_kernel", ptrs, dict(BLOCK_T=16, BLOCK_N=128), 90)
+compile_for("bias", "bias_add_kernel", ptrs, dict(BLOCK_T=16, BLOCK_N=128), 90)
 ptrs = {"grad_ptr": "*bf16", "index_ptr": "*u8", "out_ptr": "*bf16"}
 for n, m, bits in ((2, 4, 2), (3, 8, 4)):
     tiles = dict(N=n, M=m, BITS=bits, BLOCK_R=16, BLOCK_K=128)
     compile_for("gather_grad", "gather_packed_grad_kernel", ptrs, tiles, 90)
 ptrs = {"values_ptr": "*bf16", "index_ptr": "*u8", "out_ptr": "*u8"}
-span = sys.modules["slope_kernels.transpose_mask"]._span
+span = importlib.import_module("slope_kernels.transpose_mask")._span
 for n, m, bits, block in ((2, 4, 2, 128), (3, 8, 4, 32)):
     tiles = dict(N=n, M=m, BITS=bits, M_PAD=m, SPAN=span(n, 8 // bits), BLOCK_C=block)
     for arch in (80, 90):

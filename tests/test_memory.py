@@ -62,10 +62,10 @@ def test_tied_parameters_are_counted_once():
 
 
 def test_the_transposable_baselines_mask_cache_is_counted_as_a_cache():
-    from slope_lightning.sparse import transposable_sparsify
+    from slope_lightning.baselines import transposable_sparsify
 
     model = nn.Sequential(nn.Linear(64, 32))
-    transposable_sparsify(model, include=["0"], kernel="reference")
+    transposable_sparsify(model, include=["0"], backend="reference")
     assert memory_report(model).bytes["caches"] == 0  # nothing built before the first forward
     model(torch.randn(4, 64))
     assert memory_report(model).bytes["caches"] == 64 * 32  # one bool per weight entry

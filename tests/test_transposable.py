@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from slope_lightning.bench import model as bench_model
-from slope_lightning.models import Transformer, TransformerConfig
-from slope_lightning.sparse import (
+from slope_lightning.baselines import (
     TransposableSparseLinear,
     transposable_mask,
     transposable_sparsify,
 )
-from slope_lightning.sparse.transposable import transposable_patterns
+from slope_lightning.baselines.transposable import transposable_patterns
+from slope_lightning.bench import step as bench_model
+from slope_lightning.models import Transformer, TransformerConfig
 
 SMALL = {"n_layer": 1, "d_model": 64, "n_head": 2, "n_kv_head": 1, "seq_len": 32, "vocab_size": 128}
 
@@ -112,7 +112,7 @@ def masked_dense_reference(weight, bias, x, grad_out):
 
 def test_forward_and_backward_match_a_masked_dense_reference(generator):
     linear = nn.Linear(24, 16, dtype=torch.float64)
-    layer = TransposableSparseLinear.from_linear(linear, kernel="reference")
+    layer = TransposableSparseLinear.from_linear(linear, backend="reference")
     x = torch.randn(2, 3, 24, dtype=torch.float64, generator=generator, requires_grad=True)
     grad_out = torch.randn(2, 3, 16, dtype=torch.float64, generator=generator)
     y_ref, dx_ref, dw_ref, db_ref, mask = masked_dense_reference(
@@ -131,37 +131,37 @@ def test_forward_and_backward_match_a_masked_dense_reference(generator):
 
 def test_from_linear_shares_the_dense_parameters_and_reports_itself():
     linear = nn.Linear(8, 4, bias=False)
-    layer = TransposableSparseLinear.from_linear(linear, kernel="reference", name="blocks.0.fc")
+    layer = TransposableSparseLinear.from_linear(linear, backend="reference", name="blocks.0.fc")
     assert layer.weight is linear.weight and layer.bias is None
     assert repr(layer) == (
-        "TransposableSparseLinear(in_features=8, out_features=4, bias=False, kernel='reference')"
+        "TransposableSparseLinear(in_features=8, out_features=4, bias=False, backend='reference')"
     )
 
 
-def test_layer_rejects_bad_sizes_and_kernels():
+def test_layer_rejects_bad_sizes_and_backends():
     with pytest.raises(ValueError, match=r"in_features \(d_in\)=30 is not divisible by 4"):
         TransposableSparseLinear(30, 8)
-    with pytest.raises(ValueError, match="unknown kernel 'triton'"):
-        TransposableSparseLinear(8, 8, kernel="triton")
-    layer = TransposableSparseLinear(8, 8, kernel="reference")
+    with pytest.raises(ValueError, match="unknown backend 'triton'"):
+        TransposableSparseLinear(8, 8, backend="triton")
+    layer = TransposableSparseLinear(8, 8, backend="reference")
     with pytest.raises(ValueError, match="input has 6 features, expected 8"):
         layer(torch.randn(2, 6))
 
 
-def test_explicit_gpu_kernel_that_cannot_run_names_the_layer_and_the_fix():
-    layer = TransposableSparseLinear(64, 128, kernel="cutlass", name="blocks.0.mlp.up_proj")
-    with pytest.raises(RuntimeError, match=r"'blocks.0.mlp.up_proj' \(128x64.*kernel='auto'"):
+def test_explicit_gpu_backend_that_cannot_run_names_the_layer_and_the_fix():
+    layer = TransposableSparseLinear(64, 128, backend="cutlass", name="blocks.0.mlp.up_proj")
+    with pytest.raises(RuntimeError, match=r"'blocks.0.mlp.up_proj' \(128x64.*backend='auto'"):
         layer(torch.randn(2, 64))
 
 
-def test_auto_kernel_falls_back_to_the_reference_on_cpu():
-    layer = TransposableSparseLinear(64, 64, kernel="auto")
+def test_auto_backend_falls_back_to_the_reference_on_cpu():
+    layer = TransposableSparseLinear(64, 64, backend="auto")
     layer(torch.randn(2, 64))
-    assert layer.chosen_kernels == ("reference",)
+    assert layer.chosen_backends == ("reference",)
 
 
 def test_mask_is_cached_between_steps_and_rebuilt_after_an_optimizer_step(generator):
-    layer = TransposableSparseLinear(16, 16, kernel="reference")
+    layer = TransposableSparseLinear(16, 16, backend="reference")
     optimizer = torch.optim.SGD(layer.parameters(), lr=10.0)
     x = torch.randn(4, 16, generator=generator)
     for _ in range(3):  # forwards and accumulated backwards do not change the weight
@@ -181,7 +181,7 @@ def test_mask_is_cached_between_steps_and_rebuilt_after_an_optimizer_step(genera
 
 def test_bf16_autocast_on_cpu_computes_in_bf16_and_keeps_fp32_gradients(generator):
     linear = nn.Linear(32, 16)
-    layer = TransposableSparseLinear.from_linear(linear, kernel="reference")
+    layer = TransposableSparseLinear.from_linear(linear, backend="reference")
     x = torch.randn(4, 32, generator=generator, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
@@ -207,7 +207,7 @@ def test_transposable_sparsify_converts_the_block_linears_of_the_tiny_transforme
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name.startswith("blocks.")
     }
-    converted = transposable_sparsify(model, kernel="reference")
+    converted = transposable_sparsify(model, backend="reference")
     assert set(converted) == block_linears and len(converted) == 4 * 7
     assert isinstance(model.lm_head, nn.Linear), "the (tied) LM head stays dense"
     assert all(
@@ -221,7 +221,7 @@ def test_transposable_sparsify_converts_the_block_linears_of_the_tiny_transforme
 
 def test_transposable_sparsify_skips_what_it_cannot_convert_unless_included():
     model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 8), nn.Linear(8, 8))
-    assert transposable_sparsify(model, kernel="reference") == ["2"]
+    assert transposable_sparsify(model, backend="reference") == ["2"]
     with pytest.raises(ValueError, match="layer '1' matches include pattern '1'"):
         transposable_sparsify(nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 8)), include=["1"])
 
@@ -265,26 +265,26 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("kernel", ["cutlass", "cusparselt"])
+@pytest.mark.parametrize("backend", ["cutlass", "cusparselt"])
 @pytest.mark.parametrize(("d_in", "d_out", "tokens"), [(256, 256, 100), (256, 512, 64)])
 def test_gpu_kernels_match_the_dense_product_of_their_own_sparse_weight(
-    kernel, d_in, d_out, tokens
+    backend, d_in, d_out, tokens
 ):
-    from slope_lightning.sparse.transposable import _kernel_problem
+    from slope_lightning.baselines.transposable import _backend_problem
 
-    why = _kernel_problem(kernel, d_out, d_in, torch.bfloat16, torch.device("cuda"))
+    why = _backend_problem(backend, d_out, d_in, torch.bfloat16, torch.device("cuda"))
     if why is not None:
         pytest.skip(why)
     torch.manual_seed(0)
     linear = nn.Linear(d_in, d_out, device="cuda", dtype=torch.bfloat16)
-    layer = TransposableSparseLinear.from_linear(linear, kernel=kernel)
+    layer = TransposableSparseLinear.from_linear(linear, backend=backend)
     x = torch.randn(2, tokens // 2, d_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(2, tokens // 2, d_out, device="cuda", dtype=torch.bfloat16)
     y = layer(x)
     y.backward(grad)
-    assert layer.chosen_kernels == (kernel,)
+    assert layer.chosen_backends == (backend,)
 
-    w_s = layer.sparse_weight(torch.bfloat16).float()  # the kernel's own (greedy) W_s
+    w_s = layer.sparse_weight(torch.bfloat16).float()  # the backend's own (greedy) W_s
     tiles = tiles_of(w_s != 0)
     assert (tiles.sum(-1) <= 2).all() and (tiles.sum(-2) <= 2).all()
     exact = linear.weight.detach().float().abs() * transposable_mask(linear.weight.detach())
@@ -300,9 +300,9 @@ def test_gpu_kernels_match_the_dense_product_of_their_own_sparse_weight(
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_auto_kernel_trains_the_tiny_transformer_under_bf16_autocast():
+def test_gpu_auto_backend_trains_the_tiny_transformer_under_bf16_autocast():
     model = Transformer(TransformerConfig.from_name("tiny")).cuda()
-    transposable_sparsify(model, kernel="auto")
+    transposable_sparsify(model, backend="auto")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     idx = torch.randint(0, 8192, (2, 64), device="cuda")
     losses = []

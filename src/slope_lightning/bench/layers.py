@@ -12,13 +12,13 @@ On a GPU, pass e.g. ``--backends cusparselt,cusparselt+tiled,cutlass,auto --dtyp
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 from torch import nn
 
-from slope_lightning.bench.common import median_seconds
+from slope_lightning.bench.common import Row, RowSink, first_line
 from slope_lightning.sparse import SparseLinear
+from slope_lightning.utils import median_ms
 
 Shape = tuple[int, int]
 
@@ -75,11 +75,12 @@ def _phase_runner(phase: str, layer: nn.Module, x: torch.Tensor) -> Callable[[],
 
 
 def _time_phase(phase: str, layer: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median milliseconds of one call of ``phase`` (see :func:`_phase_runner`)."""
     frozen = phase == "input-grad"
     for parameter in layer.parameters():
         parameter.requires_grad_(not frozen)
     try:
-        return median_seconds(_phase_runner(phase, layer, x), repeats)
+        return median_ms(_phase_runner(phase, layer, x), x.device, repeats)
     finally:
         for parameter in layer.parameters():
             parameter.requires_grad_(True)
@@ -93,22 +94,28 @@ def layer_rows(
     backends: tuple[str, ...] = ("reference",),
     device: str | None = None,
     phases: tuple[str, ...] = PHASES,
-) -> list[dict[str, Any]]:
+    on_row: RowSink | None = None,
+) -> list[Row]:
     """One row per (shape, token count, backend, phase): dense and SLoPe time and their ratio.
 
-    A backend that cannot run a shape gets a row with the reason instead of a time.
+    A backend that cannot run a shape gets a row with the reason instead of a time. Each
+    row goes to ``on_row`` as soon as its (shape, tokens, backend) is measured, so a timeout
+    keeps the finished ones: list the shapes that matter most first.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     token_counts = [tokens] if isinstance(tokens, int) else list(tokens)
-    rows = []
+    rows: list[Row] = []
     for d_out, d_in in shapes:
         torch.manual_seed(0)
         dense = nn.Linear(d_in, d_out, bias=False, dtype=dtype, device=device)
         for count in token_counts:
             x = torch.randn(count, d_in, dtype=dtype, device=device, requires_grad=True)
-            dense_s = {phase: _time_phase(phase, dense, x, repeats) for phase in phases}
+            dense_ms = {phase: _time_phase(phase, dense, x, repeats) for phase in phases}
             for backend in backends:
-                rows += _backend_rows(backend, dense, x, dense_s, repeats, device)
+                for row in _backend_rows(backend, dense, x, dense_ms, repeats, device):
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
     return rows
 
 
@@ -116,12 +123,13 @@ def _backend_rows(
     backend: str,
     dense: nn.Linear,
     x: torch.Tensor,
-    dense_s: dict[str, float],
+    dense_ms: dict[str, float],
     repeats: int,
     device: str,
-) -> list[dict[str, Any]]:
+) -> list[Row]:
+    """The rows of one backend on one (shape, tokens), timed against ``dense_ms``."""
     label = backend if device != "cpu" else f"{backend} (CPU)"
-    base = {
+    base: Row = {
         "shape (out x in)": f"{dense.out_features}x{dense.in_features}",
         "tokens": x.shape[0],
         "dtype": str(x.dtype).removeprefix("torch."),
@@ -129,29 +137,30 @@ def _backend_rows(
     }
     try:
         sparse = SparseLinear.from_linear(dense, backend=backend)
-        sparse_s = {phase: _time_phase(phase, sparse, x, repeats) for phase in dense_s}
+        sparse_ms = {phase: _time_phase(phase, sparse, x, repeats) for phase in dense_ms}
     except Exception as error:  # cannot run this shape/dtype/device, or a kernel failed
-        lines = str(error).strip().splitlines() or [""]
         # A RuntimeError is the backends' "cannot run this layer"; anything else (e.g. a
         # Triton compile error) is named, and costs one row, not the whole benchmark.
-        kind = "" if isinstance(error, RuntimeError) else f"{type(error).__name__}: "
-        return [{**base, "phase": "all", "note": kind + lines[0]}]
+        note = first_line(error)
+        if isinstance(error, RuntimeError):
+            note = note.removeprefix("RuntimeError: ")
+        return [{**base, "phase": "all", "note": note}]
     note = ""
-    choice = getattr(sparse.backend, "choice", None)
-    if choice is not None:
-        base["backend"] += f" -> {choice.name}"
-        note = f"kernels {sparse.backend.kernels.describe()}"
+    running = sparse.backend.running
+    if running is not sparse.backend:  # auto: the decision it made
+        base["backend"] += f" -> {running.name}"
+        note = f"kernels {running.kernels.describe()}"
     return [
         {
             **base,
             "phase": phase,
-            "dense_ms": dense_s[phase] * 1e3,
-            "slope_ms": sparse_s[phase] * 1e3,
-            "slope/dense": sparse_s[phase] / dense_s[phase],
-            "dense/slope": dense_s[phase] / sparse_s[phase],
+            "dense_ms": dense_ms[phase],
+            "slope_ms": sparse_ms[phase],
+            "slope/dense": sparse_ms[phase] / dense_ms[phase],
+            "dense/slope": dense_ms[phase] / sparse_ms[phase],
             "note": note,
         }
-        for phase in dense_s
+        for phase in dense_ms
     ]
 
 

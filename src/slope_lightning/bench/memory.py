@@ -13,21 +13,26 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from slope_lightning.bench.common import Row, RowSink
 from slope_lightning.bench.methods import METHODS, build_model
 from slope_lightning.models import Transformer, TransformerConfig
 from slope_lightning.sparse import SparseLinear, memory_report, merge_for_inference, sparsify
-from slope_lightning.sparse.transposable import TransposableSparseLinear
+from slope_lightning.baselines import TransposableSparseLinear
 
 #: LLaMA-7B projection shapes (d_out, d_in): attention, MLP up/gate, MLP down.
 LLAMA_7B_SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096), (11008, 4096), (4096, 11008))
 
 
-def _state_bytes(model: nn.Module, run_step: Any) -> tuple[int, dict[str, int]]:
+def _state_bytes(
+    model: nn.Module, run_step: Callable[[nn.Module], None]
+) -> tuple[int, dict[str, int]]:
+    """Model-state bytes (total, by category) after one AdamW step of ``run_step``."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     run_step(model)
     optimizer.step()
@@ -41,65 +46,77 @@ def _default_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def layer_rows(
-    shapes=LLAMA_7B_SHAPES, tokens: int = 8, device: str | torch.device | None = None
-) -> list[dict[str, Any]]:
-    device = _default_device(device)
-    rows = []
-    for d_out, d_in in shapes:
-        x = torch.randn(tokens, d_in, device=device)
+def _emit(rows: list[Row], row: Row, on_row: RowSink | None) -> None:
+    """Keep ``row`` and hand it to ``on_row`` at once (a timeout then keeps it)."""
+    rows.append(row)
+    if on_row is not None:
+        on_row(row)
 
-        def run_step(model: nn.Module, x=x) -> None:
+
+def layer_rows(
+    shapes: Iterable[tuple[int, int]] = LLAMA_7B_SHAPES,
+    tokens: int = 8,
+    device: str | torch.device | None = None,
+    on_row: RowSink | None = None,
+) -> list[Row]:
+    """Model state of one linear layer per shape (fp32, AdamW), dense vs SLoPe."""
+    dev = _default_device(device)
+    rows: list[Row] = []
+    for d_out, d_in in shapes:
+        x = torch.randn(tokens, d_in, device=dev)
+
+        def run_step(model: nn.Module, x: Tensor = x) -> None:
             model(x).sum().backward()
 
-        with torch.device(device):
+        with torch.device(dev):
             dense_model = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
             sparse_model = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
         dense_total, _ = _state_bytes(dense_model, run_step)
         del dense_model
         sparsify(sparse_model)
         sparse_total, parts = _state_bytes(sparse_model, run_step)
-        rows.append(
-            {
-                "model": f"linear {d_out}x{d_in}",
-                "dense_MiB": dense_total / 2**20,
-                "slope_MiB": sparse_total / 2**20,
-                "ratio": sparse_total / dense_total,
-                "metadata_MiB": parts["metadata"] / 2**20,
-            }
-        )
+        row: Row = {
+            "model": f"linear {d_out}x{d_in}",
+            "dense_MiB": dense_total / 2**20,
+            "slope_MiB": sparse_total / 2**20,
+            "ratio": sparse_total / dense_total,
+            "metadata_MiB": parts["metadata"] / 2**20,
+        }
+        _emit(rows, row, on_row)
     return rows
 
 
 def transformer_rows(
-    presets=("tiny", "gpt2-small"), device: str | torch.device | None = None
-) -> list[dict[str, Any]]:
-    device = _default_device(device)
-    rows = []
+    presets: Iterable[str] = ("tiny", "gpt2-small"),
+    device: str | torch.device | None = None,
+    on_row: RowSink | None = None,
+) -> list[Row]:
+    """Model state of whole transformers (fp32, AdamW), dense vs SLoPe (``sparsify``)."""
+    dev = _default_device(device)
+    rows: list[Row] = []
     for preset in presets:
         config = TransformerConfig.from_name(preset)
-        idx = torch.randint(0, config.vocab_size, (1, 16), device=device)
+        idx = torch.randint(0, config.vocab_size, (1, 16), device=dev)
 
-        def run_step(model: nn.Module, idx=idx) -> None:
+        def run_step(model: nn.Module, idx: Tensor = idx) -> None:
             _, loss = model(idx, idx)
             loss.backward()
 
         torch.manual_seed(0)
-        with torch.device(device):
+        with torch.device(dev):
             dense_total, _ = _state_bytes(Transformer(config), run_step)
             torch.manual_seed(0)
             sparse_model = Transformer(config)
         report = sparsify(sparse_model)
         sparse_total, parts = _state_bytes(sparse_model, run_step)
-        rows.append(
-            {
-                "model": f"transformer {preset} ({len(report.converted)} sparse layers)",
-                "dense_MiB": dense_total / 2**20,
-                "slope_MiB": sparse_total / 2**20,
-                "ratio": sparse_total / dense_total,
-                "metadata_MiB": parts["metadata"] / 2**20,
-            }
-        )
+        row: Row = {
+            "model": f"transformer {preset} ({len(report.converted)} sparse layers)",
+            "dense_MiB": dense_total / 2**20,
+            "slope_MiB": sparse_total / 2**20,
+            "ratio": sparse_total / dense_total,
+            "metadata_MiB": parts["metadata"] / 2**20,
+        }
+        _emit(rows, row, on_row)
     return rows
 
 
@@ -174,10 +191,9 @@ def kernels_used(model: nn.Module) -> str:
     names: set[str] = set()
     for module in model.modules():
         if isinstance(module, SparseLinear):
-            choice = getattr(module.backend, "choice", None)
-            names.add(choice.name if choice is not None else module.backend_name)
+            names.add(module.backend.running.name)
         elif isinstance(module, TransposableSparseLinear):
-            names.update(module.chosen_kernels)
+            names.update(module.chosen_backends)
     return ",".join(sorted(names)) or "dense"
 
 
@@ -281,8 +297,9 @@ def peak_rows(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
     backend: str = "reference",
+    on_row: RowSink | None = None,
     **overrides: Any,
-) -> list[dict[str, Any]]:
+) -> list[Row]:
     """Peak training and inference memory of each method, with ratios vs dense (same run).
 
     Training: one AdamW step (forward, backward, step, zero_grad) on (batch, seq_len) tokens.
@@ -302,6 +319,7 @@ def peak_rows(
         dtype: parameter dtype.
         device: where to measure; None picks CUDA when available.
         backend: SparseLinear backend for ``slope`` (the ``kernels`` column says what ran).
+        on_row: called with each row as soon as it is measured, so a timeout keeps it.
         overrides: TransformerConfig fields to change (e.g. ``n_layer=1``).
 
     Raises:
@@ -312,30 +330,33 @@ def peak_rows(
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if batch < 1 or (seq_len is not None and seq_len < 1):
         raise ValueError(f"batch and seq_len must be positive, got {batch} and {seq_len}")
-    device = _default_device(device)
+    dev = _default_device(device)
     if seq_len is not None:
         overrides = {**overrides, "seq_len": seq_len}
     ordered = ["dense", *(m for m in methods if m != "dense")]
-    rows = []
+    phases: tuple[tuple[str, Callable[..., Row]], ...] = (
+        ("training", _training_peak),
+        ("inference", _inference_peak),
+    )
+    rows: list[Row] = []
     for preset in presets:
-        for phase, measure in (("training", _training_peak), ("inference", _inference_peak)):
+        for phase, measure in phases:
             dense_mib = None
             for method in ordered:
-                _release(device)
-                row = measure(preset, method, batch, backend, dtype, device, overrides)
-                dense_mib = dense_mib or row["memory_MiB"]
-                rows.append(
-                    {
-                        "preset": preset,
-                        "phase": phase,
-                        "method": method,
-                        "device": device.type,
-                        "dtype": str(dtype).removeprefix("torch."),
-                        **row,
-                        "vs_dense": row["memory_MiB"] / dense_mib,
-                    }
-                )
-    _release(device)
+                _release(dev)
+                measured = measure(preset, method, batch, backend, dtype, dev, overrides)
+                dense_mib = dense_mib or measured["memory_MiB"]
+                row: Row = {
+                    "preset": preset,
+                    "phase": phase,
+                    "method": method,
+                    "device": dev.type,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    **measured,
+                    "vs_dense": measured["memory_MiB"] / dense_mib,
+                }
+                _emit(rows, row, on_row)
+    _release(dev)
     return rows
 
 

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from slope_lightning.models import Transformer, TransformerConfig
-from slope_lightning.sparse import sparsify, transposable_sparsify
+from slope_lightning.baselines import transposable_sparsify
+from slope_lightning.sparse import sparsify
 
 #: ``dense``: the unmodified model (every nn.Linear dense), the baseline for all speedups.
 #: ``slope``: SLoPe: a static 2:4 row mask, the double-pruned sparse backward and sparse
@@ -20,7 +21,7 @@ from slope_lightning.sparse import sparsify, transposable_sparsify
 #: training torchao's semi-sparse path shipped): a dense master weight re-pruned after every
 #: optimizer step with a mask that is 2:4 along both dimensions, so that the forward and the
 #: input gradient use the same sparse weight while the weight gradient stays dense
-#: (:func:`slope_lightning.sparse.transposable.transposable_sparsify`).
+#: (:func:`slope_lightning.baselines.transposable_sparsify`).
 METHODS: tuple[str, ...] = ("dense", "slope", "transposable")
 
 
@@ -40,7 +41,7 @@ def build_model(
         backend: SparseLinear backend for ``slope`` (ignored by the other methods).
         dtype: parameter dtype of the returned model.
         device: where the returned model lives; ``transposable`` uses its CUDA kernels
-            (``kernel="auto"``) on a CUDA device and the dense masked reference elsewhere.
+            (``backend="auto"``) on a CUDA device and the dense masked reference elsewhere.
         overrides: TransformerConfig fields to change (e.g. ``n_layer=2``).
 
     Returns:
@@ -60,5 +61,5 @@ def build_model(
             sparsify(model, backend=backend)
         elif method == "transposable":
             on_cuda = torch.device(device).type == "cuda"
-            transposable_sparsify(model, kernel="auto" if on_cuda else "reference")
+            transposable_sparsify(model, backend="auto" if on_cuda else "reference")
     return model.to(device=device, dtype=dtype), config

@@ -2,7 +2,13 @@
 with the double-pruned backward, lazy low-rank adapters, sparsify() and memory accounting."""
 
 from slope_lightning.sparse.adapters import LowRankAdapter
-from slope_lightning.sparse.backends import ReferenceBackend, SparseBackend, resolve_backend
+from slope_lightning.sparse.backends import (
+    BackendName,
+    DecisionStore,
+    ReferenceBackend,
+    SparseBackend,
+    resolve_backend,
+)
 from slope_lightning.sparse.kernel_ops import KernelChoices
 from slope_lightning.sparse.layout import NMLayout
 from slope_lightning.sparse.linear import SparseLinear, TransposeMaskRefresh
@@ -20,15 +26,13 @@ from slope_lightning.sparse.sparsify import (
     sparse_layers,
     sparsify,
     unmerge,
-)
-from slope_lightning.sparse.transposable import (
-    TransposableSparseLinear,
-    transposable_mask,
-    transposable_sparsify,
+    use_decision_store,
 )
 
 __all__ = [
     "DEFAULT_EXCLUDE",
+    "BackendName",
+    "DecisionStore",
     "KernelChoices",
     "LayerDecision",
     "LowRankAdapter",
@@ -38,7 +42,6 @@ __all__ = [
     "SparseBackend",
     "SparseLinear",
     "SparsifyReport",
-    "TransposableSparseLinear",
     "TransposeMaskRefresh",
     "add_adapters",
     "backend_report",
@@ -51,7 +54,6 @@ __all__ = [
     "restore_adapters",
     "sparse_layers",
     "sparsify",
-    "transposable_mask",
-    "transposable_sparsify",
     "unmerge",
+    "use_decision_store",
 ]

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from slope_lightning.sparse.layout import NMLayout
-from slope_lightning.sparse.timing import time_ms
+from slope_lightning.utils import median_ms
 
 Impl = Literal["torch", "triton"]
 IMPLS: tuple[str, ...] = ("torch", "triton")
@@ -135,7 +135,7 @@ Timer = Callable[[Callable[[], object], torch.device], float]
 
 
 def _default_timer(fn: Callable[[], object], device: torch.device) -> float:
-    return time_ms(fn, device, repeats=10)
+    return median_ms(fn, device, repeats=10)
 
 
 def measure_kernels(

@@ -9,7 +9,7 @@ double-pruned transpose (rows = d_in, cols = d_out) and an adapter's Lᵀ (rows 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,6 @@ from slope_lightning.sparse.masks import (
 from slope_lightning.sparse.packing import (
     bits_per_offset,
     pack_positions,
-    packed_width,
     unpack_positions,
 )
 
@@ -51,11 +50,6 @@ class NMLayout:
     def groups_per_row(self) -> int:
         return self.cols // self.m
 
-    @property
-    def index_width(self) -> int:
-        """Bytes of packed offsets per row."""
-        return packed_width(self.kept_per_row, self.m)
-
     def stacked(self, other: NMLayout) -> NMLayout:
         """Layout of ``self``'s rows followed by ``other``'s (same cols and pattern)."""
         if (other.cols, other.n, other.m) != (self.cols, self.n, self.m):
@@ -79,39 +73,12 @@ class NMLayout:
         """Kept offsets (rows, G, n) from the packed index."""
         return unpack_positions(index, self.m, self.groups_per_row, self.n)
 
-    @cached_property
-    def _byte_tables(self) -> tuple[Tensor, Tensor] | None:
-        """Per-byte lookup tables, when every packed byte holds whole groups (2:4, 1:4, 2:8...).
-
-        Row b of the first table is the boolean mask of the columns that byte value b
-        covers; row b of the second, the kept columns relative to the byte's first column.
-        Decoding a packed index is then one table lookup per byte instead of bit arithmetic
-        per offset, which matters on the hot path (every forward and backward).
-        """
-        bits = bits_per_offset(self.m)
-        per_byte = 8 // bits
-        if per_byte % self.n:
-            return None
-        groups_per_byte = per_byte // self.n
-        byte = torch.arange(256)
-        offsets = torch.stack(
-            [(byte >> (bits * i)) & ((1 << bits) - 1) for i in range(per_byte)], -1
-        )
-        offsets = offsets.view(256, groups_per_byte, self.n)  # (256, groups, n)
-        invalid = (offsets >= self.m).any(-1).any(-1)
-        offsets = offsets.masked_fill(invalid[:, None, None], 0)  # bytes that never occur
-        starts = torch.arange(groups_per_byte)[:, None] * self.m
-        columns = (offsets + starts).view(256, per_byte)  # (256, per_byte)
-        mask = torch.zeros(256, groups_per_byte * self.m, dtype=torch.uint8)
-        mask.scatter_(1, columns, 1)
-        return mask, columns
-
     def columns(self, index: Tensor) -> Tensor:
         """Absolute column of every kept value, (rows, cols·N/M) int64."""
-        tables = self._byte_tables
+        tables = byte_tables(self.n, self.m, index.device)
         if tables is None:
             return positions_to_columns(self.positions(index), self.m)
-        columns = F.embedding(index.long(), tables[1].to(index.device))  # (rows, W, per_byte)
+        columns = F.embedding(index.long(), tables[1])  # (rows, W, per_byte)
         span = tables[0].shape[1]  # columns covered by one byte
         columns += torch.arange(index.shape[1], device=index.device)[:, None] * span
         return columns.view(self.rows, -1)[:, : self.kept_per_row]
@@ -122,7 +89,7 @@ class NMLayout:
         ``columns`` may pass in :meth:`columns` of ``index`` when the caller already has it.
         """
         out = values.new_zeros(self.rows, self.cols)
-        if columns is None and self._byte_tables is not None:
+        if columns is None and byte_tables(self.n, self.m, index.device) is not None:
             # Kept values are stored in row-major column order, the order masked_scatter_
             # fills True entries in; cheaper than building int64 column indices.
             return out.masked_scatter_(self.mask(index), values)
@@ -131,9 +98,9 @@ class NMLayout:
 
     def mask(self, index: Tensor) -> Tensor:
         """Dense boolean (rows, cols) mask of kept positions. Transient use only."""
-        tables = self._byte_tables
+        tables = byte_tables(self.n, self.m, index.device)
         if tables is not None:
-            mask = F.embedding(index.long(), tables[0].to(index.device))  # (rows, W, span)
+            mask = F.embedding(index.long(), tables[0])  # (rows, W, span)
             return mask.view(self.rows, -1)[:, : self.cols].bool()
         out = torch.zeros(self.rows, self.cols, dtype=torch.bool, device=index.device)
         return out.scatter_(1, self.columns(index), True)
@@ -145,3 +112,38 @@ class NMLayout:
     def transposed(self) -> NMLayout:
         """Layout of the transpose pruned along the other dimension (for M_C)."""
         return NMLayout(self.cols, self.rows, self.n, self.m)
+
+
+@lru_cache(maxsize=64)
+def byte_tables(n: int, m: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """Per-byte lookup tables decoding packed offsets, for patterns whose bytes hold whole
+    groups (2:4, 1:4, 2:8...); None for the others (decoded by bit arithmetic).
+
+    Row b of the first table is the uint8 mask of the columns that byte value b covers; row
+    b of the second, the kept columns relative to the byte's first column. Decoding a packed
+    index is then one table lookup per byte, which matters on the hot path (every forward
+    and backward).
+
+    The one cache of the tables, per (n, m, device), for the process: built once and copied
+    to a device once, so no training or decode step pays a host-to-device copy for them.
+    Tables are a pure function of (n, m); callers must not write to them.
+    """
+    bits = bits_per_offset(m)
+    per_byte = 8 // bits
+    if per_byte % n:
+        return None
+    if device.type != "cpu":
+        cpu = byte_tables(n, m, torch.device("cpu"))
+        assert cpu is not None
+        return cpu[0].to(device), cpu[1].to(device)
+    groups_per_byte = per_byte // n
+    byte = torch.arange(256)
+    offsets = torch.stack([(byte >> (bits * i)) & ((1 << bits) - 1) for i in range(per_byte)], -1)
+    offsets = offsets.view(256, groups_per_byte, n)  # (256, groups, n)
+    invalid = (offsets >= m).any(-1).any(-1)
+    offsets = offsets.masked_fill(invalid[:, None, None], 0)  # bytes that never occur
+    starts = torch.arange(groups_per_byte)[:, None] * m
+    columns = (offsets + starts).view(256, per_byte)  # (256, per_byte)
+    mask = torch.zeros(256, groups_per_byte * m, dtype=torch.uint8)
+    mask.scatter_(1, columns, 1)
+    return mask, columns

@@ -1,15 +1,17 @@
 """SparseLinear: a linear layer trained with SLoPe's static N:M weight and double-pruned backward.
 
-Forward Y = X W_Rᵀ + b; input gradient dX = dY W_RC, where W_RC = W_R ⊙ M_C and M_C is an
-N:M mask of W_R along d_out; values gradient (dYᵀ X) at M_R. After Mozaffari et al.,
-"SLoPe", arXiv 2405.16325. The kept values are one real Parameter, so any optimizer, gradient
-clipping, DDP and checkpointing work unchanged and the optimizer state is N/M of dense size.
+The kept values are one real Parameter, so any optimizer, gradient clipping, DDP and
+checkpointing work unchanged and the optimizer state is N/M of dense size. The GEMMs live in
+``function`` (training) and ``merged`` (inference with adapters); this module owns the
+layer's state: values, masks, adapter, caches. After Mozaffari et al., "SLoPe", arXiv
+2405.16325.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,14 +20,17 @@ from torch import Tensor, nn
 
 from slope_lightning.sparse.adapters import AdapterInit, LowRankAdapter, resolve_rank
 from slope_lightning.sparse.backends import (
+    BackendName,
     OperandCache,
-    ReferenceBackend,
     SparseBackend,
+    SparseWeight,
     resolve_backend,
 )
-from slope_lightning.sparse.kernel_ops import add_bias, derive_col_index, lowrank_add
+from slope_lightning.sparse.function import compute_dtype_of, sparse_linear
+from slope_lightning.sparse.kernel_ops import derive_col_index
 from slope_lightning.sparse.layout import NMLayout
 from slope_lightning.sparse.masks import MaskMethod
+from slope_lightning.sparse.merged import FusedOperand, build_fused, merged_forward
 
 logger = logging.getLogger(__name__)
 
@@ -43,74 +48,6 @@ class TransposeMaskRefresh:
     flipped: int
     kept: int
     total: int
-
-
-def compute_dtype_of(x: Tensor) -> torch.dtype:
-    """The dtype the GEMMs run in: autocast's when it is on for x's device, else x's own."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-class _SparseLinearFunction(torch.autograd.Function):
-    """Y = X W_Rᵀ + b with the SLoPe backward; saves X and the packed weight, never a dense one."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        values: Tensor,
-        bias: Tensor | None,
-        row_index: Tensor,
-        col_index: Tensor,
-        layout: NMLayout,
-        backend: SparseBackend,
-        cache: OperandCache,
-        mask_generation: int,
-    ) -> Tensor:
-        device_type = x.device.type
-        compute_dtype = compute_dtype_of(x)
-        lead = x.shape[:-1]
-        x2d = x.reshape(-1, layout.cols).to(compute_dtype)  # (T, d_in)
-        w = values.to(compute_dtype)
-        b = bias.to(compute_dtype) if bias is not None else None
-        # Cached kernel operands are rebuilt when the values change (their version counter
-        # moves at every optimizer step) or M_C is refreshed (its generation moves).
-        forward_key = (values._version, compute_dtype)
-        with torch.autocast(device_type, enabled=False):
-            y2d = backend.forward(x2d, w, row_index, b, layout, cache, forward_key)  # (T, d_out)
-        ctx.save_for_backward(x2d, values, row_index, col_index)
-        ctx.layout = layout
-        ctx.backend = backend
-        ctx.cache = cache
-        ctx.backward_key = (values._version, mask_generation, compute_dtype)
-        ctx.compute_dtype = compute_dtype
-        ctx.x_dtype = x.dtype
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y2d.reshape(*lead, layout.rows)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x2d, values, row_index, col_index = ctx.saved_tensors
-        layout: NMLayout = ctx.layout
-        backend: SparseBackend = ctx.backend
-        dy = grad_out.reshape(-1, layout.rows).to(ctx.compute_dtype)  # (T, d_out)
-        grad_x = grad_values = grad_bias = None
-        with torch.autocast(dy.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                w = values.to(ctx.compute_dtype)
-                grad_x = backend.grad_input(
-                    dy, w, row_index, col_index, layout, ctx.cache, ctx.backward_key
-                )
-                grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
-            if ctx.needs_input_grad[1]:
-                grad_values = backend.grad_values(dy, x2d, row_index, layout).to(values.dtype)
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = dy.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_values, grad_bias, None, None, None, None, None, None
 
 
 class SparseLinear(nn.Module):
@@ -148,7 +85,7 @@ class SparseLinear(nn.Module):
         *,
         n: int = 2,
         m: int = 4,
-        backend: str | SparseBackend = "reference",
+        backend: str | BackendName | SparseBackend = "reference",
         transpose_mask_interval: int | None = 1,
         weight: Tensor | None = None,
         mask_method: MaskMethod = "magnitude",
@@ -177,7 +114,6 @@ class SparseLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.layout = NMLayout(out_features, in_features, n, m)
-        self.backend_name = backend if isinstance(backend, str) else backend.name
         self.transpose_mask_interval = transpose_mask_interval
 
         if weight is None:
@@ -195,9 +131,7 @@ class SparseLinear(nn.Module):
                 f"(out_features, in_features) = {(out_features, in_features)}"
             )
         factory = {"device": device or weight.device, "dtype": dtype or weight.dtype}
-        self._backend: SparseBackend = (
-            resolve_backend(backend) if isinstance(backend, str) else backend
-        )
+        self._backend = resolve_backend(backend)
         with torch.no_grad():
             values, row_index = self.layout.prune(weight.detach(), mask_method, generator)
         self.values = nn.Parameter(values.to(**factory))  # (d_out, d_in·N/M)
@@ -209,13 +143,10 @@ class SparseLinear(nn.Module):
             self.register_parameter("bias", None)
         self.adapter: LowRankAdapter | None = None
         self.merged = False
-        # Inference cache built by merge(): fused values, fused index, s·R; and the parameter
-        # versions it was built from, so an in-place update (optimizer, load) rebuilds it.
-        self._fused: tuple[Tensor, Tensor, Tensor] | None = None
-        self._fused_key: tuple[int, ...] = ()
+        self._fused: FusedOperand | None = None  # merged inference operand, built by merge()
+        self._operands = OperandCache()  # kernel-side copies for inference (GPU backends)
         self._seen_version = self.values._version
         self._updates_since_refresh = 0
-        self._operands = OperandCache()  # kernel-side copies of the weight (GPU backends)
         self._mask_generation = 0  # bumped whenever M_C changes
         self._checked: set[tuple[torch.dtype, torch.device]] = set()
 
@@ -228,13 +159,23 @@ class SparseLinear(nn.Module):
         n: int = 2,
         m: int = 4,
         *,
-        backend: str | SparseBackend = "reference",
+        backend: str | BackendName | SparseBackend = "reference",
         transpose_mask_interval: int | None = 1,
         mask_method: MaskMethod = "magnitude",
         generator: torch.Generator | None = None,
         name: str = "SparseLinear",
     ) -> SparseLinear:
-        """Prune ``linear``'s weight N:M along d_in (by magnitude by default) and wrap it."""
+        """Prune ``linear``'s weight N:M along d_in (by magnitude by default) and wrap it.
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear``.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(
+                f"SparseLinear.from_linear takes an nn.Linear, got {type(linear).__name__}; "
+                "convolutions and other layers are not supported (sparsify() lists every "
+                "layer it skipped and why)"
+            )
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -314,8 +255,14 @@ class SparseLinear(nn.Module):
             kept = int((new_mask & w_r_mask).sum())
         return TransposeMaskRefresh(flipped=flipped, kept=kept, total=self.values.numel())
 
-    def _track_updates(self) -> None:
-        """Count optimizer updates of the values and refresh M_C on schedule."""
+    def _refresh_transpose_mask_if_due(self) -> None:
+        """Refresh M_C when ``transpose_mask_interval`` optimizer updates have happened.
+
+        Contract: called at every training forward. An optimizer update of the values is
+        seen as a move of their version counter since the previous training forward (every
+        ``torch.optim`` update in place bumps it; fused optimizers do not, so under them the
+        schedule belongs to the ``MaskScheduler`` callback, which counts trainer steps).
+        """
         version = self.values._version
         if version != self._seen_version:
             self._seen_version = version
@@ -324,13 +271,55 @@ class SparseLinear(nn.Module):
         if interval is not None and self._updates_since_refresh >= interval:
             self.refresh_transpose_mask(with_stats=False)
 
-    def get_extra_state(self) -> dict[str, int]:
-        pending = int(self.values._version != self._seen_version)
-        return {"updates_since_refresh": self._updates_since_refresh + pending}
+    def get_extra_state(self) -> Tensor:
+        """(updates since the last M_C refresh, N, M) as one int64 tensor.
 
-    def set_extra_state(self, state: dict[str, int]) -> None:
-        self._updates_since_refresh = int(state.get("updates_since_refresh", 0))
+        A tensor, not a dict, so that ``state_dict()`` holds only tensors (safetensors,
+        ``save_pretrained``); N and M let a load refuse a checkpoint of another pattern.
+        """
+        pending = int(self.values._version != self._seen_version)
+        state = [self._updates_since_refresh + pending, self.n, self.m]
+        return torch.tensor(state, dtype=torch.int64)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the refresh counter; check the pattern and the loaded masks.
+
+        Raises:
+            ValueError: the state was saved from another N:M pattern, or the loaded packed
+                masks are not a valid N:M pattern.
+        """
+        if isinstance(state, dict):  # checkpoints written before the tensor form
+            updates, pattern = int(state.get("updates_since_refresh", 0)), None
+        else:
+            values = [int(v) for v in torch.as_tensor(state).flatten().tolist()]
+            if len(values) != 3:
+                raise ValueError(
+                    f"layer {self.name!r}: extra state {values} is not (updates, N, M); the "
+                    "checkpoint was not written by this version of slope-lightning"
+                )
+            updates, pattern = values[0], (values[1], values[2])
+        if pattern is not None and pattern != (self.n, self.m):
+            raise ValueError(
+                f"layer {self.name!r}: the checkpoint holds a {pattern[0]}:{pattern[1]} sparse "
+                f"weight, this model is {self.n}:{self.m}; build the model with "
+                f"n={pattern[0]}, m={pattern[1]} (model.sparsity.n / .m) to load it"
+            )
+        self._check_index(self.row_index, self.layout, "row_index (M_R)")
+        self._check_index(self.col_index, self.layout.transposed(), "col_index (M_C)")
+        self._updates_since_refresh = updates
         self._seen_version = self.values._version
+        self._operands.clear()
+
+    def _check_index(self, index: Tensor, layout: NMLayout, label: str) -> None:
+        """Raise unless ``index`` decodes to N strictly increasing offsets < M per group."""
+        positions = layout.positions(index)  # (rows, G, n)
+        ok = bool((positions < layout.m).all()) and bool((positions.diff(dim=-1) > 0).all())
+        if not ok:
+            raise ValueError(
+                f"layer {self.name!r}: the loaded {label} is not a valid {layout.n}:{layout.m} "
+                "pattern (offsets out of range or repeated within a group); the checkpoint is "
+                "corrupt or from another pattern: load an earlier checkpoint or re-export"
+            )
 
     # ------------------------------------------------------------------ adapters
 
@@ -361,11 +350,45 @@ class SparseLinear(nn.Module):
             self.unmerge()
         return [self.adapter.down_values, self.adapter.up]
 
-    def merge(self) -> None:
+    def weight_key(self) -> Hashable:
+        """What every cached operand derived from this layer's parameters is keyed by.
+
+        The one place such a key is made: each parameter's storage and version (an in-place
+        update, ``load_state_dict`` or ``.to()`` changes one of them) and the M_C
+        generation. Training forwards drop the caches anyway (see :meth:`forward`), so a
+        fused optimizer, which moves no version counter, never leaves a stale operand.
+        """
+        params = [self.values] + ([] if self.adapter is None else list(self.adapter.parameters()))
+        return (
+            tuple((p.device, p.dtype, p.data_ptr(), p._version) for p in params),
+            self._mask_generation,
+        )
+
+    def fused_operand(self) -> FusedOperand:
+        """The merged inference operand [W_R ; Lᵀ] and s·R from the current parameters.
+
+        Raises:
+            ValueError: if the weight or adapter holds NaN or inf.
+        """
+        return build_fused(
+            self.values,
+            self.row_index,
+            self.layout,
+            self.adapter,
+            self._backend.row_multiple,
+            self.weight_key(),
+            self.name,
+        )
+
+    def merge(self, fused: FusedOperand | None = None) -> None:
         """Switch to the fused inference path: [W_R ; Lᵀ] (N:M along d_in) and s·R.
 
         Exact: the merged forward computes the same function. Parameters are untouched, so
         :meth:`unmerge` is exact too; a training forward (grad enabled) unmerges by itself.
+
+        Args:
+            fused: an operand already built by :meth:`fused_operand` (lets a model validate
+                every layer before merging any); None builds it now.
 
         Raises:
             RuntimeError: if the layer is already merged.
@@ -373,7 +396,7 @@ class SparseLinear(nn.Module):
         """
         if self.merged:
             raise RuntimeError(f"layer {self.name!r} is already merged; call unmerge() first")
-        self._fused = self._build_fused()
+        self._fused = fused if fused is not None else self.fused_operand()
         self.merged = True
 
     def unmerge(self) -> None:
@@ -381,44 +404,14 @@ class SparseLinear(nn.Module):
         if not self.merged:
             raise RuntimeError(f"layer {self.name!r} is not merged")
         self._fused = None
+        self._operands.clear()
         self.merged = False
 
     def cached_tensors(self) -> list[Tensor]:
         """Tensors derived from the parameters and kept between calls (for memory reports):
-        the merged inference operands and the backend's kernel-side copies."""
-        return [*(self._fused or ()), *self._operands.tensors()]
-
-    def _parameter_versions(self) -> tuple[int, ...]:
-        params = [self.values] + ([] if self.adapter is None else list(self.adapter.parameters()))
-        return tuple(p._version for p in params)
-
-    def _build_fused(self) -> tuple[Tensor, Tensor, Tensor]:
-        with torch.no_grad():
-            if self.adapter is None:
-                fused_values, fused_index = self.values.detach(), self.row_index
-                up = self.values.new_zeros(0, self.out_features)
-            else:
-                adapter = self.adapter
-                fused_values = torch.cat([self.values, adapter.down_values.to(self.values.dtype)])
-                fused_index = torch.cat([self.row_index, adapter.down_index])
-                up = (adapter.up * adapter.scale).to(self.values.dtype)  # scale folded into R
-                pad = (-fused_values.shape[0]) % 32
-                if pad and not isinstance(self._backend, ReferenceBackend):
-                    # Sparse kernels want row counts in multiples of 32: pad with zero rows
-                    # (valid N:M offsets, zero values) and matching zero rows of s·R.
-                    pad_layout = NMLayout(pad, self.in_features, self.n, self.m)
-                    zeros = self.values.new_zeros(pad, self.in_features)
-                    pad_values, pad_index = pad_layout.prune(zeros)
-                    fused_values = torch.cat([fused_values, pad_values])
-                    fused_index = torch.cat([fused_index, pad_index])
-                    up = torch.cat([up, up.new_zeros(pad, self.out_features)])
-            for label, tensor in (("weight", fused_values), ("adapter R", up)):
-                if not torch.isfinite(tensor).all():
-                    raise ValueError(
-                        f"layer {self.name!r}: non-finite values in {label}; not merged"
-                    )
-        self._fused_key = self._parameter_versions()
-        return fused_values, fused_index, up
+        the merged inference operand and the backend's kernel-side copies."""
+        fused = self._fused.tensors() if self._fused is not None else []
+        return [*fused, *self._operands.tensors()]
 
     # ------------------------------------------------------------------ forward
 
@@ -433,34 +426,69 @@ class SparseLinear(nn.Module):
                 f"layer {self.name!r}: input has {x.shape[-1]} features, "
                 f"expected {self.in_features}"
             )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"layer {self.name!r}: input dtype {x.dtype} is not floating point; feed "
+                "activations (e.g. embeddings), not token ids, and cast with x.float()"
+            )
         training_step = torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad)
         if training_step:
             if self.merged:
                 logger.info("layer %r: unmerged for a training forward", self.name)
                 self.unmerge()
-            self._track_updates()
+            # The optimizer is about to change the values: inference copies would go stale.
+            self._operands.clear()
+            self._refresh_transpose_mask_if_due()
+            self._check_backend(x)
+            y = sparse_linear(
+                x,
+                self.values,
+                self.bias,
+                self.row_index,
+                self.col_index,
+                self.layout,
+                self._backend,
+            )
         elif self.merged:
-            return self._merged_forward(x)
-        self._check_backend(x)
-        y = _SparseLinearFunction.apply(
-            x,
-            self.values,
-            self.bias,
-            self.row_index,
-            self.col_index,
-            self.layout,
-            self._backend,
-            self._operands,
-            self._mask_generation,
-        )
+            self._check_backend(x)
+            if self._fused is None or self._fused.key != self.weight_key():
+                self._fused = self.fused_operand()  # parameters changed since merge()
+            return merged_forward(
+                x, self._fused, self.bias, self._backend, self._operands, self.out_features
+            )
+        else:
+            self._check_backend(x)
+            y = self._inference_forward(x)
         if self.adapter is not None:
             y = y + self.adapter(x).to(y.dtype)
         return y
 
+    def _inference_forward(self, x: Tensor) -> Tensor:
+        """Y = X W_Rᵀ + b without autograd, reusing kernel-side operands across calls."""
+        compute_dtype = compute_dtype_of(x)
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features).to(compute_dtype)  # (T, d_in)
+        bias = self.bias.to(compute_dtype) if self.bias is not None else None
+        weight = SparseWeight(
+            self.values,
+            self.row_index,
+            self.layout,
+            compute_dtype,
+            key=(self.weight_key(), compute_dtype),
+        )
+        with torch.autocast(x.device.type, enabled=False):
+            y2d = self._backend.forward(x2d, weight, bias, self._operands)  # (T, d_out)
+        return y2d.reshape(*lead, self.out_features)
+
     @property
     def backend(self) -> SparseBackend:
-        """The GEMM backend (for ``auto``, its ``choice`` and ``reason`` after first use)."""
+        """The GEMM backend (``backend.running`` is the one that ran, e.g. ``auto``'s choice)."""
         return self._backend
+
+    @property
+    def backend_name(self) -> str:
+        """The backend's name as given (e.g. "auto", not its choice)."""
+        return self._backend.name
 
     def _check_backend(self, x: Tensor) -> None:
         """Fail clearly, once per dtype and device, if the backend cannot run this layer."""
@@ -475,31 +503,6 @@ class SparseLinear(nn.Module):
                 "per layer) or 'reference', or exclude the layer"
             )
         self._checked.add((dtype, x.device))
-
-    def _merged_forward(self, x: Tensor) -> Tensor:
-        """One N:M GEMM for [X W_Rᵀ | X L], then one multiply-add for (X L)·(s R)."""
-        self._check_backend(x)  # the same clear error as a training forward
-        if self._fused is None or self._fused_key != self._parameter_versions():
-            self._fused = self._build_fused()  # parameters changed in place since merge()
-        fused_values, fused_index, up = self._fused
-        layout = self.layout.stacked(NMLayout(up.shape[0], self.in_features, self.n, self.m))
-        compute_dtype = compute_dtype_of(x)
-        lead = x.shape[:-1]
-        x2d = x.reshape(-1, self.in_features).to(compute_dtype)  # (T, d_in)
-        bias = self.bias.to(compute_dtype) if self.bias is not None else None
-        with torch.autocast(x.device.type, enabled=False):
-            key = ("fused", self._fused_key, compute_dtype)
-            fused = self._backend.forward(
-                x2d, fused_values.to(compute_dtype), fused_index, None, layout, self._operands, key
-            )  # (T, d_out + r)
-            y = fused[:, : self.out_features]
-            kernels = self._backend.kernels
-            if up.shape[0] > 0:
-                low_rank = fused[:, self.out_features :]  # X L (T, r)
-                y = lowrank_add(y, low_rank, up.to(compute_dtype), bias, kernels.lowrank_add)
-            else:
-                y = add_bias(y, bias, kernels.bias_add)
-        return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (

@@ -12,13 +12,20 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from slope_lightning.sparse.adapters import AdapterInit
-from slope_lightning.sparse.backends import KNOWN_BACKENDS, SparseBackend
+from slope_lightning.sparse.backends import BackendName, DecisionStore, SparseBackend
+from slope_lightning.sparse.config import (
+    KeywordDefault,
+    SparsityConfig,
+    given_or_default,
+    keyword_default,
+)
 from slope_lightning.sparse.linear import SparseLinear
 from slope_lightning.sparse.masks import MaskMethod, check_nm
 
@@ -153,23 +160,28 @@ def linear_candidates(
 
 def sparsify(
     model: nn.Module,
-    n: int = 2,
-    m: int = 4,
+    n: int | SparsityConfig = 2,
+    m: int = keyword_default(4),
     *,
-    backend: str | SparseBackend = "reference",
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
-    max_aspect_ratio: float | None = None,
-    transpose_mask_interval: int | None = 1,
-    mask_method: MaskMethod = "magnitude",
+    backend: str | BackendName | SparseBackend = keyword_default("reference"),
+    include: Sequence[str] | None = keyword_default(None),
+    exclude: Sequence[str] = keyword_default(DEFAULT_EXCLUDE),
+    max_aspect_ratio: float | None = keyword_default(None),
+    transpose_mask_interval: int | None = keyword_default(1),
+    mask_method: MaskMethod = keyword_default("magnitude"),
     seed: int | None = None,
 ) -> SparsifyReport:
     """Replace ``model``'s nn.Linear layers by SLoPe SparseLinear layers, in place.
 
+    The settings come either from a :class:`SparsityConfig` (``sparsify(model, config)``, the
+    form the Lightning module and ``load_exported`` use) or from the keywords below, never
+    from both.
+
     Args:
         model: any module; its Linear children are swapped (the model itself must not be a
             bare Linear: wrap it, or use ``SparseLinear.from_linear``).
-        n, m: the N:M pattern (2:4 default).
+        n: kept entries per group (2 for 2:4), or a SparsityConfig holding every setting.
+        m: group size (4 for 2:4).
         backend: GEMM backend for every converted layer: a name (each layer gets its own
             instance, so ``auto`` decides per layer) or a SparseBackend instance (shared).
         include: fnmatch patterns on qualified layer names; if given, only matching layers are
@@ -178,18 +190,69 @@ def sparsify(
         max_aspect_ratio: leave dense layers whose max(d_out/d_in, d_in/d_out) exceeds this.
         transpose_mask_interval: optimizer steps between re-derivations of M_C (None: manual).
         mask_method: "magnitude" or "random" row masks.
-        seed: seed for random masks.
+        seed: seed for random masks (allowed with a config too).
 
     Returns:
         A :class:`SparsifyReport` listing every linear layer, converted or not, and why.
 
     Raises:
-        ValueError: bad n/m, unknown backend, or an explicitly included layer that cannot be
-            converted (dimension not divisible by m, non-float weight).
+        TypeError: ``model`` is not an nn.Module, or a SparsityConfig and a setting keyword
+            (``m``, ``backend``, ...) are both given.
+        ValueError: bad n/m, unknown backend, a config with ``sparse=False``, or an explicitly
+            included layer that cannot be converted (dimension not divisible by m, non-float
+            weight).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        >>> len(sparsify(model, SparsityConfig(n=2, m=4)).converted)
+        2
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"sparsify() takes an nn.Module, got {type(model).__name__}; pass the model "
+            "object whose nn.Linear layers should become sparse"
+        )
+    if isinstance(n, SparsityConfig):
+        settings = {
+            "m": m,
+            "backend": backend,
+            "include": include,
+            "exclude": exclude,
+            "max_aspect_ratio": max_aspect_ratio,
+            "transpose_mask_interval": transpose_mask_interval,
+            "mask_method": mask_method,
+        }
+        given = [key for key, value in settings.items() if not isinstance(value, KeywordDefault)]
+        if given:
+            raise TypeError(
+                "sparsify(model, config) takes every setting from the SparsityConfig, but "
+                f"these keywords were given too: {', '.join(given)}; put them in the config "
+                "(dataclasses.replace(config, ...)) or pass keywords only"
+            )
+        config = n
+        if not config.sparse:
+            raise ValueError(
+                "sparsify(model, config) got a config with sparse=False (the dense baseline); "
+                "check config.sparse before calling, or set sparse=True"
+            )
+        n, m, backend = config.n, config.m, config.backend
+        include, max_aspect_ratio = config.include, config.max_aspect_ratio
+        exclude = tuple(config.exclude) if config.exclude is not None else DEFAULT_EXCLUDE
+        transpose_mask_interval = config.transpose_mask_interval
+        mask_method = config.mask_method
+    else:
+        m, backend, include, exclude = (
+            given_or_default(m),
+            given_or_default(backend),
+            given_or_default(include),
+            given_or_default(exclude),
+        )
+        max_aspect_ratio = given_or_default(max_aspect_ratio)
+        transpose_mask_interval = given_or_default(transpose_mask_interval)
+        mask_method = given_or_default(mask_method)
     check_nm(n, m)
-    if isinstance(backend, str) and backend not in KNOWN_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(KNOWN_BACKENDS)}")
+    if isinstance(backend, str):
+        backend = BackendName.parse(backend)  # an unknown name fails here, listing the choices
     if isinstance(model, nn.Linear | SparseLinear):
         raise ValueError(
             "sparsify() swaps layers inside a model; for a single layer use "
@@ -198,7 +261,9 @@ def sparsify(
     if max_aspect_ratio is not None and max_aspect_ratio < 1:
         raise ValueError(f"max_aspect_ratio must be >= 1, got {max_aspect_ratio}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    report = SparsifyReport(n=n, m=m, backend=backend if isinstance(backend, str) else backend.name)
+    report = SparsifyReport(
+        n=n, m=m, backend=backend.value if isinstance(backend, BackendName) else backend.name
+    )
 
     for name, parent, attr, child, reason in linear_candidates(
         model, include, exclude, m, f"sparsified {n}:{m}", multiple_name=f"m={m}"
@@ -258,25 +323,22 @@ def backend_report(model: nn.Module) -> str:
     width = max([len("layer"), *(len(name) for name, _ in layers)])
     lines = [f"{'layer':<{width}}  {'shape (out x in)':>17}  backend"]
     for name, layer in layers:
-        backend = layer.backend
         shape = f"{layer.out_features} x {layer.in_features}"
-        text = backend.name
-        choice = getattr(backend, "choice", None)
-        if hasattr(backend, "choice"):
-            text += f" -> {choice.name if choice is not None else '?'} ({backend.reason})"
-            decisions = getattr(backend, "choices", {})
-            if len(decisions) > 1:  # per operand shape and token bucket
-                text += "; all: " + ", ".join(
-                    f"{rows}x{cols} T<={bucket}: {chosen.name}"
-                    for (rows, cols, _, bucket), chosen in decisions.items()
-                )
-        kernels = backend.kernels
-        if "triton" in kernels.as_dict().values() or hasattr(backend, "kernel_reason"):
-            text += f"; kernels {kernels.describe()}"
-            if hasattr(backend, "kernel_reason"):
-                text += f" ({backend.kernel_reason})"
-        lines.append(f"{name:<{width}}  {shape:>17}  {text}")
+        lines.append(f"{name:<{width}}  {shape:>17}  {layer.backend.describe()}")
     return "\n".join(lines)
+
+
+def use_decision_store(model: nn.Module, path: str | Path | None) -> DecisionStore:
+    """Keep the measured decisions of every ``auto`` layer of ``model`` in one store.
+
+    Which GEMM ``auto`` runs is then read from, and written to, ``path`` (JSON; None keeps
+    them in memory): a file the run owns, such as one inside its log directory, rather than
+    one shared by every run of the machine. Layers with other backends are unaffected.
+    """
+    store = DecisionStore(path)
+    for _, layer in sparse_layers(model):
+        layer.backend.use_decision_store(store)
+    return store
 
 
 def densify(model: nn.Module) -> list[str]:
@@ -355,9 +417,17 @@ def merge_for_inference(model: nn.Module) -> int:
     with gradients enabled unmerges the layer (merged weights are not trained). Returns the
     number of layers merged.
     """
-    layers = sparse_layers(model)
-    for _, layer in layers:
-        layer.merge()
+    layers = [layer for _, layer in sparse_layers(model)]
+    already = [layer.name for layer in layers if layer.merged]
+    if already:
+        raise RuntimeError(
+            f"{len(already)} layer(s) already merged (e.g. {already[0]!r}); call unmerge(model) "
+            "first"
+        )
+    # Validate every layer before merging any: a NaN in a late layer leaves nothing merged.
+    fused = [layer.fused_operand() for layer in layers]
+    for layer, operand in zip(layers, fused, strict=True):
+        layer.merge(operand)
     return len(layers)
 
 

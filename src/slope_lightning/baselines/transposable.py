@@ -11,12 +11,12 @@ Pre-training with 2:4 Sparsity" (FST), ICML 2024.
 Compared with SLoPe it keeps a dense weight, dense optimizer state, and prunes every step; it
 gives no inference speedup (it ends dense).
 
-Kernels:
+Backends (the GEMM libraries it runs on):
 
 - ``reference`` (any device, any dtype): the exact transposable mask of
   :func:`transposable_mask` and dense GEMMs on the masked weight.
 - ``cutlass`` (CUDA, fp16/bf16, sm80-sm89): ``torch._sparse_semi_structured_tile`` prunes
-  4×4 tiles greedily by |w| and packs W_s and W_sᵀ for CUTLASS in one kernel;
+  4×4 tiles greedily by |w| and packs W_s and W_sᵀ for CUTLASS in one backend;
   ``torch._sparse_semi_structured_mm`` runs both sparse GEMMs.
 - ``cusparselt`` (CUDA, fp16/bf16, cuSPARSELt available): the same tile pruning for the
   mask; W_s and W_sᵀ compressed by ``torch._cslt_compress`` and multiplied by
@@ -26,10 +26,8 @@ Kernels:
 
 The greedy tile pruning of the GPU kernels may keep fewer than 2 entries in some rows or
 columns of a tile (it never keeps more), so their W_s can differ from the exact reference
-mask; :meth:`TransposableSparseLinear.sparse_weight` returns the W_s a kernel actually uses.
+mask; :meth:`TransposableSparseLinear.sparse_weight` returns the W_s a backend actually uses.
 
-Status: the GPU kernels are written against the operator schemas of torch 2.13 and the
-tile kernel's source; their tests (``gpu`` group) have not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -46,21 +44,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slope_lightning.sparse.backends import OperandCache
-from slope_lightning.sparse.gpu import CuSparseLtOps, CutlassOps, SemiStructuredOps
-from slope_lightning.sparse.linear import compute_dtype_of
+from slope_lightning.sparse.backends.ops import (
+    SemiStructuredOps,
+    apply_tile_mask,
+    make_ops,
+    tile_prune,
+)
+from slope_lightning.sparse.function import compute_dtype_of
 from slope_lightning.sparse.sparsify import DEFAULT_EXCLUDE, linear_candidates
 
 logger = logging.getLogger(__name__)
 
-TransposableKernel = Literal["reference", "cutlass", "cusparselt", "auto"]
-KERNELS: tuple[str, ...] = ("reference", "cutlass", "cusparselt", "auto")
+TransposableBackend = Literal["reference", "cutlass", "cusparselt", "auto"]
+BACKENDS: tuple[str, ...] = ("reference", "cutlass", "cusparselt", "auto")
 
 #: Tiles scored per chunk in :func:`transposable_mask` (bounds its (tiles, 90) score matrix).
 _TILES_PER_CHUNK = 1 << 16
-#: The pruning algorithm of ``torch._sparse_semi_structured_tile`` that ranks by |w| (its
-#: default, "", ranks by signed value).
-_TILE_ALGORITHM = "largest_abs_values_greedy"
-#: Both dimensions of W must be multiples of this for the GPU kernels: the tile kernel packs
+#: Both dimensions of W must be multiples of this for the GPU kernels: the tile pruner packs
 #: 32×64 blocks of W and of Wᵀ, and reads and writes whole blocks without bounds checks.
 _GPU_MULTIPLE = 64
 #: The dense operand's rows (tokens) are padded to a multiple of this for fp16/bf16 kernels.
@@ -138,7 +138,7 @@ def transposable_mask(weight: Tensor) -> Tensor:
     return mask.reshape(rows // 4, cols // 4, 4, 4).permute(0, 2, 1, 3).reshape(rows, cols)
 
 
-# ---------------------------------------------------------------------------- kernels
+# ---------------------------------------------------------------------------- GEMMs
 
 
 def _pad_tokens(x: Tensor) -> Tensor:
@@ -147,89 +147,78 @@ def _pad_tokens(x: Tensor) -> Tensor:
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
-def _ops(kernel: str) -> SemiStructuredOps:
-    """SLoPe's own wrappers of the GEMM kernels: the same limits and algorithm search."""
-    return CutlassOps() if kernel == "cutlass" else CuSparseLtOps()
+def _ops(backend: str) -> SemiStructuredOps:
+    """SLoPe's own wrappers of the GEMM libraries: the same limits and algorithm search."""
+    return make_ops(backend)
 
 
-def _kernel_problem(
-    kernel: str, d_out: int, d_in: int, dtype: torch.dtype, device: torch.device
+def _backend_problem(
+    backend: str, d_out: int, d_in: int, dtype: torch.dtype, device: torch.device
 ) -> str | None:
-    """Why ``kernel`` cannot run a (d_out, d_in) layer computing in ``dtype``; None if it can."""
-    if kernel == "reference":
+    """Why ``backend`` cannot run a (d_out, d_in) layer computing in ``dtype``; None if it can."""
+    if backend == "reference":
         return None
     if device.type != "cuda":
-        return f"{kernel} needs a CUDA tensor, got {device}"
+        return f"{backend} needs a CUDA tensor, got {device}"
     if torch.version.hip is not None:
-        return f"{kernel}: torch._sparse_semi_structured_tile is not built for ROCm"
-    ops = _ops(kernel)
+        return f"{backend}: torch._sparse_semi_structured_tile is not built for ROCm"
+    ops = _ops(backend)
     if dtype not in ops.limits:
-        return f"{kernel} computes in float16 or bfloat16, not {dtype}"
+        return f"{backend} computes in float16 or bfloat16, not {dtype}"
     why = ops.unsupported_gpu(torch.cuda.get_device_capability(device))
     if why is not None:
         return why
     if d_out % _GPU_MULTIPLE or d_in % _GPU_MULTIPLE:
         return (
-            f"{kernel} needs d_out and d_in to be multiples of {_GPU_MULTIPLE}, "
+            f"{backend} needs d_out and d_in to be multiples of {_GPU_MULTIPLE}, "
             f"got d_out={d_out}, d_in={d_in}"
         )
     return None
 
 
-def _tile(weight_c: Tensor, use_cutlass: bool) -> tuple[Tensor, ...]:
-    """torch._sparse_semi_structured_tile on a contiguous fp16/bf16 (d_out, d_in) weight.
-
-    Returns (packed, meta, packed_t, meta_t, bitmask): W_s and W_sᵀ packed for CUTLASS
-    (``use_cutlass=True``), and the per-tile keep bits that
-    ``torch._sparse_semi_structured_apply_dense`` turns back into a dense W_s.
-    """
-    return torch._sparse_semi_structured_tile(
-        weight_c, algorithm=_TILE_ALGORITHM, use_cutlass=use_cutlass
-    )
-
-
-def _build_operands(kernel: str, weight: Tensor, compute_dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """What ``kernel`` needs of the current weight; rebuilt after every optimizer step.
+def _build_operands(backend: str, weight: Tensor, compute_dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """What ``backend`` needs of the current weight; rebuilt after every optimizer step.
 
     reference: (mask,). cutlass: (packed, meta, packed_t, meta_t, bitmask).
     cusparselt: (compressed W_s, compressed W_sᵀ, bitmask).
     """
     with torch.no_grad():
-        if kernel == "reference":
+        if backend == "reference":
             return (transposable_mask(weight),)  # (d_out, d_in) bool
         weight_c = weight.detach().to(compute_dtype).contiguous()  # (d_out, d_in)
-        if kernel == "cutlass":
-            return _tile(weight_c, use_cutlass=True)
-        # cusparselt: the tile kernel gives the mask (its CUTLASS packing is discarded);
+        if backend == "cutlass":
+            return tile_prune(weight_c, use_cutlass=True)
+        # cusparselt: the tile backend gives the mask (its CUTLASS packing is discarded);
         # _cslt_compress packs W_s and W_sᵀ in whatever layout the installed cuSPARSELt
-        # expects, rather than trusting the tile kernel's own cuSPARSELt packing, which
+        # expects, rather than trusting the tile backend's own cuSPARSELt packing, which
         # torch only tests on sm8x.
-        bitmask = _tile(weight_c, use_cutlass=True)[4]
-        pruned = torch._sparse_semi_structured_apply_dense(weight_c, bitmask)  # W_s dense
+        ops = _ops("cusparselt")
+        bitmask = tile_prune(weight_c, use_cutlass=True)[4]
+        pruned = apply_tile_mask(weight_c, bitmask)  # W_s dense
         return (
-            torch._cslt_compress(pruned),  # W_s, 2:4 along d_in
-            torch._cslt_compress(pruned.t().contiguous()),  # W_sᵀ, 2:4 along d_out
+            ops.compress(pruned),  # W_s, 2:4 along d_in
+            ops.compress(pruned.t().contiguous()),  # W_sᵀ, 2:4 along d_out
             bitmask,
         )
 
 
 def _sparse_mm(
-    kernel: str, operands: tuple[Tensor, ...], dense: Tensor, rows: int, transposed: bool
+    backend: str, operands: tuple[Tensor, ...], dense: Tensor, rows: int, transposed: bool
 ) -> Tensor:
     """dense @ W_sᵀ (``transposed=False``) or dense @ W_s (``transposed=True``), 2-D.
 
     The sparse operand A is the packed W_s (d_out, d_in) or W_sᵀ (d_in, d_out), with ``rows``
-    rows; the result is dense @ Aᵀ of shape (T, rows), through SLoPe's own kernel wrappers.
+    rows; the result is dense @ Aᵀ of shape (T, rows), through SLoPe's own backend wrappers.
     """
     tokens = dense.shape[0]
-    # Contiguous first: an incoming gradient may be a stride-0 expand, which no kernel takes.
+    # Contiguous first: an incoming gradient may be a stride-0 expand, which no backend takes.
     padded = _pad_tokens(dense.contiguous())  # (T8, k)
-    if kernel == "cutlass":
+    if backend == "cutlass":
         packed, meta, packed_t, meta_t, _ = operands
         operand: Any = (packed_t, meta_t) if transposed else (packed, meta)
     else:  # cusparselt
         operand = operands[1] if transposed else operands[0]
-    return _ops(kernel).matmul(operand, padded, rows)[:tokens]  # (T, rows)
+    return _ops(backend).matmul(operand, padded, rows)[:tokens]  # (T, rows)
 
 
 class _TransposableLinearFunction(torch.autograd.Function):
@@ -241,7 +230,7 @@ class _TransposableLinearFunction(torch.autograd.Function):
         x: Tensor,
         weight: Tensor,
         bias: Tensor | None,
-        kernel: str,
+        backend: str,
         operands: tuple[Tensor, ...],
     ) -> Tensor:
         d_out, d_in = weight.shape
@@ -249,15 +238,15 @@ class _TransposableLinearFunction(torch.autograd.Function):
         lead = x.shape[:-1]
         x2d = x.reshape(-1, d_in).to(compute_dtype)  # (T, d_in)
         with torch.autocast(x.device.type, enabled=False):
-            if kernel == "reference":
+            if backend == "reference":
                 w_s = weight.to(compute_dtype) * operands[0]  # (d_out, d_in), transient
                 y2d = x2d @ w_s.t()  # (T, d_out)
             else:
-                y2d = _sparse_mm(kernel, operands, x2d, d_out, transposed=False)  # (T, d_out)
+                y2d = _sparse_mm(backend, operands, x2d, d_out, transposed=False)  # (T, d_out)
             if bias is not None:
                 y2d = y2d + bias.to(compute_dtype)
         ctx.save_for_backward(x2d, weight)
-        ctx.kernel = kernel
+        ctx.backend = backend
         ctx.operands = operands  # the W_s of this forward, even if the cache moves on
         ctx.compute_dtype = compute_dtype
         ctx.x_dtype = x.dtype
@@ -275,12 +264,12 @@ class _TransposableLinearFunction(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                if ctx.kernel == "reference":
+                if ctx.backend == "reference":
                     w_s = weight.to(ctx.compute_dtype) * ctx.operands[0]  # (d_out, d_in)
                     grad_x = dy @ w_s  # (T, d_in)
                 else:
                     d_in = weight.shape[1]
-                    grad_x = _sparse_mm(ctx.kernel, ctx.operands, dy, d_in, transposed=True)
+                    grad_x = _sparse_mm(ctx.backend, ctx.operands, dy, d_in, transposed=True)
                 grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
                 # Dense and straight through to the master weight: pruned entries get their
@@ -298,21 +287,21 @@ class TransposableSparseLinear(nn.Module):
     """A drop-in nn.Linear trained with a dynamic transposable 2:4 weight (the FST baseline).
 
     Holds a dense master ``weight`` (d_out, d_in) Parameter. Every forward uses
-    W_s = W ⊙ M(W), M a transposable 2:4 mask; M and any compressed kernel operands are
+    W_s = W ⊙ M(W), M a transposable 2:4 mask; M and any compressed backend operands are
     cached and rebuilt only when the weight changes in place (its version counter moves at
     every optimizer step), so gradient accumulation and evaluation do not re-prune.
 
     Args:
         in_features, out_features: d_in and d_out; both must be divisible by 4.
         bias: whether to learn an additive bias.
-        kernel: "reference" (any device), "cutlass" or "cusparselt" (CUDA, fp16/bf16), or
-            "auto" (a GPU kernel where one can run, else reference; decided per forward
+        backend: "reference" (any device), "cutlass" or "cusparselt" (CUDA, fp16/bf16), or
+            "auto" (a GPU backend where one can run, else reference; decided per forward
             device and compute dtype).
         device, dtype: of the new parameters.
         name: the layer's name in its model, used in error messages.
 
     Example:
-        >>> layer = TransposableSparseLinear.from_linear(nn.Linear(64, 32), kernel="reference")
+        >>> layer = TransposableSparseLinear.from_linear(nn.Linear(64, 32), backend="reference")
         >>> layer(torch.randn(8, 64)).shape
         torch.Size([8, 32])
     """
@@ -323,16 +312,16 @@ class TransposableSparseLinear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        kernel: TransposableKernel = "auto",
+        backend: TransposableBackend = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         name: str = "TransposableSparseLinear",
     ) -> None:
         super().__init__()
         self.name = name
-        if kernel not in KERNELS:
+        if backend not in BACKENDS:
             raise ValueError(
-                f"layer {name!r}: unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}"
+                f"layer {name!r}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
             )
         for label, size in (
             ("in_features (d_in)", in_features),
@@ -345,7 +334,7 @@ class TransposableSparseLinear(nn.Module):
                 )
         self.in_features = in_features
         self.out_features = out_features
-        self.kernel = kernel
+        self.backend = backend
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         if bias:
@@ -367,7 +356,7 @@ class TransposableSparseLinear(nn.Module):
     def from_linear(
         cls,
         linear: nn.Linear,
-        kernel: TransposableKernel = "auto",
+        backend: TransposableBackend = "auto",
         name: str = "TransposableSparseLinear",
     ) -> TransposableSparseLinear:
         """Wrap ``linear``'s own weight and bias Parameters (shared, not copied).
@@ -378,7 +367,7 @@ class TransposableSparseLinear(nn.Module):
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
-            kernel=kernel,
+            backend=backend,
             device="meta",  # placeholders, replaced by linear's parameters below
             dtype=linear.weight.dtype,
             name=name,
@@ -388,25 +377,25 @@ class TransposableSparseLinear(nn.Module):
         layer.train(linear.training)
         return layer
 
-    # ------------------------------------------------------------------ kernels and cache
+    # ------------------------------------------------------------------ backends and cache
 
     @torch.compiler.disable
-    def kernel_for(self, device: torch.device, compute_dtype: torch.dtype) -> str:
-        """The kernel this layer runs for inputs on ``device`` computing in ``compute_dtype``.
+    def backend_for(self, device: torch.device, compute_dtype: torch.dtype) -> str:
+        """The backend this layer runs for inputs on ``device`` computing in ``compute_dtype``.
 
         Raises:
-            RuntimeError: an explicitly requested GPU kernel cannot run this layer.
+            RuntimeError: an explicitly requested GPU backend cannot run this layer.
         """
         key = (device, compute_dtype)
         chosen = self._chosen.get(key)
         if chosen is not None:
             return chosen
         shape = (self.out_features, self.in_features)
-        if self.kernel == "auto":
+        if self.backend == "auto":
             chosen = "reference"
             reasons = []
             for candidate in ("cutlass", "cusparselt"):
-                why = _kernel_problem(candidate, *shape, compute_dtype, device)
+                why = _backend_problem(candidate, *shape, compute_dtype, device)
                 if why is None:
                     chosen = candidate
                     break
@@ -420,23 +409,23 @@ class TransposableSparseLinear(nn.Module):
                     "; ".join(reasons),
                 )
         else:
-            why = _kernel_problem(self.kernel, *shape, compute_dtype, device)
+            why = _backend_problem(self.backend, *shape, compute_dtype, device)
             if why is not None:
                 raise RuntimeError(
                     f"layer {self.name!r} ({shape[0]}x{shape[1]}, computing in {compute_dtype} "
-                    f"on {device}): kernel {self.kernel!r} cannot run it: {why}; use "
-                    "kernel='auto' (falls back to the dense masked reference per layer) or "
+                    f"on {device}): backend {self.backend!r} cannot run it: {why}; use "
+                    "backend='auto' (falls back to the dense masked reference per layer) or "
                     "'reference', run on a supported GPU under bf16/fp16 autocast, or exclude "
                     "the layer"
                 )
-            chosen = self.kernel
+            chosen = self.backend
         self._chosen[key] = chosen
         return chosen
 
     # The cache lives in Python and its mask search is data dependent: torch.compile runs
     # this eagerly (a graph break per layer) and traces the matmuls around it.
     @torch.compiler.disable
-    def _current_operands(self, kernel: str, compute_dtype: torch.dtype) -> tuple[Tensor, ...]:
+    def _current_operands(self, backend: str, compute_dtype: torch.dtype) -> tuple[Tensor, ...]:
         weight = self.weight
         # Rebuilt when the weight changes in place (optimizer step, load_state_dict) or is
         # replaced (.to(), which allocates new storage).
@@ -446,10 +435,10 @@ class TransposableSparseLinear(nn.Module):
             weight.dtype,
             weight.data_ptr(),
             weight._version,
-            compute_dtype if kernel != "reference" else None,
+            compute_dtype if backend != "reference" else None,
         )
         return self._operands.get(
-            kernel, key, lambda: _build_operands(kernel, weight, compute_dtype)
+            backend, key, lambda: _build_operands(backend, weight, compute_dtype)
         )
 
     def cached_tensors(self) -> list[Tensor]:
@@ -457,29 +446,29 @@ class TransposableSparseLinear(nn.Module):
         return self._operands.tensors()
 
     @property
-    def chosen_kernels(self) -> tuple[str, ...]:
+    def chosen_backends(self) -> tuple[str, ...]:
         """The kernels this layer has run so far (one per device and compute dtype seen)."""
         return tuple(sorted(set(self._chosen.values())))
 
     @property
     def mask_builds(self) -> int:
-        """How many times the mask (and kernel operands) were built: once per weight update."""
+        """How many times the mask (and backend operands) were built: once per weight update."""
         return self._operands.builds
 
     def sparse_weight(self, compute_dtype: torch.dtype | None = None) -> Tensor:
         """The dense W_s (d_out, d_in) the forward uses now, in ``compute_dtype``.
 
-        For the reference kernel W ⊙ transposable_mask(W); for a GPU kernel, the tile
-        kernel's own (greedy) pruning.
+        For the reference backend W ⊙ transposable_mask(W); for a GPU backend, the tile
+        backend's own (greedy) pruning.
         """
         compute_dtype = compute_dtype or self.weight.dtype
-        kernel = self.kernel_for(self.weight.device, compute_dtype)
-        operands = self._current_operands(kernel, compute_dtype)
+        backend = self.backend_for(self.weight.device, compute_dtype)
+        operands = self._current_operands(backend, compute_dtype)
         with torch.no_grad():
             weight_c = self.weight.detach().to(compute_dtype)
-            if kernel == "reference":
+            if backend == "reference":
                 return weight_c * operands[0]
-            return torch._sparse_semi_structured_apply_dense(weight_c.contiguous(), operands[-1])
+            return apply_tile_mask(weight_c, operands[-1])
 
     # ------------------------------------------------------------------ forward
 
@@ -490,14 +479,14 @@ class TransposableSparseLinear(nn.Module):
                 f"expected {self.in_features}"
             )
         compute_dtype = compute_dtype_of(x)
-        kernel = self.kernel_for(x.device, compute_dtype)
-        operands = self._current_operands(kernel, compute_dtype)
-        return _TransposableLinearFunction.apply(x, self.weight, self.bias, kernel, operands)
+        backend = self.backend_for(x.device, compute_dtype)
+        operands = self._current_operands(backend, compute_dtype)
+        return _TransposableLinearFunction.apply(x, self.weight, self.bias, backend, operands)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, kernel={self.kernel!r}"
+            f"bias={self.bias is not None}, backend={self.backend!r}"
         )
 
 
@@ -508,7 +497,7 @@ def transposable_sparsify(
     model: nn.Module,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
-    kernel: TransposableKernel = "auto",
+    backend: TransposableBackend = "auto",
 ) -> list[str]:
     """Replace ``model``'s nn.Linear layers by TransposableSparseLinear layers, in place.
 
@@ -521,17 +510,17 @@ def transposable_sparsify(
         include: fnmatch patterns on qualified layer names; if given, only matching layers
             are considered, and a matching layer that cannot be converted is an error.
         exclude: patterns of layers left dense (default: LM heads and embeddings).
-        kernel: the kernel of every converted layer (see :class:`TransposableSparseLinear`).
+        backend: the backend of every converted layer (see :class:`TransposableSparseLinear`).
 
     Returns:
         The qualified names of the converted layers.
 
     Raises:
-        ValueError: unknown kernel, ``model`` is itself a Linear, or an included layer cannot
+        ValueError: unknown backend, ``model`` is itself a Linear, or an included layer cannot
             be converted.
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if isinstance(model, nn.Linear):
         raise ValueError(
             "transposable_sparsify() swaps layers inside a model; for a single layer use "
@@ -544,7 +533,7 @@ def transposable_sparsify(
         if reason is not None:
             logger.info("%s: left as it is (%s)", name, reason)
             continue
-        setattr(parent, attr, TransposableSparseLinear.from_linear(child, kernel, name=name))
+        setattr(parent, attr, TransposableSparseLinear.from_linear(child, backend, name=name))
         converted.append(name)
-    logger.info("transposable_sparsify: %d layers converted (kernel=%s)", len(converted), kernel)
+    logger.info("transposable_sparsify: %d layers converted (backend=%s)", len(converted), backend)
     return converted

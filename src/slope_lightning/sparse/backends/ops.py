@@ -1,0 +1,229 @@
+"""Every call into PyTorch's private 2:4 sparse operators, behind one small interface.
+
+``torch._cslt_*`` (cuSPARSELt) and ``torch._sparse_semi_structured_*`` (CUTLASS and the 4×4
+tile pruner) are private and their schemas move between torch releases; nothing else in the
+library calls them. Three implementations of :class:`SemiStructuredOps`:
+
+- :class:`CuSparseLtOps`: cuSPARSELt (sm80+).
+- :class:`CutlassOps`: PyTorch's CUTLASS 2:4 GEMM (sm80-sm89 only).
+- :class:`EmulatedOps`: dense torch math with the kernels' shape rules asserted, on any
+  device and dtype. It is a first-class choice (``backend="emulated"``), like torchao's
+  ``KernelPreference.EMULATED``: CPU CI runs the GPU backends' logic (compression caches,
+  padding, tiling, dispatch) end to end through it.
+
+Written against the operator schemas of torch 2.11-2.14.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShapeLimits:
+    """Multiples the kernels need: rows and cols of the sparse operand, rows of the dense one."""
+
+    sparse_rows: int
+    sparse_cols: int
+    dense_rows: int
+
+
+class SemiStructuredOps(Protocol):
+    """The calls a 2:4 backend makes: compress a pruned operand, multiply by it."""
+
+    name: str
+    limits: dict[torch.dtype, ShapeLimits]
+    #: Whether the operators need CUDA tensors (False only for the emulation).
+    needs_cuda: bool
+
+    def unsupported_gpu(self, capability: tuple[int, int]) -> str | None:
+        """Why the kernels cannot run on a GPU of this compute capability (None if they can)."""
+        ...
+
+    def compress(self, dense: Tensor) -> Any:
+        """Compress a 2:4-sparse (rows, cols) tensor (pruned along cols)."""
+        ...
+
+    def matmul(self, packed: Any, x: Tensor, rows: int) -> Tensor:
+        """x @ denseᵀ for x of shape (T, cols), T a multiple of dense_rows: (T, rows)."""
+        ...
+
+
+@dataclass
+class AlgorithmCache:
+    """cuSPARSELt algorithm ids, searched once per (device, rows, cols, tokens, dtype).
+
+    A search runs dozens of GEMMs, and every layer of one shape shares its result, so the one
+    instance, :data:`ALGORITHM_IDS`, lives for the process: a memo of a pure measurement, not
+    state that changes results (every algorithm computes the same product).
+    """
+
+    ids: dict[tuple[Hashable, ...], int] = field(default_factory=dict)
+    searches: int = 0
+
+    def get(self, packed: Any, x: Tensor, rows: int) -> int:
+        key = (str(x.device), rows, x.shape[1], x.shape[0], x.dtype)
+        alg_id = self.ids.get(key)
+        if alg_id is None:
+            self.searches += 1
+            # torch 2.11-2.14 return an int (deprecated in favour of
+            # torch._C._cusparselt.mm_search, which also returns split-k settings).
+            try:
+                alg_id = int(torch._cslt_sparse_mm_search(packed, x.t(), transpose_result=True))
+            except RuntimeError as error:  # keep cuSPARSELt's default algorithm
+                logger.warning("cusparselt algorithm search failed for %s: %s", key, error)
+                alg_id = 0
+            self.ids[key] = alg_id
+        return alg_id
+
+
+#: The process-wide algorithm memo (see :class:`AlgorithmCache`).
+ALGORITHM_IDS = AlgorithmCache()
+
+_HALF_LIMITS = {torch.float16: ShapeLimits(16, 16, 8), torch.bfloat16: ShapeLimits(16, 16, 8)}
+
+
+class CuSparseLtOps:
+    """cuSPARSELt via ``torch._cslt_compress`` / ``torch._cslt_sparse_mm``."""
+
+    name = "cusparselt"
+    needs_cuda = True
+    limits: ClassVar[dict[torch.dtype, ShapeLimits]] = _HALF_LIMITS
+
+    def unsupported_gpu(self, capability: tuple[int, int]) -> str | None:
+        if capability < (8, 0):
+            return "cusparselt needs an sm80+ GPU (Ampere or newer)"
+        if not torch.backends.cusparselt.is_available():
+            return "this torch build has no cuSPARSELt"
+        return None
+
+    def compress(self, dense: Tensor) -> Any:
+        return torch._cslt_compress(dense.contiguous())
+
+    def matmul(self, packed: Any, x: Tensor, rows: int) -> Tensor:
+        alg_id = ALGORITHM_IDS.get(packed, x, rows)
+        return torch._cslt_sparse_mm(packed, x.t(), transpose_result=True, alg_id=alg_id)
+
+
+class CutlassOps:
+    """CUTLASS via PyTorch's semi-structured conversion and ``_sparse_semi_structured_mm``."""
+
+    name = "cutlass"
+    needs_cuda = True
+    limits: ClassVar[dict[torch.dtype, ShapeLimits]] = {
+        torch.float16: ShapeLimits(32, 64, 8),
+        torch.bfloat16: ShapeLimits(32, 64, 8),
+    }
+
+    def unsupported_gpu(self, capability: tuple[int, int]) -> str | None:
+        # PyTorch builds its CUTLASS 2:4 GEMM for sm8x only; Hopper (sm90) and later fail at
+        # run time (pytorch/pytorch#132928, #132009): use cusparselt there.
+        if capability[0] != 8:
+            major, minor = capability
+            return (
+                f"PyTorch's CUTLASS 2:4 kernels run on sm80-sm89 only, this GPU is sm{major}{minor}"
+            )
+        return None
+
+    def compress(self, dense: Tensor) -> Any:
+        from torch.sparse._semi_structured_conversions import (
+            sparse_semi_structured_from_dense_cutlass,
+        )
+
+        return sparse_semi_structured_from_dense_cutlass(dense.contiguous())
+
+    def matmul(self, packed: Any, x: Tensor, rows: int) -> Tensor:
+        values, meta = packed
+        return torch._sparse_semi_structured_mm(values, meta, x.t()).t()  # (T, rows)
+
+
+class EmulatedOps:
+    """cuSPARSELt's contract in dense torch math, on any device and floating dtype.
+
+    ``compress`` checks that the operand really is 2:4 along its columns and that its shape
+    meets cuSPARSELt's multiples, then keeps a dense copy; ``matmul`` checks the token
+    padding. So a bug in the backends' padding, tiling or double pruning fails here, on CPU,
+    exactly where it would fail (or silently mis-compute) on a GPU. ``compressed_shapes``
+    records every operand compressed, for tests of caching and tiling.
+    """
+
+    name = "emulated"
+    needs_cuda = False
+    limits: ClassVar[dict[torch.dtype, ShapeLimits]] = {
+        dtype: ShapeLimits(16, 16, 8)
+        for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    }
+
+    def __init__(self) -> None:
+        self.compressed_shapes: list[tuple[int, int]] = []
+
+    def unsupported_gpu(self, capability: tuple[int, int]) -> str | None:
+        return None
+
+    def compress(self, dense: Tensor) -> Any:
+        rows, cols = dense.shape
+        limits = self.limits[dense.dtype]
+        if rows % limits.sparse_rows or cols % limits.sparse_cols:
+            raise ValueError(
+                f"emulated 2:4 compress: a {rows}x{cols} operand; rows must be a multiple of "
+                f"{limits.sparse_rows} and cols of {limits.sparse_cols}"
+            )
+        kept = (dense != 0).view(rows, cols // 4, 4).sum(-1)  # (rows, groups)
+        if bool((kept > 2).any()):
+            raise ValueError("emulated 2:4 compress: the operand is not 2:4 along its columns")
+        self.compressed_shapes.append((rows, cols))
+        return dense.contiguous().clone()
+
+    def matmul(self, packed: Any, x: Tensor, rows: int) -> Tensor:
+        multiple = self.limits[x.dtype].dense_rows
+        if x.shape[0] % multiple:
+            raise ValueError(
+                f"emulated 2:4 matmul: {x.shape[0]} tokens, not padded to a multiple of {multiple}"
+            )
+        if packed.shape[0] != rows:
+            raise ValueError(f"emulated 2:4 matmul: operand has {packed.shape[0]} rows, not {rows}")
+        return x @ packed.t()  # (T, rows)
+
+
+# ---------------------------------------------------------------- the 4×4 tile pruner
+
+#: The pruning algorithm of ``torch._sparse_semi_structured_tile`` that ranks by |w| (its
+#: default, "", ranks by signed value).
+TILE_ALGORITHM = "largest_abs_values_greedy"
+
+
+def tile_prune(weight: Tensor, use_cutlass: bool) -> tuple[Tensor, ...]:
+    """``torch._sparse_semi_structured_tile`` on a contiguous fp16/bf16 (d_out, d_in) weight.
+
+    Returns (packed, meta, packed_t, meta_t, bitmask): W_s and W_sᵀ packed for CUTLASS
+    (``use_cutlass=True``), and the per-tile keep bits that :func:`apply_tile_mask` turns back
+    into a dense W_s. Used by the transposable baseline.
+    """
+    return torch._sparse_semi_structured_tile(
+        weight, algorithm=TILE_ALGORITHM, use_cutlass=use_cutlass
+    )
+
+
+def apply_tile_mask(weight: Tensor, bitmask: Tensor) -> Tensor:
+    """The dense W_s: ``weight`` with the entries :func:`tile_prune` dropped set to zero."""
+    return torch._sparse_semi_structured_apply_dense(weight.contiguous(), bitmask)
+
+
+def make_ops(name: str) -> SemiStructuredOps:
+    """The ops called ``name``: "cusparselt", "cutlass" or "emulated"."""
+    kinds: dict[str, type[SemiStructuredOps]] = {
+        "cusparselt": CuSparseLtOps,
+        "cutlass": CutlassOps,
+        "emulated": EmulatedOps,
+    }
+    if name not in kinds:
+        raise ValueError(f"unknown 2:4 ops {name!r}; choose one of {', '.join(kinds)}")
+    return kinds[name]()
