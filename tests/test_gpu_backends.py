@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from slope_lightning import add_adapters, merge_for_inference, sparsify
-from slope_lightning.sparse import SparseLinear, backend_report, sparse_layers, use_decision_store
+from slope_lightning.sparse import (
+    SparseLinear,
+    backend_report,
+    follow_optimizer,
+    sparse_layers,
+    use_decision_store,
+)
 from slope_lightning.sparse.backends import (
     AutoBackend,
     BackendName,
@@ -439,3 +445,50 @@ def test_the_sparsify_report_of_auto_points_to_the_choices_made_later():
 
     assert "backend_report(model)" in str(SparsifyReport(n=2, m=4, backend="auto"))
     assert "backend_report" not in str(SparsifyReport(n=2, m=4, backend="reference"))
+
+
+def col_index_trajectory(backend: str, make_optimizer, follow: bool, steps: int = 4):
+    """M_C after each of ``steps`` optimizer steps of a layer refreshing it every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64))
+    sparsify(model, backend=backend)
+    optimizer = make_optimizer(model.parameters())
+    if follow:
+        follow_optimizer(model, optimizer)
+    x = torch.randn(16, 32)
+    masks = []
+    for _ in range(steps):
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model(x)  # the next training forward refreshes M_C
+        masks.append(model[0].col_index.clone())
+    return masks
+
+
+@pytest.mark.parametrize("backend", ["reference", "emulated"])
+def test_with_follow_optimizer_a_fused_optimizer_refreshes_mc_like_a_plain_one(backend):
+    def plain(params):
+        return torch.optim.AdamW(params, lr=0.5, foreach=False)
+
+    def fused(params):
+        return torch.optim.AdamW(params, lr=0.5, fused=True)
+
+    expected = col_index_trajectory(backend, plain, follow=False)
+    assert not torch.equal(expected[0], expected[-1]), "the test needs M_C to move"
+    for got, want in zip(col_index_trajectory(backend, fused, follow=True), expected, strict=True):
+        assert torch.equal(got, want)
+    for got, want in zip(col_index_trajectory(backend, plain, follow=True), expected, strict=True):
+        assert torch.equal(got, want)  # never counted twice
+
+
+def test_the_refresh_counter_survives_a_checkpoint_under_follow_optimizer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32))
+    sparsify(model, transpose_mask_interval=3)
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    follow_optimizer(model, optimizer)
+    model(torch.randn(4, 32)).sum().backward()
+    optimizer.step()
+    state = model.state_dict()
+    assert state["0._extra_state"].tolist() == [1, 2, 4]  # (updates since refresh, N, M)

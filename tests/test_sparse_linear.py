@@ -280,3 +280,68 @@ def test_wrong_input_width_names_the_layer():
     layer = SparseLinear(32, 16, name="blocks.3.attn.q_proj")
     with pytest.raises(ValueError, match=r"blocks\.3\.attn\.q_proj.*expected 32"):
         layer(torch.randn(2, 31))
+
+
+# ---------------------------------------------------------------- bad input and bad state
+
+
+def test_the_state_dict_holds_only_tensors_so_safetensors_can_save_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = nn.Sequential(SparseLinear(32, 16))
+    state = model.state_dict()
+    assert all(isinstance(value, torch.Tensor) for value in state.values())
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "m.safetensors"))
+    loaded = nn.Sequential(SparseLinear(32, 16))
+    loaded.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
+    torch.testing.assert_close(loaded[0].to_dense(), model[0].to_dense())
+
+
+@pytest.mark.parametrize(("saved", "target"), [((2, 8), (4, 16)), ((1, 8), (2, 16))])
+def test_a_checkpoint_of_another_nm_pattern_is_refused_even_when_shapes_match(saved, target):
+    source = SparseLinear(64, 32, n=saved[0], m=saved[1])
+    dest = SparseLinear(64, 32, n=target[0], m=target[1])
+    state = source.state_dict()
+    assert state["values"].shape == dest.values.shape  # the packed shapes do match
+    with pytest.raises(
+        ValueError,
+        match=rf"holds a {saved[0]}:{saved[1]} sparse weight.*n={saved[0]}, m={saved[1]}",
+    ):
+        dest.load_state_dict(state)
+
+
+@pytest.mark.parametrize("buffer", ["row_index", "col_index"])
+def test_packed_indices_that_are_not_a_valid_nm_pattern_are_refused_on_load(buffer):
+    layer = SparseLinear(32, 16, name="blocks.0.attn.q_proj")
+    state = layer.state_dict()
+    state[buffer] = torch.full_like(state[buffer], 0xFF)  # offsets 3, 3: repeated
+    with pytest.raises(ValueError, match=r"'blocks.0.attn.q_proj'.*not a valid 2:4 pattern"):
+        SparseLinear(32, 16, name="blocks.0.attn.q_proj").load_state_dict(state)
+
+
+def test_an_integer_input_is_an_error_not_zeros():
+    layer = SparseLinear(32, 16, name="mlp.up")
+    with pytest.raises(TypeError, match=r"'mlp.up': input dtype torch.int64 is not floating point"):
+        layer(torch.ones(2, 32, dtype=torch.int64))
+
+
+def test_from_linear_refuses_what_is_not_a_linear():
+    with pytest.raises(TypeError, match="takes an nn.Linear, got Conv1d"):
+        SparseLinear.from_linear(nn.Conv1d(4, 4, 1))
+
+
+def test_merge_for_inference_validates_every_layer_before_merging_any():
+    from slope_lightning.sparse import merge_for_inference, sparsify
+
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    sparsify(model)
+    with torch.no_grad():
+        model[1].values[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite values in weight; not merged"):
+        merge_for_inference(model)
+    assert not model[0].merged and not model[1].merged  # nothing half-done
+    with torch.no_grad():
+        model[1].values[0, 0] = 0.0
+    assert merge_for_inference(model) == 2  # a retry works
+    with pytest.raises(RuntimeError, match="already merged.*unmerge"):
+        merge_for_inference(model)

@@ -147,6 +147,7 @@ class SparseLinear(nn.Module):
         self._operands = OperandCache()  # kernel-side copies for inference (GPU backends)
         self._seen_version = self.values._version
         self._updates_since_refresh = 0
+        self._counts_optimizer_steps = False  # see note_optimizer_step
         self._mask_generation = 0  # bumped whenever M_C changes
         self._checked: set[tuple[torch.dtype, torch.device]] = set()
 
@@ -255,18 +256,31 @@ class SparseLinear(nn.Module):
             kept = int((new_mask & w_r_mask).sum())
         return TransposeMaskRefresh(flipped=flipped, kept=kept, total=self.values.numel())
 
+    def note_optimizer_step(self) -> None:
+        """Count one optimizer update of the values (called by :func:`follow_optimizer`'s hook).
+
+        Once called, the layer counts updates only through it and ignores the values'
+        version counter, so an update is never counted twice.
+        """
+        self._counts_optimizer_steps = True
+        self._updates_since_refresh += 1
+        self._seen_version = self.values._version
+
     def _refresh_transpose_mask_if_due(self) -> None:
         """Refresh M_C when ``transpose_mask_interval`` optimizer updates have happened.
 
-        Contract: called at every training forward. An optimizer update of the values is
-        seen as a move of their version counter since the previous training forward (every
-        ``torch.optim`` update in place bumps it; fused optimizers do not, so under them the
-        schedule belongs to the ``MaskScheduler`` callback, which counts trainer steps).
+        Contract: called at every training forward. An update is counted either by
+        :meth:`note_optimizer_step` (an optimizer step hook, see
+        :func:`~slope_lightning.sparse.follow_optimizer`: works for every optimizer) or, for
+        a layer no hook reports to, as a move of the values' version counter since the
+        previous training forward (every in-place ``torch.optim`` update bumps it, but fused
+        optimizers such as ``AdamW(fused=True)`` do not).
         """
-        version = self.values._version
-        if version != self._seen_version:
-            self._seen_version = version
-            self._updates_since_refresh += 1
+        if not self._counts_optimizer_steps:
+            version = self.values._version
+            if version != self._seen_version:
+                self._seen_version = version
+                self._updates_since_refresh += 1
         interval = self.transpose_mask_interval
         if interval is not None and self._updates_since_refresh >= interval:
             self.refresh_transpose_mask(with_stats=False)
@@ -277,7 +291,9 @@ class SparseLinear(nn.Module):
         A tensor, not a dict, so that ``state_dict()`` holds only tensors (safetensors,
         ``save_pretrained``); N and M let a load refuse a checkpoint of another pattern.
         """
-        pending = int(self.values._version != self._seen_version)
+        pending = int(
+            not self._counts_optimizer_steps and self.values._version != self._seen_version
+        )
         state = [self._updates_since_refresh + pending, self.n, self.m]
         return torch.tensor(state, dtype=torch.int64)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from slope_lightning.sparse.adapters import AdapterInit
 from slope_lightning.sparse.backends import BackendName, DecisionStore, SparseBackend
@@ -326,6 +327,25 @@ def backend_report(model: nn.Module) -> str:
         shape = f"{layer.out_features} x {layer.in_features}"
         lines.append(f"{name:<{width}}  {shape:>17}  {layer.backend.describe()}")
     return "\n".join(lines)
+
+
+def follow_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+    """Tell every SparseLinear of ``model`` whose values ``optimizer`` updates about each step.
+
+    Layers re-derive M_C every ``transpose_mask_interval`` optimizer updates. Without this
+    they detect an update through their values' version counter, which fused optimizers
+    (``AdamW(fused=True)``, the default of many trainers on CUDA) do not move; with it,
+    every optimizer counts, fused, foreach or plain. Call it once per optimizer (the
+    Lightning module does). Returns the hook's handle (``handle.remove()`` detaches it).
+    """
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    layers = [layer for _, layer in sparse_layers(model) if id(layer.values) in owned]
+
+    def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for layer in layers:
+            layer.note_optimizer_step()
+
+    return optimizer.register_step_post_hook(after_step)
 
 
 def use_decision_store(model: nn.Module, path: str | Path | None) -> DecisionStore:
