@@ -350,8 +350,8 @@ def test_cusparselt_searches_an_algorithm_once_per_shape_for_all_layers(monkeypa
         assert transpose_result and not dense.is_contiguous()  # x.t(): column-major (k, T)
         return 3
 
-    def sparse_mm(packed, dense, transpose_result, alg_id):
-        assert alg_id == 3
+    def sparse_mm(packed, dense, bias, transpose_result, alg_id):
+        assert alg_id == 3 and bias is None
         return (packed @ dense).t().contiguous()  # (T, rows), as cuSPARSELt returns it
 
     monkeypatch.setattr(ALGORITHM_IDS, "ids", {})
@@ -366,7 +366,9 @@ def test_cusparselt_searches_an_algorithm_once_per_shape_for_all_layers(monkeypa
         raise RuntimeError("CUSPARSE_STATUS_NOT_SUPPORTED")
 
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", failing_search)
-    monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda p, d, transpose_result, alg_id: alg_id)
+    monkeypatch.setattr(
+        torch, "_cslt_sparse_mm", lambda p, d, bias, transpose_result, alg_id: alg_id
+    )
     assert CuSparseLtOps().matmul(weight, torch.randn(16, 16), 32) == 0  # default algorithm
 
 
@@ -492,3 +494,14 @@ def test_the_refresh_counter_survives_a_checkpoint_under_follow_optimizer():
     optimizer.step()
     state = model.state_dict()
     assert state["0._extra_state"].tolist() == [1, 2, 4]  # (updates since refresh, N, M)
+
+
+@pytest.mark.parametrize("fuses_bias", [True, False])
+def test_the_bias_is_fused_into_the_gemm_where_the_ops_can_and_added_after_elsewhere(fuses_bias):
+    ops = EmulatedOps(fuses_bias=fuses_bias)
+    reference, layer = twin_layers(32, 64, SemiStructuredBackend(ops, tiled=True))
+    with torch.no_grad():
+        reference.bias.normal_()
+        layer.bias.copy_(reference.bias)
+    x = torch.randn(5, 32, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), reference(x))  # tiles get their slice of the bias

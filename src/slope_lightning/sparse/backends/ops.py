@@ -43,6 +43,8 @@ class SemiStructuredOps(Protocol):
     limits: dict[torch.dtype, ShapeLimits]
     #: Whether the operators need CUDA tensors (False only for the emulation).
     needs_cuda: bool
+    #: Whether :meth:`matmul` adds a bias in its epilogue (else the caller adds it).
+    fuses_bias: bool
 
     def unsupported_gpu(self, capability: tuple[int, int]) -> str | None:
         """Why the kernels cannot run on a GPU of this compute capability (None if they can)."""
@@ -52,8 +54,11 @@ class SemiStructuredOps(Protocol):
         """Compress a 2:4-sparse (rows, cols) tensor (pruned along cols)."""
         ...
 
-    def matmul(self, packed: Any, x: Tensor, rows: int) -> Tensor:
-        """x @ denseᵀ for x of shape (T, cols), T a multiple of dense_rows: (T, rows)."""
+    def matmul(self, packed: Any, x: Tensor, rows: int, bias: Tensor | None = None) -> Tensor:
+        """x @ denseᵀ (+ bias) for x of shape (T, cols), T a multiple of dense_rows: (T, rows).
+
+        ``bias`` (rows,) is only passed where :attr:`fuses_bias` is True.
+        """
         ...
 
 
@@ -96,6 +101,7 @@ class CuSparseLtOps:
 
     name = "cusparselt"
     needs_cuda = True
+    fuses_bias = True
     limits: ClassVar[dict[torch.dtype, ShapeLimits]] = _HALF_LIMITS
 
     def unsupported_gpu(self, capability: tuple[int, int]) -> str | None:
@@ -108,9 +114,10 @@ class CuSparseLtOps:
     def compress(self, dense: Tensor) -> Any:
         return torch._cslt_compress(dense.contiguous())
 
-    def matmul(self, packed: Any, x: Tensor, rows: int) -> Tensor:
+    def matmul(self, packed: Any, x: Tensor, rows: int, bias: Tensor | None = None) -> Tensor:
         alg_id = ALGORITHM_IDS.get(packed, x, rows)
-        return torch._cslt_sparse_mm(packed, x.t(), transpose_result=True, alg_id=alg_id)
+        # The bias is added per row of W x = per output feature, in the GEMM's epilogue.
+        return torch._cslt_sparse_mm(packed, x.t(), bias=bias, transpose_result=True, alg_id=alg_id)
 
 
 class CutlassOps:
@@ -118,6 +125,7 @@ class CutlassOps:
 
     name = "cutlass"
     needs_cuda = True
+    fuses_bias = False
     limits: ClassVar[dict[torch.dtype, ShapeLimits]] = {
         torch.float16: ShapeLimits(32, 64, 8),
         torch.bfloat16: ShapeLimits(32, 64, 8),
@@ -140,7 +148,7 @@ class CutlassOps:
 
         return sparse_semi_structured_from_dense_cutlass(dense.contiguous())
 
-    def matmul(self, packed: Any, x: Tensor, rows: int) -> Tensor:
+    def matmul(self, packed: Any, x: Tensor, rows: int, bias: Tensor | None = None) -> Tensor:
         values, meta = packed
         return torch._sparse_semi_structured_mm(values, meta, x.t()).t()  # (T, rows)
 
@@ -162,7 +170,9 @@ class EmulatedOps:
         for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
     }
 
-    def __init__(self) -> None:
+    def __init__(self, fuses_bias: bool = True) -> None:
+        #: True: cuSPARSELt's contract (bias in the epilogue); False: CUTLASS's (added after).
+        self.fuses_bias = fuses_bias
         self.compressed_shapes: list[tuple[int, int]] = []
 
     def unsupported_gpu(self, capability: tuple[int, int]) -> str | None:
@@ -182,7 +192,7 @@ class EmulatedOps:
         self.compressed_shapes.append((rows, cols))
         return dense.contiguous().clone()
 
-    def matmul(self, packed: Any, x: Tensor, rows: int) -> Tensor:
+    def matmul(self, packed: Any, x: Tensor, rows: int, bias: Tensor | None = None) -> Tensor:
         multiple = self.limits[x.dtype].dense_rows
         if x.shape[0] % multiple:
             raise ValueError(
@@ -190,7 +200,10 @@ class EmulatedOps:
             )
         if packed.shape[0] != rows:
             raise ValueError(f"emulated 2:4 matmul: operand has {packed.shape[0]} rows, not {rows}")
-        return x @ packed.t()  # (T, rows)
+        if bias is not None and tuple(bias.shape) != (rows,):
+            raise ValueError(f"emulated 2:4 matmul: bias {tuple(bias.shape)}, expected ({rows},)")
+        out = x @ packed.t()  # (T, rows)
+        return out + bias if bias is not None else out
 
 
 # ---------------------------------------------------------------- the 4×4 tile pruner

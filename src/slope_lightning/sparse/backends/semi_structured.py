@@ -84,14 +84,20 @@ class SemiStructuredBackend(SparseBackend):
             for start, stop in row_tiles(rows, cols, self.tiled)
         ]
 
-    def _apply(self, tiles: Tiles, x: Tensor) -> Tensor:
-        """x @ operandᵀ over all tiles, with the token dimension padded for the kernels."""
+    def _apply(self, tiles: Tiles, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x @ operandᵀ (+ bias, fused into the GEMM) over all tiles, with the token
+        dimension padded for the kernels."""
         tokens = x.shape[0]
         multiple = self.ops.limits[x.dtype].dense_rows
         pad = (-tokens) % multiple
         # Contiguous first: an incoming gradient may be a stride-0 expand, no kernel takes it.
         x_padded = F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()  # (T', k)
-        parts = [self.ops.matmul(packed, x_padded, stop - start) for start, stop, packed in tiles]
+        parts = [
+            self.ops.matmul(
+                packed, x_padded, stop - start, None if bias is None else bias[start:stop]
+            )
+            for start, stop, packed in tiles
+        ]
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return out[:tokens] if pad else out
 
@@ -102,6 +108,8 @@ class SemiStructuredBackend(SparseBackend):
         tiles = cache.get(
             f"{self.name}:forward", weight.key, lambda: self._compressed(weight.dense())
         )
+        if self.ops.fuses_bias:
+            return self._apply(tiles, x, bias)  # (T, d_out), bias in the GEMM's epilogue
         y = self._apply(tiles, x)  # (T, d_out)
         return add_bias(y, bias, self.kernels.bias_add)
 
