@@ -29,8 +29,8 @@ from slope_lightning.data import (
     train_tokenizer,
 )
 from slope_lightning.data import corpus as corpus_module
-from slope_lightning.data import datamodule as datamodule_module
-from slope_lightning.data.datamodule import ResumableSampler
+from slope_lightning.data import prepare as prepare_module
+from slope_lightning.data.streams import ResumableSampler
 from slope_lightning.data.tokenizer import tokenizer_cache_path
 
 pytestmark = pytest.mark.filterwarnings(
@@ -582,7 +582,7 @@ def test_setup_before_prepare_data(tmp_path: Path, corpus_glob: str) -> None:
 def test_interrupted_tokenization_leaves_no_partial_files(
     tmp_path: Path, corpus_glob: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_load = datamodule_module.load_tokenizer
+    real_load = prepare_module.load_tokenizer
 
     class Interrupting:
         """Wraps a tokenizer; the second `encode_batch` call is 'interrupted'."""
@@ -600,8 +600,8 @@ def test_interrupted_tokenization_leaves_no_partial_files(
                 raise KeyboardInterrupt
             return self.inner.encode_batch(*args, **kwargs)
 
-    monkeypatch.setattr(datamodule_module, "load_tokenizer", Interrupting)
-    monkeypatch.setattr(datamodule_module, "_ENCODE_CHUNK", 5)
+    monkeypatch.setattr(prepare_module, "load_tokenizer", Interrupting)
+    monkeypatch.setattr(prepare_module, "_ENCODE_CHUNK", 5)
     with pytest.raises(KeyboardInterrupt):
         _datamodule(tmp_path, corpus_glob).prepare_data()
     tokens_root = tmp_path / "cache" / "tokens"

@@ -1,5 +1,18 @@
-"""Data for SLoPe pretraining: corpora, byte-level BPE tokenizers and ``TextDataModule``."""
+"""Data for SLoPe pretraining, in three layers of which only the last imports Lightning:
 
+* preparation (``corpus``, ``tokenizer``, ``prepare``): text → split by document → tokenizer →
+  token files cached on disk and checked against their metadata (``artifacts``) when opened;
+* streams (``streams``): memory-mapped token windows and the resumable per-rank sampler;
+* ``TextDataModule`` (``datamodule``): the LightningDataModule over both, loaded on first use
+  (PEP 562), so ``import slope_lightning.data`` does not import Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from slope_lightning.data.artifacts import CorruptCacheError
 from slope_lightning.data.corpus import (
     DEFAULT_ARCHIVES,
     Document,
@@ -9,19 +22,50 @@ from slope_lightning.data.corpus import (
     load_documents,
     split_documents,
 )
-from slope_lightning.data.datamodule import TextDataModule
+from slope_lightning.data.prepare import PreparedTokens, prepare_tokens
+from slope_lightning.data.streams import (
+    ConsecutiveWindows,
+    RandomWindows,
+    ResumableSampler,
+    TokenFile,
+)
 from slope_lightning.data.tokenizer import EOT_TOKEN, load_tokenizer, train_tokenizer
+
+if TYPE_CHECKING:
+    from slope_lightning.data.datamodule import TextDataModule
+
+# Names that need Lightning: imported from their module on first access.
+_LAZY = {"TextDataModule": "slope_lightning.data.datamodule"}
 
 __all__ = [
     "DEFAULT_ARCHIVES",
     "EOT_TOKEN",
+    "ConsecutiveWindows",
+    "CorruptCacheError",
     "Document",
     "PinnedArchive",
+    "PreparedTokens",
+    "RandomWindows",
+    "ResumableSampler",
     "TextDataModule",
+    "TokenFile",
     "fingerprint",
     "load_default_corpus",
     "load_documents",
     "load_tokenizer",
+    "prepare_tokens",
     "split_documents",
     "train_tokenizer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

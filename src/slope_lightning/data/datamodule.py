@@ -1,16 +1,13 @@
-"""``TextDataModule``: corpus → split by document → tokenizer → memory-mapped token ids →
-``(x, y)`` next-token batches, with an exactly resumable training stream.
+"""``TextDataModule``: the Lightning face of the data layer. ``prepare_data`` runs the
+preparation pipeline (:mod:`~slope_lightning.data.prepare`), ``setup`` opens its token files
+as streams (:mod:`~slope_lightning.data.streams`), and the module keeps the training stream's
+position so that a resumed run continues with exactly the batches of an uninterrupted one.
 
-How the training stream is built, and why it resumes exactly:
+How the position is kept:
 
-* Sample ``g`` of the stream (``g = 0, 1, 2, ...``, never reset) is the window of
-  ``seq_len + 1`` tokens at an offset drawn from a generator seeded with ``(seed, g)``; nothing
-  else decides it.
-* Rank ``r`` of ``W`` serves samples ``r, r + W, r + 2W, ...`` (:class:`ResumableSampler`), so
-  the union of the ranks' batches at a step is the single-process batch of ``W`` times the size.
-* Each pass over the loader starts at the number of samples consumed so far, computed from
-  the Trainer's own count of processed training batches (restored from checkpoints, equal on
-  every rank). Samples a pass yielded but the loop never trained on (indices prefetched by
+* Each pass over the training loader starts at the number of samples consumed so far, computed
+  from the Trainer's own count of processed training batches (restored from checkpoints, equal
+  on every rank). Samples a pass yielded but the loop never trained on (indices prefetched by
   workers, a pass cut short by ``max_steps`` or ``limit_train_batches``) are never counted, so a
   mid-epoch resume, gradient accumulation and DDP need no special case.
 * The count is also saved through the data module's ``state_dict`` / ``load_state_dict``, which
@@ -25,182 +22,25 @@ replay the epoch from its start on resume, as plain Lightning loaders do.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from slope_lightning.data.corpus import (
-    Document,
-    fingerprint,
-    load_default_corpus,
-    load_documents,
-    split_documents,
+from slope_lightning.data.prepare import PreparedTokens, prepare_tokens
+from slope_lightning.data.streams import (
+    ConsecutiveWindows,
+    RandomWindows,
+    ResumableSampler,
+    TokenFile,
 )
-from slope_lightning.data.tokenizer import (
-    MIN_VOCAB_SIZE,
-    atomic_write_bytes,
-    load_tokenizer,
-    separator_id,
-    tokenizer_cache_path,
-    train_tokenizer,
-)
+from slope_lightning.data.tokenizer import MIN_VOCAB_SIZE, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-_ENCODE_CHUNK = 512  # documents per `encode_batch` call: parallel in Rust, bounded memory
-_CACHE_VERSION = "tokens-v1"  # bumped when the layout of train.bin / val.bin changes
-
-
-# ---------------------------------------------------------------------------------------------
-# Datasets and sampler
-# ---------------------------------------------------------------------------------------------
-
-
-class TokenFile:
-    """A flat file of token ids, memory-mapped lazily in each process that reads it.
-
-    Not the array but its path travels to dataloader workers, so spawned workers do not copy it.
-    """
-
-    def __init__(self, path: str | Path, dtype: np.dtype | str) -> None:
-        self.path = Path(path)
-        self.dtype = np.dtype(dtype)
-        self.num_tokens = self.path.stat().st_size // self.dtype.itemsize
-        self._array: np.memmap | None = None
-
-    @property
-    def array(self) -> np.memmap:
-        if self._array is None:
-            self._array = np.memmap(self.path, dtype=self.dtype, mode="r")
-        return self._array
-
-    def window(self, offset: int, length: int) -> torch.Tensor:
-        """Tokens ``[offset, offset + length)`` as an int64 tensor."""
-        return torch.from_numpy(self.array[offset : offset + length].astype(np.int64))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_array": None}
-
-
-def _require_window(tokens: TokenFile, seq_len: int) -> None:
-    """Raise unless ``tokens`` holds one window of ``seq_len`` inputs plus its target."""
-    if tokens.num_tokens < seq_len + 1:
-        raise ValueError(
-            f"{tokens.path} has {tokens.num_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}."
-        )
-
-
-class RandomWindows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Training windows: item ``g`` is ``(x, y)`` from the window at a pseudo-random offset that
-    depends only on ``(seed, g)``.
-
-    ``len()`` is one epoch of samples, but any ``g >= 0`` is valid: later epochs continue the
-    stream with ``g >= len()`` (see :class:`ResumableSampler`).
-    """
-
-    def __init__(self, tokens: TokenFile, seq_len: int, seed: int, samples_per_epoch: int) -> None:
-        _require_window(tokens, seq_len)
-        self.tokens = tokens
-        self.seq_len = seq_len
-        self.seed = seed
-        self.samples_per_epoch = samples_per_epoch
-
-    def __len__(self) -> int:
-        return self.samples_per_epoch
-
-    def offset(self, index: int) -> int:
-        """Start of window ``index``: uniform over every start that leaves room for the target."""
-        rng = np.random.default_rng((self.seed, index))
-        return int(rng.integers(0, self.tokens.num_tokens - self.seq_len))
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if index < 0:
-            raise IndexError(f"Sample index must be >= 0, got {index}.")
-        chunk = self.tokens.window(self.offset(index), self.seq_len + 1)  # (T + 1,)
-        return chunk[:-1], chunk[1:]  # (T,), (T,)
-
-
-class ConsecutiveWindows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Validation windows: non-overlapping, consecutive, in file order; item ``i`` starts at
-    ``i * seq_len`` (its target reaches one token into the next window)."""
-
-    def __init__(self, tokens: TokenFile, seq_len: int) -> None:
-        _require_window(tokens, seq_len)
-        self.tokens = tokens
-        self.seq_len = seq_len
-
-    def __len__(self) -> int:
-        return (self.tokens.num_tokens - 1) // self.seq_len
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"Window {index} out of range [0, {len(self)}).")
-        chunk = self.tokens.window(index * self.seq_len, self.seq_len + 1)  # (T + 1,)
-        return chunk[:-1], chunk[1:]
-
-
-class ResumableSampler(DistributedSampler):
-    """Serves one epoch of the training stream to one rank, starting where the stream stopped.
-
-    Rank ``r`` of ``W`` yields stream indices ``r + j * W`` for ``j = s / W, s / W + 1, ...``,
-    ``len(self)`` of them, where ``s`` is the number of samples all ranks consumed before
-    (``start_fn()``; without one, ``epoch * W * len(self)`` as set by ``set_epoch``). ``len``
-    counts whole batches only, so every batch is full and all ranks take the same number of steps.
-
-    It subclasses ``DistributedSampler`` only so that Lightning leaves it in place instead of
-    wrapping the loader in a shuffling sampler of its own.
-
-    Args:
-        dataset: the training windows; ``len(dataset)`` is the epoch size of the whole stream.
-        batch_size: per-rank batch size.
-        num_replicas: number of ranks ``W``.
-        rank: this rank.
-        start_fn: returns the samples consumed before a pass; called once when a pass starts.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        batch_size: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-        start_fn: Callable[[], int] | None = None,
-    ) -> None:
-        super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=True
-        )
-        global_batch = batch_size * num_replicas
-        self.batch_size = batch_size
-        self.num_samples = len(dataset) // global_batch * batch_size  # per rank
-        self.total_size = self.num_samples * num_replicas
-        self.start_fn = start_fn
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        start = self.start_fn() if self.start_fn is not None else self.epoch * self.total_size
-        if start % self.num_replicas:
-            raise RuntimeError(
-                f"Cannot resume the stream at sample {start} on {self.num_replicas} ranks: it is "
-                f"not a multiple of the number of ranks. Resume with the global batch size of "
-                f"the checkpointed run."
-            )
-        first = start // self.num_replicas
-        for j in range(first, first + self.num_samples):
-            yield self.rank + j * self.num_replicas
 
 
 class _StreamLoader(DataLoader):
@@ -209,28 +49,11 @@ class _StreamLoader(DataLoader):
     ``TextDataModule.state_dict``, which Lightning restores before it builds any loader."""
 
     def state_dict(self) -> dict[str, Any]:
+        """Nothing: the position lives in ``TextDataModule.state_dict``."""
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------
-# Data module
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """Where prepared data lives, and what ``meta.json`` says about it."""
-
-    tokenizer_file: Path
-    tokens_dir: Path
-    meta: dict[str, Any]
-
-
-def _sha256_of_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+        """Nothing to restore (see :meth:`state_dict`)."""
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -240,6 +63,8 @@ class TextDataModule(pl.LightningDataModule):
     ``prepare_data`` (rank 0) reads the corpus, splits it by document, trains or loads the
     tokenizer and writes the token ids of each split to ``train.bin`` / ``val.bin``; everything is
     cached under ``cache_dir`` and reused by later runs. ``setup`` (every rank) memory-maps them.
+    Both check every cached file against the metadata recorded when it was written (size, dtype,
+    token count, largest id against ``vocab_size``, sha256) before it is used.
     Training samples are random windows of a never-ending stream that resumes exactly from a
     checkpoint (see the module docstring); validation walks consecutive windows in order.
 
@@ -264,6 +89,8 @@ class TextDataModule(pl.LightningDataModule):
     Raises:
         ValueError: an argument out of range (the message names it and its value).
         FileNotFoundError: ``tokenizer_path`` does not exist.
+        CorruptCacheError: (``prepare_data`` / ``setup``) a cached tokenizer or token file does
+            not match its metadata; the message names the file and the folder to delete.
 
     Example:
         >>> dm = TextDataModule(sources=["notes/*.txt"], seq_len=128)  # doctest: +SKIP
@@ -333,7 +160,7 @@ class TextDataModule(pl.LightningDataModule):
                 )
             self._vocab_size = given_size
 
-        self._prepared: _Prepared | None = None
+        self._prepared: PreparedTokens | None = None
         self._tokenizer: Any = None
         self.train_dataset: RandomWindows | None = None
         self.val_dataset: ConsecutiveWindows | None = None
@@ -369,106 +196,23 @@ class TextDataModule(pl.LightningDataModule):
 
     # -- preparation -----------------------------------------------------------------------
 
-    def _read_corpus(self, download: bool) -> list[Document]:
-        if self.sources is None:
-            return load_default_corpus(self.cache_dir, download=download)
-        return load_documents(self.sources, text_key=self.text_key)
-
-    def _resolve(self, build: bool) -> _Prepared:
-        """Find (and with ``build``, create) the tokenizer and token files for this config."""
-        documents = self._read_corpus(download=build)
-        # The default corpus mixes sources; validation should hold some of each.
-        stratify = self.sources is None
-        train_docs, val_docs = split_documents(
-            documents, self.val_fraction, self.seed, stratify=stratify
-        )
-        if self.tokenizer_path is not None:
-            tokenizer_file = Path(self.tokenizer_path)
-        else:
-            tokenizer_file = tokenizer_cache_path(train_docs, self._vocab_size, self.cache_dir)
-            if build:
-                train_tokenizer(train_docs, self._vocab_size, self.cache_dir)
-        if not tokenizer_file.is_file():
-            raise RuntimeError(
-                f"No tokenizer at {tokenizer_file}: call `prepare_data()` first (the Trainer "
-                f"does so on rank 0 before `setup`)."
-            )
-        key = hashlib.sha256(
-            "|".join(
-                (
-                    _CACHE_VERSION,
-                    fingerprint(train_docs),
-                    fingerprint(val_docs),
-                    _sha256_of_file(tokenizer_file),
-                )
-            ).encode()
-        ).hexdigest()
-        tokens_dir = self.cache_dir / "tokens" / key[:16]
-        meta_file = tokens_dir / "meta.json"
-        if build and not meta_file.is_file():
-            self._write_tokens(tokens_dir, tokenizer_file, train_docs, val_docs)
-        if not meta_file.is_file():
-            raise RuntimeError(
-                f"No token files in {tokens_dir}: call `prepare_data()` first (the Trainer does "
-                f"so on rank 0 before `setup`)."
-            )
-        meta = json.loads(meta_file.read_text())
-        return _Prepared(tokenizer_file, tokens_dir, meta)
-
-    def _write_tokens(
-        self,
-        tokens_dir: Path,
-        tokenizer_file: Path,
-        train_docs: Sequence[Document],
-        val_docs: Sequence[Document],
-    ) -> None:
-        """Tokenize both splits into ``train.bin`` / ``val.bin``, then write ``meta.json``.
-
-        Each file is written under a temporary name and renamed when complete, and
-        ``meta.json``, which marks the folder as ready, comes last: an interrupted run leaves
-        no file that looks complete.
-        """
-        tokenizer = load_tokenizer(tokenizer_file)
-        actual_vocab = tokenizer.get_vocab_size()
-        if actual_vocab > self._vocab_size:
-            raise ValueError(
-                f"{tokenizer_file} has {actual_vocab} tokens, more than vocab_size = "
-                f"{self._vocab_size}."
-            )
-        dtype = np.dtype(np.uint16 if actual_vocab <= 2**16 else np.uint32)
-        separator = separator_id(tokenizer)
-        if separator is None:
-            log.warning(
-                "%s has no end-of-text token; documents are concatenated without one.",
-                tokenizer_file,
-            )
-        tokens_dir.mkdir(parents=True, exist_ok=True)
-        counts = {}
-        for split, docs in (("train", train_docs), ("val", val_docs)):
-            log.info("Tokenizing %d %s documents into %s", len(docs), split, tokens_dir)
-            counts[split] = _encode_to_file(
-                tokenizer, docs, separator, dtype, tokens_dir / f"{split}.bin"
-            )
-        meta = {
-            "version": _CACHE_VERSION,
-            "dtype": dtype.name,
-            "tokenizer": str(tokenizer_file),
-            "tokenizer_vocab_size": actual_vocab,
-            "train_tokens": counts["train"],
-            "val_tokens": counts["val"],
-            "train_documents": len(train_docs),
-            "val_documents": len(val_docs),
-        }
-        atomic_write_bytes(tokens_dir / "meta.json", json.dumps(meta, indent=2).encode())
-        log.info(
-            "Wrote %d train and %d validation tokens (%s) to %s",
-            counts["train"],
-            counts["val"],
-            dtype.name,
-            tokens_dir,
+    def _resolve(self, build: bool) -> PreparedTokens:
+        """Find (and with ``build``, create) the tokenizer and token files for this config,
+        checked against their metadata."""
+        return prepare_tokens(
+            self.sources,
+            self.cache_dir,
+            tokenizer_path=self.tokenizer_path,
+            vocab_size=self._vocab_size,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+            text_key=self.text_key,
+            build=build,
         )
 
     def _check_sizes(self, meta: dict[str, Any]) -> None:
+        """Raise unless each split holds at least one window of ``seq_len`` tokens plus its
+        target (a cache built for a shorter ``seq_len`` is reused, so this is checked here)."""
         for split, what in (("train", "training"), ("val", "validation")):
             n = meta[f"{split}_tokens"]
             if n < self.seq_len + 1:
@@ -479,13 +223,14 @@ class TextDataModule(pl.LightningDataModule):
 
     @override
     def prepare_data(self) -> None:
-        """Download, split, train the tokenizer and tokenize, unless cached (rank 0 only)."""
+        """Download, split, train the tokenizer and tokenize, unless cached (rank 0 only); a
+        cache that is there is checked against its metadata."""
         prepared = self._resolve(build=True)
         self._check_sizes(prepared.meta)
 
     @override
     def setup(self, stage: str) -> None:
-        """Memory-map the token files written by ``prepare_data`` (every rank)."""
+        """Check and memory-map the token files written by ``prepare_data`` (every rank)."""
         if stage == "fit":
             # A new fit starts the stream at the Trainer's count; restoring a checkpoint (which
             # Lightning does after `setup`) sets the position again.
@@ -495,9 +240,8 @@ class TextDataModule(pl.LightningDataModule):
         prepared = self._resolve(build=False)
         self._check_sizes(prepared.meta)
         self._prepared = prepared
-        dtype = prepared.meta["dtype"]
-        train = TokenFile(prepared.tokens_dir / "train.bin", dtype)
-        val = TokenFile(prepared.tokens_dir / "val.bin", dtype)
+        train = TokenFile(prepared.token_file("train"), prepared.dtype)
+        val = TokenFile(prepared.token_file("val"), prepared.dtype)
         world = self.trainer.world_size if self.trainer is not None else 1
         samples = self.train_samples_per_epoch or train.num_tokens // self.seq_len
         samples = max(samples, self.batch_size * world)  # at least one full global batch
@@ -564,7 +308,9 @@ class TextDataModule(pl.LightningDataModule):
         restored from checkpoints; the same on every rank. None without a Trainer."""
         if self.trainer is None:
             return None
-        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        total = self.trainer.fit_loop.epoch_loop.batch_progress.total
+        # a `_ProcessedTracker` at run time; Lightning annotates it with its base class
+        return total.processed  # type: ignore[attr-defined]
 
     def _consumed_samples(self) -> int:
         """Samples of the stream (all ranks) the model has trained on; called as a pass starts."""
@@ -613,32 +359,3 @@ class TextDataModule(pl.LightningDataModule):
         self._base_samples = int(state_dict["consumed_samples"])
         self._base_batches = int(state_dict["processed_batches"])
         self._resume_pending = True
-
-
-def _encode_to_file(
-    tokenizer: Any,
-    documents: Sequence[Document],
-    separator: int | None,
-    dtype: np.dtype,
-    path: Path,
-) -> int:
-    """Write the ids of ``documents``, each followed by ``separator``, to ``path`` atomically;
-    return the number of tokens."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    count = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for start in range(0, len(documents), _ENCODE_CHUNK):
-                chunk = documents[start : start + _ENCODE_CHUNK]
-                encodings = tokenizer.encode_batch(
-                    [doc.text for doc in chunk], add_special_tokens=False
-                )
-                for encoding in encodings:
-                    ids = encoding.ids if separator is None else [*encoding.ids, separator]
-                    np.asarray(ids, dtype=dtype).tofile(f)
-                    count += len(ids)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return count
