@@ -115,6 +115,7 @@ def test_weight_decay_applies_to_matrices_only(corpus, tmp_path):
     trainer = make_trainer(tmp_path, [], max_steps=1)
     trainer.fit(module, datamodule=make_data(corpus))
     decayed, plain = trainer.optimizers[0].param_groups
+    assert (decayed["name"], plain["name"]) == ("decay", "no_decay")
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"])
     assert all(p.dim() == 1 for p in plain["params"])
@@ -138,9 +139,13 @@ def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
             {"model_overrides": {"n_layers": 2}},
             "model_overrides: unknown .*field.*n_layers",
         ),
-        ({"optimizer": OptimizerConfig(lr=0.0)}, "lr must be positive"),
-        ({"optimizer": OptimizerConfig(min_lr_ratio=2.0)}, "min_lr_ratio"),
-        ({"sparsity": SparsityConfig(n=4, m=4)}, "n < m"),
+        # The configs validate themselves; mappings (a checkpoint's hparams) go through them.
+        ({"optimizer": {"lr": 0.0}}, "optimizer.lr must be positive"),
+        ({"optimizer": {"min_lr_ratio": 2.0}}, "min_lr_ratio"),
+        ({"optimizer": {"learning_rate": 1.0}}, r"unknown OptimizerConfig field\(s\)"),
+        ({"sparsity": {"n": 4, "m": 4}}, "n < m"),
+        ({"sparsity": {"backend": "fastest"}}, "sparsity.backend: unknown backend 'fastest'"),
+        ({"sparsity": 3}, "expected a SparsityConfig or a mapping"),
     ],
 )
 def test_bad_module_settings_are_clear_errors(kwargs, match):
@@ -173,8 +178,12 @@ def test_validate_from_a_checkpoint_taken_after_the_adapter_start(corpus, tmp_pa
     trainer.save_checkpoint(ckpt)
     fresh = make_module()
     assert all(layer.adapter is None for _, layer in sparse_layers(fresh))
-    evaluator = pl.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=2
+    evaluator = pl.Trainer(  # LazyLoRA restores the adapters, as in the CLI's validate
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=2,
+        callbacks=[LazyLoRA(start=5, rank=4)],
     )
     evaluator.validate(fresh, datamodule=make_data(corpus), ckpt_path=ckpt)
     for (name, layer), (_, trained) in zip(
@@ -182,3 +191,30 @@ def test_validate_from_a_checkpoint_taken_after_the_adapter_start(corpus, tmp_pa
     ):
         assert layer.adapter is not None, name
         assert torch.equal(layer.adapter.up, trained.adapter.up)
+
+
+def test_hparams_record_the_sparsity_and_optimizer_configs_and_reload(corpus, tmp_path):
+    module = SLoPeModule(
+        preset="tiny",
+        vocab_size=300,
+        seq_len=32,
+        model_overrides=SMALL,
+        sparsity=SparsityConfig(include=["*.attn.*"]),
+        optimizer=OptimizerConfig(lr=3e-3, warmup=2),
+    )
+    assert module.hparams_initial["sparsity"] == module.sparsity.to_dict()
+    assert module.hparams_initial["optimizer"]["lr"] == 3e-3
+    trainer = make_trainer(tmp_path, [], max_steps=1)
+    trainer.fit(module, datamodule=make_data(corpus))
+    ckpt = tmp_path / "step1.ckpt"
+    trainer.save_checkpoint(ckpt)
+    loaded = SLoPeModule.load_from_checkpoint(ckpt, weights_only=True)
+    assert loaded.sparsity == module.sparsity and loaded.optim == module.optim
+    assert {name for name, _ in sparse_layers(loaded)} == {
+        name for name, _ in sparse_layers(module)
+    }
+    for (name, a), (_, b) in zip(
+        module.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name

@@ -2,6 +2,8 @@
 
 The sparse layers are exported in their packed form (kept values + 2-bit offsets), so the
 file is about half the size of a dense export and reloads into an identical model.
+``config.json`` holds :meth:`TransformerConfig.to_dict` and :meth:`SparsityConfig.to_dict`;
+:func:`load_exported` rebuilds the model from them with the matching ``from_dict``.
 """
 
 from __future__ import annotations
@@ -9,14 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from slope_lightning.models import Transformer, TransformerConfig
-from slope_lightning.sparse import DEFAULT_EXCLUDE, restore_adapters, sparsify
+from slope_lightning.sparse import restore_adapters, sparsify
+from slope_lightning.sparse.backends.names import BackendName
+from slope_lightning.sparse.config import SparsityConfig
 
 FORMAT = "slope-lightning/1"
 WEIGHTS = "model.safetensors"
@@ -41,16 +45,26 @@ def _unique_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]
 
 
 def export_model(
-    model: nn.Module, config: TransformerConfig, sparsity: Any, directory: Path
+    model: nn.Module,
+    config: TransformerConfig,
+    sparsity: SparsityConfig | None,
+    directory: Path,
 ) -> None:
-    """Write ``model.safetensors`` and ``config.json`` (model and sparsity settings)."""
+    """Write ``model.safetensors`` and ``config.json`` (model and sparsity settings).
+
+    Args:
+        model: the trained model (sparse layers and adapters are saved packed, as they are).
+        config: the model's shape, stored with :meth:`TransformerConfig.to_dict`.
+        sparsity: how the model was sparsified (None: a dense model).
+        directory: created if missing; existing files in it are replaced.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     tensors, aliases = _unique_tensors(model)
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
     meta = {
         "format": FORMAT,
-        "model": dataclasses.asdict(config),
-        "sparsity": dataclasses.asdict(sparsity) if dataclasses.is_dataclass(sparsity) else None,
+        "model": config.to_dict(),
+        "sparsity": sparsity.to_dict() if sparsity is not None else None,
         "aliases": aliases,
     }
     (directory / CONFIG).write_text(json.dumps(meta, indent=2))
@@ -59,31 +73,48 @@ def export_model(
 def load_exported(directory: str | Path, device: str | torch.device = "cpu") -> Transformer:
     """Rebuild an exported model (sparse layers, adapters and all) and load its weights.
 
+    The model is sparsified with the exported :class:`SparsityConfig` on the ``reference``
+    backend (any device; the GEMM backend is a runtime choice, not part of the weights).
+    This is the one path outside Lightning that restores adapters: it calls
+    :func:`~slope_lightning.sparse.restore_adapters` itself, where a training run relies on
+    the LazyLoRA callback.
+
     Raises:
         FileNotFoundError: if the directory lacks model.safetensors or config.json.
-        ValueError: if the files are not a slope-lightning export.
+        ValueError: if a file is not a slope-lightning export (the message names the file),
+            or the weights do not match the config.
     """
     directory = Path(directory)
     for name in (WEIGHTS, CONFIG):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} not found: not a slope-lightning export")
-    meta = json.loads((directory / CONFIG).read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory / CONFIG} has format {meta.get('format')!r}, not {FORMAT!r}")
-    config = TransformerConfig(**meta["model"])
+    config_path = directory / CONFIG
+    try:
+        meta = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{config_path} is not valid JSON ({error}); re-export the model"
+        ) from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{config_path} has format {found!r}, not {FORMAT!r}")
+    try:
+        config = TransformerConfig.from_dict(meta["model"])
+        stored = meta.get("sparsity")  # None: exported dense
+        sparsity = SparsityConfig.from_dict(stored) if stored is not None else None
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"{config_path}: {error}") from error
     model = Transformer(config)
-    sparsity = meta.get("sparsity")
-    if sparsity and sparsity.get("sparse", True):
-        exclude = sparsity.get("exclude")
-        sparsify(
-            model,
-            sparsity["n"],
-            sparsity["m"],
-            include=sparsity.get("include"),
-            exclude=tuple(exclude) if exclude is not None else DEFAULT_EXCLUDE,
-            max_aspect_ratio=sparsity.get("max_aspect_ratio"),
-        )
-    tensors = load_file(str(directory / WEIGHTS))
+    if sparsity is not None and sparsity.sparse:
+        sparsify(model, dataclasses.replace(sparsity, backend=BackendName.reference))
+    weights_path = directory / WEIGHTS
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{weights_path} is not a readable safetensors file ({error}); it may be "
+            "truncated: re-export the model"
+        ) from error
     restore_adapters(model, tensors)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     allowed = set(meta.get("aliases", {}))

@@ -157,19 +157,58 @@ class TransformerConfig:
             raise ValueError(
                 f"unknown TransformerConfig preset {name!r}; known presets: {available_presets()}"
             )
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(
-                f"unknown TransformerConfig field(s) {unknown} in overrides for preset "
-                f"{name!r}; valid fields: {sorted(fields)}"
-            )
+        _check_fields(overrides, f"in overrides for preset {name!r}")
         return cls(**{**_PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, derived ones filled in, as plain JSON/YAML values (exports store it).
+
+        Example:
+            >>> cfg = TransformerConfig.from_name("tiny")
+            >>> TransformerConfig.from_dict(cfg.to_dict()) == cfg
+            True
+        """
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TransformerConfig:
+        """Rebuild a config from :meth:`to_dict` output (an export's ``config.json``).
+
+        Raises:
+            ValueError: if ``data`` is not a mapping, has a key that is not a field, or lacks
+                a required field (each message lists the fields).
+            ValueError: if a value is invalid (as in ``__post_init__``).
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a TransformerConfig must be a mapping of its fields, got {data!r}")
+        _check_fields(data, "in the given mapping")
+        required = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ValueError(
+                f"TransformerConfig field(s) {missing} missing in the given mapping; required "
+                f"fields: {required}"
+            )
+        return cls(**data)
 
 
 def available_presets() -> list[str]:
     """Names accepted by :meth:`TransformerConfig.from_name`, in order of size."""
     return list(_PRESETS)
+
+
+def _check_fields(data: Mapping[str, Any], where: str) -> None:
+    """Raise a ValueError naming every key of ``data`` that is not a TransformerConfig field."""
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(
+            f"unknown TransformerConfig field(s) {unknown} {where}; valid fields: {sorted(fields)}"
+        )
 
 
 def _check_positive_int(name: str, value: object) -> None:

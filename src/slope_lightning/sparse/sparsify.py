@@ -162,14 +162,15 @@ def linear_candidates(
 def sparsify(
     model: nn.Module,
     n: int | SparsityConfig = 2,
+    # keyword_default() marks a default so a config plus a keyword is caught (B008: on purpose)
     m: int = keyword_default(4),
     *,
-    backend: str | BackendName | SparseBackend = keyword_default("reference"),
+    backend: str | BackendName | SparseBackend = keyword_default("reference"),  # noqa: B008
     include: Sequence[str] | None = keyword_default(None),
     exclude: Sequence[str] = keyword_default(DEFAULT_EXCLUDE),
     max_aspect_ratio: float | None = keyword_default(None),
     transpose_mask_interval: int | None = keyword_default(1),
-    mask_method: MaskMethod = keyword_default("magnitude"),
+    mask_method: MaskMethod = keyword_default("magnitude"),  # noqa: B008
     seed: int | None = None,
 ) -> SparsifyReport:
     """Replace ``model``'s nn.Linear layers by SLoPe SparseLinear layers, in place.

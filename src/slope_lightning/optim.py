@@ -1,0 +1,384 @@
+"""The optimizer side of training: AdamW with nanoGPT's weight-decay rule, the warmup-then-decay
+schedule, and the one function that adds a param group to a running optimizer.
+
+Plain torch (no Lightning): :class:`~slope_lightning.module.SLoPeModule` builds its optimizer
+with :func:`build_adamw`, and :class:`~slope_lightning.callbacks.LazyLoRA` adds the adapters'
+group with :func:`add_param_group_following_schedule`; any training loop can do the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim import lr_scheduler as sched
+
+from slope_lightning.sparse.config import config_from_dict
+
+Schedule = Literal["cosine", "linear", "constant"]
+_SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW and its learning-rate schedule (YAML section ``model.optimizer``).
+
+    Every value is validated when the config is built; a bad one raises a ``ValueError``
+    naming the field.
+
+    Attributes:
+        lr: peak learning rate.
+        weight_decay: applied to matrices (rank >= 2: linear values, embeddings) only;
+            biases and norm gains are not decayed.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup: warmup length: a fraction of max_steps if < 1 (the paper: 1%), else steps.
+        schedule: decay after warmup: "cosine", "linear" (the paper) or "constant".
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        fused: use torch's fused AdamW (None: when all parameters are on CUDA).
+    """
+
+    lr: float = 6e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup: float = 0.01
+    schedule: Schedule = "cosine"
+    min_lr_ratio: float = 0.1
+    fused: bool | None = None
+
+    def __post_init__(self) -> None:
+        """Validate every field; ``betas`` given as a list (YAML, JSON) becomes a tuple.
+
+        Raises:
+            ValueError: ``lr`` or ``eps`` not positive, ``weight_decay`` or ``warmup``
+                negative, ``min_lr_ratio`` outside [0, 1], a beta outside [0, 1), or an unknown
+                ``schedule``.
+        """
+        object.__setattr__(self, "betas", tuple(self.betas))
+        if not self.lr > 0:
+            raise ValueError(f"optimizer.lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.eps > 0:
+            raise ValueError(f"optimizer.eps must be positive, got {self.eps}")
+        if self.warmup < 0:
+            raise ValueError(
+                f"optimizer.warmup must be >= 0 (fraction < 1, or steps), got {self.warmup}"
+            )
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optimizer.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(
+                f"optimizer.schedule must be one of {_SCHEDULES}, got {self.schedule!r}"
+            )
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """Warmup length in optimizer steps for a run of ``total_steps`` (at least 1)."""
+        warmup = self.warmup if self.warmup >= 1 else self.warmup * total_steps
+        return max(1, round(warmup))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON/YAML values (``betas`` as a list)."""
+        data = dataclasses.asdict(self)
+        data["betas"] = list(self.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OptimizerConfig:
+        """Rebuild a config from :meth:`to_dict` output (a checkpoint's hyperparameters).
+
+        Raises:
+            ValueError: a key that is not a field (the message lists the fields), or a bad value.
+        """
+        return config_from_dict(cls, data, "OptimizerConfig")
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, cfg: OptimizerConfig) -> float:
+    """Learning-rate multiplier at ``step``: linear warmup, then the configured decay."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if cfg.schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Trainable parameters split as (decayed, not decayed): matrices decay, vectors (biases,
+    norm gains) do not (nanoGPT's rule, by tensor rank)."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return decay, no_decay
+
+
+def build_adamw(
+    model: nn.Module, cfg: OptimizerConfig, total_steps: int
+) -> tuple[torch.optim.AdamW, sched.LambdaLR]:
+    """AdamW over ``model`` with groups ``"decay"`` and ``"no_decay"``, and its LambdaLR schedule.
+
+    Args:
+        model: the module whose trainable parameters are optimized.
+        cfg: optimizer and schedule settings.
+        total_steps: optimizer steps of the run (the schedule decays over them).
+
+    Raises:
+        ValueError: ``total_steps`` < 1.
+    """
+    if total_steps < 1:
+        raise ValueError(f"the schedule needs a positive number of steps, got {total_steps}")
+    decay, no_decay = decay_groups(model)
+    fused = cfg.fused
+    if fused is None:
+        fused = all(p.device.type == "cuda" for p in model.parameters())
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        ],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        fused=fused or None,
+    )
+    warmup_steps = cfg.warmup_steps(total_steps)
+
+    def multiplier(step: int) -> float:
+        return lr_multiplier(step, warmup_steps, total_steps, cfg)
+
+    return optimizer, sched.LambdaLR(optimizer, multiplier)
+
+
+# ---------------------------------------------------------------------- adding a param group
+
+# Schedulers whose factor applies to every group alike, so that a new group's learning rate
+# is its base lr times the reference group's current lr / base lr, and stays proportional at
+# every later step: they read only group["lr"], base_lrs and shared settings. LambdaLR and
+# MultiplicativeLR also keep one lambda per group (lr_lambdas).
+_LAMBDA_SCHEDULERS: tuple[type, ...] = (sched.LambdaLR, sched.MultiplicativeLR)
+_PROPORTIONAL_SCHEDULERS: tuple[type, ...] = (
+    sched.StepLR,
+    sched.MultiStepLR,
+    sched.ConstantLR,
+    sched.LinearLR,
+    sched.ExponentialLR,
+    sched.PolynomialLR,
+)
+_ETA_MIN_SCHEDULERS: tuple[type, ...] = (sched.CosineAnnealingLR, sched.CosineAnnealingWarmRestarts)
+# OneCycleLR interpolates between per-group keys; scaled copies of them keep proportionality.
+_ONE_CYCLE_LR_KEYS: tuple[str, ...] = ("initial_lr", "max_lr", "min_lr")
+_ONE_CYCLE_MOMENTUM_KEYS: tuple[str, ...] = ("max_momentum", "base_momentum")
+
+SUPPORTED_SCHEDULERS: tuple[str, ...] = tuple(
+    cls.__name__
+    for cls in (
+        *_LAMBDA_SCHEDULERS,
+        *_PROPORTIONAL_SCHEDULERS,
+        *_ETA_MIN_SCHEDULERS,
+        sched.OneCycleLR,
+    )
+)
+"""Names of the torch schedulers :func:`add_param_group_following_schedule` can extend."""
+
+_FIX = (
+    "write the schedule as one LambdaLR (lr_lambda = the multiplier as a function of the "
+    "step), which any number of param groups can follow"
+)
+
+
+def _why_not_extendable(scheduler: object) -> str | None:
+    """None if a new group can follow ``scheduler`` exactly, else the reason it cannot."""
+    kind = type(scheduler)
+    if kind in (*_LAMBDA_SCHEDULERS, *_PROPORTIONAL_SCHEDULERS, sched.OneCycleLR):
+        return None
+    if kind in _ETA_MIN_SCHEDULERS:
+        eta_min = getattr(scheduler, "eta_min", 0.0)
+        if eta_min == 0:
+            return None
+        return (
+            f"with eta_min={eta_min} its learning rates are not proportional to the base lrs, "
+            "so a group joining mid-run has no well-defined place on it; use eta_min=0, or " + _FIX
+        )
+    if kind in (sched.SequentialLR, sched.ChainedScheduler):
+        return (
+            "it drives several inner schedulers whose per-group state cannot be extended "
+            "through their public fields; " + _FIX
+        )
+    if kind is sched.ReduceLROnPlateau:
+        return (
+            "it records no base learning rate, so the factor it has applied so far (and "
+            "hence the new group's lr) is unknown; " + _FIX + ", or add the group before "
+            "training starts"
+        )
+    if kind is sched.CyclicLR:
+        return "it keeps per-group cycle bounds (max_lrs, momentums); " + _FIX
+    return (
+        "it is not one of the schedulers this function knows to extend exactly "
+        f"({', '.join(SUPPORTED_SCHEDULERS)}); " + _FIX
+    )
+
+
+def _bound_scheduler(optimizer: Optimizer, schedulers: Iterable[object]) -> object | None:
+    """The one scheduler of ``schedulers`` that drives ``optimizer`` (None if none does)."""
+    bound = [s for s in schedulers if getattr(s, "optimizer", None) is optimizer]
+    if len(bound) > 1:
+        names = ", ".join(type(s).__name__ for s in bound)
+        raise ValueError(
+            f"cannot add a param group that follows the schedule: {len(bound)} schedulers "
+            f"({names}) drive the same optimizer; " + _FIX
+        )
+    return bound[0] if bound else None
+
+
+def check_schedule_extendable(optimizer: Optimizer, schedulers: Iterable[object]) -> None:
+    """Raise now what :func:`add_param_group_following_schedule` would raise later.
+
+    For callers that add a group late in a run (LazyLoRA at 99% of the steps): call this
+    before the first step, so an unsupported scheduler fails before any compute is spent.
+
+    Raises:
+        ValueError: the scheduler driving ``optimizer`` cannot be extended (the message
+            names its class and what to use instead), or several schedulers drive it.
+    """
+    scheduler = _bound_scheduler(optimizer, schedulers)
+    if scheduler is None:
+        return
+    reason = _why_not_extendable(scheduler)
+    if reason is not None:
+        raise ValueError(
+            f"cannot add a param group that follows {type(scheduler).__name__}: {reason}"
+        )
+
+
+def add_param_group_following_schedule(
+    optimizer: Optimizer,
+    schedulers: Iterable[object],
+    params: Iterable[Tensor],
+    *,
+    name: str = "adapters",
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    reference_group: int = 0,
+) -> dict[str, Any]:
+    """Add a param group to a running optimizer that follows the learning-rate schedule.
+
+    **The rule.** The new group behaves from now on exactly as if it had been in the
+    optimizer from the first step with base learning rate ``lr``, under the same schedule as
+    group ``reference_group``. So ``lr`` is a *base* (peak) learning rate, like the
+    optimizer's own ``lr``: the schedule scales it by the factor it applies to the reference
+    group now and at every later step. Joining at 99% of a cosine schedule that decays to 10%
+    of the peak, the group starts near ``0.1 * lr``. ``lr=None`` takes the reference group's
+    base lr, so the new group's lr equals the reference group's at every step.
+
+    Only public state is written: the new group's keys, and the scheduler's ``base_lrs``
+    (and ``lr_lambdas`` for LambdaLR / MultiplicativeLR: the new group follows the reference
+    group's lambda). The scheduler's ``get_last_lr()`` lists the new group from its next
+    ``step()`` on. Supported: the schedulers in :data:`SUPPORTED_SCHEDULERS` (the cosine ones
+    with ``eta_min=0``); any other raises before anything is changed. LambdaLR gives the
+    uninterrupted run's learning rates bit for bit; the others agree to rounding.
+
+    Parameters already in another group of ``optimizer`` are taken out of it first (a resumed
+    run whose ``configure_optimizers`` saw restored adapters), so the group layout equals
+    the uninterrupted run's.
+
+    Args:
+        optimizer: the running optimizer (a torch Optimizer, not Lightning's wrapper).
+        schedulers: the run's LR schedulers; the one whose ``optimizer`` is ``optimizer`` is
+            extended (none: the group keeps its base lr).
+        params: the parameters of the new group.
+        name: the group's ``"name"`` (LearningRateMonitor logs it as ``lr-AdamW/<name>``).
+        lr: the group's base learning rate (None: the reference group's).
+        weight_decay: the group's weight decay.
+        reference_group: index of the group whose schedule the new group follows.
+
+    Returns:
+        The new param group (the optimizer's last).
+
+    Raises:
+        ValueError: no parameters, a non-positive ``lr``, a bad ``reference_group``, a group
+            called ``name`` already, a reference group with base lr 0, or a scheduler that
+            cannot be extended (the message names its class and what to use instead).
+
+    Example:
+        >>> model = nn.Linear(4, 4)
+        >>> opt = torch.optim.AdamW([model.weight], lr=1e-3)
+        >>> schedule = sched.LambdaLR(opt, lambda step: 0.5)
+        >>> group = add_param_group_following_schedule(opt, [schedule], [model.bias], lr=2e-3)
+        >>> group["lr"], group["name"]
+        (0.001, 'adapters')
+    """
+    params = list(params)
+    if not params:
+        raise ValueError(f"add_param_group_following_schedule({name!r}): no parameters given")
+    if lr is not None and not lr > 0:
+        raise ValueError(f"add_param_group_following_schedule({name!r}): lr must be > 0, got {lr}")
+    groups = optimizer.param_groups
+    if not 0 <= reference_group < len(groups):
+        raise ValueError(
+            f"reference_group={reference_group} is not a group index of an optimizer with "
+            f"{len(groups)} param group(s)"
+        )
+    if any(group.get("name") == name for group in groups):
+        raise ValueError(
+            f"the optimizer already has a param group named {name!r}; give another name"
+        )
+    scheduler = _bound_scheduler(optimizer, schedulers)
+    check_schedule_extendable(optimizer, [scheduler] if scheduler is not None else [])
+    ref = groups[reference_group]
+    if scheduler is not None:
+        ref_base = float(scheduler.base_lrs[reference_group])  # type: ignore[attr-defined]
+    else:
+        ref_base = float(ref.get("initial_lr", ref["lr"]))
+    if not ref_base > 0:
+        raise ValueError(
+            f"param group {reference_group} has base learning rate {ref_base}; a new group "
+            "cannot follow a schedule relative to 0 (choose another reference_group)"
+        )
+    base = ref_base if lr is None else float(lr)
+    scale = base / ref_base
+    if isinstance(scheduler, sched.LambdaLR):
+        # The closed form, as LambdaLR computes it: bit-equal to the uninterrupted run.
+        now = base * scheduler.lr_lambdas[reference_group](scheduler.last_epoch)
+    else:
+        now = float(ref["lr"]) * scale
+    group: dict[str, Any] = {
+        "params": params,
+        "lr": now,
+        "initial_lr": base,
+        "weight_decay": weight_decay,
+        "name": name,
+    }
+    if isinstance(scheduler, sched.OneCycleLR):
+        group.update({key: float(ref[key]) * scale for key in _ONE_CYCLE_LR_KEYS})
+        if scheduler.cycle_momentum:
+            group.update({key: ref[key] for key in _ONE_CYCLE_MOMENTUM_KEYS})
+            if scheduler.use_beta1:
+                group["betas"] = (ref["betas"][0], *optimizer.defaults["betas"][1:])
+            else:
+                group["momentum"] = ref["momentum"]
+
+    ids = {id(p) for p in params}
+    for other in groups:
+        if any(id(p) in ids for p in other["params"]):
+            other["params"] = [p for p in other["params"] if id(p) not in ids]
+    optimizer.add_param_group(group)
+    if scheduler is not None:
+        scheduler.base_lrs.append(base)  # type: ignore[attr-defined]
+        if isinstance(scheduler, sched.LambdaLR | sched.MultiplicativeLR):
+            scheduler.lr_lambdas.append(scheduler.lr_lambdas[reference_group])
+    return optimizer.param_groups[-1]

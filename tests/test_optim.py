@@ -1,0 +1,235 @@
+"""optim.py: AdamW groups, the schedule, and a param group that follows a running schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.optim import lr_scheduler as sched
+
+from slope_lightning.optim import (
+    SUPPORTED_SCHEDULERS,
+    OptimizerConfig,
+    add_param_group_following_schedule,
+    build_adamw,
+    check_schedule_extendable,
+    decay_groups,
+)
+
+MakeScheduler = Callable[[torch.optim.Optimizer, list[float]], object]
+
+# Each: a scheduler over an optimizer whose groups have the given max learning rates (only
+# OneCycleLR reads them: it sets each group's lr from its own max_lr).
+SUPPORTED: dict[str, MakeScheduler] = {
+    "LambdaLR": lambda opt, _: sched.LambdaLR(opt, lambda step: 1.0 / (1 + step)),
+    "MultiplicativeLR": lambda opt, _: sched.MultiplicativeLR(opt, lambda step: 0.9),
+    "StepLR": lambda opt, _: sched.StepLR(opt, step_size=3, gamma=0.5),
+    "MultiStepLR": lambda opt, _: sched.MultiStepLR(opt, milestones=[2, 5, 9], gamma=0.3),
+    "ConstantLR": lambda opt, _: sched.ConstantLR(opt, factor=0.5, total_iters=7),
+    "LinearLR": lambda opt, _: sched.LinearLR(opt, start_factor=0.25, total_iters=8),
+    "ExponentialLR": lambda opt, _: sched.ExponentialLR(opt, gamma=0.8),
+    "PolynomialLR": lambda opt, _: sched.PolynomialLR(opt, total_iters=10, power=2.0),
+    "CosineAnnealingLR": lambda opt, _: sched.CosineAnnealingLR(opt, T_max=6),
+    "CosineAnnealingWarmRestarts": lambda opt, _: sched.CosineAnnealingWarmRestarts(opt, T_0=4),
+    "OneCycleLR": lambda opt, max_lrs: sched.OneCycleLR(opt, max_lr=max_lrs, total_steps=20),
+}
+
+BASE_LRS = [0.1, 0.05]  # the two groups that exist from the start
+ADAPTER_LR = 0.03
+ADD_AT = 5
+STEPS = 16
+
+
+def _params(count: int) -> list[nn.Parameter]:
+    return [nn.Parameter(torch.zeros(3)) for _ in range(count)]
+
+
+def _run(make: MakeScheduler, *, from_start: bool, lr: float | None = ADAPTER_LR):
+    """LRs (and beta1) of the third group per step, present from the start or added at ADD_AT."""
+    first, second, extra = _params(3)
+    groups = [{"params": [first], "lr": BASE_LRS[0]}, {"params": [second], "lr": BASE_LRS[1]}]
+    # OneCycleLR: the new group's bounds are group 0's scaled by lr / group 0's base lr.
+    one_cycle_base = 0.1 / 25  # max_lr / div_factor, group 0's base lr under OneCycleLR
+    max_lrs = [0.1, 0.1]
+    if from_start:
+        groups.append({"params": [extra], "lr": lr if lr is not None else BASE_LRS[0]})
+        max_lrs.append(0.1 * (lr if lr is not None else one_cycle_base) / one_cycle_base)
+    optimizer = torch.optim.AdamW(groups, lr=0.1)
+    scheduler = make(optimizer, max_lrs)
+    seen: list[tuple[float, float]] = []
+    for step in range(STEPS):
+        if not from_start and step == ADD_AT:
+            add_param_group_following_schedule(optimizer, [scheduler], [extra], lr=lr)
+        if len(optimizer.param_groups) == 3:
+            group = optimizer.param_groups[2]
+            seen.append((group["lr"], group["betas"][0]))
+        optimizer.step()
+        scheduler.step()  # type: ignore[attr-defined]
+    return seen[-(STEPS - ADD_AT) :], optimizer, scheduler
+
+
+@pytest.mark.parametrize("name", list(SUPPORTED))
+def test_an_added_group_follows_the_schedule_like_one_present_from_the_start(name):
+    joined, optimizer, scheduler = _run(SUPPORTED[name], from_start=False)
+    uninterrupted, _, _ = _run(SUPPORTED[name], from_start=True)
+    assert len(joined) == len(uninterrupted) == STEPS - ADD_AT
+    if name == "LambdaLR":
+        assert joined == uninterrupted  # the closed form: bit for bit
+    else:
+        assert [lr for lr, _ in joined] == pytest.approx([lr for lr, _ in uninterrupted], rel=1e-12)
+        assert [b for _, b in joined] == pytest.approx([b for _, b in uninterrupted], rel=1e-12)
+    group = optimizer.param_groups[2]
+    assert group["name"] == "adapters" and group["weight_decay"] == 0.0
+    assert len(scheduler.base_lrs) == 3 and len(scheduler.get_last_lr()) == 3
+
+
+@pytest.mark.parametrize("name", ["LambdaLR", "StepLR", "OneCycleLR"])
+def test_without_lr_the_group_takes_the_reference_groups_learning_rate(name):
+    first, second, extra = _params(3)
+    optimizer = torch.optim.AdamW(
+        [{"params": [first], "lr": 0.1}, {"params": [second], "lr": 0.05}], lr=0.1
+    )
+    scheduler = SUPPORTED[name](optimizer, [0.1, 0.1])
+    for step in range(10):
+        if step == 4:
+            add_param_group_following_schedule(optimizer, [scheduler], [extra])
+        if step >= 4:
+            assert optimizer.param_groups[2]["lr"] == pytest.approx(
+                optimizer.param_groups[0]["lr"], rel=1e-12
+            )
+        optimizer.step()
+        scheduler.step()
+
+
+def test_an_explicit_lr_is_a_base_lr_scaled_by_the_running_factor():
+    (param, extra) = _params(2)
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    scheduler = sched.LambdaLR(optimizer, lambda step: 0.1 if step >= 3 else 1.0)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    group = add_param_group_following_schedule(optimizer, [scheduler], [extra], lr=5e-3)
+    assert group["initial_lr"] == 5e-3  # the base, as the optimizer's own groups keep it
+    assert group["lr"] == pytest.approx(5e-4)  # x the factor the schedule applies now
+
+
+def test_without_a_scheduler_the_group_keeps_its_lr_and_weight_decay():
+    (param, extra) = _params(2)
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    group = add_param_group_following_schedule(
+        optimizer, [], [extra], name="extra", lr=2e-3, weight_decay=0.05
+    )
+    assert (group["lr"], group["weight_decay"], group["name"]) == (2e-3, 0.05, "extra")
+
+
+def test_parameters_already_in_a_group_are_moved_to_the_new_one():
+    model = nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # weight and bias in group 0
+    scheduler = sched.LambdaLR(optimizer, lambda step: 1.0)
+    add_param_group_following_schedule(optimizer, [scheduler], [model.bias])
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 1]
+    assert optimizer.param_groups[0]["params"][0] is model.weight
+
+
+@pytest.mark.parametrize(
+    ("make", "name", "match"),
+    [
+        (
+            lambda opt: sched.SequentialLR(
+                opt,
+                [sched.ConstantLR(opt, factor=0.5), sched.ExponentialLR(opt, gamma=0.9)],
+                milestones=[3],
+            ),
+            "SequentialLR",
+            "several inner schedulers.*one LambdaLR",
+        ),
+        (
+            lambda opt: sched.ChainedScheduler(
+                [sched.ConstantLR(opt, factor=0.5), sched.ExponentialLR(opt, gamma=0.9)]
+            ),
+            "ChainedScheduler",
+            "one LambdaLR",
+        ),
+        (lambda opt: sched.ReduceLROnPlateau(opt), "ReduceLROnPlateau", "no base learning rate"),
+        (
+            lambda opt: sched.CyclicLR(opt, base_lr=1e-4, max_lr=1e-2, cycle_momentum=False),
+            "CyclicLR",
+            "per-group cycle bounds",
+        ),
+        (
+            lambda opt: sched.CosineAnnealingLR(opt, T_max=10, eta_min=1e-5),
+            "CosineAnnealingLR",
+            "eta_min=1e-05.*use eta_min=0",
+        ),
+        (
+            lambda opt: type("MyLambdaLR", (sched.LambdaLR,), {})(opt, lambda step: 1.0),
+            "MyLambdaLR",
+            "not one of the schedulers.*LambdaLR",
+        ),
+    ],
+    ids=[
+        "SequentialLR",
+        "ChainedScheduler",
+        "ReduceLROnPlateau",
+        "CyclicLR",
+        "CosineAnnealingLR-eta_min",
+        "subclass",
+    ],
+)
+def test_a_scheduler_that_cannot_be_extended_is_named_and_nothing_changes(make, name, match):
+    (param, extra) = _params(2)
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    scheduler = make(optimizer)
+    base_lrs = list(getattr(scheduler, "base_lrs", []))
+    with pytest.raises(
+        ValueError, match=f"cannot add a param group that follows {name}: .*{match}"
+    ):
+        check_schedule_extendable(optimizer, [scheduler])
+    with pytest.raises(ValueError, match=f"follows {name}:"):
+        add_param_group_following_schedule(optimizer, [scheduler], [extra])
+    assert len(optimizer.param_groups) == 1
+    assert list(getattr(scheduler, "base_lrs", [])) == base_lrs
+
+
+def test_every_supported_name_is_tested():
+    assert set(SUPPORTED_SCHEDULERS) == set(SUPPORTED)
+
+
+def test_two_schedulers_on_one_optimizer_are_refused():
+    (param, extra) = _params(2)
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    schedulers = [sched.StepLR(optimizer, 2), sched.ExponentialLR(optimizer, 0.9)]
+    with pytest.raises(ValueError, match=r"2 schedulers \(StepLR, ExponentialLR\) drive"):
+        add_param_group_following_schedule(optimizer, schedulers, [extra])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"params": []}, "no parameters given"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"reference_group": 3}, "reference_group=3 is not a group index"),
+        ({"name": "taken"}, "already has a param group named 'taken'"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(kwargs, match):
+    (param, extra) = _params(2)
+    optimizer = torch.optim.AdamW([{"params": [param], "name": "taken"}], lr=1e-3)
+    arguments = {"params": [extra], **kwargs}
+    with pytest.raises(ValueError, match=match):
+        add_param_group_following_schedule(optimizer, [], **arguments)
+
+
+def test_build_adamw_names_its_groups_and_decays_matrices_only():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    decay, no_decay = decay_groups(model)
+    assert [p.dim() for p in decay] == [2] and all(p.dim() == 1 for p in no_decay)
+    optimizer, scheduler = build_adamw(model, OptimizerConfig(warmup=2), total_steps=10)
+    assert [g["name"] for g in optimizer.param_groups] == ["decay", "no_decay"]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(6e-4 / 2)  # step 0 of 2 warmup
+    with pytest.raises(ValueError, match="positive number of steps"):
+        build_adamw(model, OptimizerConfig(), total_steps=0)
+    assert isinstance(scheduler, sched.LambdaLR)
