@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slope_lightning.bench import layers, memory, model
+from slope_lightning.bench import common, inference, layers, memory, step
 from slope_lightning.bench.__main__ import main
 
 SMALL = {"n_layer": 1, "d_model": 64, "n_head": 2, "n_kv_head": 1, "seq_len": 32, "vocab_size": 128}
@@ -47,15 +47,15 @@ def test_a_backend_that_cannot_run_gets_a_row_saying_why():
 
 
 def test_step_and_inference_benchmarks_cover_dense_and_slope():
-    steps = model.step_rows("tiny", batch=2, repeats=1, **SMALL)
+    steps = step.step_rows("tiny", batch=2, repeats=1, **SMALL)
     assert [row["method"] for row in steps] == [
         "dense",
         "slope (reference)",
         "transposable (reference)",
     ]
     assert steps[0]["speedup_vs_dense"] == 1.0
-    inference = model.inference_rows("tiny", prompt=8, new_tokens=2, repeats=1, **SMALL)
-    assert [row["method"] for row in inference] == [
+    rows = inference.inference_rows("tiny", prompt=8, new_tokens=2, repeats=1, **SMALL)
+    assert [row["method"] for row in rows] == [
         "dense",
         "slope merged r=0.00%",
         "slope merged r=1.56%",
@@ -68,6 +68,66 @@ def test_command_writes_json_and_markdown_naming_the_machine(tmp_path, capsys):
     result = json.loads((tmp_path / "layers-cpu-reference.json").read_text())
     assert {"date", "command", "torch", "device"} <= set(result["info"])
     assert "| shape (out x in) |" in capsys.readouterr().out
+
+
+def test_a_results_table_is_on_disk_after_every_row(tmp_path):
+    """A suite killed by a timeout keeps every row it finished, marked incomplete."""
+    table = common.ResultsTable("demo", tmp_path, {"device": "cpu"}, ["method", "ms"], "ms")
+    for count, row in enumerate([{"method": "dense", "ms": 2.0}, {"method": "slope", "ms": 1.0}]):
+        table.add(row)
+        on_disk = json.loads((tmp_path / "demo.json").read_text())
+        assert on_disk["rows"] == table.rows and len(on_disk["rows"]) == count + 1
+        assert on_disk["complete"] is False and on_disk["columns"] == ["method", "ms"]
+        assert "**Incomplete:**" in (tmp_path / "demo.md").read_text()
+    text = table.close(plot=False)
+    assert json.loads((tmp_path / "demo.json").read_text())["complete"] is True
+    assert "Incomplete" not in text and "| slope | 1.000 |" in text
+    assert {p.name for p in tmp_path.iterdir()} == {"demo.json", "demo.md"}  # no temp files
+
+
+def test_a_suite_that_stops_midway_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    measured = layers._time_phase
+
+    def dies_on_the_second_shape(phase, layer, x, repeats):
+        if x.shape[1] == 32:  # the second shape's input: stands in for a timeout
+            raise KeyboardInterrupt
+        return measured(phase, layer, x, repeats)
+
+    monkeypatch.setattr(layers, "_time_phase", dies_on_the_second_shape)
+    argv = ["layers", "--shapes", "32x64,64x32", "--tokens", "8", "--repeats", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out", str(tmp_path), "--no-plot"])
+    result = json.loads((tmp_path / "layers-cpu-reference.json").read_text())
+    assert result["complete"] is False
+    assert [(r["shape (out x in)"], r["phase"]) for r in result["rows"]] == [
+        ("32x64", phase) for phase in layers.PHASES
+    ]
+    assert "stopped after 3 rows" in (tmp_path / "layers-cpu-reference.md").read_text()
+
+
+def test_every_suite_hands_over_each_row_as_it_is_measured():
+    seen: list[dict] = []
+    rows = step.step_rows("tiny", batch=1, repeats=1, on_row=seen.append, **SMALL)
+    assert seen == rows and len(rows) == 3
+    assert all(row["speedup_vs_dense"] is not None for row in seen)  # known when emitted
+    seen.clear()
+    rows = inference.inference_rows("tiny", prompt=4, new_tokens=1, repeats=1, ranks=(0.0,),
+                                    on_row=seen.append, **SMALL)  # fmt: skip
+    assert seen == rows and len(rows) == 2
+    seen.clear()
+    rows = memory.layer_rows(shapes=((8, 16),), tokens=2, on_row=seen.append)
+    assert seen == rows and len(rows) == 1
+
+
+def test_no_plot_writes_json_and_markdown_only(tmp_path):
+    argv = ["layers", "--shapes", "32x64", "--tokens", "8", "--repeats", "1", "--no-plot"]
+    main([*argv, "--out", str(tmp_path)])
+    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md"}
+
+
+def test_tables_name_the_versions_that_decide_sparse_speed():
+    info = common.machine_info()
+    assert {"torch", "cuda", "triton", "device"} <= set(info)
 
 
 def test_kernel_benchmark_refuses_to_time_interpreted_kernels_on_cpu(capsys):
@@ -96,25 +156,67 @@ def test_kernel_benchmark_reports_which_implementation_is_used(monkeypatch):
     ]
 
 
+GPU_CHECK = Path(__file__).parents[1] / "scripts" / "gpu_check.sh"
+BENCH_MODULE = "python -m slope_lightning.bench"
+
+
 def gpu_check_commands() -> list[list[str]]:
-    """The benchmark command lines of scripts/gpu_check.sh, continuation lines joined."""
-    script = (Path(__file__).parents[1] / "scripts" / "gpu_check.sh").read_text()
+    """The benchmark command lines of scripts/gpu_check.sh (continuation lines joined), and
+    the second-call commands it lists for leftover device time."""
+    script = GPU_CHECK.read_text()
     commands = []
     for line in script.replace("\\\n", " ").splitlines():
+        if line.startswith(BENCH_MODULE):  # a second-call line
+            line = line.replace(BENCH_MODULE, "$BENCH", 1)
         words = shlex.split(line, comments=True)
         if "$BENCH" in words:
             commands.append(words[words.index("$BENCH") + 1 :])
     return commands
 
 
+def gpu_check_parts() -> list[tuple[str, int]]:
+    """``part NAME BUDGET ...`` lines of scripts/gpu_check.sh, in order: (name, budget_s)."""
+    parts = []
+    for line in GPU_CHECK.read_text().splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[0] == "part" and words[2].isdigit():
+            parts.append((words[1], int(words[2])))
+    return parts
+
+
+def test_the_gpu_check_runs_its_parts_by_value_within_seven_minutes():
+    """Facts, smoke, gpu tests, kernels, layers, step, inference, memory, compiled step last;
+    every part under its own budget, the fixed ones leaving time for the last."""
+    parts = gpu_check_parts()
+    assert [name for name, _ in parts] == [
+        "facts",
+        "smoke",
+        "pytest-gpu",
+        "kernels",
+        "layers",
+        "step",
+        "inference",
+        "memory",
+        "step-compiled",
+    ]
+    script = GPU_CHECK.read_text()
+    assert "WALL=${GPU_CHECK_WALL_S:-420}" in script
+    assert sum(budget for _, budget in parts[:-1]) + 15 + 5 * len(parts) < 420
+    assert script.count("--no-plot") >= len(gpu_check_commands())  # no PNG on the device
+    assert "scripts/gpu_smoke.py" in script and (GPU_CHECK.parent / "gpu_smoke.py").is_file()
+
+
 def test_the_gpu_check_script_only_uses_options_and_names_that_exist():
     """The GPU machine is lent for minutes: a typo there would waste the whole run."""
     from slope_lightning.bench.__main__ import build_parser
     from slope_lightning.models import TransformerConfig
+    from slope_lightning.sparse.backends import BackendName
 
     commands = gpu_check_commands()
     assert {c[0] for c in commands} == {"kernels", "layers", "step", "inference", "memory"}
+    assert len(commands) == 6 + 4  # 6 benchmark parts, 4 second-call commands
     for argv in commands:
+        assert "--no-plot" in argv
         args = build_parser().parse_args([word.replace("$OUT", "out") for word in argv])
         assert isinstance(getattr(torch, args.dtype), torch.dtype)
         if args.models:
@@ -122,4 +224,4 @@ def test_the_gpu_check_script_only_uses_options_and_names_that_exist():
         for preset in {args.preset, *args.presets.split(",")}:
             TransformerConfig.from_name(preset)
         for backend in args.backends.split(","):
-            assert backend.removesuffix("+tiled") in ("reference", "cusparselt", "cutlass", "auto")
+            BackendName.parse(backend)  # the one list of backend names

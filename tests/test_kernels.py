@@ -31,10 +31,12 @@ from slope_kernels import (
     derive_transpose_index_reference,
     fused_lowrank_add,
     fused_lowrank_add_reference,
+    gather_grad,
     gather_packed_grad,
     gather_packed_grad_reference,
+    packed_format,
+    transpose_mask,
 )
-from slope_kernels import gather_grad, packed_format, transpose_mask
 from slope_lightning.sparse import NMLayout, SparseLinear, packing
 
 INTERPRET = kernel_runtime.INTERPRET
@@ -207,6 +209,13 @@ def test_the_library_imports_without_triton():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0 and "no triton ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_the_lazy_names_are_the_public_names():
+    import slope_kernels
+
+    assert sorted(slope_kernels._LAZY) == sorted(slope_kernels.__all__)
+    assert set(slope_kernels.__all__) <= set(dir(slope_kernels))
 
 
 def test_triton_is_available_where_the_kernel_tests_run():

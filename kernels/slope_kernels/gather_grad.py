@@ -2,15 +2,14 @@
 positions, decoding the packed offsets in the kernel (SLoPe's sparse weight gradient, arXiv
 2405.16325; kernel, host wrapper and plain-torch reference after torchao's layout).
 
-Packed format (as ``slope_lightning.sparse.packing``): kept value j of a row lies in group
-j // n at offset ``(index[row, j // P] >> (j % P)·bits) & (2**bits - 1)``, with ``bits`` the
-offset width (1, 2, 4 or 8 for m up to 2, 4, 16, 256) and P = 8 // bits offsets per byte.
-Any N:M pattern works; 2:4 compiles to shifts and masks (2 bits, 4 offsets per byte).
+The packed format is :mod:`slope_kernels.packed_format` (the library's too): kept value j of
+a row lies in group j // n at offset ``(index[row, j // P] >> (j % P)·bits) & (2**bits - 1)``,
+with ``bits = bits_per_offset(m)`` and P = 8 // bits offsets per byte. The kernel spells that
+formula in Triton; the reference calls the format's own :func:`unpack_columns`. Any N:M
+pattern works; 2:4 compiles to shifts and masks (2 bits, 4 offsets per byte).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -23,26 +22,12 @@ from slope_kernels._triton import (
     jit,
     tl,
 )
-
-
-def offset_bits(m: int) -> int:
-    """Bits per packed offset for groups of m: the smallest of 1, 2, 4, 8 that holds 0..m-1."""
-    needed = max(1, math.ceil(math.log2(m)))
-    for bits in (1, 2, 4, 8):
-        if needed <= bits:
-            return bits
-    raise ValueError(f"m={m} needs {needed} bits per offset; packed offsets hold at most 8")
-
-
-def check_pattern(name: str, n: int, m: int) -> None:
-    """Raise a ValueError unless 1 <= n < m <= 256 (the patterns the packed format stores)."""
-    if not (isinstance(n, int) and isinstance(m, int)) or not 1 <= n < m <= 256:
-        raise ValueError(f"{name}: invalid N:M pattern {n}:{m}; need 1 <= n < m <= 256")
-
-
-def packed_index_width(kept: int, m: int) -> int:
-    """Bytes per row that hold ``kept`` offsets of groups of m."""
-    return cdiv(kept, 8 // offset_bits(m))
+from slope_kernels.packed_format import (
+    bits_per_offset,
+    check_pattern,
+    packed_width,
+    unpack_columns,
+)
 
 
 @jit
@@ -96,7 +81,7 @@ def gather_packed_grad(grad_dense: Tensor, index: Tensor, n: int = 2, m: int = 4
     if cols % m:
         raise ValueError(f"{name}: cols={cols} is not divisible by m={m}")
     kept = cols // m * n
-    width = packed_index_width(kept, m)
+    width = packed_width(kept, m)
     if index.dtype != torch.uint8 or tuple(index.shape) != (rows, width):
         raise ValueError(
             f"{name}: index must be uint8 of shape ({rows}, {width}) for a ({rows}, {cols}) "
@@ -111,20 +96,9 @@ def gather_packed_grad(grad_dense: Tensor, index: Tensor, n: int = 2, m: int = 4
     grid = (cdiv(rows, block_r), cdiv(kept, block_k))
     gather_packed_grad_kernel[grid](
         grad_dense, index, out, rows, kept, grad_dense.stride(0), index.stride(0), out.stride(0),
-        N=n, M=m, BITS=offset_bits(m), BLOCK_R=block_r, BLOCK_K=block_k,
+        N=n, M=m, BITS=bits_per_offset(m), BLOCK_R=block_r, BLOCK_K=block_k,
     )  # fmt: skip
     return out
-
-
-def unpack_columns(index: Tensor, n: int, m: int, kept: int) -> Tensor:
-    """Absolute column (rows, kept) int64 of every kept value of a packed index."""
-    bits = offset_bits(m)
-    per_byte = 8 // bits
-    shifts = torch.arange(per_byte, device=index.device, dtype=torch.int32) * bits
-    offsets = (index.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (R, W, P)
-    offsets = offsets.flatten(1)[:, :kept].long()  # (R, kept)
-    groups = torch.arange(kept, device=index.device) // n
-    return groups * m + offsets
 
 
 def gather_packed_grad_reference(

@@ -25,10 +25,11 @@ from slope_kernels._triton import (
     jit,
     tl,
 )
-from slope_kernels.gather_grad import (
+from slope_kernels.packed_format import (
+    bits_per_offset,
     check_pattern,
-    offset_bits,
-    packed_index_width,
+    pack_positions,
+    packed_width,
     unpack_columns,
 )
 
@@ -142,7 +143,7 @@ def derive_transpose_index(
             f"{name}: values must be (d_out, d_in·n/m) = ({d_out}, {kept}), got "
             f"{tuple(values.shape)}"
         )
-    width = packed_index_width(kept, m)
+    width = packed_width(kept, m)
     if row_index.dtype != torch.uint8 or tuple(row_index.shape) != (d_out, width):
         raise ValueError(
             f"{name}: row_index must be uint8 ({d_out}, {width}) for {n}:{m} along d_in={d_in}, "
@@ -152,10 +153,8 @@ def derive_transpose_index(
     check_rows_contiguous(name, values=values, row_index=row_index)
     check_launchable(name, values, row_index)
     out_kept = d_out // m * n
-    bits = offset_bits(m)
-    out = torch.empty(
-        d_in, packed_index_width(out_kept, m), dtype=torch.uint8, device=values.device
-    )
+    bits = bits_per_offset(m)
+    out = torch.empty(d_in, packed_width(out_kept, m), dtype=torch.uint8, device=values.device)
     if out.numel() == 0:
         return out
     m_pad = 1 << (m - 1).bit_length()
@@ -180,11 +179,5 @@ def derive_transpose_index_reference(
     dense_t = values.new_zeros(d_out, d_in).scatter_(1, columns, values).t()  # (d_in, d_out)
     keys = torch.nan_to_num(dense_t.abs(), nan=math.inf).reshape(d_in, d_out // m, m)
     order = torch.sort(keys, dim=-1, descending=True, stable=True).indices  # lower offset first
-    positions = torch.sort(order[..., :n], dim=-1).values.flatten(1)  # (d_in, d_out·n/m)
-    bits = offset_bits(m)
-    per_byte = 8 // bits
-    width = packed_index_width(positions.shape[1], m)
-    padded = positions.new_zeros(d_in, width * per_byte)
-    padded[:, : positions.shape[1]] = positions
-    shifts = torch.arange(per_byte, device=values.device) * bits
-    return (padded.view(d_in, width, per_byte) << shifts).sum(-1).to(torch.uint8)
+    positions = torch.sort(order[..., :n], dim=-1).values  # (d_in, d_out/m, n) ascending
+    return pack_positions(positions, m)

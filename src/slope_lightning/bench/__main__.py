@@ -1,7 +1,11 @@
-"""Benchmarks: ``python -m slope_lightning.bench {memory,layers,kernels,step,inference,runs}``.
+"""Benchmarks: ``python -m slope_lightning.bench
+{memory,layers,kernels,step,inference,runs,unpack}``.
 
-Each prints a markdown table and writes JSON + markdown under ``--out``
-(default ``benchmarks/results``) naming the machine, torch version, date and command.
+Each suite prints a markdown table and writes JSON + markdown under ``--out`` (default
+``benchmarks/results``) naming the machine, the versions, the date and the command. Rows are
+written as they are measured, so a suite stopped by a timeout keeps what it finished.
+``unpack ARCHIVE`` brings a GPU check home: it unpacks the archive of
+``scripts/gpu_check.sh`` into ``--out`` and renders its tables and plots on CPU.
 """
 
 from __future__ import annotations
@@ -9,20 +13,40 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from slope_lightning.bench import common
 
+SUITES = ("memory", "layers", "kernels", "step", "inference", "runs", "unpack")
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of every suite (also used to check ``scripts/gpu_check.sh``)."""
-    parser = argparse.ArgumentParser(prog="python -m slope_lightning.bench", description=__doc__)
-    parser.add_argument(
-        "suite", choices=["memory", "layers", "kernels", "step", "inference", "runs"]
+    parser = argparse.ArgumentParser(
+        prog="python -m slope_lightning.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("run_dirs", nargs="*", type=Path, help="log dirs of finished runs (runs)")
+    parser.add_argument("suite", choices=SUITES)
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        help="runs: log dirs of finished runs; unpack: the archive of scripts/gpu_check.sh",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--no-plot",
+        dest="plot",
+        action="store_false",
+        help="write JSON and markdown only, no PNG (the GPU check: plots are drawn on CPU "
+        "afterwards by 'unpack')",
+    )
+    parser.add_argument(
+        "--tag", default=None, help="unpack: directory name under --out (default gpu-<device>)"
+    )
     parser.add_argument(
         "--tokens", default="2048", help="comma-separated tokens per batch (layers), e.g. 2048,8192"
     )
@@ -52,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         choices=["off", "on", "both"],
         default="off",
-        help="torch.compile the models (step): off, on, or both side by side",
+        help="torch.compile the models (step): off, on, or both side by side; 'on' writes "
+        "the table step-compiled",
     )
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (inference)")
     parser.add_argument(
@@ -62,91 +87,126 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def _table_name(suite: str, info: dict[str, Any], compile_mode: str = "off") -> str:
+    """The file name of a suite's table: CPU tables say so, so they never read as GPU ones."""
+    if suite == "step" and compile_mode == "on":
+        suite = "step-compiled"
+    if info["device"] != "cpu":
+        return suite
+    return {"memory": "memory", "runs": "runs", "kernels": "kernels"}.get(
+        suite, f"{suite}-cpu-reference"
+    )
+
+
+def _shapes(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """The layer shapes of ``--shapes`` then ``--models`` (first seen first), or the default."""
+    from slope_lightning.bench import layers
+
+    shapes: list[tuple[int, int]] = []
+    for text in filter(None, args.shapes.split(",")):
+        d_out, d_in = (int(v) for v in text.split("x"))
+        shapes.append((d_out, d_in))
+    if args.models:
+        shapes += [s for s in layers.shapes_of(args.models.split(",")) if s not in shapes]
+    return shapes or list(layers.DEFAULT_SHAPES)
+
+
+def run_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """Run one benchmark suite, writing its rows as they come; return its markdown."""
     info = common.machine_info()
+    dtype = getattr(torch, args.dtype)
+    backend = args.backends.split(",")[0]
+    name = _table_name(args.suite, info, args.compile)
     if args.suite == "memory":
         from slope_lightning.bench import memory
 
         presets = tuple(args.presets.split(","))
-        rows = memory.layer_rows() + memory.transformer_rows(presets)
-        text = common.write_results("memory", args.out, info, rows, memory.COLUMNS, "ratio")
-        peaks = memory.peak_rows(
+        table = common.ResultsTable(name, args.out, info, memory.COLUMNS, "ratio")
+        memory.layer_rows(on_row=table.add)
+        memory.transformer_rows(presets, on_row=table.add)
+        text = table.close(plot=args.plot)
+        peak_name = "memory-peak" if info["device"] != "cpu" else "memory-peak-cpu-count"
+        peaks = common.ResultsTable(peak_name, args.out, info, memory.PEAK_COLUMNS, "vs_dense")
+        memory.peak_rows(
             presets,
             batch=args.batch,
             seq_len=args.seq_len,
-            dtype=getattr(torch, args.dtype),
-            backend=args.backends.split(",")[0],
+            dtype=dtype,
+            backend=backend,
+            on_row=peaks.add,
         )
-        name = "memory-peak" if info["device"] != "cpu" else "memory-peak-cpu-count"
-        text += "\n" + common.write_results(
-            name, args.out, info, peaks, memory.PEAK_COLUMNS, "vs_dense"
-        )
-    elif args.suite in ("step", "inference"):
-        from slope_lightning.bench import model
+        return text + "\n" + peaks.close(plot=args.plot)
+    if args.suite == "step":
+        from slope_lightning.bench import step
 
-        dtype = getattr(torch, args.dtype)
-        backend = args.backends.split(",")[0]
-        if args.suite == "step":
-            compile_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
-            rows = model.step_rows(
-                args.preset, args.batch, backend, dtype, args.repeats, compile_modes
-            )
-            columns = model.STEP_COLUMNS
-        else:
-            rows = model.inference_rows(
-                args.preset,
-                prompt=args.prompt,
-                new_tokens=args.new_tokens,
-                backend=backend,
-                dtype=dtype,
-                repeats=args.repeats,
-            )
-            columns = model.INFERENCE_COLUMNS
-        name = args.suite if info["device"] != "cpu" else f"{args.suite}-cpu-reference"
-        plot_column = "speedup_vs_dense" if args.suite == "step" else "prefill_speedup"
-        text = common.write_results(name, args.out, info, rows, columns, plot_column)
-    elif args.suite == "runs":
+        table = common.ResultsTable(name, args.out, info, step.STEP_COLUMNS, "speedup_vs_dense")
+        compile_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
+        step.step_rows(
+            args.preset, args.batch, backend, dtype, args.repeats, compile_modes, table.add
+        )
+        return table.close(plot=args.plot)
+    if args.suite == "inference":
+        from slope_lightning.bench import inference
+
+        columns = inference.INFERENCE_COLUMNS
+        table = common.ResultsTable(name, args.out, info, columns, "prefill_speedup")
+        inference.inference_rows(
+            args.preset,
+            prompt=args.prompt,
+            new_tokens=args.new_tokens,
+            backend=backend,
+            dtype=dtype,
+            repeats=args.repeats,
+            on_row=table.add,
+        )
+        return table.close(plot=args.plot)
+    if args.suite == "runs":
         from slope_lightning.bench import runs
 
-        if not args.run_dirs:
+        if not args.paths:
             parser.error("runs: give the log directories of finished runs")
-        rows = runs.run_rows(args.run_dirs)
-        text = common.write_results(
-            "runs", args.out, info, rows, runs.COLUMNS, "tokens_per_s_vs_dense"
+        rows = runs.run_rows(args.paths)  # ratios need every run: written at once
+        return common.write_results(
+            name, args.out, info, rows, runs.COLUMNS, "tokens_per_s_vs_dense", plot=args.plot
         )
-    else:  # layers, kernels: per layer shape
-        from slope_lightning.bench import layers
+    if args.suite == "kernels":
+        from slope_lightning.bench import kernels
 
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
-        if args.models:
-            shapes += [s for s in layers.shapes_of(args.models.split(",")) if s not in shapes]
-        shapes = shapes or list(layers.DEFAULT_SHAPES)
+        why_not = kernels.kernels_unavailable(torch.device("cuda"))
+        if why_not is not None:  # checked before a table is started: no empty files
+            parser.error(f"the kernels benchmark cannot run here: {why_not}")
+        table = common.ResultsTable(name, args.out, info, kernels.COLUMNS, "torch/triton")
         tokens = [int(t) for t in args.tokens.split(",")]
-        if args.suite == "kernels":
-            from slope_lightning.bench import kernels
+        kernels.kernel_rows(_shapes(args), tokens, dtype=dtype, on_row=table.add)
+        return table.close(plot=args.plot)
+    # layers
+    from slope_lightning.bench import layers
 
-            try:
-                rows = kernels.kernel_rows(shapes, tokens, dtype=getattr(torch, args.dtype))
-            except RuntimeError as error:
-                parser.error(str(error))
-            text = common.write_results(
-                "kernels", args.out, info, rows, kernels.COLUMNS, "torch/triton"
-            )
-            print(text)  # the table is the command's output
-            return
-        rows = layers.layer_rows(
-            shapes,
-            tokens=tokens,
-            repeats=args.repeats,
-            dtype=getattr(torch, args.dtype),
-            backends=tuple(args.backends.split(",")),
-        )
-        name = "layers-cpu-reference" if info["device"] == "cpu" else "layers"
-        text = common.write_results(name, args.out, info, rows, layers.COLUMNS, "dense/slope")
-    print(text)  # the table is the command's output
+    table = common.ResultsTable(name, args.out, info, layers.COLUMNS, "dense/slope")
+    layers.layer_rows(
+        _shapes(args),
+        tokens=[int(t) for t in args.tokens.split(",")],
+        repeats=args.repeats,
+        dtype=dtype,
+        backends=tuple(args.backends.split(",")),
+        on_row=table.add,
+    )
+    return table.close(plot=args.plot)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.suite == "unpack":
+        from slope_lightning.bench.archive import unpack
+
+        if len(args.paths) != 1:
+            parser.error("unpack: give one archive (the .tar.gz of scripts/gpu_check.sh)")
+        target = unpack(args.paths[0], args.out, tag=args.tag, plot=args.plot)
+        print(f"unpacked into {target}; see {target / 'index.md'}")
+        return
+    print(run_suite(args, parser))  # the table is the command's output
 
 
 if __name__ == "__main__":

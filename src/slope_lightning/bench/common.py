@@ -1,4 +1,7 @@
-"""What every benchmark records: the machine, the versions, the date and the exact command."""
+"""What every benchmark records (the machine, the versions, the date and the exact command),
+and how its table reaches the disk: row by row, so that a suite stopped by a timeout keeps
+every row it finished.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +9,47 @@ import json
 import logging
 import platform
 import shlex
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from slope_lightning.utils import atomic_write
+
 logger = logging.getLogger(__name__)
+
+#: A benchmark row: column name -> value (str, int, float, bool or None).
+Row = dict[str, Any]
+#: Called with every finished row, as soon as it is finished (see :class:`ResultsTable`).
+RowSink = Callable[[Row], None]
+
+
+def _package_version(name: str) -> str | None:
+    """An installed package's version without importing it (importing triton takes seconds)."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def machine_info() -> dict[str, Any]:
-    """Where the numbers come from; a GPU number is only a GPU number if a GPU is named here."""
+    """Where the numbers come from; a GPU number is only a GPU number if a GPU is named here.
+
+    The CUDA, cuSPARSELt and Triton versions are recorded because sparse GEMM speed depends on
+    them (e.g. torch 2.11 rebuilds the cuSPARSELt plan on every call; cuSPARSELt 0.8.0 has a
+    Hopper regression on CUDA 13): a table that does not name them cannot be compared.
+    """
     info: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m slope_lightning.bench " + shlex.join(sys.argv[1:]),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _package_version("triton"),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
@@ -33,26 +57,21 @@ def machine_info() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
+        info["capability"] = "sm_{}{}".format(*torch.cuda.get_device_capability())
+        cusparselt = torch.backends.cusparselt
+        info["cusparselt"] = cusparselt.version() if cusparselt.is_available() else None
     return info
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs (CUDA synchronised around each)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message``: what a failed row's ``note`` says."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
-def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def markdown_table(rows: list[Row], columns: list[str]) -> str:
+    """A markdown table of ``columns``; floats with 3 decimals, missing cells empty."""
+
     def fmt(value: Any) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -61,41 +80,139 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def render_markdown(
+    name: str, info: dict[str, Any], rows: list[Row], columns: list[str], complete: bool = True
+) -> str:
+    """The markdown file of one table: title, machine, the table, and a warning if the suite
+    stopped before its last row (a timeout), so a partial table never reads as a full one."""
+    header = "\n".join(f"- {key}: {value}" for key, value in info.items())
+    text = f"# {name}\n\n{header}\n\n"
+    if not complete:
+        text += (
+            f"**Incomplete:** the suite stopped after {len(rows)} rows (a timeout or an "
+            "error); the rows below are the ones it finished.\n\n"
+        )
+    return text + markdown_table(rows, columns) + "\n"
+
+
+def plot_table(path: Path, name: str, document: dict[str, Any]) -> Path | None:
+    """Draw ``<name>.png`` from a results document (what :class:`ResultsTable` writes).
+
+    matplotlib is optional: without it the PNG is skipped with a warning. Returns the PNG's
+    path, or None when nothing was drawn (no plot column, no matplotlib, no numeric row).
+    """
+    column = document.get("plot_column")
+    if column is None:
+        return None
+    try:
+        import matplotlib  # noqa: F401  (optional dependency: the "bench" extra)
+    except ImportError:
+        logger.warning(
+            'matplotlib is not installed: skipped %s (install it with `pip install -e ".[bench]"`)',
+            path,
+        )
+        return None
+    from slope_lightning.bench.plot import bar_chart
+
+    rows, columns, info = document["rows"], document["columns"], document["info"]
+    png = bar_chart(path, rows, columns, column, f"{name}: {column}", info)
+    if png is not None:
+        logger.info("wrote %s", png)
+    return png
+
+
+class ResultsTable:
+    """One benchmark table on disk, ``<name>.json`` and ``<name>.md``, rewritten after every row.
+
+    Each :meth:`add` rewrites both files through a temporary file and a rename
+    (:func:`slope_lightning.utils.atomic_write`), so at any moment, and after a ``timeout``
+    kills the process, they hold every finished row and parse. The JSON says whether the
+    suite got to its end (``"complete"``) and carries the columns and the plot column, so
+    the markdown and the PNG can be rendered again from it alone, on another machine
+    (``python -m slope_lightning.bench unpack``). Rewriting, not appending, costs O(rows) per
+    row: a few KiB for the largest table.
+
+    Example:
+        >>> table = ResultsTable("demo", out, info, ["method", "ms"], "ms")  # doctest: +SKIP
+        >>> rows = suite_rows(..., on_row=table.add)  # doctest: +SKIP
+        >>> print(table.close())  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        name: str,
+        out_dir: Path,
+        info: dict[str, Any],
+        columns: list[str],
+        plot_column: str | None = None,
+    ) -> None:
+        self.name = name
+        self.out_dir = Path(out_dir)
+        self.info = info
+        self.columns = list(columns)
+        self.plot_column = plot_column
+        self.rows: list[Row] = []
+        self.complete = False
+        self._write()  # an empty table marks the suite as started
+
+    @property
+    def json_path(self) -> Path:
+        return self.out_dir / f"{self.name}.json"
+
+    @property
+    def markdown_path(self) -> Path:
+        return self.out_dir / f"{self.name}.md"
+
+    def document(self) -> dict[str, Any]:
+        """What the JSON file holds."""
+        return {
+            "name": self.name,
+            "info": self.info,
+            "columns": self.columns,
+            "plot_column": self.plot_column,
+            "complete": self.complete,
+            "rows": self.rows,
+        }
+
+    def markdown(self) -> str:
+        return render_markdown(self.name, self.info, self.rows, self.columns, self.complete)
+
+    def _write(self) -> None:
+        atomic_write(self.json_path, json.dumps(self.document(), indent=2, default=str))
+        atomic_write(self.markdown_path, self.markdown())
+
+    def add(self, row: Row) -> None:
+        """Record one finished row and write both files at once (a :data:`RowSink`)."""
+        self.rows.append(row)
+        self._write()
+
+    def close(self, plot: bool = True) -> str:
+        """Mark the table complete, write it, draw the PNG if ``plot``; return the markdown.
+
+        ``plot=False`` is for the GPU machine, where time is short and only one archive comes
+        back: the PNGs are drawn afterwards on a CPU from the JSON.
+        """
+        self.complete = True
+        self._write()
+        logger.info("wrote %s and %s", self.markdown_path, self.json_path)
+        if plot:
+            plot_table(self.out_dir / f"{self.name}.png", self.name, self.document())
+        return self.markdown()
+
+
 def write_results(
     name: str,
     out_dir: Path,
     info: dict[str, Any],
-    rows: list[dict[str, Any]],
+    rows: list[Row],
     columns: list[str],
     plot_column: str | None = None,
+    plot: bool = True,
 ) -> str:
-    """Write ``<name>.json`` and ``<name>.md`` to ``out_dir``; return the markdown text.
-
-    With ``plot_column`` (a ratio or speedup column), also draw ``<name>.png``: one bar per
-    row and a reference line at 1.0. matplotlib is optional; without it the PNG is skipped
-    with a warning and the JSON and markdown are still written.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    header = "\n".join(f"- {key}: {value}" for key, value in info.items())
-    text = f"# {name}\n\n{header}\n\n{markdown_table(rows, columns)}\n"
-    (out_dir / f"{name}.md").write_text(text)
-    (out_dir / f"{name}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
-    logger.info("wrote %s and %s", out_dir / f"{name}.md", out_dir / f"{name}.json")
-    if plot_column is not None:
-        try:
-            import matplotlib  # noqa: F401  (optional dependency: the "bench" extra)
-        except ImportError:
-            logger.warning(
-                "matplotlib is not installed: skipped %s (install it with "
-                '`pip install -e ".[bench]"`)',
-                out_dir / f"{name}.png",
-            )
-        else:
-            from slope_lightning.bench.plot import bar_chart
-
-            png = bar_chart(
-                out_dir / f"{name}.png", rows, columns, plot_column, f"{name}: {plot_column}", info
-            )
-            if png is not None:
-                logger.info("wrote %s", png)
-    return text
+    """Write a finished table at once (``<name>.json``, ``<name>.md`` and, with ``plot_column``
+    and ``plot``, ``<name>.png``); return the markdown text. For rows that are computed all
+    together (e.g. ``runs``); a suite that measures row by row uses :class:`ResultsTable`."""
+    table = ResultsTable(name, out_dir, info, columns, plot_column)
+    for row in rows:
+        table.rows.append(row)
+    return table.close(plot=plot)

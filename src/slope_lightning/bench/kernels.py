@@ -8,10 +8,10 @@ says nothing about speed.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 
+from slope_lightning.bench.common import Row, RowSink
 from slope_lightning.sparse.kernel_ops import kernels_unavailable, measure_kernels
 from slope_lightning.sparse.layout import NMLayout
 
@@ -21,8 +21,11 @@ def kernel_rows(
     tokens: Iterable[int] = (2048,),
     dtype: torch.dtype = torch.bfloat16,
     device: str = "cuda",
-) -> list[dict[str, Any]]:
+    on_row: RowSink | None = None,
+) -> list[Row]:
     """One row per (shape, tokens, step): torch and Triton milliseconds and which is used.
+
+    Each row goes to ``on_row`` as soon as it is measured, so a timeout keeps it.
 
     Raises:
         RuntimeError: the kernels cannot be timed on ``device`` (no CUDA, no triton).
@@ -30,24 +33,25 @@ def kernel_rows(
     why_not = kernels_unavailable(torch.device(device))
     if why_not is not None:
         raise RuntimeError(f"the kernels benchmark cannot run here: {why_not}")
-    rows = []
+    rows: list[Row] = []
     for d_out, d_in in shapes:
         layout = NMLayout(d_out, d_in, 2, 4)
         for count in tokens:
             choices, times = measure_kernels(layout, dtype, torch.device(device), tokens=count)
             for step, ms in times.items():
-                rows.append(
-                    {
-                        "shape (out x in)": f"{d_out}x{d_in}",
-                        "tokens": count,
-                        "dtype": str(dtype).removeprefix("torch."),
-                        "step": step,
-                        "torch_ms": ms["torch"],
-                        "triton_ms": ms["triton"],
-                        "torch/triton": ms["torch"] / ms["triton"],
-                        "used": choices.as_dict()[step],
-                    }
-                )
+                row: Row = {
+                    "shape (out x in)": f"{d_out}x{d_in}",
+                    "tokens": count,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "step": step,
+                    "torch_ms": ms["torch"],
+                    "triton_ms": ms["triton"],
+                    "torch/triton": ms["torch"] / ms["triton"],
+                    "used": choices.as_dict()[step],
+                }
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
     return rows
 
 

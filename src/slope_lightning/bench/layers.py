@@ -51,27 +51,27 @@ def _phase_runner(phase: str, layer: nn.Module, x: torch.Tensor) -> Callable[[],
     """A closure running one phase of ``layer`` on ``x``."""
     if phase == "forward":
 
-        def run() -> None:
+        def forward() -> None:
             with torch.no_grad():
                 layer(x)
 
-        return run
+        return forward
     if phase == "input-grad":
         # The parameters are frozen for this phase, so backward computes dX alone.
         y = layer(x)
         grad = torch.randn_like(y)
 
-        def run() -> None:
+        def input_grad() -> None:
             torch.autograd.grad(y, x, grad, retain_graph=True)
 
-        return run
+        return input_grad
 
-    def run() -> None:
+    def forward_backward() -> None:
         layer.zero_grad(set_to_none=True)
         x.grad = None
         layer(x).sum().backward()
 
-    return run
+    return forward_backward
 
 
 def _time_phase(phase: str, layer: nn.Module, x: torch.Tensor, repeats: int) -> float:

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slope_lightning.baselines import TransposableSparseLinear
 from slope_lightning.bench.common import Row, RowSink
 from slope_lightning.bench.methods import METHODS, build_model
 from slope_lightning.models import Transformer, TransformerConfig
 from slope_lightning.sparse import SparseLinear, memory_report, merge_for_inference, sparsify
-from slope_lightning.baselines import TransposableSparseLinear
 
 #: LLaMA-7B projection shapes (d_out, d_in): attention, MLP up/gate, MLP down.
 LLAMA_7B_SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096), (11008, 4096), (4096, 11008))

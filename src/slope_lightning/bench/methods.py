@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from slope_lightning.models import Transformer, TransformerConfig
 from slope_lightning.baselines import transposable_sparsify
+from slope_lightning.models import Transformer, TransformerConfig
 from slope_lightning.sparse import sparsify
 
 #: ``dense``: the unmodified model (every nn.Linear dense), the baseline for all speedups.

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from slope_lightning.baselines import TransposableSparseLinear
 from slope_lightning.bench.common import Row, RowSink, first_line
 from slope_lightning.bench.methods import METHODS, build_model
-from slope_lightning.baselines import TransposableSparseLinear
 from slope_lightning.utils import median_ms
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,167 @@
+"""The device check brings its results home: one archive, unpacked and rendered on CPU
+(``python -m slope_lightning.bench unpack``), and the script that makes it."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from slope_lightning.bench import archive, common
+from slope_lightning.bench.__main__ import main
+
+ROOT = Path(__file__).parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+INFO = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "cusparselt": 800}
+
+
+def fake_check(directory: Path) -> Path:
+    """What scripts/gpu_check.sh leaves in its scratch directory after a run whose layers
+    part timed out and whose compiled step had no time left."""
+    directory.mkdir(parents=True)
+    (directory / "logs").mkdir()
+    (directory / "logs" / "layers.log").write_text("Terminated\n")
+    machine = {"gpu": "NVIDIA H200", "driver": "580.1", "torch": "2.11.0+cu130"}
+    (directory / "machine.json").write_text(json.dumps(machine))
+    (directory / "parts.tsv").write_text(
+        "part\trc\tseconds\tbudget_s\tlimit_s\n"
+        "facts\t0\t6\t20\t20\n"
+        "layers\t124\t50\t50\t50\n"
+        "step-compiled\tskipped\t0\t240\t0\n"
+    )
+    smoke = [
+        {"check": "cslt_search", "status": "PASS", "detail": "alg_id=3", "seconds": 0.4},
+        {"check": "fused_adamw_bumps_version", "status": "FAIL", "detail": "0 -> 0"},
+    ]
+    (directory / "smoke.json").write_text(json.dumps(smoke))
+    columns = ["shape (out x in)", "backend", "dense/slope"]
+    layers = common.ResultsTable("layers", directory, INFO, columns, "dense/slope")
+    layers.add({"shape (out x in)": "4096x4096", "backend": "cusparselt", "dense/slope": 1.4})
+    # never closed: the part was killed after its first row
+    rows = [
+        {"method": "dense", "speedup_vs_dense": 1.0},
+        {"method": "slope", "speedup_vs_dense": 1.2},
+    ]
+    common.write_results(
+        "step", directory, INFO, rows, ["method", "speedup_vs_dense"], "speedup_vs_dense",
+        plot=False,
+    )  # fmt: skip
+    (directory / "autotune.json").write_text("{}")  # not a table: left alone
+    tar_path = directory.parent / "gpu-check.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(directory, arcname=".")
+    return tar_path
+
+
+def test_unpack_puts_the_check_in_results_and_renders_it(tmp_path, capsys):
+    tar_path = fake_check(tmp_path / "work")
+    out = tmp_path / "results"
+    main(["unpack", str(tar_path), "--out", str(out)])
+    target = out / "gpu-h200"
+    assert str(target) in capsys.readouterr().out
+    assert [p.name for p in out.iterdir()] == ["gpu-h200"]  # no staging directory left
+    assert (target / "logs" / "layers.log").is_file()
+    index = (target / "index.md").read_text()
+    for words in ("gpu: NVIDIA H200", "| layers | timed out |", "skipped (no time left)",
+                  "| fused_adamw_bumps_version | FAIL |", "[step](step.md): 2 rows",
+                  "[layers](layers.md): 1 rows (incomplete: timed out)"):  # fmt: skip
+        assert words in index, words
+    assert "autotune" not in index
+    assert "**Incomplete:**" in (target / "layers.md").read_text()
+    assert "cusparselt: 800" in (target / "step.md").read_text()
+    if not _has_matplotlib():
+        return
+    assert (target / "step.png").read_bytes().startswith(PNG_MAGIC)
+    assert (target / "layers.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_unpack_replaces_an_older_check_of_the_same_machine(tmp_path):
+    tar_path = fake_check(tmp_path / "work")
+    out = tmp_path / "results"
+    (out / "gpu-h200").mkdir(parents=True)
+    (out / "gpu-h200" / "stale.md").write_text("old")
+    target = archive.unpack(tar_path, out, plot=False)
+    assert not (target / "stale.md").exists() and (target / "index.md").is_file()
+    assert archive.unpack(tar_path, out, tag="second", plot=False) == out / "second"
+
+
+def _evil_archive(path: Path, kind: str) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        if kind == "parent":
+            member = tarfile.TarInfo("../escaped.txt")
+            member.size = 2
+            tar.addfile(member, io.BytesIO(b"hi"))
+        else:
+            member = tarfile.TarInfo("link")
+            member.type = tarfile.SYMTYPE
+            member.linkname = "/etc/passwd"
+            tar.addfile(member)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["parent", "symlink"])
+def test_unpack_refuses_members_that_leave_the_directory(tmp_path, kind):
+    tar_path = _evil_archive(tmp_path / f"{kind}.tar.gz", kind)
+    out = tmp_path / "results"
+    with pytest.raises(ValueError, match="refusing archive member"):
+        archive.unpack(tar_path, out)
+    assert not (tmp_path / "escaped.txt").exists()
+    assert list(out.iterdir()) == []  # the staging directory is gone too
+
+
+def test_unpack_needs_exactly_one_archive(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["unpack", "--out", str(tmp_path)])
+    assert "give one archive" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no archive"):
+        archive.unpack(tmp_path / "missing.tar.gz", tmp_path)
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_leaves_one_archive_and_a_summary_even_without_time(tmp_path):
+    """The script's own mechanics on a CPU, with 32 s of wall time instead of 420: the parts
+    that do not fit are skipped or cut by their timeouts, and $OUT still ends up holding
+    exactly the archive and summary.txt, which unpack renders."""
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "GPU_CHECK_WALL_S": "32",
+        "TMPDIR": str(tmp_path),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-check.tar.gz", "summary.txt"]
+    summary = (out / "summary.txt").read_text()
+    assert "unpack on a CPU" in summary and "second call" in summary
+    target = archive.unpack(out / "gpu-check.tar.gz", tmp_path / "results", plot=False)
+    parts = (target / "parts.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in parts][1:] == [
+        "facts", "smoke", "pytest-gpu", "kernels", "layers", "step", "inference", "memory",
+        "step-compiled",
+    ]  # fmt: skip
+    assert "skipped" in (target / "parts.tsv").read_text()
+    assert (target / "machine.json").is_file() and (target / "index.md").is_file()
+    assert not list(tmp_path.glob("slope-gpu-check.*"))  # the scratch directory is removed
