@@ -309,13 +309,19 @@ def test_a_foreign_module_resumes_exactly_across_the_adapter_start(tmp_path):
             assert torch.equal(a, b), name
 
 
-def test_validate_restores_adapters_of_a_foreign_module_through_the_callback(tmp_path):
+@pytest.mark.parametrize("with_callback", [True, False])
+def test_validate_restores_adapters_of_a_foreign_module(tmp_path, with_callback):
     trained, _ = run_foreign(tmp_path, stop_at=5)
     fresh = ForeignModule()
-    lazy = LazyLoRA(start=3, rank=4)
+    callbacks = [LazyLoRA(start=3, rank=4)] if with_callback else []
     evaluator = pl.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[lazy]
+        accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=callbacks
     )
     evaluator.validate(fresh, same_batches(), ckpt_path=tmp_path / "interrupted.ckpt")
     assert torch.equal(fresh.net[0].adapter.up, trained.net[0].adapter.up)
-    assert lazy._load_hook is None  # removed at teardown: plain loads are untouched again
+
+
+def test_load_from_checkpoint_after_the_adapter_start_needs_no_callback(tmp_path):
+    trained, _ = run_foreign(tmp_path, stop_at=5)
+    loaded = ForeignModule.load_from_checkpoint(tmp_path / "interrupted.ckpt", weights_only=True)
+    assert torch.equal(loaded.net[0].adapter.up, trained.net[0].adapter.up)

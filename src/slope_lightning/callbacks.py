@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,11 +20,10 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from slope_lightning.optim import add_param_group_following_schedule, check_schedule_extendable
-from slope_lightning.sparse import SparseLinear, restore_adapters, sparse_layers
+from slope_lightning.sparse import SparseLinear, sparse_layers
 from slope_lightning.sparse.adapters import AdapterInit, resolve_rank
 
 logger = logging.getLogger(__name__)
@@ -144,13 +143,6 @@ class MaskScheduler(Callback):
         self.refreshes = int(state_dict["refreshes"])
 
 
-def _restore_adapters_before_load(
-    module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any
-) -> None:
-    """``load_state_dict`` pre-hook: attach adapters shaped like those in ``state_dict``."""
-    restore_adapters(module, state_dict, prefix)
-
-
 class LazyLoRA(Callback):
     """Switch SLoPe's low-rank adapters on late in training (the paper: the last 1%).
 
@@ -166,13 +158,11 @@ class LazyLoRA(Callback):
     against ``max_steps``, the rank against every layer's size, and whether the scheduler can
     be extended. On a module without sparse layers the callback is idle (one warning).
 
-    **Resume.** This callback alone restores adapters, for any LightningModule: from
-    ``setup`` until ``teardown`` it holds a ``load_state_dict`` pre-hook on the module that
-    attaches an adapter to every layer whose adapter weights are in the incoming state dict,
-    so a checkpoint taken after the start loads strictly, once, in fit, validate and test
-    alike. (Outside Lightning, :func:`~slope_lightning.export.load_exported` calls
-    :func:`~slope_lightning.sparse.restore_adapters` itself.) A resumed fit then puts the
-    restored adapters back into their own group before the optimizer state loads.
+    **Resume.** Adapters come back with the weights, for any LightningModule and any load
+    path: a SparseLinear whose incoming state dict holds adapter weights attaches an
+    adapter of that rank before loading them, so a checkpoint taken after the start loads
+    strictly, once, in fit, validate and test alike. A resumed fit then puts the restored
+    adapters back into their own group before the optimizer state loads.
 
     Args:
         start: an int: the optimizer step at which adapters are switched on; or a float in
@@ -251,7 +241,6 @@ class LazyLoRA(Callback):
         self.started_at: int | None = None
         self.idle = False
         self._resumed_active = False
-        self._load_hook: RemovableHandle | None = None
 
     def start_step(self, trainer: pl.Trainer) -> int:
         """The optimizer step at which adapters are switched on.
@@ -277,20 +266,8 @@ class LazyLoRA(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Runs before Lightning restores a checkpoint (in every stage), so the hook is in
-        # place when the module's state dict is loaded.
+        # Runs before Lightning restores a checkpoint (in every stage).
         self._resumed_active = False  # set by load_state_dict if a checkpoint follows
-        self._remove_load_hook()
-        self._load_hook = pl_module.register_load_state_dict_pre_hook(_restore_adapters_before_load)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_load_hook()
-
-    def _remove_load_hook(self) -> None:
-        if self._load_hook is not None:
-            self._load_hook.remove()
-            self._load_hook = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from slope_lightning.models import Transformer, TransformerConfig
-from slope_lightning.sparse import restore_adapters, sparsify
+from slope_lightning.sparse import sparsify
 from slope_lightning.sparse.backends.names import BackendName
 from slope_lightning.sparse.config import SparsityConfig
 
@@ -75,9 +75,8 @@ def load_exported(directory: str | Path, device: str | torch.device = "cpu") -> 
 
     The model is sparsified with the exported :class:`SparsityConfig` on the ``reference``
     backend (any device; the GEMM backend is a runtime choice, not part of the weights).
-    This is the one path outside Lightning that restores adapters: it calls
-    :func:`~slope_lightning.sparse.restore_adapters` itself, where a training run relies on
-    the LazyLoRA callback.
+    Adapters in the export come back with the weights (a SparseLinear attaches one when
+    its state dict holds adapter weights).
 
     Raises:
         FileNotFoundError: if the directory lacks model.safetensors or config.json.
@@ -115,7 +114,6 @@ def load_exported(directory: str | Path, device: str | torch.device = "cpu") -> 
             f"{weights_path} is not a readable safetensors file ({error}); it may be "
             "truncated: re-export the model"
         ) from error
-    restore_adapters(model, tensors)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     allowed = set(meta.get("aliases", {}))
     missing = [k for k in missing if k not in allowed and not k.endswith("_extra_state")]

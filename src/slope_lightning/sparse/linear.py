@@ -337,6 +337,28 @@ class SparseLinear(nn.Module):
                 "corrupt or from another pattern: load an earlier checkpoint or re-export"
             )
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # The one place adapters come back on a load: a state dict saved after adapters were
+        # switched on holds ``<prefix>adapter.*``; a layer without one attaches an adapter of
+        # that rank first (placeholder values, overwritten by this very load). So resume,
+        # load_from_checkpoint, safetensors and any trainer's load path work alike.
+        up = state_dict.get(f"{prefix}adapter.up")
+        if up is not None and self.adapter is None:
+            placeholder = torch.Generator().manual_seed(0)  # leaves the global RNG untouched
+            self.add_adapter(int(up.shape[0]), generator=placeholder)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(

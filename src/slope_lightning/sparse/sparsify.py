@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -412,23 +412,6 @@ def add_adapters(
     for _, layer in layers:
         params += layer.add_adapter(rank, init=init, alpha=alpha, generator=generator)
     return params
-
-
-def restore_adapters(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> int:
-    """Attach adapters shaped like those in ``state_dict`` so that it loads into ``model``.
-
-    For resuming or loading a model saved after adapters were switched on: each SparseLinear
-    whose ``<prefix><name>.adapter.up`` is in ``state_dict`` gets an adapter of that rank
-    (values are placeholders until the state dict is loaded). Returns how many were added.
-    """
-    added = 0
-    placeholder = torch.Generator().manual_seed(0)  # leaves the global RNG untouched
-    for name, layer in sparse_layers(model):
-        up = state_dict.get(f"{prefix}{name}.adapter.up")
-        if up is not None and layer.adapter is None:
-            layer.add_adapter(int(up.shape[0]), generator=placeholder)
-            added += 1
-    return added
 
 
 def merge_for_inference(model: nn.Module) -> int:
