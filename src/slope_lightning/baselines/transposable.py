@@ -37,7 +37,7 @@ import logging
 import math
 from collections.abc import Sequence
 from functools import cache
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -335,10 +335,12 @@ class TransposableSparseLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.backend = backend
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, device=device, dtype=dtype)
+        )
+        self.bias: nn.Parameter | None
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
@@ -372,8 +374,8 @@ class TransposableSparseLinear(nn.Module):
             dtype=linear.weight.dtype,
             name=name,
         )
-        layer.weight = linear.weight
-        layer.bias = linear.bias
+        layer.weight = cast(nn.Parameter, linear.weight)  # nn.Linear's Parameters, shared
+        layer.bias = cast("nn.Parameter | None", linear.bias)
         layer.train(linear.training)
         return layer
 
@@ -533,6 +535,7 @@ def transposable_sparsify(
         if reason is not None:
             logger.info("%s: left as it is (%s)", name, reason)
             continue
+        assert isinstance(child, nn.Linear)  # a SparseLinear child always has a reason
         setattr(parent, attr, TransposableSparseLinear.from_linear(child, backend, name=name))
         converted.append(name)
     logger.info("transposable_sparsify: %d layers converted (backend=%s)", len(converted), backend)

@@ -52,6 +52,9 @@ class LowRankAdapter(nn.Module):
         generator: random source for L.
     """
 
+    down_index: Tensor  # packed offsets of Lᵀ (buffer)
+    scale: Tensor  # s, a 0-d float32 buffer
+
     def __init__(
         self,
         in_features: int,
@@ -81,10 +84,9 @@ class LowRankAdapter(nn.Module):
         else:
             raise ValueError(f"unknown adapter init {init!r}; choose 'slope' or 'peft'")
         down_values, down_index = self.layout.prune(dense_down)
-        factory = {"device": device, "dtype": dtype}
-        self.down_values = nn.Parameter(down_values.to(**factory))  # (r, d_in·N/M)
+        self.down_values = nn.Parameter(down_values.to(device=device, dtype=dtype))  # (r, d_in·N/M)
         self.register_buffer("down_index", down_index.to(device))  # packed offsets
-        self.up = nn.Parameter(torch.zeros(rank, out_features, **factory))  # R, (r, d_out)
+        self.up = nn.Parameter(torch.zeros(rank, out_features, device=device, dtype=dtype))  # R
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=device))
 
     def down_dense(self) -> Tensor:

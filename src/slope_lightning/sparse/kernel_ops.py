@@ -17,6 +17,7 @@ kernels are tested against their references), so the choice changes speed, never
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
@@ -185,7 +186,7 @@ def measure_kernels(
         times[step] = {}
         for impl in ("torch", "triton"):
             try:
-                times[step][impl] = timer(lambda run=run, impl=impl: run(impl), device)
+                times[step][impl] = timer(functools.partial(run, impl), device)
             except Exception:  # e.g. triton CompilationError, OutOfResources, a ValueError
                 times[step][impl] = float("inf")
         chosen[step] = "triton" if times[step]["triton"] < times[step]["torch"] else "torch"

@@ -77,6 +77,9 @@ class SparseLinear(nn.Module):
         torch.Size([8, 32])
     """
 
+    row_index: Tensor  # M_R, packed (buffer)
+    col_index: Tensor  # M_C, packed (buffer)
+
     def __init__(
         self,
         in_features: int,
@@ -130,15 +133,19 @@ class SparseLinear(nn.Module):
                 f"layer {name!r}: weight shape {tuple(weight.shape)} != "
                 f"(out_features, in_features) = {(out_features, in_features)}"
             )
-        factory = {"device": device or weight.device, "dtype": dtype or weight.dtype}
+        target_device = torch.device(device) if device is not None else weight.device
+        target_dtype = dtype or weight.dtype
         self._backend = resolve_backend(backend)
         with torch.no_grad():
             values, row_index = self.layout.prune(weight.detach(), mask_method, generator)
-        self.values = nn.Parameter(values.to(**factory))  # (d_out, d_in·N/M)
-        self.register_buffer("row_index", row_index.to(factory["device"]))  # M_R, packed
+        self.values = nn.Parameter(values.to(device=target_device, dtype=target_dtype))
+        self.register_buffer("row_index", row_index.to(target_device))  # M_R, packed
         self.register_buffer("col_index", self._derive_col_index())  # M_C, packed
+        self.bias: nn.Parameter | None
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, **factory))
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, device=target_device, dtype=target_dtype)
+            )
         else:
             self.register_parameter("bias", None)
         self.adapter: LowRankAdapter | None = None
@@ -190,7 +197,7 @@ class SparseLinear(nn.Module):
             generator=generator,
             name=name,
         )
-        if linear.bias is not None:
+        if linear.bias is not None and layer.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
         return layer

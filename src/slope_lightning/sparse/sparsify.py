@@ -97,9 +97,13 @@ def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def _linear_children(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+#: (qualified name, parent, attribute, child) of one Linear/SparseLinear child.
+LinearChild = tuple[str, nn.Module, str, nn.Linear | SparseLinear]
+
+
+def _linear_children(model: nn.Module) -> list[LinearChild]:
     """(qualified name, parent, attribute, child) for every Linear/SparseLinear child."""
-    found = []
+    found: list[LinearChild] = []
     for parent_name, parent in model.named_modules():
         for attr, child in parent.named_children():
             if isinstance(child, nn.Linear | SparseLinear):
@@ -115,7 +119,7 @@ def linear_candidates(
     multiple: int,
     what: str,
     multiple_name: str = "",
-) -> Iterator[tuple[str, nn.Module, str, nn.Module, str | None]]:
+) -> Iterator[tuple[str, nn.Module, str, nn.Linear | SparseLinear, str | None]]:
     """Every Linear/SparseLinear child of ``model`` and why it stays as it is (None: convert).
 
     Yields (qualified name, parent, attribute, child, reason). The selection rules shared by
@@ -284,6 +288,7 @@ def sparsify(
         if max_aspect_ratio is not None and ratio > max_aspect_ratio:
             decide(False, f"aspect ratio {ratio:.2f} > max_aspect_ratio {max_aspect_ratio}")
             continue
+        assert isinstance(child, nn.Linear)  # a SparseLinear child always has a reason
         sparse = SparseLinear.from_linear(
             child,
             n,

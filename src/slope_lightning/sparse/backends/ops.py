@@ -40,7 +40,7 @@ class SemiStructuredOps(Protocol):
     """The calls a 2:4 backend makes: compress a pruned operand, multiply by it."""
 
     name: str
-    limits: dict[torch.dtype, ShapeLimits]
+    limits: ClassVar[dict[torch.dtype, ShapeLimits]]
     #: Whether the operators need CUDA tensors (False only for the emulation).
     needs_cuda: bool
     #: Whether :meth:`matmul` adds a bias in its epilogue (else the caller adds it).
@@ -232,11 +232,10 @@ def apply_tile_mask(weight: Tensor, bitmask: Tensor) -> Tensor:
 
 def make_ops(name: str) -> SemiStructuredOps:
     """The ops called ``name``: "cusparselt", "cutlass" or "emulated"."""
-    kinds: dict[str, type[SemiStructuredOps]] = {
-        "cusparselt": CuSparseLtOps,
-        "cutlass": CutlassOps,
-        "emulated": EmulatedOps,
-    }
-    if name not in kinds:
-        raise ValueError(f"unknown 2:4 ops {name!r}; choose one of {', '.join(kinds)}")
-    return kinds[name]()
+    if name == "cusparselt":
+        return CuSparseLtOps()
+    if name == "cutlass":
+        return CutlassOps()
+    if name == "emulated":
+        return EmulatedOps()
+    raise ValueError(f"unknown 2:4 ops {name!r}; choose one of cusparselt, cutlass, emulated")
