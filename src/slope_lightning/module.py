@@ -26,7 +26,14 @@ from typing_extensions import override
 from slope_lightning.export import export_model
 from slope_lightning.models import Transformer, TransformerConfig
 from slope_lightning.optim import OptimizerConfig, build_adamw, lr_multiplier
-from slope_lightning.sparse import SparsifyReport, backend_report, memory_report, sparsify
+from slope_lightning.sparse import (
+    SparsifyReport,
+    backend_report,
+    follow_optimizer,
+    memory_report,
+    sparsify,
+    use_decision_store,
+)
 from slope_lightning.sparse.backends.names import BackendName
 from slope_lightning.sparse.config import SparsityConfig
 
@@ -155,6 +162,13 @@ class SLoPeModule(pl.LightningModule):
             )
         if self.sparsify_report is not None and stage == "fit":
             _info("%s", self.sparsify_report)
+        if self.sparsify_report is not None and self.sparsity.backend is BackendName.auto:
+            # auto's measured decisions belong to this run: kept in its own directory (rank 0
+            # measures and writes, the others receive its decisions), never in a file that
+            # other runs on the machine share. trainer.log_dir is a collective under DDP.
+            log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            store = use_decision_store(self.model, log_dir / "autotune.json")
+            _info("auto backend decisions are kept in %s", store.describe())
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -202,6 +216,9 @@ class SLoPeModule(pl.LightningModule):
                 "trainer.max_steps to a positive number of optimizer steps"
             )
         optimizer, scheduler = build_adamw(self.model, self.optim, total_steps)
+        # M_C refreshes count optimizer steps through a step hook, so the fused AdamW used
+        # on CUDA (which moves no version counter) refreshes it like any other optimizer.
+        follow_optimizer(self.model, optimizer)
         decay, no_decay = (group["params"] for group in optimizer.param_groups)
         _info(
             "AdamW: %d decayed tensors (%d values), %d not decayed (%d values)",
