@@ -1,5 +1,14 @@
-"""Time of one linear layer, SLoPe (each backend, tiled or not) vs nn.Linear, in the same run:
-the forward, the input gradient alone, and forward + backward.
+"""Time of one linear layer, SLoPe (each backend, tiled or not) vs nn.Linear, in the same run.
+
+Phases:
+
+- ``forward``: an inference forward (no grad); kernel-side operands are built once and
+  reused, as in serving.
+- ``input-grad``: the input gradient alone (one GEMM, its operand rebuilt per call).
+- ``fwd+bwd``: a training forward and backward.
+- ``fwd+bwd+update``: a whole training step of the layer, AdamW update included. The values
+  change at every step, so every compressed operand (W_R, and W_RCᵀ after re-deriving M_C)
+  is rebuilt every call: this is what a real step costs, and the figure speed claims use.
 
 Shapes come from real models (``MODEL_SHAPES``: the attention and MLP projections of GPT-2
 small/medium, OPT-6.7B/13B, LLaMA-3-8B and Mistral-7B) or are given as ``d_out x d_in``.
@@ -34,7 +43,7 @@ MODEL_SHAPES: dict[str, tuple[Shape, ...]] = {
 }
 
 DEFAULT_SHAPES: tuple[Shape, ...] = ((4096, 4096),)
-PHASES: tuple[str, ...] = ("forward", "input-grad", "fwd+bwd")
+PHASES: tuple[str, ...] = ("forward", "input-grad", "fwd+bwd", "fwd+bwd+update")
 
 
 def shapes_of(models: Iterable[str]) -> list[Shape]:
@@ -66,12 +75,18 @@ def _phase_runner(phase: str, layer: nn.Module, x: torch.Tensor) -> Callable[[],
 
         return input_grad
 
-    def forward_backward() -> None:
+    optimizer = (
+        torch.optim.AdamW(layer.parameters(), lr=1e-6) if phase == "fwd+bwd+update" else None
+    )
+
+    def training_step() -> None:
         layer.zero_grad(set_to_none=True)
         x.grad = None
         layer(x).sum().backward()
+        if optimizer is not None:  # new values: the next call rebuilds every operand
+            optimizer.step()
 
-    return forward_backward
+    return training_step
 
 
 def _time_phase(phase: str, layer: nn.Module, x: torch.Tensor, repeats: int) -> float:
