@@ -92,7 +92,7 @@ def test_inference_operands_are_reused_until_the_weight_or_mask_changes():
     with torch.no_grad():
         for _ in range(3):
             layer(x)
-    assert layer._operands.builds == 1 and len(layer.cached_tensors()) == 1
+    assert layer._operands.builds == 1 and len(layer.cached_tensors()) == 2  # values, index
     with torch.no_grad():
         layer.values.mul_(2)  # an in-place update moves the version
         layer(x)
@@ -505,3 +505,12 @@ def test_the_bias_is_fused_into_the_gemm_where_the_ops_can_and_added_after_elsew
         layer.bias.copy_(reference.bias)
     x = torch.randn(5, 32, dtype=torch.float64)
     torch.testing.assert_close(layer(x), reference(x))  # tiles get their slice of the bias
+
+
+def test_an_emulated_compressed_operand_costs_what_cusparselt_stores():
+    layer = SparseLinear(256, 128, backend="emulated", dtype=torch.float16)
+    with torch.no_grad():
+        layer(torch.randn(8, 256, dtype=torch.float16))
+    cached = sum(t.numel() * t.element_size() for t in layer.cached_tensors())
+    dense_bytes = 128 * 256 * 2
+    assert cached == dense_bytes // 2 + dense_bytes // 16  # values + 2-bit positions: 0.5625x

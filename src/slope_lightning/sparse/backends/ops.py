@@ -24,6 +24,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from slope_lightning.sparse.layout import NMLayout
+
 logger = logging.getLogger(__name__)
 
 
@@ -154,13 +156,20 @@ class CutlassOps:
 
 
 class EmulatedOps:
-    """cuSPARSELt's contract in dense torch math, on any device and floating dtype.
+    """cuSPARSELt's contract in plain torch, on any device and floating dtype.
 
     ``compress`` checks that the operand really is 2:4 along its columns and that its shape
-    meets cuSPARSELt's multiples, then keeps a dense copy; ``matmul`` checks the token
-    padding. So a bug in the backends' padding, tiling or double pruning fails here, on CPU,
-    exactly where it would fail (or silently mis-compute) on a GPU. ``compressed_shapes``
-    records every operand compressed, for tests of caching and tiling.
+    meets cuSPARSELt's multiples, then stores it compressed as the library does: the kept
+    values plus 2 bits of position per value (our packed N:M format), so a compressed
+    operand costs the same bytes as cuSPARSELt's and memory counted on CPU is exact.
+    ``matmul`` checks the token padding and multiplies through a transient dense copy. A bug
+    in the backends' padding, tiling or double pruning therefore fails here, on CPU, exactly
+    where it would fail (or silently mis-compute) on a GPU. ``compressed_shapes`` records
+    every operand compressed, for tests of caching and tiling.
+
+    Args:
+        fuses_bias: True: cuSPARSELt's contract (the bias in the GEMM's epilogue); False:
+            CUTLASS's (the caller adds it).
     """
 
     name = "emulated"
@@ -171,7 +180,6 @@ class EmulatedOps:
     }
 
     def __init__(self, fuses_bias: bool = True) -> None:
-        #: True: cuSPARSELt's contract (bias in the epilogue); False: CUTLASS's (added after).
         self.fuses_bias = fuses_bias
         self.compressed_shapes: list[tuple[int, int]] = []
 
@@ -190,19 +198,22 @@ class EmulatedOps:
         if bool((kept > 2).any()):
             raise ValueError("emulated 2:4 compress: the operand is not 2:4 along its columns")
         self.compressed_shapes.append((rows, cols))
-        return dense.contiguous().clone()
+        layout = NMLayout(rows, cols, 2, 4)
+        values, index = layout.prune(dense)  # exact: the operand is already 2:4
+        return values, index, layout
 
     def matmul(self, packed: Any, x: Tensor, rows: int, bias: Tensor | None = None) -> Tensor:
+        values, index, layout = packed
         multiple = self.limits[x.dtype].dense_rows
         if x.shape[0] % multiple:
             raise ValueError(
                 f"emulated 2:4 matmul: {x.shape[0]} tokens, not padded to a multiple of {multiple}"
             )
-        if packed.shape[0] != rows:
-            raise ValueError(f"emulated 2:4 matmul: operand has {packed.shape[0]} rows, not {rows}")
+        if layout.rows != rows:
+            raise ValueError(f"emulated 2:4 matmul: operand has {layout.rows} rows, not {rows}")
         if bias is not None and tuple(bias.shape) != (rows,):
             raise ValueError(f"emulated 2:4 matmul: bias {tuple(bias.shape)}, expected ({rows},)")
-        out = x @ packed.t()  # (T, rows)
+        out = x @ layout.to_dense(values, index).t()  # (T, rows); the dense copy is transient
         return out + bias if bias is not None else out
 
 
