@@ -1,0 +1,53 @@
+"""The quickstart notebook teaches next-token prediction, not copying the input.
+
+``tests/test_readme.py`` runs the notebook end to end; this test reads its training loop
+without running it (the loop trains for tens of seconds on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import torch
+
+NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "quickstart.ipynb"
+
+
+def _code_cells() -> list[str]:
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    return ["".join(cell["source"]) for cell in cells if cell["cell_type"] == "code"]
+
+
+def _model_calls_with_targets(tree: ast.AST) -> list[ast.Call]:
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "model"
+        and len(node.args) == 2
+    ]
+
+
+def test_the_toy_training_predicts_the_next_token():
+    training = [cell for cell in _code_cells() if "loss.backward()" in cell]
+    assert len(training) == 1, "expected one training cell"
+    tree = ast.parse(training[0])
+    calls = _model_calls_with_targets(tree)
+    assert calls, "the training loop should call model(inputs, targets)"
+    for call in calls:
+        inputs, targets = (ast.unparse(arg) for arg in call.args)
+        assert inputs != targets, f"model({inputs}, {targets}) trains the model to copy its input"
+    # Run the cell's data lines (not the loop) and check the shift: targets[t] = inputs[t + 1].
+    setup = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.Assign) and "model" not in ast.unparse(node.value)
+    ]
+    namespace: dict = {"torch": torch, "config": type("C", (), {"vocab_size": 97})}
+    exec(compile(ast.Module(body=setup, type_ignores=[]), "quickstart.ipynb", "exec"), namespace)
+    inputs, targets = (namespace[ast.unparse(arg)] for arg in calls[0].args)
+    assert inputs.shape == targets.shape
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
