@@ -44,7 +44,7 @@ def test_layer_benchmark_knows_the_projection_shapes_of_the_papers_models():
 
 
 def test_a_backend_that_cannot_run_gets_a_row_saying_why():
-    rows = layers.layer_rows(shapes=((32, 64),), tokens=8, repeats=1, backends=("cutlass+tiled",))
+    rows = layers.layer_rows(shapes=((32, 64),), tokens=8, repeats=1, backends=("cutlass_tiled",))
     assert rows[-1]["phase"] == "all" and "CUDA" in rows[-1]["note"]
 
 
@@ -104,7 +104,10 @@ def test_a_suite_that_stops_midway_keeps_the_rows_it_finished(tmp_path, monkeypa
     assert [(r["shape (out x in)"], r["phase"]) for r in result["rows"]] == [
         ("32x64", phase) for phase in layers.PHASES
     ]
-    assert f"stopped after {len(layers.PHASES)} rows" in (tmp_path / "layers-cpu-reference.md").read_text()
+    assert (
+        f"stopped after {len(layers.PHASES)} rows"
+        in (tmp_path / "layers-cpu-reference.md").read_text()
+    )
 
 
 def test_every_suite_hands_over_each_row_as_it_is_measured():

@@ -62,6 +62,7 @@ from slope_lightning.faults import (
     run_version,
 )
 from slope_lightning.module import SLoPeModule
+from slope_lightning.sparse.sparsify import NothingSparsifiedError
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class SLoPeCLI(LightningCLI):
         )
 
     def after_instantiate_classes(self) -> None:
-        """Install the safe checkpoint reader; refuse a sparse config that sparsified nothing."""
+        """Install the safe checkpoint reader."""
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = SafeCheckpointIO()
@@ -181,7 +182,6 @@ class SLoPeCLI(LightningCLI):
                 "weights_only policy",
                 type(strategy.checkpoint_io).__name__,
             )
-        _check_something_sparsified(self.model)
 
     def fit(
         self,
@@ -245,30 +245,6 @@ def _check_linked_overrides(config: Namespace) -> None:
                 f"data.{key}={data_value}, which the CLI links to the model; set data.{key} "
                 f"instead and drop {key} from model_overrides"
             )
-
-
-def _check_something_sparsified(model: Any) -> None:
-    """A sparse config that converted no layer is an error naming why (e.g. m = 3)."""
-    sparsity = getattr(model, "sparsity", None)
-    report = getattr(model, "sparsify_report", None)
-    if sparsity is None or not sparsity.sparse or report is None or report.converted:
-        return
-    deliberate = ("excluded by pattern", "not matched by include")
-    candidates = [d for d in report.layers if not d.reason.startswith(deliberate)]
-    reasons: dict[str, list[str]] = {}
-    for layer in candidates or report.layers:
-        reasons.setdefault(layer.reason, []).append(
-            f"{layer.name} ({layer.out_features} x {layer.in_features})"
-        )
-    detail = "; ".join(
-        f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''}: {reason}"
-        for reason, names in reasons.items()
-    )
-    raise ConfigError(
-        f"model.sparsity: sparse=true but no layer could be made {sparsity.n}:{sparsity.m} "
-        f"sparse ({detail or 'the model has no linear layer'}); choose an m that divides the "
-        "layer sizes (m=4 for 2:4), adjust include/exclude, or set model.sparsity.sparse false"
-    )
 
 
 def _logger_root(config: Namespace) -> Path | None:
@@ -387,7 +363,11 @@ def run_cli(args: list[str] | None = None) -> SLoPeCLI:
 
 
 # Failures a user can fix from the message alone: printed as one line, no traceback.
-_USAGE_ERRORS: tuple[type[BaseException], ...] = (argparse.ArgumentError, ConfigError)
+_USAGE_ERRORS: tuple[type[BaseException], ...] = (
+    argparse.ArgumentError,
+    ConfigError,
+    NothingSparsifiedError,
+)
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,

@@ -21,6 +21,7 @@ from slope_lightning.models import Transformer, TransformerConfig
 from slope_lightning.sparse import sparsify
 from slope_lightning.sparse.backends.names import BackendName
 from slope_lightning.sparse.config import SparsityConfig
+from slope_lightning.utils import atomic_path, atomic_write
 
 FORMAT = "slope-lightning/1"
 WEIGHTS = "model.safetensors"
@@ -58,16 +59,24 @@ def export_model(
         sparsity: how the model was sparsified (None: a dense model).
         directory: created if missing; existing files in it are replaced.
     """
-    directory.mkdir(parents=True, exist_ok=True)
     tensors, aliases = _unique_tensors(model)
-    save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise ValueError(
+            f"refusing to export {directory}: {bad[0]} (and {len(bad) - 1} more) hold NaN/inf; "
+            "export the last good checkpoint instead"
+        )
     meta = {
         "format": FORMAT,
         "model": config.to_dict(),
         "sparsity": sparsity.to_dict() if sparsity is not None else None,
         "aliases": aliases,
     }
-    (directory / CONFIG).write_text(json.dumps(meta, indent=2))
+    # Weights first, config last, each through a temporary name: a crash mid-export never
+    # leaves a directory that load_exported takes for a finished export.
+    with atomic_path(directory / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    atomic_write(directory / CONFIG, json.dumps(meta, indent=2))
 
 
 def load_exported(directory: str | Path, device: str | torch.device = "cpu") -> Transformer:

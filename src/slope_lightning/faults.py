@@ -579,7 +579,7 @@ class CrashCheckpoint(Checkpoint):
                         step,
                     )
                     return
-        live = trainer.fit_loop.epoch_loop.batch_progress.total
+        live: Any = trainer.fit_loop.epoch_loop.batch_progress.total  # has .processed
         if live.processed == live.completed + 1:
             # The failure came in on_train_batch_end, before Lightning logged the step's
             # metrics; the resume continues after this step, so log them now or never.
@@ -602,7 +602,7 @@ class CrashCheckpoint(Checkpoint):
 
     def _consistent_loop_state(self, trainer: pl.Trainer) -> tuple[dict[str, Any] | None, str]:
         """The fit loop's state at the last optimizer-step boundary, or None and why not."""
-        live = trainer.fit_loop.epoch_loop.batch_progress.total
+        live: Any = trainer.fit_loop.epoch_loop.batch_progress.total  # has .processed
         step = trainer.global_step
         if self._updating_from is not None and step == self._updating_from:
             return None, (
@@ -639,7 +639,8 @@ class CrashCheckpoint(Checkpoint):
 
 
 def _processed(trainer: pl.Trainer) -> int:
-    return trainer.fit_loop.epoch_loop.batch_progress.total.processed
+    total: Any = trainer.fit_loop.epoch_loop.batch_progress.total  # typed without .processed
+    return int(total.processed)
 
 
 def _log_step_metrics(trainer: pl.Trainer) -> None:
@@ -653,8 +654,11 @@ def _log_step_metrics(trainer: pl.Trainer) -> None:
 def _validation_due(trainer: pl.Trainer) -> bool:
     """Whether the epoch loop will validate after the current batch (Lightning's own rule)."""
     epoch_loop = trainer.fit_loop.epoch_loop
+    fetcher = trainer.fit_loop._data_fetcher
+    if fetcher is None:
+        return False
     try:
-        return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+        return bool(epoch_loop._should_check_val_fx(fetcher))
     except Exception as error:  # a Lightning without this private rule: assume not due
         logger.debug("could not tell whether validation was due: %s", error)
         return False

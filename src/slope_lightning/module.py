@@ -24,6 +24,7 @@ from torchmetrics.text import Perplexity
 from typing_extensions import override
 
 from slope_lightning.export import export_model
+from slope_lightning.faults import NonFiniteError
 from slope_lightning.models import Transformer, TransformerConfig
 from slope_lightning.optim import OptimizerConfig, build_adamw, lr_multiplier
 from slope_lightning.sparse import (
@@ -113,6 +114,7 @@ class SLoPeModule(pl.LightningModule):
         self.sparsify_report: SparsifyReport | None = None
         if self.sparsity.sparse:
             self.sparsify_report = sparsify(self.model, self.sparsity)
+            self.sparsify_report.require_converted()  # a "sparse" run that is dense is an error
         self.export_dir = export_dir
         self.val_ppl = Perplexity(ignore_index=-100)
         self.test_ppl = Perplexity(ignore_index=-100)
@@ -202,6 +204,13 @@ class SLoPeModule(pl.LightningModule):
         if not self.trainer.is_global_zero:
             return
         target = Path(self.export_dir) if self.export_dir else Path(log_dir) / "export"
+        bad = next((n for n, p in self.model.named_parameters() if not p.isfinite().all()), None)
+        if bad is not None:  # also without NonFiniteGuard: never export NaN weights
+            raise NonFiniteError(
+                f"refusing to export: parameter {bad} holds NaN/inf at global step "
+                f"{self.trainer.global_step}; resume from the last good checkpoint "
+                "(--ckpt_path last) with a lower learning rate, or add NonFiniteGuard"
+            )
         export_model(self.model, self.config, self.sparsity, target)
         _info("exported the final model to %s", target)
 

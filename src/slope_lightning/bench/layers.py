@@ -15,7 +15,7 @@ small/medium, OPT-6.7B/13B, LLaMA-3-8B and Mistral-7B) or are given as ``d_out x
 
 On a machine without a GPU this measures the ``reference`` backend (plain torch): it tells
 the overhead of the method's bookkeeping, not a sparse speedup (CPUs have no 2:4 kernels).
-On a GPU, pass e.g. ``--backends cusparselt,cusparselt+tiled,cutlass,auto --dtype bfloat16``.
+On a GPU, pass e.g. ``--backends cusparselt,cusparselt_tiled,cutlass,auto --dtype bfloat16``.
 """
 
 from __future__ import annotations

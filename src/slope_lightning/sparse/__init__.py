@@ -9,6 +9,7 @@ from slope_lightning.sparse.backends import (
     SparseBackend,
     resolve_backend,
 )
+from slope_lightning.sparse.config import SparsityConfig
 from slope_lightning.sparse.kernel_ops import KernelChoices
 from slope_lightning.sparse.layout import NMLayout
 from slope_lightning.sparse.linear import SparseLinear, TransposeMaskRefresh
@@ -42,6 +43,7 @@ __all__ = [
     "SparseBackend",
     "SparseLinear",
     "SparsifyReport",
+    "SparsityConfig",
     "TransposeMaskRefresh",
     "add_adapters",
     "backend_report",

@@ -48,6 +48,10 @@ class LayerDecision:
     reason: str
 
 
+class NothingSparsifiedError(ValueError):
+    """A sparse configuration converted no layer; the message says why for each layer."""
+
+
 @dataclass
 class SparsifyReport:
     """Per-layer outcome of :func:`sparsify`; ``print(report)`` shows a table."""
@@ -64,6 +68,32 @@ class SparsifyReport:
     @property
     def skipped(self) -> list[LayerDecision]:
         return [d for d in self.layers if not d.converted]
+
+    def require_converted(self) -> None:
+        """Raise unless at least one layer was converted, saying why each was not.
+
+        Raises:
+            NothingSparsifiedError: no layer converted (e.g. m=3 divides no layer size).
+        """
+        if self.converted:
+            return
+        deliberate = ("excluded by pattern", "not matched by include")
+        candidates = [d for d in self.layers if not d.reason.startswith(deliberate)]
+        reasons: dict[str, list[str]] = {}
+        for layer in candidates or self.layers:
+            reasons.setdefault(layer.reason, []).append(
+                f"{layer.name} ({layer.out_features} x {layer.in_features})"
+            )
+        detail = "; ".join(
+            f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''}: {reason}"
+            for reason, names in reasons.items()
+        )
+        raise NothingSparsifiedError(
+            f"model.sparsity: sparse=true but no layer could be made {self.n}:{self.m} sparse "
+            f"({detail or 'the model has no linear layer'}); choose an m that divides the "
+            "layer sizes (m=4 for 2:4), adjust include/exclude, or set model.sparsity.sparse "
+            "false"
+        )
 
     def __str__(self) -> str:
         width = max([len("layer"), *(len(d.name) for d in self.layers)])
