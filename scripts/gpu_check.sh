@@ -38,8 +38,8 @@ ARCHIVE="$OUT/gpu-check.tar.gz"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/slope-gpu-check.XXXXXX")
 mkdir -p "$WORK/logs"
 export WORK
-# auto's measured decisions belong to this run, not to a home-directory cache.
-export SLOPE_AUTOTUNE_FILE="$WORK/autotune.json"
+# auto keeps its measured decisions in memory for each benchmark process (no file outside
+# the run is read or written).
 # The GPU image has torch, triton and lightning but no network: run from the source tree
 # instead of installing (pip install -e . would try to fetch build dependencies).
 export PYTHONPATH="$PWD/src:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,6 +1,5 @@
 """First-minute GPU smoke test: torch's sparse primitives in isolation, then the project's use
-of them (after a review of torch 2.11's sources for an H200; the reviewed starting point is
-the project's ``shared/gpu/gpu_smoke.py``).
+of them (written after a review of torch 2.11's sources for an H200).
 
 It separates torch / cuSPARSELt behaviour from project bugs before any project test runs:
 

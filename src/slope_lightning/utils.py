@@ -13,7 +13,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -31,8 +31,21 @@ def sha256_file(path: str | Path) -> str:
 
 
 def sha256_text(text: str) -> str:
-    """Hex sha256 of a string's UTF-8 bytes (cache keys built from settings)."""
+    """Hex sha256 of a string's UTF-8 bytes (equal to :func:`sha256_file` of those bytes)."""
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sha256_parts(parts: Iterable[bytes]) -> str:
+    """Hex sha256 of a sequence of byte strings, each prefixed by its length, fed one by one.
+
+    The length prefixes make the digest unambiguous (``[b"ab", b"c"]`` and ``[b"a", b"bc"]``
+    differ), and nothing is concatenated in memory (a whole corpus can be hashed).
+    """
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ pinned, so every machine trains on byte-identical text.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slope_lightning.utils import sha256_file
+from slope_lightning.utils import sha256_file, sha256_parts
 
 log = logging.getLogger(__name__)
 
@@ -389,9 +388,6 @@ def fingerprint(documents: Iterable[Document]) -> str:
     Each part is length-prefixed, so no two different document lists hash alike, and it is fed
     to the digest part by part: the corpus is never copied into one string to be hashed.
     """
-    digest = hashlib.sha256()
-    for doc in documents:
-        for part in (doc.name.encode(), doc.text.encode()):
-            digest.update(len(part).to_bytes(8, "little"))
-            digest.update(part)
-    return digest.hexdigest()
+    return sha256_parts(
+        part for doc in documents for part in (doc.name.encode(), doc.text.encode())
+    )
