@@ -22,6 +22,7 @@ from slope_lightning.sparse.backends import auto as auto_module
 from slope_lightning.sparse.backends.ops import EmulatedOps
 from slope_lightning.sparse.kernel_ops import add_bias, measure_kernels
 from slope_lightning.sparse.layout import NMLayout
+from conftest import needs_triton_interpreter
 from test_gpu_backends import emulated
 
 TRITON = KernelChoices.everywhere("triton")
@@ -38,6 +39,7 @@ def twins(backend_torch, backend_triton, d_in=64, d_out=48, bias=True, n=2, m=4)
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (2, 8)])
+@needs_triton_interpreter
 def test_a_layer_trains_identically_with_kernels_and_with_torch(n, m):
     plain, kernel = twins(ReferenceBackend(), ReferenceBackend(kernels=TRITON), n=n, m=m)
     assert torch.equal(kernel.col_index, plain.col_index)  # M_C derived by the kernel
@@ -56,6 +58,7 @@ def test_a_layer_trains_identically_with_kernels_and_with_torch(n, m):
 
 
 @pytest.mark.parametrize("rank", [0, 3, 20])
+@needs_triton_interpreter
 def test_merged_inference_is_the_same_with_the_fused_lowrank_kernel(rank):
     plain, kernel = twins(ReferenceBackend(), ReferenceBackend(kernels=TRITON))
     trained_up = torch.randn(rank, 48)  # a trained R, not the zero init
@@ -70,6 +73,7 @@ def test_merged_inference_is_the_same_with_the_fused_lowrank_kernel(rank):
         torch.testing.assert_close(kernel(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
+@needs_triton_interpreter
 def test_the_sparse_gemm_bias_add_kernel_matches_torch():
     plain, kernel = twins(
         SemiStructuredBackend(EmulatedOps(fuses_bias=False)),
@@ -89,6 +93,7 @@ def test_kernel_choices_reject_unknown_implementations():
     )
 
 
+@needs_triton_interpreter
 def test_measure_kernels_keeps_the_faster_implementation_per_step():
     layout = NMLayout(32, 64, 2, 4)
     # The timer sees torch then triton for each step, in the order lowrank_add, bias_add,
@@ -101,6 +106,7 @@ def test_measure_kernels_keeps_the_faster_implementation_per_step():
     assert times["gather_grad"] == {"torch": 1.0, "triton": 3.0}
 
 
+@needs_triton_interpreter
 def test_a_kernel_that_fails_to_run_is_never_chosen(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel for this GPU")
@@ -115,6 +121,7 @@ def test_a_kernel_that_fails_to_run_is_never_chosen(monkeypatch):
     assert choices.bias_add == "torch" and times["bias_add"]["triton"] == float("inf")
 
 
+@needs_triton_interpreter
 def test_a_kernel_that_fails_to_compile_is_never_chosen(monkeypatch):
     class CompilationError(Exception):  # like triton's: not a RuntimeError
         pass
@@ -132,6 +139,7 @@ def test_a_kernel_that_fails_to_compile_is_never_chosen(monkeypatch):
     assert choices.lowrank_add == "torch" and times["lowrank_add"]["triton"] == float("inf")
 
 
+@needs_triton_interpreter
 def test_bias_add_on_a_transposed_gemm_output_uses_torch():
     # CUTLASS returns Y as a transposed view (stride(-1) = T), which the kernel refuses.
     y = torch.randn(48, 16).t()  # (16, 48), strides (1, 16)
@@ -152,6 +160,7 @@ def test_auto_uses_torch_compositions_on_cpu_and_says_why(tmp_path):
     assert "kernels torch: lowrank_add" in backend_report(nn.Sequential(layer))
 
 
+@needs_triton_interpreter
 def test_auto_measures_kernels_once_per_shape_and_caches_the_choice(tmp_path, monkeypatch):
     measured = []
 
@@ -194,6 +203,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @pytest.mark.gpu
 @cuda
+@needs_triton_interpreter
 def test_measured_kernel_choices_on_a_gpu_keep_results_equal():
     layout = NMLayout(1024, 1024, 2, 4)
     _, times = measure_kernels(layout, torch.bfloat16, torch.device("cuda"), tokens=2048)

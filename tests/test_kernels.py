@@ -37,6 +37,7 @@ from slope_kernels import (
     packed_format,
     transpose_mask,
 )
+from conftest import needs_triton_interpreter
 from slope_lightning.sparse import NMLayout, SparseLinear, packing
 
 INTERPRET = kernel_runtime.INTERPRET
@@ -44,9 +45,12 @@ DEVICES = [
     pytest.param(
         "cpu",
         id="interpreter",
-        marks=pytest.mark.skipif(
-            not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 before the first import"
-        ),
+        marks=[
+            pytest.mark.skipif(
+                not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 before the first import"
+            ),
+            needs_triton_interpreter,
+        ],
     ),
     pytest.param(
         "cuda",
