@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import slope_kernels
+from conftest import needs_triton_interpreter
 from slope_lightning.sparse import KernelChoices, SparseLinear, backend_report
 from slope_lightning.sparse.backends import (
     AutoBackend,
@@ -22,7 +23,6 @@ from slope_lightning.sparse.backends import auto as auto_module
 from slope_lightning.sparse.backends.ops import EmulatedOps
 from slope_lightning.sparse.kernel_ops import add_bias, measure_kernels
 from slope_lightning.sparse.layout import NMLayout
-from conftest import needs_triton_interpreter
 from test_gpu_backends import emulated
 
 TRITON = KernelChoices.everywhere("triton")

@@ -23,6 +23,7 @@ if not torch.cuda.is_available():  # conftest.py sets it too, before any test mo
 pytest.importorskip("triton")
 
 import slope_kernels._triton as kernel_runtime
+from conftest import needs_triton_interpreter
 from slope_kernels import (
     TRITON_AVAILABLE,
     bias_add,
@@ -37,7 +38,6 @@ from slope_kernels import (
     packed_format,
     transpose_mask,
 )
-from conftest import needs_triton_interpreter
 from slope_lightning.sparse import NMLayout, SparseLinear, packing
 
 INTERPRET = kernel_runtime.INTERPRET
