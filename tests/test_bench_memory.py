@@ -70,7 +70,7 @@ def test_slope_needs_less_training_and_inference_memory_than_dense(peaks):
 def test_the_transposable_baseline_counts_its_mask_on_top_of_the_dense_master_weight(peaks):
     for phase in ("training", "inference"):
         transposable, dense = _row(peaks, phase, "transposable"), _row(peaks, phase, "dense")
-        assert transposable["state_MiB"] > dense["state_MiB"]
+        assert transposable["memory_MiB"] > dense["memory_MiB"]
 
 
 def test_peak_rows_reject_unknown_methods():

@@ -67,5 +67,8 @@ def test_the_transposable_baselines_mask_cache_is_counted_as_a_cache():
     model = nn.Sequential(nn.Linear(64, 32))
     transposable_sparsify(model, include=["0"], backend="reference")
     assert memory_report(model).bytes["caches"] == 0  # nothing built before the first forward
-    model(torch.randn(4, 64))
+    model(torch.randn(4, 64))  # training: the mask lives until the backward, not longer
+    assert memory_report(model).bytes["caches"] == 0
+    with torch.no_grad():
+        model(torch.randn(4, 64))  # evaluation keeps it for the next call
     assert memory_report(model).bytes["caches"] == 64 * 32  # one bool per weight entry

@@ -160,21 +160,39 @@ def test_auto_backend_falls_back_to_the_reference_on_cpu():
     assert layer.chosen_backends == ("reference",)
 
 
-def test_mask_is_cached_between_steps_and_rebuilt_after_an_optimizer_step(generator):
+def test_evaluation_reuses_the_mask_until_the_weight_changes(generator):
     layer = TransposableSparseLinear(16, 16, backend="reference")
-    optimizer = torch.optim.SGD(layer.parameters(), lr=10.0)
     x = torch.randn(4, 16, generator=generator)
-    for _ in range(3):  # forwards and accumulated backwards do not change the weight
-        layer(x).square().sum().backward()
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
     assert layer.mask_builds == 1
-    before = layer.sparse_weight()
+    layer(x).square().sum().backward()  # a training forward prunes anew, keeps nothing
+    assert layer.mask_builds == 2 and layer.cached_tensors() == []
 
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=10.0),
+        lambda p: torch.optim.AdamW(p, lr=1.0, fused=True),
+        lambda p: torch.optim.AdamW(p, lr=1.0, foreach=True),
+    ],
+    ids=["sgd", "adamw-fused", "adamw-foreach"],
+)
+def test_after_any_optimizer_step_the_layer_uses_the_new_mask(generator, make_optimizer):
+    layer = TransposableSparseLinear(16, 16, backend="reference")
+    optimizer = make_optimizer(layer.parameters())
+    x = torch.randn(4, 16, generator=generator)
+    with torch.no_grad():
+        layer(x)  # an evaluation before the step caches the mask
+    before = layer.sparse_weight()
+    layer(x).square().sum().backward()
     optimizer.step()  # a large step: the magnitudes, and so the mask, change
-    layer(x)
-    layer(x)
-    assert layer.mask_builds == 2
-    after = layer.sparse_weight()
     expected = layer.weight.detach() * transposable_mask(layer.weight.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ expected.t() + layer.bias)
+    after = layer.sparse_weight()
     assert torch.equal(after, expected)
     assert not torch.equal(after != 0, before != 0)
 

@@ -245,9 +245,10 @@ class _TransposableLinearFunction(torch.autograd.Function):
                 y2d = _sparse_mm(backend, operands, x2d, d_out, transposed=False)  # (T, d_out)
             if bias is not None:
                 y2d = y2d + bias.to(compute_dtype)
-        ctx.save_for_backward(x2d, weight)
+        # The W_s of this forward (mask or compressed operands) is saved like an activation:
+        # it lives until the backward and counts in the step's peak memory.
+        ctx.save_for_backward(x2d, weight, *operands)
         ctx.backend = backend
-        ctx.operands = operands  # the W_s of this forward, even if the cache moves on
         ctx.compute_dtype = compute_dtype
         ctx.x_dtype = x.dtype
         ctx.x_shape = x.shape
@@ -258,18 +259,18 @@ class _TransposableLinearFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x2d, weight = ctx.saved_tensors
+        x2d, weight, *operands = ctx.saved_tensors
         d_out = weight.shape[0]
         dy = grad_out.reshape(-1, d_out).to(ctx.compute_dtype)  # (T, d_out)
         grad_x = grad_weight = grad_bias = None
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 if ctx.backend == "reference":
-                    w_s = weight.to(ctx.compute_dtype) * ctx.operands[0]  # (d_out, d_in)
+                    w_s = weight.to(ctx.compute_dtype) * operands[0]  # (d_out, d_in)
                     grad_x = dy @ w_s  # (T, d_in)
                 else:
                     d_in = weight.shape[1]
-                    grad_x = _sparse_mm(ctx.backend, ctx.operands, dy, d_in, transposed=True)
+                    grad_x = _sparse_mm(ctx.backend, tuple(operands), dy, d_in, transposed=True)
                 grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
                 # Dense and straight through to the master weight: pruned entries get their
@@ -287,9 +288,11 @@ class TransposableSparseLinear(nn.Module):
     """A drop-in nn.Linear trained with a dynamic transposable 2:4 weight (the FST baseline).
 
     Holds a dense master ``weight`` (d_out, d_in) Parameter. Every forward uses
-    W_s = W ⊙ M(W), M a transposable 2:4 mask; M and any compressed backend operands are
-    cached and rebuilt only when the weight changes in place (its version counter moves at
-    every optimizer step), so gradient accumulation and evaluation do not re-prune.
+    W_s = W ⊙ M(W), M a transposable 2:4 mask. A training forward prunes the current weight
+    (the mask and any compressed backend operands live until its backward, nothing longer);
+    an evaluation forward keeps them and reuses them until the weight changes (its storage or
+    version), and any training forward drops them. So no optimizer, fused ones included, can
+    leave a stale mask.
 
     Args:
         in_features, out_features: d_in and d_out; both must be divisible by 4.
@@ -454,7 +457,7 @@ class TransposableSparseLinear(nn.Module):
 
     @property
     def mask_builds(self) -> int:
-        """How many times the mask (and backend operands) were built: once per weight update."""
+        """How many times the mask (and backend operands) were built."""
         return self._operands.builds
 
     def sparse_weight(self, compute_dtype: torch.dtype | None = None) -> Tensor:
@@ -482,7 +485,17 @@ class TransposableSparseLinear(nn.Module):
             )
         compute_dtype = compute_dtype_of(x)
         backend = self.backend_for(x.device, compute_dtype)
-        operands = self._current_operands(backend, compute_dtype)
+        if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
+            # A training forward prunes the weight as it is now and keeps nothing for later:
+            # the optimizer is about to change it, and a fused optimizer would do so without
+            # moving the version counter an inference cache is keyed on.
+            self._operands.clear()
+            weight = self.weight
+            operands = self._operands.get(
+                backend, None, lambda: _build_operands(backend, weight, compute_dtype)
+            )
+        else:
+            operands = self._current_operands(backend, compute_dtype)
         return _TransposableLinearFunction.apply(x, self.weight, self.bias, backend, operands)
 
     def extra_repr(self) -> str:
