@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,11 @@ from slope_lightning.sparse.kernel_ops import derive_col_index
 from slope_lightning.sparse.layout import NMLayout
 from slope_lightning.sparse.masks import MaskMethod
 from slope_lightning.sparse.merged import FusedOperand, build_fused, merged_forward
+from slope_lightning.sparse.packing import bits_per_offset, packed_width
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,58 @@ class TransposeMaskRefresh:
     flipped: int
     kept: int
     total: int
+
+
+#: In-place tensor methods that change no values, allowed on :class:`_ReadOnlyWeight`.
+_HARMLESS_INPLACE = frozenset({"requires_grad_", "share_memory_"})
+
+
+class _ReadOnlyWeight(Tensor):
+    """What :attr:`SparseLinear.weight` returns: a dense copy of W_R that refuses writes.
+
+    Reads and computations behave as on a plain tensor (their results are plain tensors); an
+    in-place method, ``.data`` assignment, item assignment or ``out=`` into it raises,
+    because writing into a copy would silently change nothing in the layer.
+    """
+
+    layer_name: str = "SparseLinear"
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        attribute = getattr(getattr(func, "__self__", None), "__name__", None)
+        out = kwargs.get("out")
+        outs = out if isinstance(out, tuple | list) else (out,)
+        writes = (
+            (name.endswith("_") and not name.startswith("_") and name not in _HARMLESS_INPLACE)
+            or name == "__setitem__"
+            or (name == "__set__" and attribute == "data")
+            or any(isinstance(o, cls) for o in outs)
+        )
+        mine = [a for a in (*args, *kwargs.values()) if isinstance(a, cls)]
+        if writes:
+            layer = mine[0].layer_name if mine else cls.layer_name
+            raise RuntimeError(
+                f"layer {layer!r}: SparseLinear.weight is a read-only dense copy of W_R, built "
+                f"at each read; writing into it ({name}) would change nothing in the layer. "
+                "Write the kept entries to layer.values, prune a dense weight in with "
+                "slope_lightning.sparse.sparsify.load_dense_state_dict, or take a writable "
+                "copy with layer.to_dense()"
+            )
+        with torch._C.DisableTorchFunctionSubclass():
+            result = func(*args, **kwargs)
+        if name == "__get__" and attribute == "data" and isinstance(result, Tensor):
+            data = result.as_subclass(cls)  # .data must refuse writes too (PEFT's merge)
+            data.layer_name = mine[0].layer_name if mine else cls.layer_name
+            return data
+        return result
 
 
 class SparseLinear(nn.Module):
@@ -79,6 +137,10 @@ class SparseLinear(nn.Module):
 
     row_index: Tensor  # M_R, packed (buffer)
     col_index: Tensor  # M_C, packed (buffer)
+    #: How the dense weight this layer came from was stored: "linear", (d_out, d_in), or
+    #: "conv1d", transformers' Conv1D, (d_in, d_out) (set by :meth:`from_conv1d`; a dense
+    #: export writes the weight back in that layout).
+    weight_layout: Literal["linear", "conv1d"] = "linear"
 
     def __init__(
         self,
@@ -202,6 +264,64 @@ class SparseLinear(nn.Module):
                 layer.bias.copy_(linear.bias)
         return layer
 
+    @classmethod
+    def from_conv1d(
+        cls,
+        conv1d: nn.Module,
+        n: int = 2,
+        m: int = 4,
+        *,
+        backend: str | BackendName | SparseBackend = "reference",
+        transpose_mask_interval: int | None = 1,
+        mask_method: MaskMethod = "magnitude",
+        generator: torch.Generator | None = None,
+        name: str = "SparseLinear",
+    ) -> SparseLinear:
+        """Prune a transformers ``Conv1D`` (GPT-2's transposed linear, ``y = x W + b`` with W
+        of shape (d_in, d_out)) N:M along d_in and wrap it.
+
+        The layer computes what the Conv1D computed, up to float rounding, and remembers the
+        layout (``weight_layout == "conv1d"``) for dense exports. The Conv1D is recognised by
+        duck typing (class name ``Conv1D``, an int ``nf`` = d_out, a 2-D ``weight`` of shape
+        (d_in, nf)), so transformers is never imported.
+
+        Raises:
+            TypeError: ``conv1d`` is not a Conv1D-like module.
+        """
+        weight = getattr(conv1d, "weight", None)
+        nf = getattr(conv1d, "nf", None)
+        if not (
+            type(conv1d).__name__ == "Conv1D"
+            and isinstance(nf, int)
+            and isinstance(weight, Tensor)
+            and weight.dim() == 2
+            and weight.shape[1] == nf
+        ):
+            raise TypeError(
+                f"SparseLinear.from_conv1d takes a transformers Conv1D (an int nf and a weight "
+                f"of shape (d_in, nf)), got {type(conv1d).__name__}; for an nn.Linear use "
+                "SparseLinear.from_linear"
+            )
+        bias = getattr(conv1d, "bias", None)
+        layer = cls(
+            int(weight.shape[0]),
+            nf,
+            bias=isinstance(bias, Tensor),
+            n=n,
+            m=m,
+            backend=backend,
+            transpose_mask_interval=transpose_mask_interval,
+            weight=weight.detach().t(),  # (d_out, d_in), a view
+            mask_method=mask_method,
+            generator=generator,
+            name=name,
+        )
+        if isinstance(bias, Tensor) and layer.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(bias)
+        layer.weight_layout = "conv1d"
+        return layer
+
     def to_dense(self, include_adapter: bool = False) -> Tensor:
         """W_R as a dense (d_out, d_in) tensor (plus s·(L R)ᵀ if ``include_adapter``)."""
         with torch.no_grad():
@@ -225,6 +345,43 @@ class SparseLinear(nn.Module):
                 linear.bias.copy_(self.bias)
         return linear
 
+    @property
+    def weight(self) -> Tensor:
+        """W_R as a dense (d_out, d_in) tensor, built on demand, for code that reads
+        ``module.weight`` (its dtype, device or shape: HF and PEFT utilities, init code).
+
+        The contract: every read builds a new (d_out, d_in) copy, N/M of it zeros (the first
+        read per layer warns of this cost), without gradient; computing with it works, but
+        writing into it (``weight.data += ...``, ``weight.data = ...``, ``normal_``,
+        ``copy_``, ``out=``) raises, since it would change nothing in the layer (PEFT's
+        merge, for one, would silently be lost). Assigning ``layer.weight`` raises too. Train
+        ``values``; :meth:`to_dense` gives an ordinary copy (``include_adapter=True``: with
+        the adapter's delta folded in).
+        """
+        if not getattr(self, "_weight_read_warned", False):
+            self._weight_read_warned = True
+            warnings.warn(
+                f"layer {self.name!r}: reading SparseLinear.weight builds a dense "
+                f"({self.out_features}, {self.in_features}) copy of W_R at every read (N/M of "
+                "it zeros, read-only, no gradient); keep such reads out of the training loop "
+                "and use layer.to_dense() or layer.values where you can",
+                stacklevel=2,
+            )
+        with torch.no_grad():
+            dense = self.layout.to_dense(self.values.detach(), self.row_index)  # (d_out, d_in)
+        view = dense.as_subclass(_ReadOnlyWeight)
+        view.layer_name = self.name
+        return view
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        raise AttributeError(
+            f"layer {self.name!r}: SparseLinear.weight is a read-only dense copy of W_R; write "
+            "the kept entries to layer.values, prune a dense weight in with "
+            "slope_lightning.sparse.sparsify.load_dense_state_dict, or build a new layer with "
+            "SparseLinear.from_linear"
+        )
+
     # ------------------------------------------------------------------ masks
 
     @property
@@ -244,15 +401,23 @@ class SparseLinear(nn.Module):
         """Re-derive M_C from the current W_R; report what changed if ``with_stats``.
 
         Deterministic in W_R, so every DDP rank derives the same mask, and calling it when
-        W_R has not changed is harmless. The statistics cost three transient masks; skip
-        them on steps that do not log.
+        W_R has not changed is harmless. Under FSDP2 (values sharded between steps) it is a
+        collective: every rank of the mesh must call it, as the MaskScheduler callback and
+        :func:`~slope_lightning.sparse.follow_optimizer`'s hook do, and the ranks end with
+        the M_C an unsharded layer would derive, bit for bit (see :meth:`_refresh_sharded`).
+        The statistics cost three transient masks; skip them on steps that do not log.
         """
+        if _is_dtensor(self.values):
+            return self._refresh_sharded(with_stats)
         old = self.col_index
         new = self._derive_col_index()
-        self.col_index = new
-        self._mask_generation += 1
-        self._updates_since_refresh = 0
-        self._seen_version = self.values._version
+        if "col_index" in self._parameters:  # held as a parameter: written in place
+            old = old.clone() if with_stats else old
+            with torch.no_grad():
+                self.col_index.copy_(new)
+        else:
+            self.col_index = new
+        self._after_refresh()
         if not with_stats:
             return None
         t_layout = self.layout.transposed()
@@ -263,6 +428,104 @@ class SparseLinear(nn.Module):
             kept = int((new_mask & w_r_mask).sum())
         return TransposeMaskRefresh(flipped=flipped, kept=kept, total=self.values.numel())
 
+    def _after_refresh(self) -> None:
+        self._mask_generation += 1
+        self._updates_since_refresh = 0
+        self._seen_version = self.values._version
+
+    def _refresh_sharded(self, with_stats: bool) -> TransposeMaskRefresh | None:
+        """:meth:`refresh_transpose_mask` for values that FSDP2 shards by rows (d_out).
+
+        M_C's groups run along d_out, so each rank derives the columns of M_C that its own
+        rows cover, from its own shard of the values and of M_R, and the ranks all-gather
+        those packed bytes (2 bits per kept value for 2:4; the whole M_C, transiently): no
+        value is gathered. Each rank then keeps its shard of M_C (by rows, d_in) if M_C is
+        sharded (see :meth:`hold_masks_as_parameters`), or all of it if it is a replicated
+        buffer.
+
+        Every rank takes the same branch, which depends only on global sizes: where a rank's
+        rows do not fill whole bytes of M_C (2:4: a multiple of 8 rows per rank), the
+        values are gathered instead (N/M of a dense weight, what a forward gathers anyway).
+        """
+        values = self.values
+        assert _is_dtensor(values)
+        shard = _row_shard(values)
+        if shard is None:
+            raise RuntimeError(
+                f"layer {self.name!r}: its values are a DTensor placed {values.placements}; "
+                "SparseLinear supports FSDP2/HSDP sharding by rows (Shard(0) on one mesh "
+                "dimension, Replicate on the others)"
+            )
+        group, chunk, index = shard
+        layout, t_layout = self.layout, self.layout.transposed()
+        per_byte = 8 // bits_per_offset(layout.m)
+        aligned = chunk % layout.m == 0 and (chunk // layout.m * layout.n) % per_byte == 0
+        if aligned:
+            local = _local(values)  # (rows here, d_in·N/M)
+            rows = local.shape[0]
+            if _is_dtensor(self.row_index):
+                my_row_index = _local(self.row_index)  # sharded like the values
+            else:
+                my_row_index = self.row_index[index * chunk : index * chunk + rows]
+            assert my_row_index.shape[0] == rows, "M_R must be sharded like the values"
+            if rows:
+                local_layout = NMLayout(rows, layout.cols, layout.n, layout.m)
+                impl = self._backend.kernels.transpose_index
+                part = derive_col_index(local, my_row_index, local_layout, impl)
+            else:  # torch.chunk leaves trailing ranks empty when the rows run out
+                part = my_row_index.new_zeros(layout.cols, 0)
+            width = packed_width(t_layout.kept_per_row, layout.m)
+            new = _all_gather_columns(part, group, width)  # (d_in, packed d_out): a collective
+        else:
+            full_values = values.full_tensor()  # a collective
+            full_rows = _full(self.row_index)
+            impl = self._backend.kernels.transpose_index
+            new = derive_col_index(full_values, full_rows, layout, impl)
+        # This rank's rows (d_in) of M_C: all of them if M_C is a replicated buffer.
+        if _is_dtensor(self.col_index):
+            target = _local(self.col_index)
+            start = index * -(-layout.cols // group.size())  # torch.chunk's rows, as FSDP2
+            mine = new[start : start + target.shape[0]]
+            old = target.clone() if with_stats else target
+            with torch.no_grad():
+                target.copy_(mine)
+            reduce = True
+        else:
+            start, mine, old = 0, new, self.col_index
+            self.col_index = new
+            reduce = False
+        self._after_refresh()
+        if not with_stats:
+            return None
+        rows_here = mine.shape[0]
+        mine_layout = NMLayout(rows_here, t_layout.cols, layout.n, layout.m)
+        with torch.no_grad():
+            new_mask = mine_layout.mask(mine)  # (d_in here, d_out), transient
+            flipped = (new_mask & ~mine_layout.mask(old)).sum()
+            w_r_mask = layout.mask(_full(self.row_index))[:, start : start + rows_here].t()
+            counts = torch.stack([flipped, (new_mask & w_r_mask).sum()])
+            if reduce:  # each rank counted its own rows of M_C
+                torch.distributed.all_reduce(counts, group=group)  # a collective
+        flipped_total, kept = (int(c) for c in counts.tolist())
+        return TransposeMaskRefresh(flipped=flipped_total, kept=kept, total=values.numel())
+
+    def hold_masks_as_parameters(self) -> None:
+        """Hold M_R and M_C as frozen parameters (``requires_grad=False``), not buffers.
+
+        For FSDP2, which shards parameters and replicates buffers: call it before
+        ``fully_shard`` (:class:`~slope_lightning.module.SLoPeModule` does) and the packed
+        masks shard by rows with the values and are gathered with them for the forward and
+        the backward. Replicated, they would cost every rank 4 bits per kept value (2:4),
+        which at 8 ranks is as much as the values' own sharded fp32 state and at 32 ranks
+        more. State-dict keys do not change, so a checkpoint of either form loads into the
+        other. No optimizer sees them (nothing requires their gradient). Idempotent.
+        """
+        for name in ("row_index", "col_index"):
+            if name in self._buffers:
+                tensor = self._buffers.pop(name)
+                assert tensor is not None
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
     def note_optimizer_step(self) -> None:
         """Count one optimizer update of the values (called by :func:`follow_optimizer`'s hook).
 
@@ -272,6 +535,12 @@ class SparseLinear(nn.Module):
         self._counts_optimizer_steps = True
         self._updates_since_refresh += 1
         self._seen_version = self.values._version
+        interval = self.transpose_mask_interval
+        # FSDP2: the forward sees a gathered copy that is freed after it, where a refreshed
+        # M_C would not last; refresh between steps instead (the same mask: the same W_R).
+        due = interval is not None and self._updates_since_refresh >= interval
+        if due and _is_dtensor(self.values):
+            self.refresh_transpose_mask(with_stats=False)
 
     def _refresh_transpose_mask_if_due(self) -> None:
         """Refresh M_C when ``transpose_mask_interval`` optimizer updates have happened.
@@ -313,6 +582,11 @@ class SparseLinear(nn.Module):
         """
         if isinstance(state, dict):  # checkpoints written before the tensor form
             updates, pattern = int(state.get("updates_since_refresh", 0)), None
+        elif not isinstance(state, Tensor | list | tuple):
+            # torch.distributed.checkpoint's placeholder for an extra state absent from a
+            # partial load (Lightning loads a full checkpoint into an FSDP2 model one tensor
+            # at a time): nothing to restore here; the masks are still checked.
+            updates, pattern = self._updates_since_refresh, None
         else:
             values = [int(v) for v in torch.as_tensor(state).flatten().tolist()]
             if len(values) != 3:
@@ -327,14 +601,16 @@ class SparseLinear(nn.Module):
                 f"weight, this model is {self.n}:{self.m}; build the model with "
                 f"n={pattern[0]}, m={pattern[1]} (model.sparsity.n / .m) to load it"
             )
-        self._check_index(self.row_index, self.layout, "row_index (M_R)")
-        self._check_index(self.col_index, self.layout.transposed(), "col_index (M_C)")
+        self._check_index(_local(self.row_index), self.layout, "row_index (M_R)")
+        self._check_index(_local(self.col_index), self.layout.transposed(), "col_index (M_C)")
         self._updates_since_refresh = updates
         self._seen_version = self.values._version
         self._operands.clear()
 
     def _check_index(self, index: Tensor, layout: NMLayout, label: str) -> None:
-        """Raise unless ``index`` decodes to N strictly increasing offsets < M per group."""
+        """Raise unless ``index`` decodes to N strictly increasing offsets < M per group
+        (``index`` may be a shard of rows, e.g. this rank's under FSDP2)."""
+        layout = NMLayout(index.shape[0], layout.cols, layout.n, layout.m)
         positions = layout.positions(index)  # (rows, G, n)
         ok = bool((positions < layout.m).all()) and bool((positions.diff(dim=-1) > 0).all())
         if not ok:
@@ -556,3 +832,61 @@ class SparseLinear(nn.Module):
             f"transpose_mask_interval={self.transpose_mask_interval}"
             + (", merged" if self.merged else "")
         )
+
+
+# ---------------------------------------------------------------------- FSDP2 (sharded values)
+#
+# Under FSDP2 (``fully_shard``) the values are a DTensor sharded by rows (d_out) between steps,
+# and FSDP's gathered plain tensor inside the forward and backward. The packed masks shard
+# with them once held as frozen parameters (:meth:`SparseLinear.hold_masks_as_parameters`):
+# M_R by rows like the values, M_C by its own rows (d_in). The one place the shards meet is
+# M_C's re-derivation between steps (:meth:`SparseLinear._refresh_sharded`).
+
+
+def _is_dtensor(tensor: Tensor | None) -> TypeGuard[DTensor]:
+    """Whether ``tensor`` is a DTensor (torch.distributed may be missing from the build)."""
+    if tensor is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This process's part of ``tensor``: a DTensor's local shard, any other tensor itself."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def _full(tensor: Tensor) -> Tensor:
+    """All of ``tensor``: a DTensor gathered (a collective), any other tensor itself."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def _row_shard(values: DTensor) -> tuple[ProcessGroup, int, int] | None:
+    """(process group, rows per rank, this rank's index) of a DTensor sharded by rows on one
+    mesh dimension and replicated on the others (FSDP2, HSDP); None for other placements."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements = tuple(values.placements)
+    shard_dims = [i for i, p in enumerate(placements) if isinstance(p, Shard)]
+    if len(shard_dims) != 1 or placements[shard_dims[0]] != Shard(0):
+        return None
+    dim = shard_dims[0]
+    if not all(isinstance(p, Replicate) for i, p in enumerate(placements) if i != dim):
+        return None
+    mesh = values.device_mesh
+    chunk = -(-values.shape[0] // mesh.size(dim))  # torch.chunk's rows per rank, as FSDP2
+    return mesh.get_group(dim), chunk, mesh.get_local_rank(dim)
+
+
+def _all_gather_columns(part: Tensor, group: ProcessGroup, width: int) -> Tensor:
+    """Concatenate every rank's ``part`` (rows, its columns) along the columns, in rank
+    order, trimmed to ``width`` columns: torch.chunk's layout, the last parts may be short."""
+    world = torch.distributed.get_world_size(group)
+    chunk = -(-width // world)
+    padded = part.new_zeros(part.shape[0], chunk)
+    padded[:, : part.shape[1]] = part
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded.contiguous(), group=group)
+    sizes = [max(0, min(chunk, width - r * chunk)) for r in range(world)]
+    return torch.cat([g[:, :size] for g, size in zip(gathered, sizes, strict=True)], dim=1)

@@ -52,19 +52,81 @@ def nm_positions(
     k = scores.shape[-1]
     if k % m != 0:
         raise ValueError(f"dimension of size {k} is not divisible by m={m}")
-    groups = scores.reshape(*scores.shape[:-1], k // m, m)  # (..., G, m)
+    groups = scores.reshape(*scores.shape[:-1], k // m, m)  # (..., G, m), a view
     if method == "magnitude":
-        keys = groups.detach().abs()
-        if keys.is_floating_point():
-            keys = torch.nan_to_num(keys, nan=float("inf"))  # a NaN is never silently dropped
+        keys = groups.detach()
     elif method == "random":
         keys = torch.rand(groups.shape, generator=generator, device="cpu").to(groups.device)
     else:
         raise ValueError(f"unknown mask method {method!r}; choose 'magnitude' or 'random'")
+    if m <= _PAIRWISE_MAX_M:
+        return _select_pairwise(keys, n, m, magnitude=method == "magnitude")
+    return _select_sorted(keys, n, magnitude=method == "magnitude")
+
+
+#: Largest group size selected by pairwise comparisons and a lookup table (2:4, 1:4, 3:4,
+#: 1:2, 1:3, 2:5...); larger groups are sorted. The table has 2**(m(m-1)/2) rows: 64 for m=4.
+_PAIRWISE_MAX_M = 5
+
+
+def _select_sorted(groups: Tensor, n: int, magnitude: bool) -> Tensor:
+    """Kept offsets (..., G, n) by a stable descending sort of each group (any m)."""
+    keys = groups.abs() if magnitude else groups
+    if keys.is_floating_point():
+        keys = torch.nan_to_num(keys, nan=float("inf"))  # a NaN is never silently dropped
     # Stable descending sort: among equal magnitudes the lower offset wins.
     order = torch.sort(keys, dim=-1, descending=True, stable=True).indices  # (..., G, m)
-    kept = order[..., :n]
-    return torch.sort(kept, dim=-1).values  # (..., G, n)
+    return torch.sort(order[..., :n], dim=-1).values  # (..., G, n)
+
+
+def _select_pairwise(groups: Tensor, n: int, m: int, magnitude: bool) -> Tensor:
+    """Kept offsets (..., G, n) from the m(m-1)/2 comparisons inside each group.
+
+    The same choice as :func:`_select_sorted` (offset b ranks before offset a < b iff its key
+    is strictly larger, so ties go to the lower offset), in eight elementwise ops over
+    contiguous rows of G entries for 2:4, whatever the layer size, instead of a sort per
+    group of m: a sort costs tens of ns per entry on CPU, and every op is a parallel region,
+    which costs a scheduler wait when the cores are shared.
+    """
+    lead = groups.shape[:-1]
+    pairs = [(a, b) for a in range(m) for b in range(a + 1, m)]
+    # Offset-major keys, (m, P) with P groups: every comparison reads contiguous rows.
+    keys = torch.empty((m, *lead), dtype=groups.dtype, device=groups.device)
+    if magnitude:
+        torch.abs(groups.movedim(-1, 0), out=keys)
+        if keys.is_floating_point():
+            keys.nan_to_num_(nan=float("inf"))  # a NaN is never silently dropped
+    else:
+        keys.copy_(groups.movedim(-1, 0))
+    keys = keys.view(m, -1)  # (m, P)
+    beats = torch.empty(len(pairs), keys.shape[1], dtype=torch.bool, device=keys.device)
+    row = 0
+    for a in range(m - 1):  # pairs (a, a+1), ..., (a, m-1) in one op
+        torch.gt(keys[a + 1 :], keys[a], out=beats[row : row + m - 1 - a])  # b strictly larger
+        row += m - 1 - a
+    # One code per group: bit p says that pair p's higher offset won (< 2**10 for m <= 5).
+    bits = beats.view(torch.uint8) if len(pairs) <= 8 else beats.to(torch.int16)
+    shifts = torch.arange(len(pairs), dtype=bits.dtype, device=keys.device)[:, None]
+    code = (bits << shifts).sum(0, dtype=torch.int32)  # (P,)
+    table = _pairwise_table(n, m, pairs).to(keys.device)  # (2**pairs, n)
+    return torch.index_select(table, 0, code).view(*lead, n)  # (..., G, n)
+
+
+def _pairwise_table(n: int, m: int, pairs: list[tuple[int, int]]) -> Tensor:
+    """Kept offsets (ascending) for every outcome of the pairwise comparisons, (2**P, n).
+
+    Offset a's rank is the number of offsets that beat it; the n of rank < n are kept.
+    Outcomes that no keys produce (cycles) get some row; they are never looked up. Built per
+    call in plain Python: 64 rows for m=4, well under a millisecond.
+    """
+    rows = []
+    for code in range(1 << len(pairs)):
+        beaten = [0] * m
+        for p, (a, b) in enumerate(pairs):
+            beaten[a if code >> p & 1 else b] += 1  # bit set: the higher offset b won
+        kept = [offset for offset in range(m) if beaten[offset] < n]
+        rows.append((kept + [0] * n)[:n])
+    return torch.tensor(rows, dtype=torch.int64)
 
 
 def positions_to_mask(positions: Tensor, m: int) -> Tensor:
