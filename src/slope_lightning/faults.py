@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -200,17 +201,32 @@ class SafeCheckpointIO(TorchCheckpointIO):
 # --------------------------------------------------------------------------------------------
 
 
+def _local(tensor: Tensor) -> Tensor:
+    """A sharded tensor's (FSDP2 DTensor's) part on this rank; any other tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
 def _all_finite(tensors: list[Tensor]) -> bool:
-    """True if every floating-point tensor is free of NaN/inf. One device sync (``.item``)."""
-    flags = [t.isfinite().all() for t in tensors if t.is_floating_point() and t.numel()]
-    if not flags:
-        return True
-    return bool(torch.stack(flags).all().item())
+    """True if every floating-point tensor is free of NaN/inf, on every rank when any tensor
+    is sharded. One device sync (``.item``), plus one all-reduce for sharded tensors."""
+    local = [_local(t) for t in tensors]
+    flags = [t.isfinite().all() for t in local if t.is_floating_point() and t.numel()]
+    ok = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
+    sharded = any(t is not lt for t, lt in zip(tensors, local, strict=True))
+    if sharded and dist.is_available() and dist.is_initialized():
+        device = local[0].device if local else torch.device("cpu")
+        flag = ok.to(device=device, dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank decides alike
+        ok = flag.bool()
+    return bool(ok.item())
 
 
 def _first_non_finite(named: Iterable[tuple[str, Tensor]]) -> str | None:
-    """Name and content of the first tensor with NaN/inf (the slow path: after a failure)."""
-    for name, tensor in named:
+    """Name and content of the first tensor with NaN/inf (the slow path: after a failure);
+    a sharded tensor is judged by this rank's part."""
+    for name, full in named:
+        tensor = _local(full)
         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
             nan = int(tensor.isnan().sum())
             inf = int(tensor.isinf().sum())

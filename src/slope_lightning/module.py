@@ -11,6 +11,7 @@ re-exported here for code that imports them as ``slope_lightning.module.*``.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +20,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
-from torch import Tensor
+from torch import Tensor, nn
+from torch._dynamo.utils import counters
+from torch.distributed._composable import checkpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import OptimStateKeyType, fully_shard
+from torch.distributed.tensor import DTensor
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
@@ -32,6 +40,7 @@ from slope_lightning.sparse import (
     backend_report,
     follow_optimizer,
     memory_report,
+    sparse_layers,
     sparsify,
     use_decision_store,
 )
@@ -69,6 +78,24 @@ class SLoPeModule(pl.LightningModule):
             its fields is accepted too.
         export_dir: where the final model goes as safetensors + config.json when training
             ends (None: ``<log dir>/export``).
+        activation_checkpointing: recompute each transformer block in the backward instead
+            of keeping its activations (non-reentrant; parameter names are unchanged, so
+            checkpoints load either way).
+        compile: ``torch.compile`` the model (each SparseLinear runs eagerly inside it: one
+            graph break per sparse layer, counted in the log after the first step).
+        compile_backend: the ``torch.compile`` backend ("inductor"; "aot_eager" compiles
+            the graphs without generating code, e.g. for tests).
+        reshard_after_forward: under FSDP2, free each block's gathered parameters after its
+            forward and gather them again for the backward (ZeRO-3; False keeps them until
+            the backward: more memory, one all-gather less per block).
+
+    Under Lightning's ``ModelParallelStrategy`` (FSDP2), :meth:`configure_model` shards every
+    transformer block, then the rest of the model, over the strategy's ``data_parallel``
+    mesh dimension; set ``tensor_parallel_size: 1`` and ``data_parallel_size`` to the number
+    of processes. A SparseLinear's packed values shard like any parameter (by rows), and its
+    packed masks with them (held as frozen parameters, see
+    :meth:`~slope_lightning.sparse.SparseLinear.hold_masks_as_parameters`); adapters added
+    mid-run are replicated. The export is written once, by rank 0, from the gathered state.
 
     Raises:
         ValueError: on an unknown preset or override, or invalid sparsity or optimizer
@@ -84,6 +111,10 @@ class SLoPeModule(pl.LightningModule):
         sparsity: SparsityConfig | None = None,
         optimizer: OptimizerConfig | None = None,
         export_dir: str | None = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        reshard_after_forward: bool = True,
     ) -> None:
         super().__init__()
         self.sparsity = _as_config(sparsity, SparsityConfig)
@@ -99,8 +130,18 @@ class SLoPeModule(pl.LightningModule):
                 "sparsity": self.sparsity.to_dict(),
                 "optimizer": self.optim.to_dict(),
                 "export_dir": export_dir,
+                "activation_checkpointing": activation_checkpointing,
+                "compile": compile,
+                "compile_backend": compile_backend,
+                "reshard_after_forward": reshard_after_forward,
             }
         )
+        self.activation_checkpointing = activation_checkpointing
+        self.compile_model = compile
+        self.compile_backend = compile_backend
+        self.reshard_after_forward = reshard_after_forward
+        self._model_configured = False  # configure_model runs at every fit/validate/test
+        self._graph_breaks_before: dict[str, Counter[str]] = {}
         overrides = dict(model_overrides or {})
         if vocab_size is not None:
             overrides["vocab_size"] = vocab_size
@@ -149,6 +190,92 @@ class SLoPeModule(pl.LightningModule):
         self.log("test/loss", loss, sync_dist=True)
         self.log("test/ppl", self.test_ppl)
 
+    # ------------------------------------------------------------------ parallelism
+
+    @override
+    def configure_model(self) -> None:
+        """Activation checkpointing per block, FSDP2 per block then the root (under
+        ModelParallelStrategy), then ``torch.compile``: in this order, as torchtitan does.
+
+        Idempotent (Lightning calls it at every fit, validate and test).
+
+        Raises:
+            ValueError: the strategy's mesh has a tensor-parallel dimension larger than 1
+                (this module shards with FSDP2 alone).
+        """
+        if self._model_configured:
+            return
+        self._model_configured = True
+        blocks = list(self.model.blocks)
+        if self.activation_checkpointing:
+            for block in blocks:
+                checkpoint(block)  # composable: non-reentrant, parameter names unchanged
+            _info("activation checkpointing: %d blocks recompute in the backward", len(blocks))
+        if self.device_mesh is not None:  # ModelParallelStrategy's; None for other strategies
+            mesh = _data_parallel_mesh(self.device_mesh)
+            for _, layer in sparse_layers(self.model):
+                layer.hold_masks_as_parameters()  # sharded with the values, not replicated
+            for block in blocks:
+                fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+            fully_shard(self.model, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+            _info(
+                "FSDP2: %d blocks and the root sharded over %d ranks (sparse values and their "
+                "packed masks by rows)",
+                len(blocks),
+                mesh.size(),
+            )
+        if self.compile_model:
+            # Dynamo's counters are process-wide: what this model adds is counted from here.
+            self._graph_breaks_before = {
+                key: Counter(counters[key]) for key in ("graph_break", "unimplemented")
+            }
+            self.model.compile(backend=self.compile_backend)  # in place: names unchanged
+
+    def _log_graph_breaks(self) -> None:
+        """Say where ``torch.compile`` fell back to eager while compiling the first step."""
+        breaks = Counter(counters["graph_break"])
+        breaks.subtract(self._graph_breaks_before["graph_break"])
+        skipped = Counter(counters["unimplemented"])
+        skipped.subtract(self._graph_breaks_before["unimplemented"])
+        at_sparse = sum(n for reason, n in breaks.items() if "SparseLinear.forward" in reason)
+        others = Counter(
+            {
+                reason.strip().splitlines()[0]: n
+                for reason, n in breaks.items()
+                if n > 0 and "SparseLinear.forward" not in reason
+            }
+        )
+        frames = sorted(
+            {
+                reason.split("frame skipped:")[1].strip().splitlines()[0]
+                for reason, n in skipped.items()
+                if n > 0 and "frame skipped:" in reason
+            }
+        )
+        _info(
+            "torch.compile: %d graph breaks at SparseLinear calls (%d sparse layers, each run "
+            "eagerly inside the compiled graph by design), %d elsewhere%s%s",
+            at_sparse,
+            len(sparse_layers(self.model)),
+            sum(others.values()),
+            "".join(f"\n  {n} x {reason}" for reason, n in others.items()),
+            "".join(f"\n  frame left eager (its loop breaks): {frame}" for frame in frames),
+        )
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning loads a consolidated checkpoint into an FSDP2 model one parameter and
+        # buffer at a time, which skips extra state: restore the SparseLinear layers' M_C
+        # refresh counters and N:M check from the file (memory-mapped, read once).
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        if path is None or not _is_sharded(self) or not Path(path).is_file():
+            return
+        state = torch.load(path, mmap=True, map_location="cpu", weights_only=True)["state_dict"]
+        for name, layer in sparse_layers(self):
+            extra = state.get(f"{name}._extra_state")
+            if extra is not None:
+                layer.set_extra_state(extra)
+
     # ------------------------------------------------------------------ setup and logging
 
     @override
@@ -178,6 +305,8 @@ class SLoPeModule(pl.LightningModule):
         # again whenever parameters are added (lazy adapters).
         if self.trainer.global_step == 1 and self.sparsity.backend is BackendName.auto:
             _info("backends chosen at first use:\n%s", backend_report(self.model))
+        if self.trainer.global_step == 1 and self.compile_model:
+            self._log_graph_breaks()
         count = sum(1 for _ in self.parameters())
         if self.trainer.global_step >= 1 and count != self._logged_param_count:
             self._logged_param_count = count
@@ -201,20 +330,84 @@ class SLoPeModule(pl.LightningModule):
     def on_train_end(self) -> None:
         # trainer.log_dir is a collective under DDP: every rank must ask for it.
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        # Under FSDP2 the export is consolidated: every rank takes part in gathering the
+        # shards (a collective), rank 0 alone holds the result and writes it.
+        model = self._consolidated_model()
         if not self.trainer.is_global_zero:
             return
         target = Path(self.export_dir) if self.export_dir else Path(log_dir) / "export"
-        bad = next((n for n, p in self.model.named_parameters() if not p.isfinite().all()), None)
+        bad = next(
+            (
+                name
+                for name, value in model.state_dict().items()
+                if isinstance(value, Tensor)
+                and value.is_floating_point()
+                and not value.isfinite().all()
+            ),
+            None,
+        )
         if bad is not None:  # also without NonFiniteGuard: never export NaN weights
             raise NonFiniteError(
                 f"refusing to export: parameter {bad} holds NaN/inf at global step "
                 f"{self.trainer.global_step}; resume from the last good checkpoint "
                 "(--ckpt_path last) with a lower learning rate, or add NonFiniteGuard"
             )
-        export_model(self.model, self.config, self.sparsity, target)
+        export_model(model, self.config, self.sparsity, target)
         _info("exported the final model to %s", target)
 
+    def _consolidated_model(self) -> nn.Module:
+        """The model to export: ``self.model``, or under FSDP2 a stand-in holding its full
+        state on rank 0 (an empty one elsewhere). A collective under FSDP2: every rank calls."""
+        if not _is_sharded(self.model):
+            return self.model
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return _StateDict(get_model_state_dict(self.model, options=options))
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # ModelParallelStrategy's consolidated (non-sharded) checkpoint keys the optimizer
+        # state by position in named_parameters(), which LazyLoRA's adapters shift: key it by
+        # parameter name instead (Lightning's loader takes both), so a resume whose model has
+        # no adapters yet maps every entry to its own parameter.
+        if not _is_sharded(self):
+            return
+        states = checkpoint.get("optimizer_states", [])
+        for index, state in enumerate(states):
+            if state.get("state") and isinstance(next(iter(state["state"])), int):
+                states[index] = FSDP.rekey_optim_state_dict(
+                    state, OptimStateKeyType.PARAM_NAME, self
+                )
+
     # ------------------------------------------------------------------ optimizer
+
+    @override
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        with_grad = [p for p in params if p.grad is not None]
+        sharded = [p for p in with_grad if isinstance(p.grad, DTensor)]
+        plain = [p for p in with_grad if not isinstance(p.grad, DTensor)]
+        by_norm = bool(gradient_clip_val) and gradient_clip_algorithm != "value"
+        if not (by_norm and sharded and plain):
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        # FSDP2 after LazyLoRA's start: sharded DTensor gradients next to the adapters' plain
+        # ones (replicated, already averaged over ranks), which torch's clip_grad_norm_ cannot
+        # mix. One global norm: the sharded part reduced over ranks, the replicated part once.
+        assert gradient_clip_val is not None
+        sharded_norm = torch.nn.utils.get_total_norm([p.grad for p in sharded])
+        if isinstance(sharded_norm, DTensor):
+            sharded_norm = sharded_norm.full_tensor()  # a collective: the norm over all shards
+        plain_norm = torch.nn.utils.get_total_norm([p.grad for p in plain])
+        total = torch.linalg.vector_norm(torch.stack([sharded_norm, plain_norm.to(sharded_norm)]))
+        torch.nn.utils.clip_grads_with_norm_(sharded, float(gradient_clip_val), total)
+        torch.nn.utils.clip_grads_with_norm_(plain, float(gradient_clip_val), total)
 
     @override
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
@@ -240,6 +433,43 @@ class SLoPeModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
+
+
+class _StateDict(nn.Module):
+    """A module whose ``state_dict()`` is a given one: a gathered FSDP2 state on its way to
+    :func:`~slope_lightning.export.export_model`, which reads nothing else."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        super().__init__()
+        self._state = state
+
+    @override
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        return dict(self._state)
+
+
+def _data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP2 shards over: ModelParallelStrategy's ``data_parallel`` dimension.
+
+    Raises:
+        ValueError: the tensor-parallel dimension is larger than 1.
+    """
+    names = mesh.mesh_dim_names or ()
+    if "data_parallel" not in names:
+        return mesh
+    tensor_parallel = mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
+    if tensor_parallel > 1:
+        raise ValueError(
+            f"ModelParallelStrategy has tensor_parallel_size={tensor_parallel}, but SLoPeModule "
+            "shards with FSDP2 alone; set trainer.strategy.init_args.tensor_parallel_size: 1 "
+            f"and data_parallel_size: {mesh.size()} (the number of processes)"
+        )
+    return mesh["data_parallel"]
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 shards ``module``'s parameters (some are DTensors)."""
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def _as_config(value: object, cls: type[C]) -> C:

@@ -1,7 +1,8 @@
 """Exact byte counts of model state: parameters, gradients, optimizer state, buffers, caches.
 
 Activations are not counted (like the SLoPe paper's memory figures). Tensors that share
-memory (tied weights, views) are counted once.
+memory (tied weights, views) are counted once. Under FSDP2 the counts are per rank: a sharded
+tensor counts its local shard.
 """
 
 from __future__ import annotations
@@ -56,13 +57,27 @@ class _Counter:
         self._seen: set[tuple[int, int, int]] = set()
 
     def add(self, category: str, tensor: Tensor | None) -> None:
-        if tensor is None or not isinstance(tensor, Tensor) or tensor.device.type == "meta":
+        if tensor is None or not isinstance(tensor, Tensor):
+            return
+        tensor = local_part(tensor)
+        if tensor.device.type == "meta":
             return
         key = (tensor.data_ptr(), tensor.numel(), tensor.element_size())
         if tensor.numel() == 0 or key in self._seen:
             return
         self._seen.add(key)
         self.report.bytes[category] += tensor.numel() * tensor.element_size()
+
+
+def local_part(tensor: Tensor) -> Tensor:
+    """What this process holds of ``tensor``: a DTensor's local shard (FSDP2 parameters,
+    their gradients and optimizer state), any other tensor itself."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            return tensor.to_local()
+    return tensor
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterable[Tensor]:
@@ -74,6 +89,12 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterable[Tensor]:
 
 def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
     """Count the bytes of ``model``'s state (and ``optimizer``'s, if given), exactly.
+
+    Counts are per process: a DTensor (a parameter sharded by FSDP2, its gradient and its
+    optimizer state; SparseLinear's packed masks once held as parameters) is counted by its
+    local shard, every other tensor in full (replicated buffers, and parameters FSDP2 does
+    not manage, such as adapters added mid-run). Call it between steps, when FSDP2's
+    gathered copies are freed.
 
     Categories: "sparse values" (kept weight values of SparseLinear layers and adapters' Lᵀ),
     "metadata" (packed mask offsets), "dense parameters" (everything else trainable),

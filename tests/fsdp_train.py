@@ -1,0 +1,204 @@
+"""Worker for tests/test_fsdp.py: trains the small SLoPe model on 1 process or on N CPU processes
+under FSDP2 (Lightning's ModelParallelStrategy, gloo), or checks M_C's sharded refresh.
+
+Run as a script (Lightning re-launches this file for the other ranks). Each rank writes its
+per-step losses, the whole model's state (sharded parameters gathered) and its per-rank
+memory report to --out. ``--check-masks N`` instead spawns N plain torch.distributed
+processes (see :func:`check_masks`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+# Lightning and the Lightning layer are imported by train() only: --check-masks spawns
+# processes that re-import this file and need nothing but torch and slope_lightning.sparse.
+
+MODEL = {"n_layer": 2, "d_model": 64, "n_head": 2, "n_kv_head": 1}
+
+#: Layer shapes (d_out, d_in) for --check-masks: row shards that fill whole bytes of M_C
+#: (derived locally) and ones that do not (the values are gathered), even and uneven, with
+#: an empty trailing rank at 3 processes (16 rows: 8, 8, 0; 20 rows: 8, 8, 4).
+MASK_SHAPES = ((16, 64), (20, 32), (24, 64), (48, 32), (40, 64), (8, 32), (64, 64))
+
+
+def check_masks(rank: int, world: int, port: int, out: Path) -> None:
+    """One rank of --check-masks: M_C refreshed from FSDP2-sharded values (masks sharded with
+    them, and masks replicated) equals an unsharded layer's, bit for bit, statistics
+    included."""
+    import os
+
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from slope_lightning.sparse import SparseLinear
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    results = []
+    for hold in (True, False):
+        torch.manual_seed(0)
+        linears = [nn.Linear(d_in, d_out) for d_out, d_in in MASK_SHAPES]
+        reference = [SparseLinear.from_linear(linear) for linear in linears]
+        sharded = [SparseLinear.from_linear(linear) for linear in linears]
+        noise = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # "a step": new values, so M_C changes
+            for a, b in zip(reference, sharded, strict=True):
+                a.values.add_(torch.randn(a.values.shape, generator=noise))
+                b.values.copy_(a.values)
+        for layer in sharded:
+            if hold:
+                layer.hold_masks_as_parameters()
+            fully_shard(layer, mesh=mesh)
+        for a, b in zip(reference, sharded, strict=True):
+            expected = a.refresh_transpose_mask(with_stats=True)
+            got = b.refresh_transpose_mask(with_stats=True)
+            col = b.col_index.full_tensor() if hold else b.col_index
+            row = b.row_index.full_tensor() if hold else b.row_index
+            results.append(
+                {
+                    "layer": f"{a.out_features}x{a.in_features} masks sharded={hold}",
+                    "col_index": bool(torch.equal(col, a.col_index)),
+                    "row_index": bool(torch.equal(row, a.row_index)),
+                    "stats": got == expected,
+                }
+            )
+    (out / f"masks{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def full_state(module: Any) -> dict[str, torch.Tensor]:
+    """The whole model's state on every rank (sharded parameters gathered)."""
+    from torch.distributed.tensor import DTensor
+
+    state = {}
+    for key, value in module.model.state_dict().items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        if isinstance(value, torch.Tensor):
+            state[key] = value.detach().clone()
+    return state
+
+
+def train(args: argparse.Namespace) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_helpers import LossRecorder, StopAt
+    from slope_lightning.callbacks import LazyLoRA, MaskScheduler
+    from slope_lightning.data import TextDataModule
+    from slope_lightning.module import OptimizerConfig, SLoPeModule
+    from slope_lightning.sparse import memory_report
+
+    class MemoryRecorder(pl.Callback):
+        """Per-rank model-state bytes after the last step (optimizer state included)."""
+
+        def __init__(self) -> None:
+            self.report: dict[str, int] = {}
+
+        def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            self.report = memory_report(pl_module.model, trainer.optimizers[0]).as_dict()
+
+    torch.set_num_threads(1)
+    pl.seed_everything(11)
+    data = TextDataModule(
+        sources=[args.sources],
+        cache_dir=args.cache,
+        vocab_size=300,
+        seq_len=32,
+        batch_size=args.batch_size,
+    )
+    module = SLoPeModule(
+        preset="tiny",
+        vocab_size=300,
+        seq_len=32,
+        model_overrides=MODEL,
+        optimizer=OptimizerConfig(lr=3e-3, warmup=2),
+        export_dir=str(args.out / "export"),
+        activation_checkpointing=args.activation_checkpointing,
+        compile=args.compile is not None,
+        compile_backend=args.compile or "inductor",
+    )
+    strategy: Any = args.strategy
+    if args.strategy == "fsdp":
+        strategy = ModelParallelStrategy(
+            data_parallel_size=args.devices,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=not args.full_ckpt,
+        )
+    recorder, memory = LossRecorder(), MemoryRecorder()
+    callbacks: list[pl.Callback] = [recorder, memory]
+    if args.adapter_start >= 0:
+        callbacks += [MaskScheduler(every=1), LazyLoRA(start=args.adapter_start, rank=4)]
+    if args.stop_at is not None:
+        callbacks.append(StopAt(args.stop_at))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=strategy,
+        max_steps=args.max_steps,
+        accumulate_grad_batches=args.accumulate,
+        gradient_clip_val=1.0,
+        precision=args.precision,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=args.ckpt_path)
+    if args.save_ckpt:
+        trainer.save_checkpoint(args.save_ckpt)
+    rank = trainer.global_rank
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"losses{rank}.json").write_text(json.dumps(recorder.losses))
+    (args.out / f"memory{rank}.json").write_text(json.dumps(memory.report))
+    torch.save(full_state(module), args.out / f"state{rank}.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--strategy", choices=["fsdp", "ddp", "auto"], default="fsdp")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--sources", default="")
+    parser.add_argument("--cache", default="")
+    parser.add_argument("--max-steps", type=int, default=8)
+    parser.add_argument("--adapter-start", type=int, default=4, help="-1: no SLoPe callbacks")
+    parser.add_argument("--stop-at", type=int, default=None)
+    parser.add_argument("--ckpt-path", default=None)
+    parser.add_argument("--save-ckpt", default=None, help="file or folder saved at the end")
+    parser.add_argument("--full-ckpt", action="store_true", help="consolidated, not sharded")
+    parser.add_argument("--compile", default=None, help="a torch.compile backend")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--check-masks", type=int, default=0, help="N processes: check_masks")
+    parser.add_argument("--port", type=int, default=0, help="--check-masks: MASTER_PORT")
+    args = parser.parse_args()
+    if args.check_masks:
+        import torch.multiprocessing as mp
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        world = args.check_masks
+        mp.spawn(check_masks, args=(world, args.port, args.out), nprocs=world)
+        return
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
