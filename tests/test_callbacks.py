@@ -14,8 +14,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_helpers import LossRecorder, StopAt
 from slope_lightning import sparsify
-from slope_lightning.callbacks import LazyLoRA, MaskScheduler
-from slope_lightning.sparse import sparse_layers
+from slope_lightning.callbacks import LazyLoRA, MaskScheduler, SLoPe, hidden_size_of
+from slope_lightning.models import Transformer, TransformerConfig
+from slope_lightning.sparse import SparseLinear, SparsityConfig, nm_mask, sparse_layers
+from slope_lightning.sparse.calibration import collect_input_norms, wanda_sparsify
 
 
 class ForeignModule(pl.LightningModule):
@@ -140,16 +142,44 @@ def test_lazy_lora_fractional_start_follows_max_steps():
     assert [step for step, on in spy.has_adapter_at.items() if on] == [6, 7]
 
 
-def test_lazy_lora_fraction_without_max_steps_is_a_clear_error():
-    t = pl.Trainer(
-        max_epochs=1,
-        callbacks=[LazyLoRA(start=0.5)],
+def epochs_trainer(callbacks, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        callbacks=callbacks,
+        accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
     )
-    with pytest.raises(ValueError, match="set trainer.max_steps"):
+
+
+def test_lazy_lora_fraction_of_a_max_epochs_run_follows_its_estimated_steps():
+    """2 epochs of 12 batches are 24 optimizer steps; 0.75 of them starts at step 18."""
+    spy = AdapterSpy()
+    t = epochs_trainer([LazyLoRA(start=0.75, rank=2), spy], max_epochs=2)
+    t.fit(ForeignModule(), loader())
+    assert t.global_step == 24
+    assert [step for step, on in spy.has_adapter_at.items() if on] == list(range(18, 24))
+
+
+def test_lazy_lora_fraction_follows_whichever_limit_ends_the_run_first():
+    spy = AdapterSpy()
+    # 1 epoch of 12 batches with accumulation 2 ends after 6 steps, before max_steps=100.
+    t = epochs_trainer(
+        [LazyLoRA(start=0.5, rank=2), spy], max_epochs=1, max_steps=100, accumulate_grad_batches=2
+    )
+    t.fit(ForeignModule(), loader())
+    assert t.global_step == 6
+    assert sorted({step for step, on in spy.has_adapter_at.items() if on}) == [3, 4, 5]
+
+
+def test_lazy_lora_fraction_of_an_endless_run_is_a_clear_error():
+    counter = StepCounter()
+    t = epochs_trainer([LazyLoRA(start=0.5), counter], max_epochs=-1)
+    with pytest.raises(ValueError, match=r"no known length .*set trainer.max_steps"):
         t.fit(ForeignModule(), loader())
+    assert counter.steps == 0
 
 
 class Dense(ForeignModule):
@@ -214,7 +244,11 @@ class StepCounter(pl.Callback):
 @pytest.mark.parametrize(
     ("lazy", "max_steps", "match"),
     [
-        (LazyLoRA(start=8, rank=2), 8, "switches adapters on at step 8, but trainer.max_steps=8"),
+        (
+            LazyLoRA(start=8, rank=2),
+            8,
+            "switches adapters on at step 8, but the run ends after 8 optimizer steps",
+        ),
         (
             LazyLoRA(start=2, rank=16),
             4,
@@ -246,7 +280,7 @@ def test_a_scheduler_the_adapters_cannot_follow_fails_before_the_first_step():
     counter = StepCounter()
     with pytest.raises(
         ValueError,
-        match=r"LazyLoRA\(start=0.9\) cannot add the adapters to this run's optimizer at step 7: "
+        match=r"LazyLoRA\(start=0.9\) cannot add the adapters to this run's optimizer: "
         r"cannot add a param group that follows ReduceLROnPlateau: .*LambdaLR",
     ):
         trainer([LazyLoRA(start=0.9, rank=2), counter], max_steps=8).fit(PlateauModule(), loader())
@@ -325,3 +359,434 @@ def test_load_from_checkpoint_after_the_adapter_start_needs_no_callback(tmp_path
     trained, _ = run_foreign(tmp_path, stop_at=5)
     loaded = ForeignModule.load_from_checkpoint(tmp_path / "interrupted.ckpt", weights_only=True)
     assert torch.equal(loaded.net[0].adapter.up, trained.net[0].adapter.up)
+
+
+# ------------------------------------------------------------------ adapter rank and lr
+
+
+class OwnTransformerModule(pl.LightningModule):
+    """Not ours either: the project's Transformer (d=128 LLaMA) inside a foreign module that
+    has no ``config`` of its own; the hidden size is on ``self.model.config.d_model``."""
+
+    def __init__(self, sparse: bool = True, d_model: int = 128) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        config = TransformerConfig(
+            vocab_size=64, seq_len=16, n_layer=2, n_head=4, n_kv_head=2, d_model=d_model
+        )
+        self.model = Transformer(config)
+        if sparse:
+            sparsify(self.model)
+
+    def forward(self, x):
+        return self.model(x)[0]
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.model(x, y)[1]
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def token_loader(batches: int = 8, batch_size: int = 2, vocab: int = 64, time: int = 16):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (batches * batch_size, time + 1), generator=g)
+    return DataLoader(TensorDataset(x[:, :-1], x[:, 1:]), batch_size=batch_size)
+
+
+class Cfg:
+    def __init__(self, **fields: int) -> None:
+        self.__dict__.update(fields)
+
+
+class HFShaped(ForeignModule):
+    """A foreign module holding a model with a Hugging Face-style ``config.hidden_size``."""
+
+    def __init__(self) -> None:
+        pl.LightningModule.__init__(self)
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16))
+        self.net.config = Cfg(hidden_size=256)  # type: ignore[assignment]
+        sparsify(self.net)
+
+
+class ThreeLayers(ForeignModule):
+    """No config anywhere: d_in 16 (twice) and 32 (once)."""
+
+    def __init__(self) -> None:
+        pl.LightningModule.__init__(self)
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 16)
+        )
+        sparsify(self.net)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected", "source"),
+    [
+        (OwnTransformerModule, 2, "model.config.d_model"),  # 1.56% of 128, every layer
+        (HFShaped, 4, "net.config.hidden_size"),  # 1.56% of 256
+        (ThreeLayers, 1, "the most common d_in (2 of 3 sparse layers)"),  # 1.56% of 16 -> 1
+    ],
+    ids=["own-transformer", "hf-config", "most-common-d_in"],
+)
+def test_a_fractional_rank_is_one_rank_for_every_layer_from_the_hidden_size(
+    make, expected, source, caplog
+):
+    module = make()
+    lazy = LazyLoRA(start=1, rank=0.0156)
+    data = token_loader() if isinstance(module, OwnTransformerModule) else loader()
+    with caplog.at_level("INFO", logger="slope_lightning.callbacks"):
+        trainer([lazy], max_steps=2).fit(module, data)
+    ranks = {layer.adapter.rank for _, layer in sparse_layers(module)}
+    assert ranks == {expected}
+    assert f"LazyLoRA: rank {expected} = 0.0156 x hidden size" in caplog.text
+    assert source in caplog.text
+
+
+def test_hidden_size_of_reads_every_known_config_attribute():
+    for attribute in ("hidden_size", "n_embd", "d_model"):
+        holder = nn.Module()
+        holder.inner = nn.Linear(4, 4)
+        holder.inner.config = Cfg(**{attribute: 96})  # type: ignore[assignment]
+        assert hidden_size_of(holder) == (96, f"inner.config.{attribute}")
+
+
+class ConstantFactorModule(ForeignModule):
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def test_an_explicit_adapter_lr_is_a_base_lr_scaled_by_the_schedule_and_says_so(caplog):
+    t = trainer([LazyLoRA(start=2, rank=2, lr=4e-3)], max_steps=4)
+    with caplog.at_level("INFO", logger="slope_lightning.callbacks"):
+        t.fit(ConstantFactorModule(), loader())
+    group = t.optimizers[0].param_groups[1]
+    assert group["initial_lr"] == 4e-3 and group["lr"] == pytest.approx(2e-3)  # documented rule
+    assert (
+        "param group 'adapters' at step 2: base lr 0.004 (LazyLoRA(lr)) x the schedule's factor "
+        "0.5 now = lr 0.002" in caplog.text
+    )
+    assert "base (peak) learning rate" in LazyLoRA.__doc__
+
+
+# ------------------------------------------------------------------ sparsified in configure_model
+
+
+class BuiltInConfigureModel(ForeignModule):
+    """Builds (and, with ``sparsify_itself``, sparsifies) its network in configure_model, as
+    large and sharded models do; idempotent, as Lightning asks."""
+
+    def __init__(self, sparsify_itself: bool = True) -> None:
+        pl.LightningModule.__init__(self)
+        self.sparsify_itself = sparsify_itself
+        self.net: nn.Module | None = None
+        self.optimizers_built = 0
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+        if self.sparsify_itself:
+            sparsify(self.net)
+
+    def configure_optimizers(self):
+        self.optimizers_built += 1
+        return super().configure_optimizers()
+
+
+def test_callbacks_find_layers_sparsified_in_configure_model():
+    module, spy, mask = BuiltInConfigureModel(), AdapterSpy(), MaskScheduler(every=2)
+    t = trainer([mask, LazyLoRA(start=4, rank=2), spy], max_steps=6)
+    t.fit(module, loader())
+    assert not mask.idle and mask.refreshes == 2
+    assert [step for step, on in spy.has_adapter_at.items() if on] == [4, 5]
+    values = {id(layer.values) for _, layer in sparse_layers(module)}
+    assert values <= {id(p) for p in t.optimizers[0].param_groups[0]["params"]}
+
+
+def run_module(make, root: Path, stop_at: int | None = None, ckpt: Path | None = None, extra=()):
+    pl.seed_everything(3)
+    module, recorder = make(), LossRecorder()
+    callbacks = [*extra, MaskScheduler(every=1), LazyLoRA(start=3, rank=4), recorder]
+    t = trainer(callbacks + ([StopAt(stop_at)] if stop_at else []), max_steps=6)
+    t.fit(module, same_batches(), ckpt_path=ckpt)
+    if stop_at:
+        t.save_checkpoint(root / "interrupted.ckpt")
+    return module, recorder.losses
+
+
+def assert_resumes_exactly(make, root: Path, extra=lambda: ()):
+    full_module, full = run_module(make, root, extra=extra())
+    _, first = run_module(make, root, stop_at=4, extra=extra())
+    resumed, rest = run_module(make, root, ckpt=root / "interrupted.ckpt", extra=extra())
+    assert sorted(rest) == [4, 5]
+    assert {**first, **rest} == full  # bit-exact losses, step by step
+    for (name, a), (_, b) in zip(
+        full_module.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
+
+
+def test_a_module_sparsified_in_configure_model_resumes_exactly_across_the_adapter_start(tmp_path):
+    assert_resumes_exactly(BuiltInConfigureModel, tmp_path)
+
+
+# ------------------------------------------------------------------ the SLoPe callback
+
+
+class Plain(ForeignModule):
+    """A module that knows nothing of SLoPe: plain nn.Linear layers."""
+
+    def __init__(self) -> None:
+        pl.LightningModule.__init__(self)
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+        self.optimizers_built = 0
+
+    def forward(self, x):
+        return self.net(x)
+
+    def configure_optimizers(self):
+        self.optimizers_built += 1
+        return super().configure_optimizers()
+
+
+def optimized_ids(t: pl.Trainer) -> set[int]:
+    return {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
+
+
+@pytest.mark.parametrize("slope_first", [True, False], ids=["slope-first", "slope-last"])
+def test_slope_converts_an_unchanged_module_before_its_optimizer_is_built(slope_first):
+    module, spy, mask = Plain(), AdapterSpy(), MaskScheduler(every=2)
+    others = [mask, LazyLoRA(start=4, rank=2), spy]
+    slope = SLoPe()
+    t = trainer([slope, *others] if slope_first else [*others, slope], max_steps=6)
+    t.fit(module, loader())
+    layers = sparse_layers(module)
+    assert [name for name, _ in layers] == ["net.0", "net.2"]
+    assert {id(layer.values) for _, layer in layers} <= optimized_ids(t)
+    assert module.optimizers_built == 1  # converted in setup: nothing to rebuild
+    assert mask.refreshes == 2 and not mask.idle
+    assert [step for step, on in spy.has_adapter_at.items() if on] == [4, 5]
+    assert slope.report is not None and len(slope.report.converted) == 2
+
+
+def test_slope_converts_a_model_built_in_configure_model_and_rebuilds_the_optimizer():
+    module = BuiltInConfigureModel(sparsify_itself=False)
+    spy = AdapterSpy()
+    t = trainer([MaskScheduler(every=2), LazyLoRA(start=4, rank=2), spy, SLoPe()], max_steps=6)
+    t.fit(module, loader())
+    assert module.optimizers_built == 2  # once over the dense weights, once over the sparse
+    layers = sparse_layers(module)
+    assert len(layers) == 2
+    assert {id(layer.values) for _, layer in layers} <= optimized_ids(t)
+    assert not any(isinstance(m, nn.Linear) for m in module.net.modules())
+    assert [step for step, on in spy.has_adapter_at.items() if on] == [4, 5]
+    assert t.lr_scheduler_configs[0].scheduler.optimizer is t.optimizers[0]
+
+
+@pytest.mark.parametrize(
+    "make", [Plain, lambda: BuiltInConfigureModel(sparsify_itself=False)], ids=["init", "configure"]
+)
+def test_a_run_with_the_slope_callback_resumes_exactly_across_the_adapter_start(make, tmp_path):
+    assert_resumes_exactly(make, tmp_path, extra=lambda: [SLoPe()])
+
+
+def test_slope_on_the_projects_own_model_in_a_foreign_module(tmp_path):
+    module = OwnTransformerModule(sparse=False)
+    lazy = LazyLoRA(start=3, rank=0.0156)
+    t = trainer(
+        [
+            SLoPe(mask_method="wanda", calibration_batches=2, calibration_data=token_loader()),
+            MaskScheduler(),
+            lazy,
+        ],
+        5,
+    )
+    t.fit(module, token_loader())
+    layers = sparse_layers(module)
+    assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in both blocks
+    assert {layer.adapter.rank for _, layer in layers} == {2}  # 1.56% of d_model=128
+    assert isinstance(module.model.lm_head, nn.Linear)  # the head stays dense
+    with torch.no_grad():
+        out = module.model.eval().generate(torch.zeros(1, 3, dtype=torch.long), 4, 0.0)
+    assert out.shape == (1, 7)
+
+
+def test_slope_wanda_uses_the_calibration_batches_like_calibrate_and_sparsify():
+    batches = [torch.randn(8, 16) * torch.linspace(0.1, 4.0, 16) for _ in range(2)]
+    reference = Plain()
+    names = ["net.0", "net.2"]
+    norms = collect_input_norms(reference, [(b, None) for b in batches], layers=names)
+    wanda_sparsify(reference, norms)
+    module = Plain()
+    slope = SLoPe(mask_method="wanda", calibration_data=[(b, None) for b in batches])
+    trainer([slope], max_steps=1).fit(module, loader())
+    for (name, ours), (_, theirs) in zip(
+        sparse_layers(module), sparse_layers(reference), strict=True
+    ):
+        assert torch.equal(ours.row_index, theirs.row_index), name
+    assert [d.reason for d in slope.report.converted] == ["converted (wanda)"] * 2
+
+
+class WithDataModule(pl.LightningDataModule):
+    def train_dataloader(self):
+        return loader()
+
+
+def test_slope_wanda_calibrates_on_the_datamodule_and_needs_some_data():
+    module = Plain()
+    trainer([SLoPe(mask_method="wanda", calibration_batches=3)], max_steps=2).fit(
+        module, datamodule=WithDataModule()
+    )
+    assert len(sparse_layers(module)) == 2
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        trainer([SLoPe(mask_method="wanda")], max_steps=2).fit(Plain(), loader())
+    with pytest.raises(ValueError, match="defines no forward"):
+        trainer([SLoPe(mask_method="wanda")], max_steps=2).fit(
+            BuiltInConfigureModel(sparsify_itself=False), datamodule=WithDataModule()
+        )
+
+
+def test_slope_prunes_a_dense_module_for_evaluation():
+    module = Plain()
+    dense = module.net[0].weight.detach().clone()
+    evaluator = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[SLoPe()]
+    )
+    evaluator.validate(module, loader())
+    layer = module.net[0]
+    assert isinstance(layer, SparseLinear)
+    assert torch.equal(layer.to_dense(), dense * nm_mask(dense, 2, 4))  # one-shot magnitude
+
+
+def test_slope_validates_a_checkpoint_of_a_module_built_in_configure_model(tmp_path):
+    trained, _ = run_module(
+        lambda: BuiltInConfigureModel(sparsify_itself=False), tmp_path, 5, extra=[SLoPe()]
+    )
+    fresh = BuiltInConfigureModel(sparsify_itself=False)
+    evaluator = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[SLoPe()]
+    )
+    evaluator.validate(fresh, same_batches(), ckpt_path=tmp_path / "interrupted.ckpt")
+    for (name, a), (_, b) in zip(sparse_layers(trained), sparse_layers(fresh), strict=True):
+        assert torch.equal(a.values, b.values) and torch.equal(a.row_index, b.row_index), name
+        assert torch.equal(a.adapter.up, b.adapter.up), name
+
+
+def test_slope_with_nothing_to_convert_says_why():
+    class Odd(Plain):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(16, 30), nn.ReLU(), nn.Linear(30, 16))
+
+    with pytest.raises(ValueError, match=r"SLoPe: no layer of Odd could be made 2:4 sparse.*m=4"):
+        trainer([SLoPe()], max_steps=1).fit(Odd(), loader())
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: SLoPe(mask_method="sparsegpt"), ValueError, "choose one of"),
+        (lambda: SLoPe(n=4, m=4), ValueError, "SLoPe: sparsity.n / sparsity.m"),
+        (lambda: SLoPe(backend="nope"), ValueError, "SLoPe: sparsity.backend"),
+        (lambda: SLoPe(calibration_batches=0), ValueError, "positive number"),
+        (lambda: SLoPe(exclude="lm_head"), ValueError, "list of fnmatch patterns"),
+        (lambda: SLoPe(m=8, config=SparsityConfig()), TypeError, "m were given too"),
+        (lambda: SLoPe(config=SparsityConfig(sparse=False)), ValueError, "sparse=False"),
+    ],
+)
+def test_bad_slope_arguments_are_rejected(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_slope_takes_its_settings_from_a_sparsity_config():
+    module = Plain()
+    config = SparsityConfig(n=1, m=4, include=["net.0"])
+    trainer([SLoPe(config=config)], max_steps=1).fit(module, loader())
+    assert [(name, layer.n, layer.m) for name, layer in sparse_layers(module)] == [("net.0", 1, 4)]
+
+
+# ------------------------------------------------------------------ a Hugging Face model
+
+
+def tiny_llama():
+    hf = pytest.importorskip("transformers", reason="transformers is in the test extras")
+    config = hf.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return hf.LlamaForCausalLM(config)
+
+
+class HFModule(pl.LightningModule):
+    """A foreign module around a Hugging Face LlamaForCausalLM, unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_llama()
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        return self.model(input_ids=x, labels=x).loss
+
+    def forward(self, x):
+        return self.model(input_ids=x).logits
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def hf_batches(batches: int = 6) -> DataLoader:
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    return DataLoader(TensorDataset(x.repeat(batches, 1), x.repeat(batches, 1)), batch_size=2)
+
+
+@pytest.mark.slow
+def test_slope_makes_a_hugging_face_llama_sparse_and_resumes_exactly(tmp_path):
+    def run(stop_at=None, ckpt=None):
+        pl.seed_everything(3)
+        module, recorder = HFModule(), LossRecorder()
+        callbacks = [
+            SLoPe(mask_method="wanda", calibration_batches=2, calibration_data=hf_batches()),
+            MaskScheduler(every=1),
+            LazyLoRA(start=3, rank=0.0625),
+            recorder,
+        ]
+        t = trainer(callbacks + ([StopAt(stop_at)] if stop_at else []), max_steps=6)
+        t.fit(module, hf_batches(), ckpt_path=ckpt)
+        if stop_at:
+            t.save_checkpoint(tmp_path / "hf.ckpt")
+        return module, recorder.losses
+
+    full_module, full = run()
+    layers = sparse_layers(full_module)
+    assert len(layers) == 2 * 7 and {layer.adapter.rank for _, layer in layers} == {4}  # 6.25% x 64
+    assert isinstance(full_module.model.lm_head, nn.Linear)
+    _, first = run(stop_at=4)
+    resumed, rest = run(ckpt=tmp_path / "hf.ckpt")
+    assert {**first, **rest} == full
+    for (name, a), (_, b) in zip(sparse_layers(full_module), sparse_layers(resumed), strict=True):
+        assert torch.equal(a.values, b.values), name

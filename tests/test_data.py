@@ -64,6 +64,13 @@ def _write_corpus(directory: Path, n_docs: int = 36, seed: int = 0) -> Path:
     return directory
 
 
+@pytest.fixture(autouse=True)
+def _no_global_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default data order follows ``seed_everything`` (``PL_GLOBAL_SEED``): another test's
+    call must not decide these tests' streams."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+
 @pytest.fixture
 def corpus_glob(tmp_path: Path) -> str:
     return str(_write_corpus(tmp_path / "corpus") / "*.txt")
@@ -297,14 +304,19 @@ def test_batches_are_shifted_windows(tmp_path: Path, corpus_glob: str) -> None:
     assert int(x.min()) >= 0 and int(x.max()) < dm.vocab_size
 
     val_batches = list(dm.val_dataloader())
+    assert all(len(b) == 2 for b in val_batches)  # (x, y) unless val_source_ids
     vx = torch.cat([b[0] for b in val_batches])
     vy = torch.cat([b[1] for b in val_batches])
     assert torch.equal(vx[:, 1:], vy[:, :-1])
-    assert torch.equal(vx[1:, 0], vy[:-1, -1])  # consecutive, non-overlapping windows
-    assert dm.val_dataset is not None
-    assert len(dm.val_dataset) == (dm.summary["val_tokens"] - 1) // SEQ_LEN
-    val_tokens = np.array(dm.val_dataset.tokens.array[: vx.numel()], dtype=np.int64)
-    assert torch.equal(vx.flatten(), torch.from_numpy(val_tokens))
+    # One source (one sources entry): the windows tile the file, each taken once, shuffled.
+    val = dm.val_dataset
+    assert val is not None
+    assert len(val) == (dm.summary["val_tokens"] - 1) // SEQ_LEN
+    assert sorted(val.offsets.tolist()) == list(range(0, len(val) * SEQ_LEN, SEQ_LEN))
+    assert val.offsets.tolist() != sorted(val.offsets.tolist())
+    tokens = np.asarray(val.tokens.array, dtype=np.int64)
+    for row, offset in zip(vx, val.offsets.tolist(), strict=True):
+        assert torch.equal(row, torch.from_numpy(tokens[offset : offset + SEQ_LEN]))
 
 
 def test_stream_is_deterministic(tmp_path: Path, corpus_glob: str) -> None:

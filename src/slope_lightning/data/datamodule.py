@@ -18,11 +18,25 @@ How the position is kept:
 
 Pass the data module as ``trainer.fit(model, datamodule=dm)``; loaders handed over on their own
 replay the epoch from its start on resume, as plain Lightning loaders do.
+
+Three seeds, three meanings:
+
+* ``seed`` (the split seed): which documents are held out for validation, hence the tokenizer
+  trained on the rest, and the fixed order of the validation windows. Keep it fixed across the
+  runs of a study, so that every run trains and is evaluated on the same data.
+* ``order_seed`` (the data-order seed): which windows the training stream draws, in which
+  order. By default it is the seed of ``seed_everything`` (the CLI's ``seed_everything``), so
+  one seed sets a run's initialisation and its data order together, and runs that share it
+  see the same batches; without ``seed_everything``, it is ``seed``.
+* ``seed_everything``: everything else random (initialisation, dropout, masks drawn at random).
+
+A resumed run keeps the data order of its checkpoint, whatever ``seed_everything`` says now.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +47,18 @@ from typing_extensions import override
 
 from slope_lightning.data.prepare import PreparedTokens, prepare_tokens
 from slope_lightning.data.streams import (
-    ConsecutiveWindows,
     RandomWindows,
     ResumableSampler,
     TokenFile,
+    ValidationWindows,
 )
 from slope_lightning.data.tokenizer import MIN_VOCAB_SIZE, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+#: Where Lightning's ``seed_everything`` leaves its seed for the processes it starts (and
+#: dataloader workers); the default data order follows it.
+GLOBAL_SEED_ENV = "PL_GLOBAL_SEED"
 
 
 class _StreamLoader(DataLoader):
@@ -66,7 +84,9 @@ class TextDataModule(pl.LightningDataModule):
     Both check every cached file against the metadata recorded when it was written (size, dtype,
     token count, largest id against ``vocab_size``, sha256) before it is used.
     Training samples are random windows of a never-ending stream that resumes exactly from a
-    checkpoint (see the module docstring); validation walks consecutive windows in order.
+    checkpoint (see the module docstring). Validation windows cover every source of the split
+    in a fixed, seeded, stratified order (:class:`~slope_lightning.data.streams.ValidationWindows`),
+    so ``limit_val_batches`` takes a representative sample, the same one every validation.
 
     Args:
         sources: text files, glob patterns (one document per file) or ``.jsonl`` files (one
@@ -81,7 +101,13 @@ class TextDataModule(pl.LightningDataModule):
         val_fraction: share of documents held out for validation.
         text_key: field holding the text in ``.jsonl`` records.
         num_workers: dataloader worker processes.
-        seed: seed of the split and of the training stream.
+        seed: seed of the split (hence of the tokenizer) and of the validation order.
+        order_seed: seed of the training stream's order; None (default) for the seed of
+            ``seed_everything`` (the ``PL_GLOBAL_SEED`` environment variable it sets), or
+            ``seed`` when ``seed_everything`` was not called. See the module docstring.
+        val_source_ids: validation batches carry a third element, each window's source index
+            ``(B,)`` into :attr:`val_source_names`, for per-source perplexity; the model's
+            ``validation_step`` must accept ``(x, y, source)``.
         train_samples_per_epoch: samples per training epoch over all ranks; None for one pass
             over the training tokens (``train_tokens // seq_len``). Only decides when Lightning's
             epochs end; the stream itself never repeats a draw.
@@ -110,6 +136,8 @@ class TextDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 1234,
         train_samples_per_epoch: int | None = None,
+        order_seed: int | None = None,
+        val_source_ids: bool = False,
     ) -> None:
         super().__init__()
         if sources is not None and (isinstance(sources, str) or not sources):
@@ -129,6 +157,10 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}.")
+        if order_seed is not None and order_seed < 0:
+            raise ValueError(
+                f"order_seed must be >= 0 (or null for seed_everything's), got {order_seed}."
+            )
         if train_samples_per_epoch is not None and train_samples_per_epoch < batch_size:
             raise ValueError(
                 f"train_samples_per_epoch must be at least batch_size = {batch_size}, "
@@ -145,6 +177,8 @@ class TextDataModule(pl.LightningDataModule):
         self.text_key = text_key
         self.num_workers = num_workers
         self.seed = seed
+        self.order_seed = order_seed
+        self.val_source_ids = val_source_ids
         self.train_samples_per_epoch = train_samples_per_epoch
 
         # A LightningCLI link reads `vocab_size` before `prepare_data`, so it must be known now.
@@ -163,7 +197,7 @@ class TextDataModule(pl.LightningDataModule):
         self._prepared: PreparedTokens | None = None
         self._tokenizer: Any = None
         self.train_dataset: RandomWindows | None = None
-        self.val_dataset: ConsecutiveWindows | None = None
+        self.val_dataset: ValidationWindows | None = None
 
         # Resume state: samples of the stream consumed, and the Trainer's count of processed
         # training batches at that point. Lightning restores it through `load_state_dict`.
@@ -185,6 +219,21 @@ class TextDataModule(pl.LightningDataModule):
             prepared = self._prepared or self._resolve(build=False)
             self._tokenizer = load_tokenizer(prepared.tokenizer_file)
         return self._tokenizer
+
+    @property
+    def val_source_names(self) -> tuple[str, ...]:
+        """Metric-safe names of the validation split's sources, indexed by the source ids of
+        ``val_source_ids`` batches (e.g. ``("shakespeare", "wiki")``). Empty before ``setup``."""
+        return self.val_dataset.source_names if self.val_dataset is not None else ()
+
+    @property
+    def data_order_seed(self) -> int:
+        """The seed of the training stream's order: ``order_seed`` if given, else the seed of
+        ``seed_everything`` (``PL_GLOBAL_SEED``), else ``seed``; a resumed run's checkpoint
+        value once restored."""
+        if self.train_dataset is not None:
+            return self.train_dataset.seed
+        return _default_order_seed(self.order_seed, self.seed)
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -235,6 +284,8 @@ class TextDataModule(pl.LightningDataModule):
             # A new fit starts the stream at the Trainer's count; restoring a checkpoint (which
             # Lightning does after `setup`) sets the position again.
             self._base_samples, self._base_batches, self._resume_pending = 0, 0, False
+            if self.train_dataset is not None:  # a new fit: not a previous resume's order
+                self.train_dataset.seed = _default_order_seed(self.order_seed, self.seed)
         if self.train_dataset is not None:
             return
         prepared = self._resolve(build=False)
@@ -245,19 +296,44 @@ class TextDataModule(pl.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         samples = self.train_samples_per_epoch or train.num_tokens // self.seq_len
         samples = max(samples, self.batch_size * world)  # at least one full global batch
-        self.train_dataset = RandomWindows(train, self.seq_len, self.seed, samples)
-        self.val_dataset = ConsecutiveWindows(val, self.seq_len)
-        log.debug(
-            "Train: %d tokens, %d samples per epoch; val: %d tokens, %d windows",
+        order_seed = _default_order_seed(self.order_seed, self.seed)
+        self.train_dataset = RandomWindows(train, self.seq_len, order_seed, samples)
+        self.val_dataset = ValidationWindows(
+            val,
+            self.seq_len,
+            prepared.spans("val"),
+            prepared.sources("val"),
+            seed=self.seed,
+            with_source=self.val_source_ids,
+        )
+        shares = ", ".join(
+            f"{name} {count}"
+            for name, count in zip(
+                self.val_dataset.source_names, self.val_dataset.windows_per_source, strict=True
+            )
+        )
+        if self.order_seed is not None:
+            origin = "data.order_seed"
+        elif GLOBAL_SEED_ENV in os.environ:
+            origin = "seed_everything"
+        else:
+            origin = "the split seed: seed_everything was not called"
+        log.info(
+            "Train: %d tokens, %d samples per epoch, order seed %d (%s); val: %d tokens, %d "
+            "windows (%s), split seed %d",
             train.num_tokens,
             samples,
+            order_seed,
+            origin,
             val.num_tokens,
             len(self.val_dataset),
+            shares,
+            self.seed,
         )
 
     # -- loaders ---------------------------------------------------------------------------
 
-    def _require_setup(self) -> tuple[RandomWindows, ConsecutiveWindows]:
+    def _require_setup(self) -> tuple[RandomWindows, ValidationWindows]:
         if self.train_dataset is None or self.val_dataset is None:
             raise RuntimeError("Call `prepare_data()` and `setup()` before asking for a loader.")
         return self.train_dataset, self.val_dataset
@@ -338,6 +414,7 @@ class TextDataModule(pl.LightningDataModule):
             "consumed_samples": consumed,
             "processed_batches": processed,
             "seed": self.seed,
+            "order_seed": self.data_order_seed,
             "seq_len": self.seq_len,
         }
 
@@ -346,16 +423,47 @@ class TextDataModule(pl.LightningDataModule):
         """Restore the stream position; the next training pass starts right after it."""
         if not state_dict:
             return
-        for key in ("seed", "seq_len"):
-            if state_dict.get(key, getattr(self, key)) != getattr(self, key):
+        # (checkpoints from before order_seed drew the stream with the split seed)
+        saved_order = int(state_dict.get("order_seed", state_dict.get("seed", self.seed)))
+        current = {"seed": self.seed, "order_seed": self.order_seed, "seq_len": self.seq_len}
+        for key, value in current.items():
+            saved = saved_order if key == "order_seed" else state_dict.get(key, value)
+            if value is not None and saved != value:
                 log.warning(
                     "Resuming with %s=%s, but the checkpoint was made with %s=%s: the data "
                     "stream differs from the original run.",
                     key,
-                    getattr(self, key),
+                    value,
                     key,
-                    state_dict[key],
+                    saved,
                 )
+        if self.order_seed is None and self.train_dataset is not None:
+            # A derived order seed continues the checkpoint's stream, whatever
+            # seed_everything says in this process (`true` draws a new one each time).
+            if self.train_dataset.seed != saved_order:
+                log.info(
+                    "Resuming the checkpoint's data order (order seed %d, not %d)",
+                    saved_order,
+                    self.train_dataset.seed,
+                )
+            self.train_dataset.seed = saved_order
         self._base_samples = int(state_dict["consumed_samples"])
         self._base_batches = int(state_dict["processed_batches"])
         self._resume_pending = True
+
+
+def _default_order_seed(order_seed: int | None, split_seed: int) -> int:
+    """``order_seed`` if given, else ``seed_everything``'s seed (``PL_GLOBAL_SEED``), else the
+    split seed (the behaviour before the two were separate)."""
+    if order_seed is not None:
+        return order_seed
+    value = os.environ.get(GLOBAL_SEED_ENV)
+    if value is None:
+        return split_seed
+    try:
+        return int(value)
+    except ValueError as error:
+        raise ValueError(
+            f"{GLOBAL_SEED_ENV}={value!r} is not an integer seed; set data.order_seed or fix "
+            f"the variable"
+        ) from error

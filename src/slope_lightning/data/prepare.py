@@ -6,8 +6,12 @@ The token cache of one corpus split and tokenizer is a folder ``tokens/<key>/``:
 * ``train.bin``, ``val.bin``: the token ids of each split's documents, each document followed
   by the tokenizer's end-of-text token, as flat ``uint16`` (vocabularies up to 2**16) or
   ``uint32``;
-* ``meta.json``, written last: dtype, token and document counts, and per file its byte size,
-  largest id and sha256.
+* ``meta.json``, written last: dtype, token and document counts, per file its byte size,
+  largest id and sha256, and per split where each source's documents lie: the source labels
+  (``{split}_sources``, in order of first appearance) and the token spans
+  ``[start, end, source index]`` of consecutive documents of one source (``{split}_spans``,
+  covering the file from 0 to its token count). So every window's source is known without
+  reading the text again (per-source validation perplexity).
 
 Every file is written under a temporary name and renamed when complete, and ``meta.json``
 marks the folder as complete: a crash mid-write never leaves a folder that later looks valid,
@@ -39,6 +43,7 @@ from slope_lightning.data.corpus import (
     fingerprint,
     load_default_corpus,
     load_documents,
+    source_fingerprint,
     split_documents,
 )
 from slope_lightning.data.tokenizer import (
@@ -54,8 +59,9 @@ log = logging.getLogger(__name__)
 
 _ENCODE_CHUNK = 512  # documents per `encode_batch` call: parallel in Rust, bounded memory
 # Bumped when the layout of train.bin / val.bin / meta.json changes (v2: meta.json records each
-# file's size, largest id and sha256), so folders of another layout are never read.
-_CACHE_VERSION = "tokens-v2"
+# file's size, largest id and sha256; v3: and each split's sources and their token spans), so
+# folders of another layout are never read.
+_CACHE_VERSION = "tokens-v3"
 SPLITS = ("train", "val")
 _COUNTS = ("tokens", "documents", "bytes", "max_id")  # recorded per split, with its sha256
 _META_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -66,7 +72,12 @@ _META_FIELDS: dict[str, type | tuple[type, ...]] = {
     "tokenizer_vocab_size": int,
     **{f"{split}_{field}": int for split in SPLITS for field in _COUNTS},
     **{f"{split}_sha256": str for split in SPLITS},
+    **{f"{split}_{field}": list for split in SPLITS for field in ("sources", "spans")},
 }
+
+#: A run of consecutive documents of one source in a token file: tokens [start, end) and the
+#: index of the source in the split's source list.
+Span = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,15 @@ class PreparedTokens:
     def token_file(self, split: str) -> Path:
         """The token file of ``split`` (``"train"`` or ``"val"``)."""
         return self.tokens_dir / f"{split}.bin"
+
+    def sources(self, split: str) -> tuple[str, ...]:
+        """The source labels of ``split``'s documents, in order of first appearance."""
+        return tuple(self.meta[f"{split}_sources"])
+
+    def spans(self, split: str) -> list[Span]:
+        """Where each source's documents lie in ``split``'s token file: ``(start, end, source
+        index)`` runs, in file order, covering every token once."""
+        return [(int(a), int(b), int(c)) for a, b, c in self.meta[f"{split}_spans"]]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -142,8 +162,18 @@ def prepare_tokens(
     tokenizer_file, tokenizer_sha = _tokenizer(
         train_docs, cache_dir, tokenizer_path, vocab_size, build
     )
+    # The source labels are not in the text's fingerprint (they label it), but the recorded
+    # spans depend on them: the same files listed as other `sources` entries get a new folder.
     key = sha256_text(
-        "|".join((_CACHE_VERSION, fingerprint(train_docs), fingerprint(val_docs), tokenizer_sha))
+        "|".join(
+            (
+                _CACHE_VERSION,
+                fingerprint(train_docs),
+                fingerprint(val_docs),
+                tokenizer_sha,
+                source_fingerprint([*train_docs, *val_docs]),
+            )
+        )
     )
     tokens_dir = cache_dir / "tokens" / key[:16]
     meta_file = tokens_dir / "meta.json"
@@ -264,7 +294,45 @@ def _open_token_cache(tokens_dir: Path, tokenizer_sha: str, vocab_size: int) -> 
                 fix,
             )
         check_checksum(path, meta[f"{split}_sha256"], meta_file, fix)
+        _check_spans(meta, split, meta_file, fix)
     return meta
+
+
+def _check_spans(meta: dict[str, Any], split: str, meta_file: Path, fix: str) -> None:
+    """Raise unless ``{split}_sources`` / ``{split}_spans`` describe the file: labels are
+    strings, spans are ``[start, end, index]`` runs that tile ``[0, tokens)`` in order."""
+    sources, spans = meta[f"{split}_sources"], meta[f"{split}_spans"]
+    if not all(isinstance(label, str) for label in sources):
+        raise corrupt(meta_file, f"its {split}_sources are not all strings ({sources!r})", fix)
+    position = 0
+    for span in spans:
+        valid = (
+            isinstance(span, list)
+            and len(span) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+        )
+        if not valid or span[0] != position or span[1] <= span[0]:
+            raise corrupt(
+                meta_file,
+                f"its {split}_spans do not tile the {split} tokens in order: {span!r} after "
+                f"token {position}",
+                fix,
+            )
+        if not 0 <= span[2] < len(sources):
+            raise corrupt(
+                meta_file,
+                f"its {split}_spans name source {span[2]}, but {split}_sources lists "
+                f"{len(sources)}",
+                fix,
+            )
+        position = span[1]
+    if position != meta[f"{split}_tokens"]:
+        raise corrupt(
+            meta_file,
+            f"its {split}_spans cover {position} tokens, but it records "
+            f"{meta[f'{split}_tokens']} {split} tokens",
+            fix,
+        )
 
 
 def _max_id(path: Path, dtype: np.dtype) -> int:
@@ -311,14 +379,17 @@ def _write_tokens(
     }
     for split, docs in (("train", train_docs), ("val", val_docs)):
         log.info("Tokenizing %d %s documents into %s", len(docs), split, tokens_dir)
-        count, max_id, record = _encode_to_file(
+        lengths, max_id, record = _encode_to_file(
             tokenizer, docs, separator, dtype, tokens_dir / f"{split}.bin"
         )
-        meta[f"{split}_tokens"] = count
+        sources, spans = source_spans(docs, lengths)
+        meta[f"{split}_tokens"] = sum(lengths)
         meta[f"{split}_documents"] = len(docs)
         meta[f"{split}_bytes"] = record.size
         meta[f"{split}_max_id"] = max_id
         meta[f"{split}_sha256"] = record.sha256
+        meta[f"{split}_sources"] = sources
+        meta[f"{split}_spans"] = [list(span) for span in spans]
     write_meta(tokens_dir / "meta.json", meta)
     log.info(
         "Wrote %d train and %d validation tokens (%s) to %s",
@@ -329,19 +400,50 @@ def _write_tokens(
     )
 
 
+def source_spans(
+    documents: Sequence[Document], lengths: Sequence[int]
+) -> tuple[list[str], list[Span]]:
+    """The source labels of ``documents`` (in order of first appearance) and the token spans
+    of runs of consecutive documents from one source, given each document's token count.
+
+    Documents of no tokens add nothing; the spans tile ``[0, sum(lengths))``.
+
+    Example:
+        >>> docs = [Document("a/1", "x", "a"), Document("a/2", "y", "a"), Document("b/1", "z", "b")]
+        >>> source_spans(docs, [3, 2, 4])
+        (['a', 'b'], [(0, 5, 0), (5, 9, 1)])
+    """
+    sources: list[str] = []
+    spans: list[Span] = []
+    position = 0
+    for document, length in zip(documents, lengths, strict=True):
+        if length == 0:
+            continue
+        if document.source not in sources:
+            sources.append(document.source)
+        index = sources.index(document.source)
+        if spans and spans[-1][2] == index:
+            spans[-1] = (spans[-1][0], position + length, index)
+        else:
+            spans.append((position, position + length, index))
+        position += length
+    return sources, spans
+
+
 def _encode_to_file(
     tokenizer: Any,
     documents: Sequence[Document],
     separator: int | None,
     dtype: np.dtype,
     path: Path,
-) -> tuple[int, int, FileRecord]:
+) -> tuple[list[int], int, FileRecord]:
     """Write the ids of ``documents``, each followed by ``separator``, to ``path`` atomically.
 
     Returns:
-        The number of tokens, the largest id (-1 for none) and the file's record.
+        Each document's number of tokens, the largest id (-1 for none) and the file's record.
     """
-    count, max_id = 0, -1
+    lengths: list[int] = []
+    max_id = -1
     with atomic_path(path) as tmp:
         with tmp.open("wb") as f:
             for start in range(0, len(documents), _ENCODE_CHUNK):
@@ -352,8 +454,8 @@ def _encode_to_file(
                 for encoding in encodings:
                     ids = encoding.ids if separator is None else [*encoding.ids, separator]
                     np.asarray(ids, dtype=dtype).tofile(f)
-                    count += len(ids)
+                    lengths.append(len(ids))
                     if ids:
                         max_id = max(max_id, max(ids))
         record = FileRecord.of(tmp)  # measured before the rename: the bytes that get published
-    return count, max_id, record
+    return lengths, max_id, record

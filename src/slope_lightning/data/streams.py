@@ -11,12 +11,21 @@ How the training stream is built, and why it resumes exactly:
 * Each pass starts at the number of samples all ranks consumed before it (``start_fn``), so a
   consumer that counts what it trained on resumes mid-epoch without replaying or skipping a
   sample. ``TextDataModule`` supplies that count from the Trainer.
+
+How validation is sampled (:class:`ValidationWindows`): the split is cut into non-overlapping
+windows inside each source's spans (a window never mixes two sources), each source's windows
+are shuffled with a generator seeded by the split's seed, and the sources are interleaved in
+proportion to their window counts. The order is fixed for a given split, so every validation
+of every run sees the same windows, and any prefix of it (``limit_val_batches``) is a
+representative sample of the whole split: each source holds its share of the prefix to within
+one window.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sized
-from pathlib import Path
+import re
+from collections.abc import Callable, Iterator, Sequence, Sized
+from pathlib import Path, PurePath
 from typing import Any, cast
 
 import numpy as np
@@ -107,6 +116,121 @@ class ConsecutiveWindows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             raise IndexError(f"Window {index} out of range [0, {len(self)}).")
         chunk = self.tokens.window(index * self.seq_len, self.seq_len + 1)  # (T + 1,)
         return chunk[:-1], chunk[1:]
+
+
+class ValidationWindows(Dataset[tuple[torch.Tensor, ...]]):
+    """Validation windows of every source, in a fixed stratified random order.
+
+    Windows of ``seq_len`` inputs (plus the target's extra token) are cut, without overlap,
+    inside each span of one source, so every window belongs to exactly one source; spans too
+    short for a window contribute none. Each source's windows are shuffled by
+    ``np.random.default_rng(seed)``, and the sources are merged by the key ``(j + 1/2) / n_s``
+    of a source's ``j``-th window out of ``n_s`` (ties to the lower source index): any prefix
+    of ``k`` windows holds each source's share of ``k`` to within one window, so
+    ``limit_val_batches`` samples the whole split, not the first document.
+
+    Item ``i`` is ``(x, y)``, or ``(x, y, source)`` with ``with_source``, ``source`` the
+    window's index into :attr:`source_names` as a 0-d int64 tensor (a batch gets ``(B,)``).
+
+    Args:
+        tokens: the validation token file.
+        seq_len: tokens per window.
+        spans: ``(start, end, source index)`` runs tiling the file (see
+            :meth:`~slope_lightning.data.prepare.PreparedTokens.spans`).
+        sources: the source labels the span indices refer to.
+        seed: seed of the order (the split's seed: the same split gives the same order).
+        with_source: add each window's source index to its item.
+
+    Raises:
+        ValueError: no span holds ``seq_len + 1`` tokens.
+    """
+
+    def __init__(
+        self,
+        tokens: TokenFile,
+        seq_len: int,
+        spans: Sequence[tuple[int, int, int]],
+        sources: Sequence[str],
+        seed: int,
+        with_source: bool = False,
+    ) -> None:
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.with_source = with_source
+        self.source_labels = tuple(sources)
+        per_source: list[list[np.ndarray]] = [[] for _ in self.source_labels]
+        for start, end, index in spans:
+            # window starts o with o + seq_len + 1 <= end: the target stays inside the span
+            per_source[index].append(np.arange(start, end - seq_len, seq_len, dtype=np.int64))
+        rng = np.random.default_rng(seed)
+        offsets, source_ids, keys = [], [], []
+        for index, parts in enumerate(per_source):
+            found = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            count = len(found)
+            offsets.append(found[rng.permutation(count)])
+            source_ids.append(np.full(count, index, dtype=np.int64))
+            keys.append((np.arange(count) + 0.5) / max(count, 1))
+        all_offsets, all_ids = np.concatenate(offsets), np.concatenate(source_ids)
+        if len(all_offsets) == 0:
+            raise ValueError(
+                f"{tokens.path}: no source's documents hold seq_len + 1 = {seq_len + 1} tokens "
+                f"in a row, so there is no validation window. Lower seq_len or add text."
+            )
+        order = np.lexsort((all_ids, np.concatenate(keys)))  # by key, then source index
+        self.offsets = all_offsets[order]  # (windows,) start token of each window, in order
+        self.source_ids = all_ids[order]  # (windows,) its source index
+        self.windows_per_source = tuple(
+            int(n) for n in np.bincount(all_ids, minlength=len(per_source))
+        )
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        """Short names of the sources, usable in metric keys (see :func:`source_metric_names`)."""
+        return source_metric_names(self.source_labels)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"Window {index} out of range [0, {len(self)}).")
+        chunk = self.tokens.window(int(self.offsets[index]), self.seq_len + 1)  # (T + 1,)
+        if self.with_source:
+            return chunk[:-1], chunk[1:], torch.tensor(int(self.source_ids[index]))
+        return chunk[:-1], chunk[1:]
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def source_metric_names(labels: Sequence[str]) -> tuple[str, ...]:
+    """Short, unique names for source labels, safe in metric keys such as ``val/ppl/<name>``.
+
+    A label's last path component with something left after dropping its extension and every
+    character but letters, digits, ``_`` and ``-`` (``"notes/*.txt"`` gives ``"notes"``,
+    ``"data/a.jsonl"`` gives ``"a"``, ``"wiki"`` stays); ``"source"`` if none; repeated names
+    get ``_2``, ``_3``, ...
+
+    Example:
+        >>> source_metric_names(["shakespeare", "wiki", "notes/*.txt", "b/notes.txt"])
+        ('shakespeare', 'wiki', 'notes', 'notes_2')
+    """
+    names: list[str] = []
+    for label in labels:
+        parts = PurePath(label).parts
+        name = "source"
+        for depth, part in enumerate(reversed(parts)):
+            cleaned = _UNSAFE.sub("", PurePath(part).stem if depth == 0 else part)
+            if cleaned:
+                name = cleaned
+                break
+        unique, count = name, 1
+        while unique in names:
+            count += 1
+            unique = f"{name}_{count}"
+        names.append(unique)
+    return tuple(names)
 
 
 class ResumableSampler(DistributedSampler):

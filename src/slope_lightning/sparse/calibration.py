@@ -1,0 +1,336 @@
+"""Calibration-aware N:M masks for pretrained weights: Wanda (|W|·‖X‖ per input channel).
+
+Magnitude pruning ranks a weight by |W_ij| alone, which suits a freshly initialised model (the
+paper's setting) but not a pretrained one: a small weight on an input channel that carries
+large activations matters more than a large weight on a quiet channel. Wanda (Sun et al.,
+"A Simple and Effective Pruning Approach for Large Language Models", arXiv 2306.11695)
+scores each weight by |W_ij|·‖X_j‖₂, the norm of input channel j over a few calibration
+batches, and keeps the N best of every M consecutive entries of a row: the same row-group
+structure as SLoPe's row mask M_R, so the result is an ordinary :class:`SparseLinear`.
+
+Two steps, so that the calibration forward and the conversion can run at different times:
+
+- :func:`collect_input_norms` runs the dense model on the calibration batches with forward
+  hooks on its ``nn.Linear`` layers (removed afterwards, also on error) and returns
+  ‖X_j‖₂ per layer name;
+- :func:`wanda_sparsify` converts the same layers as :func:`~slope_lightning.sparse.sparsify`
+  would (include / exclude / tied weights / divisibility / aspect ratio), each with the mask
+  chosen on the scores and the original weight values kept exactly.
+
+The norms come from the dense model in one pass (every layer sees the activations of the
+unpruned layers before it), not from Wanda's layer-by-layer sequential variant.
+
+Torch only, like the rest of ``sparse/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from slope_lightning.sparse.backends import BackendName, SparseBackend
+from slope_lightning.sparse.config import SparsityConfig
+from slope_lightning.sparse.linear import SparseLinear
+from slope_lightning.sparse.masks import check_nm, nm_positions, positions_to_mask
+from slope_lightning.sparse.sparsify import (
+    DEFAULT_EXCLUDE,
+    LayerDecision,
+    SparsifyReport,
+    linear_candidates,
+)
+
+logger = logging.getLogger(__name__)
+
+#: How a row mask is chosen: by |W| (the paper), at random, or by Wanda's |W|·‖X‖.
+MaskSelection = Literal["magnitude", "random", "wanda"]
+MASK_SELECTIONS: tuple[str, ...] = ("magnitude", "random", "wanda")
+
+#: Runs a model on one calibration batch (the return value is ignored).
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Feed one calibration batch to ``model``: a mapping as keyword arguments (an HF batch:
+    ``input_ids``, ``attention_mask``...), a tuple or list by its first element (the inputs of
+    an ``(inputs, targets)`` pair), anything else as the one argument."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, tuple | list):
+        return model(batch[0])
+    return model(batch)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch
+
+
+def collect_input_norms(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: ForwardFn | None = None,
+    layers: Sequence[str] | None = None,
+) -> dict[str, Tensor]:
+    """‖X_j‖₂ of every input channel j of every ``nn.Linear`` over the calibration batches.
+
+    The model runs in eval mode under ``torch.no_grad()`` (its training flags are restored
+    afterwards); each batch is moved to the device of the model's first parameter. One
+    float32 vector of d_in entries per layer is kept: the memory of the calibration is that
+    of a forward pass, not of the activations.
+
+    Args:
+        model: the dense model (its ``nn.Linear`` layers are observed, by qualified name).
+        batches: the calibration batches (a few thousand tokens are enough; Wanda used 128
+            sequences of 2048 tokens).
+        forward: how a batch is fed to the model (default: :func:`default_forward`).
+        layers: names of the layers to observe (None: every ``nn.Linear``).
+
+    Returns:
+        layer name -> (d_in,) float32 tensor of input-channel norms, on the layer's device,
+        for every observed layer that the forward called at least once.
+
+    Raises:
+        ValueError: ``batches`` is empty, or a name in ``layers`` is not an ``nn.Linear``.
+    """
+    forward = forward or default_forward
+    linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    if layers is not None:
+        unknown = [name for name in layers if name not in linears]
+        if unknown:
+            raise ValueError(
+                f"collect_input_norms: {unknown} are not nn.Linear layers of the model; "
+                f"known layers are e.g. {sorted(linears)[:5]}"
+            )
+        linears = {name: linears[name] for name in layers}
+    sums: dict[str, Tensor] = {}
+
+    def observer(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            x = args[0].detach()
+            squares = x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0)  # (d_in,)
+            if name in sums:
+                sums[name] += squares
+            else:
+                sums[name] = squares
+
+        return hook
+
+    handles = [mod.register_forward_hook(observer(name)) for name, mod in linears.items()]
+    modes = {mod: mod.training for mod in model.modules()}
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    seen = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, _to_device(batch, device))
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for mod, mode in modes.items():
+            mod.training = mode
+    if seen == 0:
+        raise ValueError("collect_input_norms: no calibration batch was given")
+    logger.info("calibration: %d batches, %d of %d layers observed", seen, len(sums), len(linears))
+    return {name: total.sqrt() for name, total in sums.items()}
+
+
+def wanda_scores(weight: Tensor, input_norm: Tensor) -> Tensor:
+    """Wanda's importance |W_ij|·‖X_j‖₂, (d_out, d_in) float32 (a transient tensor)."""
+    if input_norm.shape != (weight.shape[-1],):
+        raise ValueError(
+            f"input norms of shape {tuple(input_norm.shape)} do not match a weight with "
+            f"d_in={weight.shape[-1]}"
+        )
+    return weight.detach().float().abs() * input_norm.to(weight.device, torch.float32)
+
+
+def wanda_mask(weight: Tensor, input_norm: Tensor, n: int = 2, m: int = 4) -> Tensor:
+    """Boolean (d_out, d_in) N:M mask along d_in keeping the N best Wanda scores per group
+    (ties to the lower offset, as magnitude masks). For inspection and tests."""
+    scores = wanda_scores(weight, input_norm)
+    return positions_to_mask(nm_positions(scores, n, m), m)
+
+
+def _wanda_layer(
+    linear: nn.Linear,
+    input_norm: Tensor,
+    n: int,
+    m: int,
+    backend: BackendName | SparseBackend,
+    transpose_mask_interval: int | None,
+    name: str,
+) -> SparseLinear:
+    """A SparseLinear of ``linear`` whose row mask keeps the best |W|·‖X‖ of each group and
+    whose values are ``linear``'s weights at those positions, exactly."""
+    weight = linear.weight.detach()  # (d_out, d_in)
+    norm = input_norm.to(weight.device, torch.float32)  # (d_in,)
+    # The layer prunes by magnitude: |W_ij · s_j| = |W_ij| · s_j for s_j >= 0, so pruning the
+    # column-scaled weight selects exactly Wanda's mask. The scaled values are then replaced
+    # by the original ones at the kept positions (no division, so nothing is rounded).
+    layer = SparseLinear(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        n=n,
+        m=m,
+        backend=backend,
+        transpose_mask_interval=transpose_mask_interval,
+        weight=weight.float() * norm,  # (d_out, d_in), transient
+        dtype=weight.dtype,
+        name=name,
+    )
+    with torch.no_grad():
+        columns = layer.layout.columns(layer.row_index)  # (d_out, d_in·N/M)
+        layer.values.copy_(weight.gather(1, columns))
+        if linear.bias is not None and layer.bias is not None:
+            layer.bias.copy_(linear.bias)
+    layer.refresh_transpose_mask(with_stats=False)  # M_C from the original values
+    layer.values.requires_grad_(linear.weight.requires_grad)
+    layer.train(linear.training)
+    return layer
+
+
+def wanda_sparsify(
+    model: nn.Module,
+    norms: Mapping[str, Tensor],
+    n: int | SparsityConfig = 2,
+    m: int = 4,
+    *,
+    backend: str | BackendName | SparseBackend = "reference",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    max_aspect_ratio: float | None = None,
+    transpose_mask_interval: int | None = 1,
+) -> SparsifyReport:
+    """Like :func:`~slope_lightning.sparse.sparsify`, with Wanda row masks from ``norms``.
+
+    Layers are selected by the same rules as ``sparsify`` (the settings come from a
+    :class:`SparsityConfig` or from the keywords; its ``mask_method`` is not read: the mask
+    is Wanda's here). Every converted layer keeps, in each group of M consecutive weights of
+    a row, the N with the largest |W_ij|·‖X_j‖₂, and its original values at those positions.
+
+    Args:
+        model: the dense model, converted in place.
+        norms: :func:`collect_input_norms` of the same model (layer name -> (d_in,) norms).
+        n, m, backend, include, exclude, max_aspect_ratio, transpose_mask_interval: as for
+            :func:`~slope_lightning.sparse.sparsify`; ``n`` may be a SparsityConfig instead.
+
+    Returns:
+        The :class:`SparsifyReport`; converted layers have the reason ``"converted (wanda)"``.
+
+    Raises:
+        ValueError: bad n/m, a config with ``sparse=False``, an included layer that cannot
+            be converted, or a layer to convert without calibration norms (it never ran in
+            the calibration forward: exclude it or feed batches that reach it).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        >>> norms = collect_input_norms(model, [torch.randn(4, 8)])
+        >>> len(wanda_sparsify(model, norms).converted)
+        2
+    """
+    if isinstance(n, SparsityConfig):
+        config = n
+        if not config.sparse:
+            raise ValueError("wanda_sparsify(model, norms, config): the config has sparse=False")
+        n, m = config.n, config.m
+        backend, include = config.backend, config.include
+        exclude = tuple(config.exclude) if config.exclude is not None else DEFAULT_EXCLUDE
+        max_aspect_ratio = config.max_aspect_ratio
+        transpose_mask_interval = config.transpose_mask_interval
+    check_nm(n, m)
+    if isinstance(backend, str):
+        backend = BackendName.parse(backend)
+    if max_aspect_ratio is not None and max_aspect_ratio < 1:
+        raise ValueError(f"max_aspect_ratio must be >= 1, got {max_aspect_ratio}")
+    report = SparsifyReport(
+        n=n, m=m, backend=backend.value if isinstance(backend, BackendName) else backend.name
+    )
+    plan: list[tuple[str, nn.Module, str, nn.Linear]] = []
+    for name, parent, attr, child, reason in linear_candidates(
+        model, include, exclude, m, f"sparsified {n}:{m}", multiple_name=f"m={m}"
+    ):
+        d_out, d_in = child.out_features, child.in_features
+        ratio = max(d_out, d_in) / min(d_out, d_in)
+        if reason is None and not isinstance(child, nn.Linear):
+            reason = f"{type(child).__name__} is not an nn.Linear (Wanda converts nn.Linear)"
+        if reason is None and max_aspect_ratio is not None and ratio > max_aspect_ratio:
+            reason = f"aspect ratio {ratio:.2f} > max_aspect_ratio {max_aspect_ratio}"
+        if reason is not None:
+            converted = isinstance(child, SparseLinear)
+            report.layers.append(LayerDecision(name, d_out, d_in, converted, reason))
+            continue
+        assert isinstance(child, nn.Linear)
+        plan.append((name, parent, attr, child))
+    missing = [name for name, *_ in plan if name not in norms]
+    if missing:
+        raise ValueError(
+            f"wanda_sparsify: no calibration input reached {len(missing)} layer(s) to convert "
+            f"(e.g. {missing[0]!r}); feed calibration batches that run them, or exclude them"
+        )
+    # Validate every layer before converting any, so a bad norm leaves the model unchanged.
+    for name, _, _, child in plan:
+        if norms[name].shape != (child.in_features,):
+            raise ValueError(
+                f"wanda_sparsify: layer {name!r} has d_in={child.in_features} but its "
+                f"calibration norms have shape {tuple(norms[name].shape)}"
+            )
+    for name, parent, attr, child in plan:
+        layer = _wanda_layer(child, norms[name], n, m, backend, transpose_mask_interval, name)
+        setattr(parent, attr, layer)
+        report.layers.append(
+            LayerDecision(name, child.out_features, child.in_features, True, "converted (wanda)")
+        )
+    logger.info("%s", report)
+    return report
+
+
+def calibrate_and_sparsify(
+    model: nn.Module,
+    batches: Iterable[Any],
+    config: SparsityConfig | None = None,
+    forward: ForwardFn | None = None,
+    **settings: Any,
+) -> SparsifyReport:
+    """:func:`collect_input_norms` on ``batches``, then :func:`wanda_sparsify`: one call.
+
+    Only the layers that will be converted are observed. ``settings`` are the keywords of
+    :func:`wanda_sparsify` (not with ``config``).
+
+    Raises:
+        TypeError: both a config and keyword settings are given.
+    """
+    if config is not None and settings:
+        raise TypeError(
+            f"calibrate_and_sparsify: give a SparsityConfig or keywords, not both ({settings})"
+        )
+    include = config.include if config is not None else settings.get("include")
+    if config is not None:
+        exclude = tuple(config.exclude) if config.exclude is not None else DEFAULT_EXCLUDE
+        m = config.m
+    else:
+        exclude = tuple(settings.get("exclude", DEFAULT_EXCLUDE))
+        m = int(settings.get("m", 4))
+    names = [
+        name
+        for name, _, _, child, reason in linear_candidates(
+            model, include, exclude, m, "calibrated", multiple_name=f"m={m}"
+        )
+        if reason is None and isinstance(child, nn.Linear)
+    ]
+    norms = collect_input_norms(model, batches, forward, layers=names)
+    if config is not None:
+        return wanda_sparsify(model, norms, config)
+    return wanda_sparsify(model, norms, **settings)
