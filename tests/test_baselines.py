@@ -13,6 +13,7 @@ groups in numpy); shapes are odd (2, 13, 67 rows).
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 import torch
@@ -45,13 +46,18 @@ BLOCK_LINEARS = [
 ]
 
 
-def _layer(cls: type[nn.Module], shape: tuple[int, int], generator: torch.Generator, **kw):
+def _layer(
+    cls: type[SRSTELinear] | type[FixedMaskLinear],
+    shape: tuple[int, int],
+    generator: torch.Generator,
+    **kw: Any,
+) -> tuple[nn.Linear, Any]:
     d_out, d_in = shape
     linear = nn.Linear(d_in, d_out, dtype=torch.float64)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(d_out, d_in, generator=generator, dtype=torch.float64))
         linear.bias.copy_(torch.randn(d_out, generator=generator, dtype=torch.float64))
-    return linear, cls.from_linear(linear, **kw)  # type: ignore[attr-defined]
+    return linear, cls.from_linear(linear, **kw)
 
 
 def _small_model() -> Transformer:
@@ -70,14 +76,18 @@ def _module_names(model: nn.Module, cls: type[nn.Module]) -> list[str]:
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (2, 8)])
-def test_srste_mask_is_the_nm_magnitude_mask_of_the_weight(shape, n, m, generator):
+def test_srste_mask_is_the_nm_magnitude_mask_of_the_weight(
+    shape: tuple[int, int], n: int, m: int, generator: torch.Generator
+) -> None:
     weight = torch.randn(shape[0], 8 * (shape[1] // 4), generator=generator)
     assert torch.equal(srste_mask(weight, n, m), reference_nm_mask(weight, n, m))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("decay", [0.0, 2e-4, 0.5])
-def test_srste_forward_and_gradients_equal_the_formula(shape, decay, generator):
+def test_srste_forward_and_gradients_equal_the_formula(
+    shape: tuple[int, int], decay: float, generator: torch.Generator
+) -> None:
     linear, layer = _layer(SRSTELinear, shape, generator, decay=decay)
     weight = linear.weight.detach().clone()
     x = torch.randn(3, 5, shape[1], generator=generator, dtype=torch.float64, requires_grad=True)
@@ -98,7 +108,7 @@ def test_srste_forward_and_gradients_equal_the_formula(shape, decay, generator):
     assert (layer.weight.grad[~mask] != 0).all()
 
 
-def test_srste_decay_shrinks_only_the_pruned_weights(generator):
+def test_srste_decay_shrinks_only_the_pruned_weights(generator: torch.Generator) -> None:
     """With no data gradient, one SGD step is W ← W − η λ (1 − M) ⊙ W."""
     linear, layer = _layer(SRSTELinear, (13, 16), generator, decay=0.1)
     before = linear.weight.detach().clone()
@@ -111,7 +121,7 @@ def test_srste_decay_shrinks_only_the_pruned_weights(generator):
     torch.testing.assert_close(after[~mask], before[~mask] * (1 - 0.5 * 0.1))
 
 
-def test_srste_mask_follows_the_weight_while_training(generator):
+def test_srste_mask_follows_the_weight_while_training(generator: torch.Generator) -> None:
     """Each forward uses the N:M mask of the weight as it is then, so the mask changes."""
     torch.manual_seed(0)
     layer = SRSTELinear(32, 16, n=2, m=4)
@@ -131,7 +141,9 @@ def test_srste_mask_follows_the_weight_while_training(generator):
     assert all(int(mask.sum()) == 16 * 32 // 2 for mask in masks)
 
 
-def test_srste_sparsify_converts_the_block_linears_and_finalizes_to_nm(generator):
+def test_srste_sparsify_converts_the_block_linears_and_finalizes_to_nm(
+    generator: torch.Generator,
+) -> None:
     model = _small_model()
     before = {name: p for name, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # built before the swap
@@ -151,12 +163,13 @@ def test_srste_sparsify_converts_the_block_linears_and_finalizes_to_nm(generator
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], logits)
     for name in BLOCK_LINEARS:
-        weight = model.get_submodule(name).weight
-        kept = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
-        assert (kept <= 2).all() and type(model.get_submodule(name)) is nn.Linear
+        linear = model.get_submodule(name)
+        assert type(linear) is nn.Linear
+        kept = (linear.weight != 0).reshape(linear.weight.shape[0], -1, 4).sum(-1)
+        assert (kept <= 2).all()
 
 
-def test_srste_errors_name_the_layer_and_value():
+def test_srste_errors_name_the_layer_and_value() -> None:
     with pytest.raises(ValueError, match=r"layer 'x': in_features \(d_in\)=6 is not divisible"):
         SRSTELinear(6, 4, name="x")
     with pytest.raises(ValueError, match="decay must be a number >= 0, got -1"):
@@ -177,7 +190,9 @@ def test_srste_errors_name_the_layer_and_value():
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_oneshot_magnitude_prunes_once_in_place(shape, generator):
+def test_oneshot_magnitude_prunes_once_in_place(
+    shape: tuple[int, int], generator: torch.Generator
+) -> None:
     linear, layer = _layer(FixedMaskLinear, shape, generator)
     assert layer.weight is linear.weight  # the dense layer is consumed
     dense = torch.randn(shape, generator=generator, dtype=torch.float64)
@@ -192,7 +207,9 @@ def test_oneshot_magnitude_prunes_once_in_place(shape, generator):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fixed_mask_gradients_and_training_keep_the_mask(shape, generator):
+def test_fixed_mask_gradients_and_training_keep_the_mask(
+    shape: tuple[int, int], generator: torch.Generator
+) -> None:
     _, layer = _layer(FixedMaskLinear, shape, generator)
     mask = layer.mask().clone()
     positions = layer.positions.clone()
@@ -215,7 +232,7 @@ def test_fixed_mask_gradients_and_training_keep_the_mask(shape, generator):
     assert not torch.equal(layer.weight.detach()[mask], w_s[mask])  # the kept ones trained
 
 
-def test_fixed_mask_state_dict_round_trip(generator):
+def test_fixed_mask_state_dict_round_trip(generator: torch.Generator) -> None:
     _, layer = _layer(FixedMaskLinear, (13, 16), generator)
     fresh = FixedMaskLinear(16, 13, dtype=torch.float64)
     assert not torch.equal(fresh.mask(), layer.mask())
@@ -226,7 +243,7 @@ def test_fixed_mask_state_dict_round_trip(generator):
     torch.testing.assert_close(layer.to_linear()(x), layer(x))
 
 
-def test_wanda_norms_are_the_input_feature_norms_of_each_layer(generator):
+def test_wanda_norms_are_the_input_feature_norms_of_each_layer(generator: torch.Generator) -> None:
     model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4)).double()
     batches = [torch.randn(5, 8, generator=generator, dtype=torch.float64) for _ in range(3)]
     model.train()
@@ -238,7 +255,7 @@ def test_wanda_norms_are_the_input_feature_norms_of_each_layer(generator):
     torch.testing.assert_close(norms["2"], hidden.norm(dim=0).float())
 
 
-def test_wanda_uses_input_norms_where_magnitude_does_not(generator):
+def test_wanda_uses_input_norms_where_magnitude_does_not(generator: torch.Generator) -> None:
     """A loud input feature keeps its small weights under Wanda, not under magnitude."""
     weight = torch.randn(12, 16, generator=generator, dtype=torch.float64)
     with torch.no_grad():
@@ -251,15 +268,16 @@ def test_wanda_uses_input_norms_where_magnitude_does_not(generator):
     wanda = nn.Sequential(nn.Linear(16, 12, dtype=torch.float64))
     for model in (magnitude, wanda):
         with torch.no_grad():
-            model[0].weight.copy_(weight)
+            model[0].weight.copy_(weight)  # type: ignore[operator]
     oneshot_prune(magnitude, method="magnitude")
     oneshot_prune(wanda, method="wanda", input_norms={"0": norms})
-    assert torch.equal(magnitude[0].mask(), reference_nm_mask(weight, 2, 4))
-    assert torch.equal(wanda[0].mask(), reference_nm_mask(weight.abs() * norms, 2, 4))
-    assert wanda[0].mask()[:, 0::4].all() and not magnitude[0].mask()[:, 0::4].any()
+    by_magnitude, by_wanda = magnitude[0].mask(), wanda[0].mask()  # type: ignore[operator]
+    assert torch.equal(by_magnitude, reference_nm_mask(weight, 2, 4))
+    assert torch.equal(by_wanda, reference_nm_mask(weight.abs() * norms, 2, 4))
+    assert by_wanda[:, 0::4].all() and not by_magnitude[:, 0::4].any()
 
 
-def test_oneshot_prune_a_transformer_by_wanda(generator):
+def test_oneshot_prune_a_transformer_by_wanda(generator: torch.Generator) -> None:
     model = _small_model()
     batches = [torch.randint(0, 96, (2, 16), generator=generator) for _ in range(2)]
     norms = wanda_input_norms(model, batches, forward=lambda model, batch: model(batch))
@@ -284,7 +302,7 @@ def test_oneshot_prune_a_transformer_by_wanda(generator):
         torch.testing.assert_close(dense(batches[0])[0], logits)
 
 
-def test_calibration_swaps_back_on_error():
+def test_calibration_swaps_back_on_error() -> None:
     model = nn.Sequential(nn.Linear(8, 8))
 
     def failing(model: nn.Module, batch: object) -> None:
@@ -297,7 +315,7 @@ def test_calibration_swaps_back_on_error():
         wanda_input_norms(model, [])
 
 
-def test_oneshot_errors():
+def test_oneshot_errors() -> None:
     with pytest.raises(ValueError, match="unknown one-shot method 'random'"):
         oneshot_prune(nn.Sequential(nn.Linear(8, 8)), method="random")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"method='wanda' needs the input norms.*\['0'\]"):

@@ -57,7 +57,7 @@ def two_sources(tmp_path: Path) -> list[str]:
 def _token_file(tmp_path: Path, count: int) -> TokenFile:
     path = tmp_path / "tokens.bin"
     np.arange(count, dtype=np.uint16).tofile(path)  # token i has id i: windows are readable
-    return TokenFile(path, np.uint16)
+    return TokenFile(path, np.dtype(np.uint16))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +117,8 @@ def test_windows_stay_inside_one_source_and_cover_every_window(tmp_path: Path) -
         0: [*range(0, 42, 8), *range(83, 192, 8)],  # starts o with o + 9 <= span end
         1: list(range(50, 75, 8)),
     }
-    for source, starts in expected.items():
-        assert sorted(val.offsets[val.source_ids == source].tolist()) == starts
+    for index, starts in expected.items():
+        assert sorted(val.offsets[val.source_ids == index].tolist()) == starts
     assert val.windows_per_source == (len(expected[0]), len(expected[1]))
     for i in range(len(val)):
         x, y, source = val[i]

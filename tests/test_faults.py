@@ -226,6 +226,32 @@ def test_a_checkpoint_without_global_step_is_refused(tmp_path):
     assert "written by the Trainer" in str(info.value)
 
 
+def _sharded(path: Path, step: int) -> Path:
+    """What ModelParallelStrategy writes: a directory of shards and rank 0's ``meta.pt``."""
+    path.mkdir(parents=True)
+    (path / ".metadata").write_bytes(b"shards index")
+    (path / "__0_0.distcp").write_bytes(b"shard")
+    torch.save({"global_step": step, "epoch": 0}, path / "meta.pt")
+    return path
+
+
+def test_a_sharded_checkpoint_directory_is_read_from_its_metadata(tmp_path):
+    path = _sharded(tmp_path / "last.ckpt", 12)
+    assert checkpoint_step(path) == 12
+    plain = tmp_path / "some-dir"
+    plain.mkdir()
+    with pytest.raises(FileNotFoundError, match="is a directory but not a sharded Lightning"):
+        checkpoint_step(plain)
+
+
+def test_ckpt_path_last_finds_sharded_checkpoints_too(tmp_path):
+    root = tmp_path / "runs" / "tiny-fsdp"
+    older = _ckpt(root / "version_0" / "checkpoints" / "last.ckpt", 50)
+    os.utime(older, (1, 1))
+    sharded = _sharded(root / "version_1" / "checkpoints" / "last.ckpt", 40)
+    assert find_resume_checkpoint(root) == (sharded, 40)  # the latest run, though a folder
+
+
 def test_a_missing_checkpoint_says_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist") as info:
         load_checkpoint_file(tmp_path / "nope.ckpt")

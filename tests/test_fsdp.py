@@ -37,9 +37,9 @@ TIMEOUT_S = int(os.environ.get("SLOPE_DDP_TEST_TIMEOUT", "240"))
 STEPS = [str(step) for step in range(8)]  # the worker trains 8 steps, adapters from step 4
 
 
-def launch(command: list[str], what: str) -> None:
+def launch(command: list[str], what: str) -> str:
     """Run a worker command in a session of its own (rank 0 launches rank 1 as its child:
-    a hang is ended for both) and fail with its stderr if it fails."""
+    a hang is ended for both), fail with its stderr if it fails, return its stderr."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     env["OMP_NUM_THREADS"] = "1"  # two ranks share two cores
     process = subprocess.Popen(
@@ -57,6 +57,7 @@ def launch(command: list[str], what: str) -> None:
         _, stderr = process.communicate()
         pytest.fail(f"{what} hung for {TIMEOUT_S} s:\n{stderr[-4000:]}")
     assert process.returncode == 0, f"{what} failed:\n{stderr[-4000:]}"
+    return stderr
 
 
 class Runs:
@@ -384,6 +385,15 @@ def test_tiny_fsdp_config_runs_a_few_steps(runs, tmp_path):
     run_dir = tmp_path / "runs" / "tiny-fsdp" / "version_0"
     assert (run_dir / "checkpoints" / "last.ckpt" / ".metadata").is_file()  # sharded
     assert (run_dir / "export" / "model.safetensors").is_file()
+    # --ckpt_path last finds the sharded checkpoint (a directory) and resumes it in the same
+    # run, through the real console entry point.
+    resumed = launch(
+        [*command, "--trainer.max_steps=6", "--ckpt_path=last"],
+        "slope-lightning fit --config configs/tiny-fsdp.yaml --ckpt_path last",
+    )
+    expected = f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'} (global step 4)"
+    assert expected in resumed
+    assert not (tmp_path / "runs" / "tiny-fsdp" / "version_1").exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,12 +3,15 @@
     slope-lightning fit --config configs/tiny.yaml                     # a new run
     slope-lightning fit --config configs/tiny.yaml --ckpt_path last    # resume the latest run
     slope-lightning validate --config configs/tiny.yaml --ckpt_path last
+    slope-lightning study --config configs/studies/tiny.yaml           # a quality study
 
-Subcommands: ``fit`` and ``validate`` only. Lightning's ``test`` and ``predict`` are left out on
-purpose: the data module has no test split distinct from the validation split (``validate``
-on a checkpoint is the held-out evaluation) and no prompt source for generation, so both
-could only fail after building the model. An unknown subcommand fails at once, listing the
-two.
+Subcommands: ``fit`` and ``validate`` (LightningCLI), and ``study``
+(:mod:`slope_lightning.study`: methods × learning rates × seeds, each run a ``fit``, then
+one report; it has its own options, ``slope-lightning study --help``). Lightning's ``test``
+and ``predict`` are left out on purpose: the data module has no test split distinct from the
+validation split (``validate`` on a checkpoint is the held-out evaluation) and no prompt
+source for generation, so both could only fail after building the model. An unknown
+subcommand fails at once, listing the two LightningCLI ones.
 
 Runs and resuming:
 
@@ -63,6 +66,7 @@ from slope_lightning.faults import (
 )
 from slope_lightning.module import SLoPeModule
 from slope_lightning.sparse.sparsify import NothingSparsifiedError
+from slope_lightning.study import StudyConfigError, StudyIncomplete, study_command
 
 logger = logging.getLogger(__name__)
 
@@ -367,6 +371,7 @@ _USAGE_ERRORS: tuple[type[BaseException], ...] = (
     argparse.ArgumentError,
     ConfigError,
     NothingSparsifiedError,
+    StudyConfigError,
 )
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -375,6 +380,7 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointError,
     NonFiniteError,
     MisconfigurationException,
+    StudyIncomplete,
     _OOM,
 )
 
@@ -395,7 +401,11 @@ def main(args: list[str] | None = None) -> int:
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    args = sys.argv[1:] if args is None else list(args)
     try:
+        if args[:1] == ["study"]:
+            # not a LightningCLI subcommand: it runs many fits (in-process ones through main)
+            return study_command(args[1:], fit_main=main)
         run_cli(args)
     except SystemExit as exit_:
         code = exit_.code

@@ -122,21 +122,48 @@ def load_checkpoint_file(
     return checkpoint
 
 
+#: The file of a sharded (distributed) Lightning checkpoint directory that holds everything
+#: but the tensors, ``global_step`` included; rank 0 writes it after the shards.
+SHARDED_METADATA = "meta.pt"
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a sharded checkpoint: a directory of shards written by
+    ``ModelParallelStrategy`` (FSDP2) or ``FSDPStrategy`` with its ``meta.pt``."""
+    return Path(path).is_dir() and (Path(path) / SHARDED_METADATA).is_file()
+
+
+def _checkpoint_mtime(path: Path) -> float:
+    """When a checkpoint was completed: a file's mtime, a sharded directory's ``meta.pt``'s."""
+    return (path / SHARDED_METADATA if path.is_dir() else path).stat().st_mtime
+
+
 def checkpoint_step(path: str | Path) -> int:
     """The ``global_step`` recorded in a Lightning checkpoint, read safely and cheaply.
 
-    The file is memory-mapped (``weights_only=True``), so large checkpoints are not read.
+    The file is memory-mapped (``weights_only=True``), so large checkpoints are not read. A
+    sharded checkpoint (a directory, from FSDP2) is read from its ``meta.pt`` alone.
 
     Args:
-        path: a checkpoint file.
+        path: a checkpoint file, or a sharded checkpoint directory.
 
     Returns:
         Its global step (optimizer steps taken).
 
     Raises:
-        FileNotFoundError: ``path`` is not a file.
+        FileNotFoundError: ``path`` does not exist, or is a directory that is not a sharded
+            checkpoint.
         CheckpointError: the file is unsafe, corrupt, or has no integer ``global_step``.
     """
+    path = Path(path)
+    if path.is_dir():
+        if not is_sharded_checkpoint(path):
+            raise FileNotFoundError(
+                f"checkpoint {path} is a directory but not a sharded Lightning checkpoint (it "
+                f"has no {SHARDED_METADATA}); pass a .ckpt file, the directory a sharded save "
+                "wrote (e.g. checkpoints/last.ckpt/ under FSDP2), or `last`"
+            )
+        path = path / SHARDED_METADATA
     checkpoint = load_checkpoint_file(path, mmap=True)
     step = checkpoint.get("global_step")
     if isinstance(step, bool) or not isinstance(step, int):
@@ -709,7 +736,7 @@ _VERSION = re.compile(r"version_(\d+)$")
 def run_checkpoints(run_dir: str | Path) -> list[Path]:
     """The resumable checkpoints of one run directory: ``checkpoints/last*.ckpt`` and
     ``crash/*.ckpt`` (or, for a plain directory of checkpoints, its ``last*.ckpt`` and crash
-    files)."""
+    files), each a file or a sharded checkpoint directory."""
     run_dir = Path(run_dir)
     found = [
         *run_dir.glob(f"{CHECKPOINTS_DIRNAME}/last*.ckpt"),
@@ -717,7 +744,7 @@ def run_checkpoints(run_dir: str | Path) -> list[Path]:
         *run_dir.glob("last*.ckpt"),
         *run_dir.glob("on_exception*.ckpt"),
     ]
-    return sorted({p for p in found if p.is_file()})
+    return sorted({p for p in found if p.is_file() or is_sharded_checkpoint(p)})
 
 
 def find_resume_checkpoint(
@@ -748,12 +775,12 @@ def find_resume_checkpoint(
     for run_dir in dirs:
         files = run_checkpoints(run_dir)
         if files:
-            runs.append((max(f.stat().st_mtime for f in files), files))
+            runs.append((max(_checkpoint_mtime(f) for f in files), files))
     if not runs:
         return None
     _, files = max(runs, key=lambda run: run[0])
     ranked = [(checkpoint_step(f), CRASH_DIRNAME not in f.parent.name, f) for f in files]
-    step, _, best = max(ranked, key=lambda r: (r[0], r[1], r[2].stat().st_mtime))
+    step, _, best = max(ranked, key=lambda r: (r[0], r[1], _checkpoint_mtime(r[2])))
     return best, step
 
 
