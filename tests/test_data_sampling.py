@@ -192,6 +192,51 @@ def test_val_batches_carry_source_ids_when_asked(tmp_path: Path, two_sources: li
         assert torch.equal(x, px) and torch.equal(y, py)
 
 
+def test_the_module_logs_validation_perplexity_per_source(
+    tmp_path: Path, two_sources: list[str]
+) -> None:
+    """With ``val_source_ids`` the module logs ``val/ppl/<source>`` beside ``val/ppl``; each
+    is exp of that source's mean window loss, and the overall one lies between them."""
+    import lightning.pytorch as pl
+
+    from slope_lightning.module import SLoPeModule
+
+    dm = _ready(_datamodule(tmp_path, "unused", sources=two_sources, val_source_ids=True))
+    module = SLoPeModule(
+        preset="tiny",
+        vocab_size=dm.vocab_size,
+        seq_len=dm.seq_len,
+        model_overrides={"n_layer": 1, "d_model": 32, "n_head": 2, "n_kv_head": 1},
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.validate(module, datamodule=dm, verbose=False)
+    metrics = trainer.callback_metrics
+    per_source = [float(metrics[f"val/ppl/{name}"]) for name in ("big", "small")]
+    assert min(per_source) <= float(metrics["val/ppl"]) <= max(per_source)
+    # The same numbers by hand: each source's windows, their mean token loss.
+    assert dm.val_dataset is not None
+    losses: dict[int, list[float]] = {0: [], 1: []}
+    module.eval()
+    with torch.no_grad():
+        for x, y, source in dm.val_dataloader():
+            logits, _ = module.model(x, y)
+            nll = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), y.flatten(), reduction="none"
+            )
+            for window, index in zip(nll.view_as(y).mean(1), source, strict=True):
+                losses[int(index)].append(float(window))
+    for index, name in enumerate(("big", "small")):
+        expected = float(np.exp(np.mean(losses[index])))
+        assert float(metrics[f"val/ppl/{name}"]) == pytest.approx(expected, rel=1e-4)
+
+
 def test_validation_windows_depend_on_the_split_seed_only(
     tmp_path: Path, two_sources: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,6 +11,7 @@ re-exported here for code that imports them as ``slope_lightning.module.*``.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import OptimStateKeyType, fully_shard
 from torch.distributed.tensor import DTensor
+from torchmetrics.aggregation import MeanMetric
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
@@ -159,6 +161,10 @@ class SLoPeModule(pl.LightningModule):
         self.export_dir = export_dir
         self.val_ppl = Perplexity(ignore_index=-100)
         self.test_ppl = Perplexity(ignore_index=-100)
+        # Mean validation loss per source (data.val_source_ids: true), set up in setup() from
+        # the data module's source names; logged as val/ppl/<source>.
+        self.val_source_loss = nn.ModuleDict()
+        self._val_source_names: tuple[str, ...] = ()
         self._logged_param_count = -1
 
     # ------------------------------------------------------------------ steps
@@ -175,12 +181,38 @@ class SLoPeModule(pl.LightningModule):
         return loss
 
     @override
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        """Validation loss and perplexity; per source too when the batches carry each
+        window's source index (``data.val_source_ids: true``)."""
+        x, y = batch[0], batch[1]
         logits, loss = self.model(x, y)
         self.val_ppl.update(logits.float(), y)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", self.val_ppl, prog_bar=True)
+        if len(batch) == 3 and self._val_source_names:
+            source = batch[2]  # (B,): each window's index into the source names
+            per_token = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), y.flatten(), reduction="none", ignore_index=-100
+            ).view_as(y)
+            per_window = per_token.mean(dim=1)  # (B,): windows never mix sources
+            for index, name in enumerate(self._val_source_names):
+                chosen = source == index
+                if chosen.any():
+                    self.val_source_loss[_metric_key(name)].update(per_window[chosen])
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        # exp of each source's mean window loss, then reset. compute() reduces over ranks (a
+        # collective): every rank calls it for every source, also one that saw none of its
+        # windows (its share is 0/0; torchmetrics warns about that, harmlessly).
+        for name in self._val_source_names:
+            metric = self.val_source_loss[_metric_key(name)]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+                mean_loss = metric.compute()
+            metric.reset()
+            if torch.isfinite(mean_loss):
+                self.log(f"val/ppl/{name}", mean_loss.exp(), sync_dist=False)
 
     @override
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -291,6 +323,12 @@ class SLoPeModule(pl.LightningModule):
             )
         if self.sparsify_report is not None and stage == "fit":
             _info("%s", self.sparsify_report)
+        names = tuple(getattr(datamodule, "val_source_names", ()) or ())
+        if getattr(datamodule, "val_source_ids", False) and names:
+            self._val_source_names = names
+            for name in names:
+                if _metric_key(name) not in self.val_source_loss:
+                    self.val_source_loss[_metric_key(name)] = MeanMetric()
         if self.sparsify_report is not None and self.sparsity.backend is BackendName.auto:
             # auto's measured decisions belong to this run: kept in its own directory (rank 0
             # measures and writes, the others receive its decisions), never in a file that
@@ -465,6 +503,12 @@ def _data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
             f"and data_parallel_size: {mesh.size()} (the number of processes)"
         )
     return mesh["data_parallel"]
+
+
+def _metric_key(source: str) -> str:
+    """A source's metric name as a module name (the data module's names hold no dots, but a
+    module name must not, whatever a foreign data module gives)."""
+    return source.replace(".", "_")
 
 
 def _is_sharded(module: nn.Module) -> bool:

@@ -25,6 +25,7 @@ from slope_lightning.baselines.srste import (
 )
 from slope_lightning.baselines.transposable import (
     TransposableSparseLinear,
+    transposable_finalize,
     transposable_mask,
     transposable_sparsify,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "srste_finalize",
     "srste_mask",
     "srste_sparsify",
+    "transposable_finalize",
     "transposable_mask",
     "transposable_sparsify",
     "wanda_input_norms",

@@ -475,6 +475,37 @@ class TransposableSparseLinear(nn.Module):
                 return weight_c * operands[0]
             return apply_tile_mask(weight_c, operands[-1])
 
+    def trained_compute_dtype(self) -> torch.dtype:
+        """The compute dtype this layer has run in on its weight's device, when it ran in
+        exactly one (e.g. bfloat16 under bf16 autocast), else the weight's dtype."""
+        dtypes = {dtype for device, dtype in self._chosen if device == self.weight.device}
+        return dtypes.pop() if len(dtypes) == 1 else self.weight.dtype
+
+    def to_linear(self, compute_dtype: torch.dtype | None = None) -> nn.Linear:
+        """An nn.Linear holding W ⊙ M (copied, in the weight's dtype) and the bias (copied):
+        the transposable 2:4 model this layer computes, for evaluation or export.
+
+        M is the mask the forward uses in ``compute_dtype`` (default:
+        :meth:`trained_compute_dtype`, so that a layer trained under bf16 autocast on a GPU
+        backend keeps that backend's tile pruning rather than the exact reference mask): the
+        nonzeros of :meth:`sparse_weight`. A kept entry that is zero in the compute dtype is
+        zero in W ⊙ M either way.
+        """
+        kept = self.sparse_weight(compute_dtype or self.trained_compute_dtype()) != 0
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.weight * kept)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        linear.train(self.training)
+        return linear
+
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: Tensor) -> Tensor:
@@ -553,3 +584,20 @@ def transposable_sparsify(
         converted.append(name)
     logger.info("transposable_sparsify: %d layers converted (backend=%s)", len(converted), backend)
     return converted
+
+
+def transposable_finalize(model: nn.Module) -> list[str]:
+    """Replace every :class:`TransposableSparseLinear` in ``model`` by the nn.Linear of its
+    pruned weight (:meth:`TransposableSparseLinear.to_linear`), in place: the trained
+    transposable 2:4 model, for evaluation or export.
+
+    Returns:
+        The qualified names of the replaced layers.
+    """
+    replaced: list[str] = []
+    for parent_name, parent in list(model.named_modules()):
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, TransposableSparseLinear):
+                setattr(parent, attr, child.to_linear())
+                replaced.append(f"{parent_name}.{attr}" if parent_name else attr)
+    return replaced
