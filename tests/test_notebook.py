@@ -51,3 +51,30 @@ def test_the_toy_training_predicts_the_next_token():
     inputs, targets = (namespace[ast.unparse(arg)] for arg in calls[0].args)
     assert inputs.shape == targets.shape
     assert torch.equal(inputs[:, 1:], targets[:, :-1])
+
+
+QUALITY_NOTEBOOK = NOTEBOOK.parent / "quality.ipynb"
+QUALITY_REPORT = NOTEBOOK.parents[1] / "benchmarks" / "results" / "quality" / "study-tiny.json"
+
+
+def test_the_quality_notebook_draws_the_committed_report(monkeypatch):
+    """The quality notebook runs on the committed report as it is (no training): its figures
+    hold every method of the report, and its own check of the best learning rates passes."""
+    monkeypatch.chdir(QUALITY_NOTEBOOK.parent)  # where Jupyter starts it
+    cells = json.loads(QUALITY_NOTEBOOK.read_text())["cells"]
+    namespace: dict = {}
+    for cell in cells:
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), "quality.ipynb", "exec"), namespace)
+    report = json.loads(QUALITY_REPORT.read_text())
+    assert namespace["report"] == report
+    swept = [m for m, spec in report["study"]["methods"].items() if spec["lr_from"] is None]
+    assert set(namespace["best"]) == set(swept)  # every sweep finished and was checked
+    (sweep_axes,) = namespace["sweep_figure"].axes
+    assert len(sweep_axes.get_legend().get_texts()) == len(swept)
+    ablations = [row for row in report["table"] if row.get("group") == "ablation"]
+    (ablation_axes,) = namespace["ablation_figure"].axes
+    assert len(ablation_axes.patches) == len(ablations)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")

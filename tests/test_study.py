@@ -210,6 +210,32 @@ def test_bad_study_files_name_the_key(tmp_path: Path, change: dict[str, Any], me
         StudyConfig.from_dict(_study(tmp_path, **change))
 
 
+def test_a_study_file_extends_another_and_updates_its_methods(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(_study(tmp_path)))
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "big.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "extends": "../base.yaml",
+                "name": "big",
+                "methods": {"slope": {"lrs": [1e-4, 2e-4]}, "extra": {"lr_from": "slope"}},
+            }
+        )
+    )
+    study = StudyConfig.from_file(tmp_path / "gpu" / "big.yaml")
+    assert study.name == "big" and study.seeds == (0, 1)
+    slope = study.method("slope")
+    assert slope.lrs == (1e-4, 2e-4) and slope.label == "SLoPe 2:4"  # only lrs replaced
+    assert study.method("dense").lrs == (1e-3, 3e-3)
+    assert study.method("extra").lr_from == "slope"
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(StudyConfigError, match="makes a cycle"):
+        StudyConfig.from_file(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: absent.yaml\n")
+    with pytest.raises(StudyConfigError, match="relative to the extending file"):
+        StudyConfig.from_file(tmp_path / "orphan.yaml")
+
+
 def test_missing_or_non_mapping_study_file(tmp_path: Path) -> None:
     with pytest.raises(StudyConfigError, match="does not exist"):
         StudyConfig.from_file(tmp_path / "absent.yaml")

@@ -141,6 +141,10 @@ class StudyConfig:
     def from_file(cls, path: str | Path) -> StudyConfig:
         """Read and validate a study file.
 
+        A file with ``extends: <other study file>`` (a path relative to this file) takes
+        every key of the other one and replaces those it gives; under ``methods`` it updates
+        each named method's settings (e.g. only its ``lrs``) and adds new methods.
+
         Raises:
             StudyConfigError: the file is missing, is not a YAML mapping, or a key is
                 unknown, missing or of a wrong value (the message names it).
@@ -154,7 +158,7 @@ class StudyConfig:
             raise StudyConfigError(f"{path} is not valid YAML: {error}") from error
         if not isinstance(data, Mapping):
             raise StudyConfigError(f"{path} must hold a mapping of study keys")
-        return cls.from_dict(data, source=path)
+        return cls.from_dict(_extended(path, data, seen=(path.resolve(),)), source=path)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: Path | None = None) -> StudyConfig:
@@ -340,6 +344,44 @@ class RunSpec:
 def format_lr(lr: float) -> str:
     """A learning rate as it appears in run names: ``0.003``, ``1e-05``."""
     return f"{lr:g}"
+
+
+def _extended(path: Path, data: Mapping[str, Any], seen: tuple[Path, ...]) -> dict[str, Any]:
+    """``data`` with its ``extends`` chain resolved (see :meth:`StudyConfig.from_file`)."""
+    data = dict(data)
+    parent_name = data.pop("extends", None)
+    if parent_name is None:
+        return data
+    if not isinstance(parent_name, str) or not parent_name:
+        raise StudyConfigError(f"{path}: extends must name a study file, got {parent_name!r}")
+    parent_path = (path.parent / parent_name).resolve()
+    if parent_path in seen:
+        raise StudyConfigError(f"{path}: extends {parent_name!r} makes a cycle")
+    if not parent_path.is_file():
+        raise StudyConfigError(
+            f"{path}: extends {parent_name!r}, which does not exist ({parent_path}; the path is "
+            "relative to the extending file)"
+        )
+    try:
+        parent = yaml.safe_load(parent_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise StudyConfigError(f"{parent_path} is not valid YAML: {error}") from error
+    if not isinstance(parent, Mapping):
+        raise StudyConfigError(f"{parent_path} must hold a mapping of study keys")
+    merged = _extended(parent_path, parent, (*seen, parent_path))
+    methods = dict(merged.get("methods") or {})
+    changes = data.pop("methods", None) or {}
+    if not isinstance(changes, Mapping):
+        raise StudyConfigError(f"{path}: methods must be a mapping, got {changes!r}")
+    for name, change in changes.items():
+        base = methods.get(name)
+        if isinstance(base, Mapping) and isinstance(change, Mapping):
+            methods[name] = {**base, **change}
+        else:
+            methods[name] = change
+    merged.update(data)
+    merged["methods"] = methods
+    return merged
 
 
 # ---------------------------------------------------------------------------- validation
