@@ -209,6 +209,9 @@ def summarize(
             name: _mean_std([r["eval"]["per_source"][name]["ppl"] for r in runs if r.get("eval")])
             for name in sources
         }
+        before = sorted(
+            {t for r in runs for t in r.get("logged", {}) if t.startswith("pretrained/")}
+        )
         run_tokens = {r.get("tokens") for r in runs}
         run_parameters = {(r.get("eval") or {}).get("parameters") for r in runs}
         row.update(
@@ -223,6 +226,10 @@ def summarize(
                 "train_loss_delta": _mean_std(deltas)[0] if deltas else math.nan,
                 "train_loss_delta_std": _mean_std(deltas)[1] if deltas else math.nan,
                 "per_source_ppl": {name: list(value) for name, value in per_source.items()},
+                "before_training": {
+                    tag: list(_mean_std([r["logged"][tag] for r in runs if tag in r["logged"]]))
+                    for tag in before
+                },
                 "tokens": run_tokens.pop() if len(run_tokens) == 1 else None,
                 "parameters": run_parameters.pop() if len(run_parameters) == 1 else None,
                 "wall_s": statistics.fmean(r["wall_s"] for r in runs),
@@ -412,6 +419,27 @@ def render_markdown(summary: dict[str, Any]) -> str:
             "",
         ]
         lines += _table(ablations, baseline, sources)
+    before = [row for row in summary["table"] if row.get("before_training")]
+    if before:
+        tags = sorted({tag for row in before for tag in row["before_training"]})
+        lines += [
+            "",
+            "## Before training",
+            "",
+            "Logged by the run before its first step (e.g. `InitFromPretrained`: the "
+            "pretrained model and its one-shot pruned copy), on the validation windows the "
+            "final evaluation uses when the study's `eval_windows` matches its `eval_batches`.",
+            "",
+            "| method | " + " | ".join(tags) + " | after training (val ppl) |",
+            "|---|" + "---|" * (len(tags) + 1),
+        ]
+        for row in before:
+            cells = [
+                _pm(*row["before_training"][tag]) if tag in row["before_training"] else "–"
+                for tag in tags
+            ]
+            after = _pm(row["val_ppl"], row["val_ppl_std"])
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {after} |")
     evaluated = next((row for row in summary["table"] if row.get("evaluated_windows")), None)
     if evaluated is not None:
         lines += [

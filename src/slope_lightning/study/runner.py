@@ -226,7 +226,7 @@ def collect(
     curves = {
         tag: series
         for tag, series in scalars.items()
-        if tag in ("train/loss", "val/loss") or tag.startswith("val/ppl")
+        if tag in ("train/loss", "val/loss") or tag.startswith(("val/ppl", "pretrained/"))
     }
     logged = {tag: series[-1][1] for tag, series in curves.items() if series}
     export = log_dir / "export"
