@@ -205,3 +205,80 @@ def test_all_groups_in_a_row_are_independent() -> None:
     weight = torch.tensor([list(itertools.chain([4.0, 3.0, 2.0, 1.0], [0.4, 0.3, 0.2, 0.1]))])
     mask = wanda_mask(weight, torch.ones(8), 2, 4)
     assert mask.tolist() == [[True, True, False, False, True, True, False, False]]
+
+
+# ------------------------------------------------------------------ transformers' Conv1D (GPT-2)
+
+
+def tiny_gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers", reason="transformers is in the test extras")
+    config = transformers.GPT2Config(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=32, bos_token_id=0
+    )
+    torch.manual_seed(4)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def gpt2_batches(count: int = 2) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 128, (2, 16), generator=generator) for _ in range(count)]
+
+
+CONV1D = [
+    f"transformer.h.{i}.{layer}"
+    for i in range(2)
+    for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+]
+
+
+def test_conv1d_input_norms_are_taken_over_its_input_channels() -> None:
+    """A Conv1D computes x @ W + b with W (d_in, d_out): its channels are x's last dimension."""
+    model = tiny_gpt2()
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in CONV1D}
+    hooks = [
+        model.get_submodule(name).register_forward_hook(
+            lambda module, args, out, name=name: inputs[name].append(args[0].detach())
+        )
+        for name in CONV1D
+    ]
+    norms = collect_input_norms(model, gpt2_batches())
+    for hook in hooks:
+        hook.remove()
+    assert set(CONV1D) <= set(norms)  # observed beside the nn.Linear head
+    for name in CONV1D:
+        seen = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs[name]])  # (tokens, d_in)
+        d_in = model.get_submodule(name).get_parameter("weight").shape[0]
+        assert norms[name].shape == (d_in,)
+        torch.testing.assert_close(norms[name], seen.norm(dim=0))
+
+
+def test_wanda_prunes_gpt2_conv1d_as_the_equivalent_linear_and_keeps_its_values() -> None:
+    model = tiny_gpt2()
+    dense = {
+        name: model.get_submodule(name).get_parameter("weight").detach().t().clone()
+        for name in CONV1D
+    }
+    reference = tiny_gpt2()  # the same weights: pruned by hand below
+    norms = collect_input_norms(model, gpt2_batches())
+    report = wanda_sparsify(model, norms)
+
+    assert [d.name for d in report.converted] == CONV1D
+    assert {d.reason for d in report.converted} == {"converted (wanda, Conv1D)"}
+    for name, layer in sparse_layers(model):
+        weight = dense[name]  # (d_out, d_in): the Conv1D's (d_in, d_out) transposed
+        mask = layer.layout.mask(layer.row_index)
+        assert torch.equal(mask, wanda_mask(weight, norms[name])), name
+        assert torch.equal(layer.to_dense(), weight * mask), name  # original values, exactly
+        assert layer.weight_layout == "conv1d"  # a dense export writes a Conv1D back
+        with torch.no_grad():
+            reference.get_submodule(name).get_parameter("weight").mul_(mask.t())
+    ids = gpt2_batches(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
+def test_calibrate_and_sparsify_calibrates_and_converts_conv1d_layers() -> None:
+    model = tiny_gpt2()
+    report = calibrate_and_sparsify(model, gpt2_batches())
+    assert [d.name for d in report.converted] == CONV1D
+    assert not any(d.converted for d in report.layers if d.name == "lm_head")

@@ -790,3 +790,146 @@ def test_slope_makes_a_hugging_face_llama_sparse_and_resumes_exactly(tmp_path):
     assert {**first, **rest} == full
     for (name, a), (_, b) in zip(sparse_layers(full_module), sparse_layers(resumed), strict=True):
         assert torch.equal(a.values, b.values), name
+
+
+# ------------------------------------------------------------------ GPT-2: transformers' Conv1D
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    hf = pytest.importorskip("transformers", reason="transformers is in the test extras")
+    config = hf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    torch.manual_seed(seed)
+    return hf.GPT2LMHeadModel(config)
+
+
+#: GPT-2's block layers: all of them transformers Conv1D (the LM head is an nn.Linear).
+GPT2_BLOCK_LAYERS = [
+    f"transformer.h.{i}.{layer}"
+    for i in range(2)
+    for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+]
+
+
+class GPT2Module(HFModule):
+    """A foreign module around a Hugging Face GPT2LMHeadModel, unchanged."""
+
+    def __init__(self, sparse: bool = False) -> None:
+        pl.LightningModule.__init__(self)
+        self.model = tiny_gpt2()
+        if sparse:
+            sparsify(self.model)
+
+
+class TokenData(pl.LightningDataModule):
+    def train_dataloader(self):
+        return hf_batches()
+
+
+class Snapshot(pl.Callback):
+    """The model's state when training starts (after every setup-time conversion)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.state = {
+            key: value.detach().clone()
+            for key, value in pl_module.model.state_dict().items()
+            if isinstance(value, torch.Tensor)
+        }
+
+
+def test_slope_calibrates_wanda_masks_for_gpt2_conv1d_layers():
+    reference = GPT2Module()
+    norms = collect_input_norms(reference, list(hf_batches())[:2])
+    wanda_sparsify(reference, norms)
+    module = GPT2Module()
+    slope = SLoPe(mask_method="wanda", calibration_batches=2, calibration_data=hf_batches())
+    trainer([slope, MaskScheduler()], max_steps=2).fit(module, hf_batches())
+
+    names = [f"model.{name}" for name in GPT2_BLOCK_LAYERS]
+    assert slope.report is not None
+    assert [d.name for d in slope.report.converted] == names
+    assert {d.reason for d in slope.report.converted} == {"converted (wanda, Conv1D)"}
+    ours, theirs = dict(sparse_layers(module)), dict(sparse_layers(reference))
+    for name in names:
+        assert ours[name].weight_layout == "conv1d"
+        assert torch.equal(ours[name].row_index, theirs[name].row_index), name  # Wanda's M_R
+    assert isinstance(module.model.lm_head, nn.Linear)
+
+
+def test_init_from_pretrained_prunes_gpt2_conv1d_weights_in_their_own_layout(tmp_path):
+    from safetensors.torch import save_file
+
+    from slope_lightning.callbacks import InitFromPretrained
+
+    pretrained = tiny_gpt2(seed=1)
+    state = {k: v.contiguous() for k, v in pretrained.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp_path / "gpt2.safetensors"))  # Conv1D weights stored (d_in, d_out)
+    snapshot = Snapshot()
+    init = InitFromPretrained(
+        source=str(tmp_path / "gpt2.safetensors"), mask_method="wanda", calibration_batches=2
+    )
+    trainer([init, snapshot], max_steps=1).fit(GPT2Module(sparse=True), datamodule=TokenData())
+
+    reference = tiny_gpt2(seed=1)  # the pretrained weights, pruned by Wanda directly
+    norms = collect_input_norms(reference, list(hf_batches())[:2], layers=GPT2_BLOCK_LAYERS)
+    report = wanda_sparsify(reference, norms, include=GPT2_BLOCK_LAYERS, exclude=())
+    assert len(report.converted) == 8
+    for key, value in reference.state_dict().items():
+        if isinstance(value, torch.Tensor) and not key.endswith("_extra_state"):
+            assert torch.equal(snapshot.state[key], value), key  # masks, kept values, the rest
+
+
+# ------------------------------------------------------------------ litgpt
+
+
+class LitGPTModule(pl.LightningModule):
+    """A foreign module around a litgpt ``GPT`` (a LLaMA-shaped one), unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        litgpt = pytest.importorskip(
+            "litgpt", reason="litgpt is optional (not a dependency): pip install litgpt"
+        )
+        config = litgpt.Config(
+            n_layer=2,
+            n_head=4,
+            n_query_groups=2,
+            n_embd=64,
+            block_size=32,
+            vocab_size=128,
+            padded_vocab_size=128,
+            bias=False,
+            intermediate_size=128,
+            mlp_class_name="LLaMAMLP",
+            norm_class_name="RMSNorm",
+            rotary_percentage=1.0,
+            parallel_residual=False,
+        )
+        torch.manual_seed(0)
+        self.model = litgpt.GPT(config)
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        logits = self.model(x[:, :-1])
+        return nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_slope_makes_a_litgpt_gpt_sparse_and_it_trains():
+    module = LitGPTModule()
+    block_linears = [
+        name
+        for name, layer in module.named_modules()
+        if isinstance(layer, nn.Linear) and name.startswith("model.transformer.h.")
+    ]
+    assert len(block_linears) == 2 * 5  # qkv, proj, fc_1, fc_2, mlp proj per block
+    recorder = LossRecorder()
+    trainer([SLoPe(), MaskScheduler(), recorder], max_steps=4).fit(module, hf_batches())
+    assert [name for name, _ in sparse_layers(module)] == block_linears
+    assert isinstance(module.model.lm_head, nn.Linear)  # the head stays dense
+    losses = [recorder.losses[step] for step in range(4)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

@@ -552,3 +552,16 @@ def test_run_cli_raises_instead_of_exiting(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="validate needs"):
         run_cli(["validate", "--config", TINY])
+
+
+def test_a_corrupt_token_cache_is_one_error_line_naming_the_folder(corpus, tmp_path, capsys):
+    sources, _ = corpus
+    cache = tmp_path / "cache"
+    args = _args((sources, str(cache)), steps=1)
+    assert main(args) == 0  # builds this test's own cache
+    capsys.readouterr()
+    (train,) = cache.glob("tokens/*/train.bin")
+    train.write_bytes(train.read_bytes()[:-7])  # truncated, e.g. by a full disk
+    assert main(args) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert "truncated" in line and str(train.parent) in line

@@ -190,6 +190,32 @@ def test_export_and_load_share_the_config_mapping(tmp_path):
         torch.testing.assert_close(loaded(idx)[0], model(idx)[0])
 
 
+def test_export_model_refuses_a_model_that_is_not_the_projects_transformer(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is in the test extras")
+    hf_model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=1, n_head=4, n_positions=32)
+    )
+    sparsify(hf_model)
+    config = small_config()
+    with pytest.raises(TypeError, match=r"GPT2LMHeadModel.*slope_lightning\.hf\.save_pretrained"):
+        export_model(hf_model, config, SparsityConfig(), tmp_path / "hf")
+    with pytest.raises(TypeError, match=r"Sequential.*\['0', '1'\].*save_pretrained"):
+        export_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), config, None, tmp_path / "x")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "x").exists()  # nothing written
+
+
+def test_export_model_takes_the_gathered_state_of_a_sharded_transformer(tmp_path):
+    """Under FSDP2 the module exports a stand-in that holds the gathered state dict."""
+    from slope_lightning.module import _StateDict
+
+    config = small_config()
+    model = Transformer(config)
+    export_model(_StateDict(model.state_dict()), config, None, tmp_path)
+    idx = torch.randint(0, 300, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(tmp_path).eval()(idx)[0], model.eval()(idx)[0])
+
+
 def test_load_exported_names_the_broken_file(tmp_path):
     config = small_config()
     export_model(Transformer(config), config, None, tmp_path)

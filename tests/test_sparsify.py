@@ -466,3 +466,24 @@ def test_small_layers_are_converted_on_one_thread_and_the_thread_count_restored(
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    ("name", "home"),
+    [
+        ("load_dense_state_dict", "slope_lightning.sparse.sparsify"),
+        ("prune_dense_state_dict", "slope_lightning.sparse.sparsify"),
+        ("NothingSparsifiedError", "slope_lightning.sparse.sparsify"),
+        ("wanda_sparsify", "slope_lightning.sparse.calibration"),
+        ("collect_input_norms", "slope_lightning.sparse.calibration"),
+        ("calibrate_and_sparsify", "slope_lightning.sparse.calibration"),
+    ],
+)
+def test_user_facing_functions_are_importable_from_the_sparse_package(name, home):
+    """What the README uses is ``from slope_lightning.sparse import ...``, not a deep path."""
+    import importlib
+
+    import slope_lightning.sparse as package
+
+    assert name in package.__all__
+    assert getattr(package, name) is getattr(importlib.import_module(home), name)

@@ -90,12 +90,21 @@ def test_block_linears_become_sparse_and_every_linear_layer_is_reported(architec
     report = sparsify(model)
     assert {d.name for d in report.layers} == names  # nothing goes unmentioned
     per_block = {"gpt2": 4, "bert": 6, "opt": 6}.get(architecture, 7)
-    blocks = [d.name for d in report.converted if d.name != "pooler.dense"]  # BERT's pooler too
+    blocks = [d.name for d in report.converted]  # BERT's pooler stays dense, as heads do
     assert len(blocks) == 2 * per_block
     assert all(".layers." in name or ".h." in name or ".layer." in name for name in blocks)
     assert all(not d.converted for d in report.layers if "lm_head" in d.name)
     ids = torch.randint(0, 128, (2, 9))
     assert output(model, ids).isfinite().all()
+
+
+def test_berts_pooler_stays_dense_by_default_like_a_head_and_include_can_name_it():
+    report = sparsify(tiny("bert"))
+    pooler = next(d for d in report.layers if d.name == "pooler.dense")
+    assert not pooler.converted and pooler.reason == "excluded by pattern '*pooler*'"
+    assert len(report.converted) == 2 * 6  # q, k, v, attention output, intermediate, output
+    named = sparsify(tiny("bert"), include=["pooler.dense"], exclude=())
+    assert [d.name for d in named.converted] == ["pooler.dense"]
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

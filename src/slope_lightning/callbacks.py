@@ -59,7 +59,7 @@ from slope_lightning.sparse.calibration import (
     collect_input_norms,
     wanda_sparsify,
 )
-from slope_lightning.sparse.sparsify import linear_candidates
+from slope_lightning.sparse.sparsify import linear_like_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +133,10 @@ def hidden_size_of(module: nn.Module) -> tuple[int, str] | None:
 class SLoPe(Callback):
     """Make any LightningModule SLoPe-sparse when the trainer starts, as ``ModelPruning`` prunes.
 
-    The module stays as it is: its ``nn.Linear`` layers (all but the LM head and embeddings
-    by default, see :func:`~slope_lightning.sparse.sparsify`; names as in
-    ``pl_module.named_modules()``) become SparseLinear layers before the optimizer is built,
+    The module stays as it is: its ``nn.Linear`` layers and transformers' ``Conv1D`` layers
+    (GPT-2's; all but the LM head, embeddings and poolers by default, see
+    :func:`~slope_lightning.sparse.sparsify`; names as in ``pl_module.named_modules()``)
+    become SparseLinear layers before the optimizer is built,
     so ``configure_optimizers`` sees the sparse values. ``MaskScheduler`` and ``LazyLoRA``
     work beside it, in any order of the callback list. Once per run, at the first point
     that applies:
@@ -283,21 +284,27 @@ class SLoPe(Callback):
         return dataclasses.replace(self.config, mask_method="magnitude")
 
     def dense_candidates(self, pl_module: nn.Module) -> list[str]:
-        """Names of the ``nn.Linear`` layers that conversion would turn sparse now."""
+        """Names of the ``nn.Linear`` and transformers ``Conv1D`` layers that conversion would
+        turn sparse now (the layers Wanda calibrates)."""
         config = self.config
         exclude = tuple(config.exclude) if config.exclude is not None else DEFAULT_EXCLUDE
         ratio = config.max_aspect_ratio
         return [
-            name
-            for name, _, _, child, reason in linear_candidates(
-                pl_module, config.include, exclude, config.m, "sparsified", f"m={config.m}"
+            candidate.name
+            for candidate in linear_like_candidates(
+                pl_module,
+                config.include,
+                exclude,
+                config.m,
+                "sparsified",
+                f"m={config.m}",
+                transposed=True,  # Conv1D too: sparsify and wanda_sparsify convert it
             )
-            if reason is None
-            and isinstance(child, nn.Linear)
+            if candidate.reason is None
             and (
                 ratio is None
-                or max(child.in_features, child.out_features)
-                <= ratio * min(child.in_features, child.out_features)
+                or max(candidate.in_features, candidate.out_features)
+                <= ratio * min(candidate.in_features, candidate.out_features)
             )
         ]
 
@@ -343,7 +350,9 @@ class SLoPe(Callback):
         else:
             report = sparsify(pl_module, self._sparsify_config(), seed=self.seed)
         if not report.converted:
-            reasons = sorted({d.reason for d in report.layers}) or ["it has no nn.Linear layer"]
+            reasons = sorted({d.reason for d in report.layers}) or [
+                "it has no nn.Linear or Conv1D layer"
+            ]
             raise ValueError(
                 f"SLoPe: no layer of {type(pl_module).__name__} could be made "
                 f"{self.config.n}:{self.config.m} sparse ({'; '.join(reasons)}); adjust "
@@ -937,7 +946,10 @@ class InitFromPretrained(Callback):
     the layer's N:M pattern (Wanda on ``calibration_batches`` training batches, or
     magnitude), and the twin's state is loaded into the model, so the model keeps its
     layers, backends and any sharding hooks set up later. A dense model (the baseline run)
-    simply gets the weights. With ``eval_batches`` > 0 the held-out perplexity of the dense
+    simply gets the weights. A sparse layer made from a transformers ``Conv1D`` (GPT-2) takes
+    its dense weight in the Conv1D layout, (d_in, d_out), as the pretrained checkpoint stores
+    it; the twin holds it as an ``nn.Linear`` (transposed), which computes the same function.
+    With ``eval_batches`` > 0 the held-out perplexity of the dense
     twin and of the one-shot pruned twin are measured on that many validation batches and
     logged (``pretrained/dense_ppl``, ``pretrained/one_shot_ppl``, at step 0), so one run
     reports dense, one-shot and, through the module's own validation, continued SLoPe.
@@ -1033,9 +1045,10 @@ class InitFromPretrained(Callback):
         if stage != "fit":
             return
         model = getattr(pl_module, self.attribute)
-        state = self._dense_state(model)
+        layers = sparse_layers(model)
+        state = _in_linear_layout(self._dense_state(model), layers)
         twin = copy.deepcopy(model)
-        densify(twin)
+        densify(twin)  # every SparseLinear an nn.Linear, Conv1D-made ones included
         missing, unexpected = twin.load_state_dict(state, strict=False)
         # A tied head is stored once (safetensors keeps no aliases): missing, but loaded.
         params = dict(twin.named_parameters(remove_duplicate=False))
@@ -1054,7 +1067,6 @@ class InitFromPretrained(Callback):
         val = self._batches(trainer, "val", self.eval_batches) if self.eval_batches else []
         if val:
             self.metrics["pretrained/dense_ppl"] = held_out_perplexity(twin, val)
-        layers = sparse_layers(model)
         if layers:
             patterns = {(layer.n, layer.m) for _, layer in layers}
             if len(patterns) > 1:
@@ -1081,6 +1093,20 @@ class InitFromPretrained(Callback):
         if self.metrics and trainer.is_global_zero:
             for run_logger in trainer.loggers:
                 run_logger.log_metrics(self.metrics, step=0)
+
+
+def _in_linear_layout(
+    state: Mapping[str, Tensor], layers: list[tuple[str, SparseLinear]]
+) -> dict[str, Tensor]:
+    """``state`` with the dense weight of every sparse layer made from a transformers Conv1D
+    (stored (d_in, d_out)) transposed to (d_out, d_in), the layout of the ``nn.Linear`` that
+    :func:`~slope_lightning.sparse.densify` puts in its place."""
+    converted = dict(state)
+    for name, layer in layers:
+        key = f"{name}.weight"
+        if layer.weight_layout == "conv1d" and key in converted:
+            converted[key] = converted[key].t()
+    return converted
 
 
 class TokenThroughput(ThroughputMonitor):

@@ -4,10 +4,13 @@
     slope-lightning fit --config configs/tiny.yaml --ckpt_path last    # resume the latest run
     slope-lightning validate --config configs/tiny.yaml --ckpt_path last
     slope-lightning study --config configs/studies/tiny.yaml           # a quality study
+    slope-lightning generate runs/tiny/version_0/export --prompt "To be"  # sample text
 
-Subcommands: ``fit`` and ``validate`` (LightningCLI), and ``study``
+Subcommands: ``fit`` and ``validate`` (LightningCLI), ``study``
 (:mod:`slope_lightning.study`: methods × learning rates × seeds, each run a ``fit``, then
-one report; it has its own options, ``slope-lightning study --help``). Lightning's ``test``
+one report; it has its own options, ``slope-lightning study --help``) and ``generate``
+(:mod:`slope_lightning.generate`: text from a checkpoint or an export,
+``slope-lightning generate --help``). Lightning's ``test``
 and ``predict`` are left out on purpose: the data module has no test split distinct from the
 validation split (``validate`` on a checkpoint is the held-out evaluation) and no prompt
 source for generation, so both could only fail after building the model. An unknown
@@ -55,6 +58,7 @@ from lightning.pytorch.callbacks import Checkpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from slope_lightning.data import TextDataModule
+from slope_lightning.data.artifacts import CorruptCacheError
 from slope_lightning.faults import (
     CheckpointError,
     NonFiniteError,
@@ -64,6 +68,7 @@ from slope_lightning.faults import (
     run_checkpoints,
     run_version,
 )
+from slope_lightning.generate import GenerateUsageError, generate_command
 from slope_lightning.module import SLoPeModule
 from slope_lightning.sparse.sparsify import NothingSparsifiedError
 from slope_lightning.study import StudyConfigError, StudyIncomplete, study_command
@@ -370,6 +375,7 @@ def run_cli(args: list[str] | None = None) -> SLoPeCLI:
 _USAGE_ERRORS: tuple[type[BaseException], ...] = (
     argparse.ArgumentError,
     ConfigError,
+    GenerateUsageError,
     NothingSparsifiedError,
     StudyConfigError,
 )
@@ -378,6 +384,7 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     OSError,
     CheckpointError,
+    CorruptCacheError,
     NonFiniteError,
     MisconfigurationException,
     StudyIncomplete,
@@ -406,6 +413,9 @@ def main(args: list[str] | None = None) -> int:
         if args[:1] == ["study"]:
             # not a LightningCLI subcommand: it runs many fits (in-process ones through main)
             return study_command(args[1:], fit_main=main)
+        if args[:1] == ["generate"]:
+            # not a LightningCLI subcommand either: it loads a model and prints text
+            return generate_command(args[1:])
         run_cli(args)
     except SystemExit as exit_:
         code = exit_.code

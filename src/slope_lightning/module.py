@@ -198,7 +198,12 @@ class SLoPeModule(pl.LightningModule):
             for index, name in enumerate(self._val_source_names):
                 chosen = source == index
                 if chosen.any():
-                    self.val_source_loss[_metric_key(name)].update(per_window[chosen])
+                    self._source_metric(name).update(per_window[chosen])
+
+    def _source_metric(self, name: str) -> MeanMetric:
+        metric = self.val_source_loss[_metric_key(name)]
+        assert isinstance(metric, MeanMetric)
+        return metric
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -206,7 +211,7 @@ class SLoPeModule(pl.LightningModule):
         # collective): every rank calls it for every source, also one that saw none of its
         # windows (its share is 0/0; torchmetrics warns about that, harmlessly).
         for name in self._val_source_names:
-            metric = self.val_source_loss[_metric_key(name)]
+            metric = self._source_metric(name)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
                 mean_loss = metric.compute()
@@ -390,7 +395,11 @@ class SLoPeModule(pl.LightningModule):
                 f"{self.trainer.global_step}; resume from the last good checkpoint "
                 "(--ckpt_path last) with a lower learning rate, or add NonFiniteGuard"
             )
-        export_model(model, self.config, self.sparsity, target)
+        # The tokenizer goes with the weights, so `slope-lightning generate <export>` needs
+        # nothing else (a foreign data module without one exports the weights alone).
+        summary = getattr(getattr(self.trainer, "datamodule", None), "summary", None)
+        tokenizer = summary.get("tokenizer") if isinstance(summary, dict) else None
+        export_model(model, self.config, self.sparsity, target, tokenizer=tokenizer)
         _info("exported the final model to %s", target)
 
     def _consolidated_model(self) -> nn.Module:

@@ -23,7 +23,7 @@ from slope_lightning.data.corpus import (
     load_documents,
     split_documents,
 )
-from slope_lightning.data.prepare import PreparedTokens, prepare_tokens
+from slope_lightning.data.prepare import PreparedTokens, find_tokenizer, prepare_tokens
 from slope_lightning.data.streams import (
     ConsecutiveWindows,
     RandomWindows,
@@ -53,6 +53,7 @@ __all__ = [
     "TextDataModule",
     "TokenFile",
     "ValidationWindows",
+    "find_tokenizer",
     "fingerprint",
     "load_default_corpus",
     "load_documents",

@@ -195,6 +195,53 @@ def prepare_tokens(
     return PreparedTokens(tokenizer_file, tokens_dir, meta)
 
 
+def find_tokenizer(
+    sources: Sequence[str | Path] | None,
+    cache_dir: str | Path,
+    *,
+    tokenizer_path: str | Path | None,
+    vocab_size: int,
+    val_fraction: float,
+    seed: int,
+    text_key: str = "text",
+) -> Path:
+    """The ``tokenizer.json`` that a run with these data settings used, found again without
+    building anything (e.g. to decode a trained model's samples).
+
+    With ``tokenizer_path`` that file; otherwise the BPE that :func:`prepare_tokens` trained
+    on the training split and cached: the corpus is read again (the default corpus from its
+    cached archives, never downloaded) and split as the run split it, which gives the cache
+    key. Relative paths are taken from the current directory, as the run took them.
+
+    Args:
+        sources, cache_dir, tokenizer_path, vocab_size, val_fraction, seed, text_key: the
+            run's data settings (as for :func:`prepare_tokens`).
+
+    Raises:
+        FileNotFoundError: the tokenizer, a text source or a corpus archive is not there
+            (the message names it), or the tokenizer was never cached for these settings.
+        CorruptCacheError: the cached tokenizer does not match its recorded checksum.
+        ValueError: the sources hold no text.
+    """
+    if tokenizer_path is not None:
+        tokenizer_file = Path(tokenizer_path)
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(f"Tokenizer file {str(tokenizer_file)!r} does not exist.")
+        return tokenizer_file
+    if sources is None:
+        documents = load_default_corpus(cache_dir, download=False)
+    else:
+        documents = load_documents(sources, text_key=text_key)
+    train_docs, _ = split_documents(documents, val_fraction, seed, stratify=sources is None)
+    tokenizer_file = tokenizer_cache_path(train_docs, vocab_size, cache_dir)
+    if cached_tokenizer_record(tokenizer_file) is None:
+        raise FileNotFoundError(
+            f"No cached tokenizer at {tokenizer_file} for these data settings (its cache was "
+            "deleted, or the text sources changed since the run)."
+        )
+    return tokenizer_file
+
+
 def _tokenizer(
     train_docs: Sequence[Document],
     cache_dir: Path,

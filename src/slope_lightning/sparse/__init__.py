@@ -1,5 +1,6 @@
 """The SLoPe method in plain PyTorch (no Lightning): N:M masks, packed storage, SparseLinear
-with the double-pruned backward, lazy low-rank adapters, sparsify() and memory accounting."""
+with the double-pruned backward, lazy low-rank adapters, sparsify() and memory accounting,
+Wanda masks for pretrained weights, and loading a dense checkpoint into a sparse model."""
 
 from slope_lightning.sparse.adapters import LowRankAdapter
 from slope_lightning.sparse.backends import (
@@ -8,6 +9,11 @@ from slope_lightning.sparse.backends import (
     ReferenceBackend,
     SparseBackend,
     resolve_backend,
+)
+from slope_lightning.sparse.calibration import (
+    calibrate_and_sparsify,
+    collect_input_norms,
+    wanda_sparsify,
 )
 from slope_lightning.sparse.config import SparsityConfig
 from slope_lightning.sparse.kernel_ops import KernelChoices
@@ -18,12 +24,15 @@ from slope_lightning.sparse.memory import MemoryReport, memory_report
 from slope_lightning.sparse.sparsify import (
     DEFAULT_EXCLUDE,
     LayerDecision,
+    NothingSparsifiedError,
     SparsifyReport,
     add_adapters,
     backend_report,
     densify,
     follow_optimizer,
+    load_dense_state_dict,
     merge_for_inference,
+    prune_dense_state_dict,
     sparse_layers,
     sparsify,
     unmerge,
@@ -39,6 +48,7 @@ __all__ = [
     "LowRankAdapter",
     "MemoryReport",
     "NMLayout",
+    "NothingSparsifiedError",
     "ReferenceBackend",
     "SparseBackend",
     "SparseLinear",
@@ -47,15 +57,20 @@ __all__ = [
     "TransposeMaskRefresh",
     "add_adapters",
     "backend_report",
+    "calibrate_and_sparsify",
+    "collect_input_norms",
     "densify",
     "follow_optimizer",
+    "load_dense_state_dict",
     "memory_report",
     "merge_for_inference",
     "nm_mask",
     "nm_positions",
+    "prune_dense_state_dict",
     "resolve_backend",
     "sparse_layers",
     "sparsify",
     "unmerge",
     "use_decision_store",
+    "wanda_sparsify",
 ]

@@ -11,11 +11,17 @@ structure as SLoPe's row mask M_R, so the result is an ordinary :class:`SparseLi
 Two steps, so that the calibration forward and the conversion can run at different times:
 
 - :func:`collect_input_norms` runs the dense model on the calibration batches with forward
-  hooks on its ``nn.Linear`` layers (removed afterwards, also on error) and returns
-  ‖X_j‖₂ per layer name;
+  hooks on its ``nn.Linear`` layers and transformers' ``Conv1D`` layers (removed afterwards,
+  also on error) and returns ‖X_j‖₂ per layer name;
 - :func:`wanda_sparsify` converts the same layers as :func:`~slope_lightning.sparse.sparsify`
   would (include / exclude / tied weights / divisibility / aspect ratio), each with the mask
   chosen on the scores and the original weight values kept exactly.
+
+GPT-2's ``Conv1D`` (a transposed linear: ``x @ W + b`` with W of shape (d_in, d_out)) is
+handled like ``nn.Linear``: its input channels are the last dimension of its input, as for a
+linear layer, and its weight is transposed to (d_out, d_in) before scoring, so the scores and
+the mask are those of the equivalent ``nn.Linear``; the SparseLinear remembers the Conv1D
+layout (``weight_layout == "conv1d"``) for dense exports.
 
 The norms come from the dense model in one pass (every layer sees the activations of the
 unpruned layers before it), not from Wanda's layer-by-layer sequential variant.
@@ -40,7 +46,8 @@ from slope_lightning.sparse.sparsify import (
     DEFAULT_EXCLUDE,
     LayerDecision,
     SparsifyReport,
-    linear_candidates,
+    is_conv1d,
+    linear_like_candidates,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,7 +87,8 @@ def collect_input_norms(
     forward: ForwardFn | None = None,
     layers: Sequence[str] | None = None,
 ) -> dict[str, Tensor]:
-    """‖X_j‖₂ of every input channel j of every ``nn.Linear`` over the calibration batches.
+    """‖X_j‖₂ of every input channel j of every ``nn.Linear`` (and transformers ``Conv1D``)
+    over the calibration batches.
 
     The model runs in eval mode under ``torch.no_grad()`` (its training flags are restored
     afterwards); each batch is moved to the device of the model's first parameter. One
@@ -88,27 +96,33 @@ def collect_input_norms(
     of a forward pass, not of the activations.
 
     Args:
-        model: the dense model (its ``nn.Linear`` layers are observed, by qualified name).
+        model: the dense model (its ``nn.Linear`` and ``Conv1D`` layers are observed, by
+            qualified name; both take inputs whose last dimension is d_in).
         batches: the calibration batches (a few thousand tokens are enough; Wanda used 128
             sequences of 2048 tokens).
         forward: how a batch is fed to the model (default: :func:`default_forward`).
-        layers: names of the layers to observe (None: every ``nn.Linear``).
+        layers: names of the layers to observe (None: every ``nn.Linear`` and ``Conv1D``).
 
     Returns:
         layer name -> (d_in,) float32 tensor of input-channel norms, on the layer's device,
         for every observed layer that the forward called at least once.
 
     Raises:
-        ValueError: ``batches`` is empty, or a name in ``layers`` is not an ``nn.Linear``.
+        ValueError: ``batches`` is empty, or a name in ``layers`` is not an ``nn.Linear``
+            or ``Conv1D``.
     """
     forward = forward or default_forward
-    linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    linears = {
+        name: mod
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) or is_conv1d(mod)
+    }
     if layers is not None:
         unknown = [name for name in layers if name not in linears]
         if unknown:
             raise ValueError(
-                f"collect_input_norms: {unknown} are not nn.Linear layers of the model; "
-                f"known layers are e.g. {sorted(linears)[:5]}"
+                f"collect_input_norms: {unknown} are not nn.Linear or Conv1D layers of the "
+                f"model; known layers are e.g. {sorted(linears)[:5]}"
             )
         linears = {name: linears[name] for name in layers}
     sums: dict[str, Tensor] = {}
@@ -163,8 +177,15 @@ def wanda_mask(weight: Tensor, input_norm: Tensor, n: int = 2, m: int = 4) -> Te
     return positions_to_mask(nm_positions(scores, n, m), m)
 
 
+def _dense_weight(layer: nn.Module) -> Tensor:
+    """The weight of an ``nn.Linear`` or ``Conv1D`` as (d_out, d_in), detached (a Conv1D's
+    (d_in, d_out) weight transposed, as a view)."""
+    weight = layer.get_parameter("weight").detach()
+    return weight.t() if is_conv1d(layer) else weight
+
+
 def _wanda_layer(
-    linear: nn.Linear,
+    linear: nn.Module,
     input_norm: Tensor,
     n: int,
     m: int,
@@ -172,17 +193,21 @@ def _wanda_layer(
     transpose_mask_interval: int | None,
     name: str,
 ) -> SparseLinear:
-    """A SparseLinear of ``linear`` whose row mask keeps the best |W|·‖X‖ of each group and
-    whose values are ``linear``'s weights at those positions, exactly."""
-    weight = linear.weight.detach()  # (d_out, d_in)
+    """A SparseLinear of ``linear`` (an ``nn.Linear`` or a transformers ``Conv1D``) whose row
+    mask keeps the best |W|·‖X‖ of each group and whose values are ``linear``'s weights at
+    those positions, exactly."""
+    source = linear.get_parameter("weight")
+    weight = _dense_weight(linear)  # (d_out, d_in)
+    d_out, d_in = weight.shape
+    bias = getattr(linear, "bias", None)
     norm = input_norm.to(weight.device, torch.float32)  # (d_in,)
     # The layer prunes by magnitude: |W_ij · s_j| = |W_ij| · s_j for s_j >= 0, so pruning the
     # column-scaled weight selects exactly Wanda's mask. The scaled values are then replaced
     # by the original ones at the kept positions (no division, so nothing is rounded).
     layer = SparseLinear(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
+        d_in,
+        d_out,
+        bias=isinstance(bias, Tensor),
         n=n,
         m=m,
         backend=backend,
@@ -194,11 +219,13 @@ def _wanda_layer(
     with torch.no_grad():
         columns = layer.layout.columns(layer.row_index)  # (d_out, d_in·N/M)
         layer.values.copy_(weight.gather(1, columns))
-        if linear.bias is not None and layer.bias is not None:
-            layer.bias.copy_(linear.bias)
+        if isinstance(bias, Tensor) and layer.bias is not None:
+            layer.bias.copy_(bias)
     layer.refresh_transpose_mask(with_stats=False)  # M_C from the original values
-    layer.values.requires_grad_(linear.weight.requires_grad)
+    layer.values.requires_grad_(source.requires_grad)
     layer.train(linear.training)
+    if is_conv1d(linear):
+        layer.weight_layout = "conv1d"  # a dense export writes it back as a Conv1D
     return layer
 
 
@@ -218,8 +245,10 @@ def wanda_sparsify(
 
     Layers are selected by the same rules as ``sparsify`` (the settings come from a
     :class:`SparsityConfig` or from the keywords; its ``mask_method`` is not read: the mask
-    is Wanda's here). Every converted layer keeps, in each group of M consecutive weights of
-    a row, the N with the largest |W_ij|·‖X_j‖₂, and its original values at those positions.
+    is Wanda's here): ``nn.Linear`` layers and transformers' ``Conv1D`` (scored as the
+    equivalent linear, W transposed). Every converted layer keeps, in each group of M
+    consecutive weights of a row, the N with the largest |W_ij|·‖X_j‖₂, and its original
+    values at those positions.
 
     Args:
         model: the dense model, converted in place.
@@ -228,7 +257,8 @@ def wanda_sparsify(
             :func:`~slope_lightning.sparse.sparsify`; ``n`` may be a SparsityConfig instead.
 
     Returns:
-        The :class:`SparsifyReport`; converted layers have the reason ``"converted (wanda)"``.
+        The :class:`SparsifyReport`; converted layers have the reason ``"converted (wanda)"``
+        (``"converted (wanda, Conv1D)"`` for a Conv1D).
 
     Raises:
         ValueError: bad n/m, a config with ``sparse=False``, an included layer that cannot
@@ -258,22 +288,21 @@ def wanda_sparsify(
     report = SparsifyReport(
         n=n, m=m, backend=backend.value if isinstance(backend, BackendName) else backend.name
     )
-    plan: list[tuple[str, nn.Module, str, nn.Linear]] = []
-    for name, parent, attr, child, reason in linear_candidates(
-        model, include, exclude, m, f"sparsified {n}:{m}", multiple_name=f"m={m}"
+    # nn.Linear and Conv1D children get no reason (transposed=True); every other linear-like
+    # layer is reported with its reason, as sparsify reports it.
+    plan: list[tuple[str, nn.Module, str, nn.Module, int, int]] = []
+    for name, parent, attr, child, d_out, d_in, reason in linear_like_candidates(
+        model, include, exclude, m, f"sparsified {n}:{m}", f"m={m}", transposed=True
     ):
-        d_out, d_in = child.out_features, child.in_features
-        ratio = max(d_out, d_in) / min(d_out, d_in)
-        if reason is None and not isinstance(child, nn.Linear):
-            reason = f"{type(child).__name__} is not an nn.Linear (Wanda converts nn.Linear)"
-        if reason is None and max_aspect_ratio is not None and ratio > max_aspect_ratio:
-            reason = f"aspect ratio {ratio:.2f} > max_aspect_ratio {max_aspect_ratio}"
+        if reason is None and max_aspect_ratio is not None:
+            ratio = max(d_out, d_in) / min(d_out, d_in)
+            if ratio > max_aspect_ratio:
+                reason = f"aspect ratio {ratio:.2f} > max_aspect_ratio {max_aspect_ratio}"
         if reason is not None:
             converted = isinstance(child, SparseLinear)
             report.layers.append(LayerDecision(name, d_out, d_in, converted, reason))
             continue
-        assert isinstance(child, nn.Linear)
-        plan.append((name, parent, attr, child))
+        plan.append((name, parent, attr, child, d_out, d_in))
     missing = [name for name, *_ in plan if name not in norms]
     if missing:
         raise ValueError(
@@ -281,18 +310,17 @@ def wanda_sparsify(
             f"(e.g. {missing[0]!r}); feed calibration batches that run them, or exclude them"
         )
     # Validate every layer before converting any, so a bad norm leaves the model unchanged.
-    for name, _, _, child in plan:
-        if norms[name].shape != (child.in_features,):
+    for name, _, _, _, _, d_in in plan:
+        if norms[name].shape != (d_in,):
             raise ValueError(
-                f"wanda_sparsify: layer {name!r} has d_in={child.in_features} but its "
+                f"wanda_sparsify: layer {name!r} has d_in={d_in} but its "
                 f"calibration norms have shape {tuple(norms[name].shape)}"
             )
-    for name, parent, attr, child in plan:
+    for name, parent, attr, child, d_out, d_in in plan:
         layer = _wanda_layer(child, norms[name], n, m, backend, transpose_mask_interval, name)
         setattr(parent, attr, layer)
-        report.layers.append(
-            LayerDecision(name, child.out_features, child.in_features, True, "converted (wanda)")
-        )
+        how = "converted (wanda, Conv1D)" if is_conv1d(child) else "converted (wanda)"
+        report.layers.append(LayerDecision(name, d_out, d_in, True, how))
     logger.info("%s", report)
     return report
 
@@ -324,11 +352,11 @@ def calibrate_and_sparsify(
         exclude = tuple(settings.get("exclude", DEFAULT_EXCLUDE))
         m = int(settings.get("m", 4))
     names = [
-        name
-        for name, _, _, child, reason in linear_candidates(
-            model, include, exclude, m, "calibrated", multiple_name=f"m={m}"
+        candidate.name
+        for candidate in linear_like_candidates(
+            model, include, exclude, m, "calibrated", f"m={m}", transposed=True
         )
-        if reason is None and isinstance(child, nn.Linear)
+        if candidate.reason is None  # an nn.Linear or a Conv1D to convert
     ]
     norms = collect_input_norms(model, batches, forward, layers=names)
     if config is not None:

@@ -36,9 +36,18 @@ from slope_lightning.sparse.masks import MaskMethod, check_nm
 
 logger = logging.getLogger(__name__)
 
-#: Layers left dense by default: LM heads and embeddings (the method sparsifies only the
-#: linear layers inside transformer blocks).
-DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "*.lm_head", "output", "*embed*", "*wte", "*wpe")
+#: Layers left dense by default: LM heads, embeddings and poolers (BERT's ``pooler.dense``, a
+#: head-like layer on the first token): the method sparsifies only the linear layers inside
+#: transformer blocks.
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    "lm_head",
+    "*.lm_head",
+    "output",
+    "*embed*",
+    "*wte",
+    "*wpe",
+    "*pooler*",
+)
 
 
 @dataclass(frozen=True)

@@ -261,7 +261,7 @@ class StudyConfig:
         A run whose learning rate is not known yet is left out: :meth:`pending` counts them.
         """
         best = best or {}
-        runs = []
+        runs: list[RunSpec] = []
         for seed in self.seeds:
             for method in sorted(self.methods, key=lambda m: not m.swept):
                 if seed not in self.seeds_of(method):
