@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slope_lightning.baselines.layers import replace_with_linear
 from slope_lightning.sparse.masks import check_nm, nm_positions, positions_to_mask
 from slope_lightning.sparse.sparsify import DEFAULT_EXCLUDE, linear_candidates
 
@@ -368,10 +369,4 @@ def oneshot_finalize(model: nn.Module) -> list[str]:
     Returns:
         The qualified names of the replaced layers.
     """
-    replaced: list[str] = []
-    for parent_name, parent in list(model.named_modules()):
-        for attr, child in list(parent.named_children()):
-            if isinstance(child, FixedMaskLinear):
-                setattr(parent, attr, child.to_linear())
-                replaced.append(f"{parent_name}.{attr}" if parent_name else attr)
-    return replaced
+    return replace_with_linear(model, FixedMaskLinear)

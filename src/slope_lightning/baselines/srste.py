@@ -35,6 +35,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from slope_lightning.baselines.layers import replace_with_linear
 from slope_lightning.sparse.function import compute_dtype_of
 from slope_lightning.sparse.masks import check_nm, nm_positions, positions_to_mask
 from slope_lightning.sparse.sparsify import DEFAULT_EXCLUDE, linear_candidates
@@ -319,10 +320,4 @@ def srste_finalize(model: nn.Module) -> list[str]:
     Returns:
         The qualified names of the replaced layers.
     """
-    replaced: list[str] = []
-    for parent_name, parent in list(model.named_modules()):
-        for attr, child in list(parent.named_children()):
-            if isinstance(child, SRSTELinear):
-                setattr(parent, attr, child.to_linear())
-                replaced.append(f"{parent_name}.{attr}" if parent_name else attr)
-    return replaced
+    return replace_with_linear(model, SRSTELinear)
