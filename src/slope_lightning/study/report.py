@@ -218,6 +218,7 @@ def summarize(
             {
                 "seeds": len(runs),
                 "seed_list": [r["seed"] for r in runs],
+                "per_seed_ppl": {str(r["seed"]): run_value(r) for r in runs},
                 "val_ppl": ppl,
                 "val_ppl_std": ppl_std,
                 "vs_baseline": ppl / base_ppl if base_ppl else math.nan,
@@ -419,6 +420,26 @@ def render_markdown(summary: dict[str, Any]) -> str:
             "",
         ]
         lines += _table(ablations, baseline, sources)
+    seeded = [row for row in methods if len(row.get("per_seed_ppl", {})) > 1]
+    if seeded:
+        seeds = sorted({seed for row in seeded for seed in row["per_seed_ppl"]}, key=int)
+        lines += [
+            "",
+            "## Per seed",
+            "",
+            "Validation perplexity of every seed at the method's best learning rate (a seed is "
+            "one initialisation and one data order, shared by every method): a mean over "
+            "three seeds can hide one outlier.",
+            "",
+            "| method | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+            "|---|" + "---|" * len(seeds),
+        ]
+        for row in seeded:
+            cells = [
+                f"{row['per_seed_ppl'][seed]:.1f}" if seed in row["per_seed_ppl"] else "–"
+                for seed in seeds
+            ]
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     before = [row for row in summary["table"] if row.get("before_training")]
     if before:
         tags = sorted({tag for row in before for tag in row["before_training"]})
