@@ -37,3 +37,30 @@ def test_quickstart_notebook_runs():
         if cell["cell_type"] == "code":
             exec(compile("".join(cell["source"]), "quickstart.ipynb", "exec"), namespace)
     assert (namespace["after"] - namespace["before"]).abs().max() < 1e-4
+
+
+def test_the_quality_section_quotes_the_committed_report():
+    """Every "mean ± std" of the README's quality section is a number of the study's report
+    (perplexities to 0.1, paired ratios to 0.001), and every per-seed perplexity too."""
+    import json
+    import re
+
+    text = README.read_text()
+    section = text[text.index("## Quality: SLoPe against dense") : text.index("## Results")]
+    report = json.loads(
+        (README.parent / "benchmarks" / "results" / "quality" / "study-tiny.json").read_text()
+    )
+    rows = [row for row in report["table"] if row.get("seeds")]
+    known = {f"{row['val_ppl']:.1f} ± {row['val_ppl_std']:.1f}" for row in rows}
+    known |= {
+        f"{row['paired_ratio']:.3f} ± {row['paired_ratio_std']:.3f}"
+        for row in rows
+        if row["method"] != report["baseline"]
+    }
+    quoted = set(re.findall(r"\d+\.\d+ ± \d+\.\d+", section))
+    assert quoted and quoted <= known, sorted(quoted - known)
+    seeds = {f"{value:.1f}" for row in rows for value in row["per_seed_ppl"].values()}
+    for line in section.splitlines():
+        if line.startswith("| ") and re.search(r"\d\.\d / \d", line):
+            per_seed = re.findall(r"(\d+\.\d) / (\d+\.\d) / (\d+\.\d)", line)
+            assert per_seed and set(per_seed[0]) <= seeds, line
