@@ -378,7 +378,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     if summary["early_training"]:
         lines += [
             f"**Early training.** Each run trains on {tokens:,} tokens, "
-            f"{per_parameter:.2f} tokens per parameter (a compute-optimal budget is about "
+            f"{per_parameter:.2g} tokens per parameter (a compute-optimal budget is about "
             f"{EARLY_TRAINING_TOKENS_PER_PARAMETER:.0f}): these numbers compare the methods at "
             "this budget, not their final quality.",
             "",
