@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 class ToLinear(Protocol):
@@ -29,3 +30,15 @@ def replace_with_linear(model: nn.Module, layer_type: type[nn.Module]) -> list[s
                 setattr(parent, attr, layer.to_linear())
                 replaced.append(f"{parent_name}.{attr}" if parent_name else attr)
     return replaced
+
+
+@torch.no_grad()
+def linear_holding(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """A new ``nn.Linear`` holding copies of ``weight`` (d_out, d_in) and ``bias``, on their
+    device and in their dtype: what a baseline layer turns into for export."""
+    d_out, d_in = weight.shape
+    linear = nn.Linear(d_in, d_out, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return linear

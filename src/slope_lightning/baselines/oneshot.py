@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slope_lightning.baselines.layers import replace_with_linear
+from slope_lightning.baselines.layers import linear_holding, replace_with_linear
 from slope_lightning.sparse.masks import check_nm, nm_positions, positions_to_mask
 from slope_lightning.sparse.sparsify import DEFAULT_EXCLUDE, linear_candidates
 
@@ -184,17 +184,7 @@ class FixedMaskLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """An nn.Linear holding W ⊙ M (copied) and the bias (copied)."""
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        with torch.no_grad():
-            linear.weight.copy_(self.weight * self.mask())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
+        linear = linear_holding(self.weight * self.mask(), self.bias)
         linear.train(self.training)
         return linear
 

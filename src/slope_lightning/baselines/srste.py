@@ -35,7 +35,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from slope_lightning.baselines.layers import replace_with_linear
+from slope_lightning.baselines.layers import linear_holding, replace_with_linear
 from slope_lightning.sparse.function import compute_dtype_of
 from slope_lightning.sparse.masks import check_nm, nm_positions, positions_to_mask
 from slope_lightning.sparse.sparsify import DEFAULT_EXCLUDE, linear_candidates
@@ -226,17 +226,7 @@ class SRSTELinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """An nn.Linear holding the sparse weight W ⊙ M (copied) and the bias (copied)."""
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        with torch.no_grad():
-            linear.weight.copy_(self.sparse_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
+        linear = linear_holding(self.sparse_weight(), self.bias)
         linear.train(self.training)
         return linear
 

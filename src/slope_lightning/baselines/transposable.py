@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slope_lightning.baselines.layers import replace_with_linear
+from slope_lightning.baselines.layers import linear_holding, replace_with_linear
 from slope_lightning.sparse.backends import OperandCache
 from slope_lightning.sparse.backends.ops import (
     SemiStructuredOps,
@@ -493,17 +493,7 @@ class TransposableSparseLinear(nn.Module):
         zero in W ⊙ M either way.
         """
         kept = self.sparse_weight(compute_dtype or self.trained_compute_dtype()) != 0
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        with torch.no_grad():
-            linear.weight.copy_(self.weight * kept)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
+        linear = linear_holding(self.weight * kept, self.bias)
         linear.train(self.training)
         return linear
 
