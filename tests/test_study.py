@@ -585,3 +585,40 @@ def test_report_shows_what_runs_logged_before_training(tmp_path: Path) -> None:
     assert row["before_training"]["pretrained/one_shot_ppl"][0] == 2269.0
     markdown = write_report(study, [result], summary["info"])["markdown"].read_text()
     assert "| slope | 31.0 | 2269.0 | 40.0 |" in markdown
+
+
+def test_the_console_script_plans_the_shipped_study(tmp_path: Path) -> None:
+    """``slope-lightning study --dry-run`` as a user types it: exit 0, the sweep listed as
+    runs to do, the runs that wait for it counted; a missing file is exit 2."""
+    import subprocess
+
+    command = [sys.executable, "-m", "slope_lightning.cli", "study"]
+    config = str(ROOT / "configs" / "studies" / "tiny.yaml")
+    done = subprocess.run(
+        [*command, "--config", config, "--dry-run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("dense/lr0.0005/seed0") and "to run" in lines[0]
+    study = StudyConfig.from_file(config)
+    assert len(lines) == len(study.plan()) + 1
+    assert lines[-1] == (
+        f"and {study.planned_count() - len(study.plan())} more runs at learning rates that "
+        "their sweeps will choose"
+    )
+    missing = subprocess.run(
+        [*command, "--config", "absent.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert missing.returncode == 2 and "error: study file 'absent.yaml' does not exist" in (
+        missing.stderr
+    )
