@@ -18,7 +18,6 @@ brings a pruned entry back. The input gradient is exact: dX = dY (W ⊙ M).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, cast
 
@@ -26,7 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slope_lightning.baselines.layers import linear_holding, replace_with_linear
+from slope_lightning.baselines.layers import (
+    check_layer_pattern,
+    init_like_linear,
+    linear_holding,
+    register_linear_parameters,
+    replace_with_linear,
+)
 from slope_lightning.sparse.masks import check_nm, nm_positions, positions_to_mask
 from slope_lightning.sparse.sparsify import DEFAULT_EXCLUDE, linear_candidates
 
@@ -70,6 +75,9 @@ class FixedMaskLinear(nn.Module):
         64
     """
 
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
     positions: Tensor
 
     def __init__(
@@ -86,27 +94,12 @@ class FixedMaskLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.name = name
-        try:
-            check_nm(n, m)
-        except ValueError as error:
-            raise ValueError(f"layer {name!r}: {error}") from None
-        if in_features % m:
-            raise ValueError(
-                f"layer {name!r}: in_features (d_in)={in_features} is not divisible by m={m}; "
-                "exclude this layer or choose an m that divides it"
-            )
+        check_layer_pattern(name, in_features, n, m)
         self.in_features = in_features
         self.out_features = out_features
         self.n = n
         self.m = m
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, device=device, dtype=dtype)
-        )
-        self.bias: nn.Parameter | None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
+        register_linear_parameters(self, in_features, out_features, bias, device, dtype)
         # kept offsets of every group: chosen by prune_ (reset_parameters, from_linear)
         self.register_buffer(
             "positions",
@@ -116,10 +109,7 @@ class FixedMaskLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation, then magnitude pruning of it."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
-            nn.init.uniform_(self.bias, -bound, bound)
+        init_like_linear(self.weight, self.bias)
         if self.weight.device.type != "meta":
             self.prune_()
 

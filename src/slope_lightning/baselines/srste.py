@@ -28,14 +28,19 @@ dense GEMMs on the masked weight (the reference), on any device.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from slope_lightning.baselines.layers import linear_holding, replace_with_linear
+from slope_lightning.baselines.layers import (
+    check_layer_pattern,
+    init_like_linear,
+    linear_holding,
+    register_linear_parameters,
+    replace_with_linear,
+)
 from slope_lightning.sparse.function import compute_dtype_of
 from slope_lightning.sparse.masks import check_nm, nm_positions, positions_to_mask
 from slope_lightning.sparse.sparsify import DEFAULT_EXCLUDE, linear_candidates
@@ -134,6 +139,9 @@ class SRSTELinear(nn.Module):
         64
     """
 
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
     def __init__(
         self,
         in_features: int,
@@ -149,15 +157,7 @@ class SRSTELinear(nn.Module):
     ) -> None:
         super().__init__()
         self.name = name
-        try:
-            check_nm(n, m)
-        except ValueError as error:
-            raise ValueError(f"layer {name!r}: {error}") from None
-        if in_features % m:
-            raise ValueError(
-                f"layer {name!r}: in_features (d_in)={in_features} is not divisible by m={m}; "
-                "exclude this layer or choose an m that divides it"
-            )
+        check_layer_pattern(name, in_features, n, m)
         if isinstance(decay, bool) or not isinstance(decay, int | float) or decay < 0:
             raise ValueError(f"layer {name!r}: decay must be a number >= 0, got {decay!r}")
         self.in_features = in_features
@@ -165,22 +165,12 @@ class SRSTELinear(nn.Module):
         self.n = n
         self.m = m
         self.decay = float(decay)
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, device=device, dtype=dtype)
-        )
-        self.bias: nn.Parameter | None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
+        register_linear_parameters(self, in_features, out_features, bias, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation (kaiming_uniform_(a=sqrt(5)) and a uniform bias)."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
-            nn.init.uniform_(self.bias, -bound, bound)
+        init_like_linear(self.weight, self.bias)
 
     @classmethod
     def from_linear(

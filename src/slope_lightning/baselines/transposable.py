@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Sequence
 from functools import cache
 from typing import Any, Literal, cast
@@ -43,7 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slope_lightning.baselines.layers import linear_holding, replace_with_linear
+from slope_lightning.baselines.layers import (
+    init_like_linear,
+    linear_holding,
+    register_linear_parameters,
+    replace_with_linear,
+)
 from slope_lightning.sparse.backends import OperandCache
 from slope_lightning.sparse.backends.ops import (
     SemiStructuredOps,
@@ -310,6 +314,9 @@ class TransposableSparseLinear(nn.Module):
         torch.Size([8, 32])
     """
 
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
     def __init__(
         self,
         in_features: int,
@@ -339,24 +346,14 @@ class TransposableSparseLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.backend = backend
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, device=device, dtype=dtype)
-        )
-        self.bias: nn.Parameter | None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
+        register_linear_parameters(self, in_features, out_features, bias, device, dtype)
         self.reset_parameters()
         self._operands = OperandCache()  # mask or compressed W_s / W_sᵀ, per weight version
         self._chosen: dict[tuple[torch.device, torch.dtype], str] = {}
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation (kaiming_uniform_(a=sqrt(5)) and a uniform bias)."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
-            nn.init.uniform_(self.bias, -bound, bound)
+        init_like_linear(self.weight, self.bias)
 
     @classmethod
     def from_linear(
