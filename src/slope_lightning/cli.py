@@ -27,7 +27,7 @@ Runs and resuming:
   file and step. ``--ckpt_path FILE`` resumes from a file. Either is checked before anything
   is built: loaded with ``weights_only=True`` (never unpickling code), and its step read.
 * Every checkpoint load of the Trainer goes through
-  :class:`~slope_lightning.faults.SafeCheckpointIO`
+  :class:`~slope_lightning.checkpoints.SafeCheckpointIO`
   (``weights_only=True`` explicitly, whatever torch's default).
 
 Exit status: 0 on success; 2 for a bad command line or config; 1 for a failure (a missing or
@@ -57,17 +57,17 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Checkpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from slope_lightning.callbacks import NonFiniteError
+from slope_lightning.checkpoints import (
+    CheckpointError,
+    SafeCheckpointIO,
+    earlier_checkpoint_in,
+    resume_point,
+    runs_root,
+    written_crash_checkpoint,
+)
 from slope_lightning.data import TextDataModule
 from slope_lightning.data.artifacts import CorruptCacheError
-from slope_lightning.faults import (
-    CheckpointError,
-    NonFiniteError,
-    SafeCheckpointIO,
-    checkpoint_step,
-    find_resume_checkpoint,
-    run_checkpoints,
-    run_version,
-)
 from slope_lightning.generate import GenerateUsageError, generate_command
 from slope_lightning.module import SLoPeModule
 from slope_lightning.sparse.sparsify import NothingSparsifiedError
@@ -152,21 +152,17 @@ class SLoPeCLI(LightningCLI):
             _refuse_used_checkpoint_dirs(config)
             return
         root = _logger_root(config)
-        if ckpt_path == "last":
-            found = find_resume_checkpoint(root, _explicit_checkpoint_dirs(config))
-            if found is None:
-                where = f"{root}/version_*/" if root is not None else "the checkpoint dirpaths"
-                raise ConfigError(
-                    f"--ckpt_path last: no checkpoint to resume under {where} (checkpoints/"
-                    "last.ckpt or crash/*.ckpt); run without --ckpt_path to start a new run, "
-                    "or pass a checkpoint file"
-                )
-            path, step = found
-        else:
-            path = Path(ckpt_path)
-            step = checkpoint_step(path)  # FileNotFoundError / CheckpointError, by name
+        # FileNotFoundError / CheckpointError for a bad file, by name
+        found = resume_point(ckpt_path, root, _explicit_checkpoint_dirs(config))
+        if found is None:
+            where = f"{root}/version_*/" if root is not None else "the checkpoint dirpaths"
+            raise ConfigError(
+                f"--ckpt_path last: no checkpoint to resume under {where} (checkpoints/"
+                "last.ckpt or crash/*.ckpt); run without --ckpt_path to start a new run, "
+                "or pass a checkpoint file"
+            )
+        path, step, version = found.path, found.step, found.version
         config.ckpt_path = str(path)
-        version = run_version(path, root) if root is not None else None
         if subcommand == "fit" and version is not None:
             _continue_in_version(config, version)
         logger.info(
@@ -264,11 +260,7 @@ def _logger_root(config: Namespace) -> Path | None:
     if not isinstance(logger_config, Namespace):
         return None
     init = logger_config.get("init_args") or Namespace()
-    save_dir = init.get("save_dir") or init.get("root_dir")
-    if save_dir is None:
-        return None
-    name = init.get("name")
-    return Path(save_dir) / name if name else Path(save_dir)
+    return runs_root(init.get("save_dir") or init.get("root_dir"), init.get("name"))
 
 
 def _continue_in_version(config: Namespace, version: int) -> None:
@@ -310,31 +302,33 @@ def _refuse_auto_resuming_callbacks(config: Namespace) -> None:
         if isinstance(cls, type) and issubclass(cls, OnExceptionCheckpoint):
             raise ConfigError(
                 f"trainer.callbacks: {cls.__name__} makes Lightning resume every fit from the "
-                "last checkpoint it finds, by itself; use slope_lightning.faults.CrashCheckpoint "
-                "instead (the same crash checkpoint; resuming stays explicit with --ckpt_path)"
+                "last checkpoint it finds, by itself; use "
+                "slope_lightning.callbacks.CrashCheckpoint instead (the same crash checkpoint; "
+                "resuming stays explicit with --ckpt_path)"
             )
 
 
 def _refuse_used_checkpoint_dirs(config: Namespace) -> None:
     """A new run must not write its checkpoints beside another run's."""
-    for directory in _explicit_checkpoint_dirs(config):
-        existing = run_checkpoints(directory) or sorted(directory.glob("*.ckpt"))
-        if existing:
-            raise ConfigError(
-                f"a checkpoint callback's dirpath {str(directory)!r} already holds checkpoints "
-                f"of an earlier run ({existing[0].name}); a new run would write beside them. "
-                "Remove dirpath from the config (each run then keeps its checkpoints in its "
-                "own version directory), point it at an empty directory, or resume with "
-                "--ckpt_path last"
-            )
+    used = earlier_checkpoint_in(_explicit_checkpoint_dirs(config))
+    if used is not None:
+        directory, existing = used
+        raise ConfigError(
+            f"a checkpoint callback's dirpath {str(directory)!r} already holds checkpoints "
+            f"of an earlier run ({existing.name}); a new run would write beside them. "
+            "Remove dirpath from the config (each run then keeps its checkpoints in its "
+            "own version directory), point it at an empty directory, or resume with "
+            "--ckpt_path last"
+        )
 
 
 def _crash_checkpoint_note(trainer: Any) -> str:
-    for callback in trainer.callbacks:
-        path = getattr(callback, "ckpt_path", None)
-        if isinstance(callback, Checkpoint) and path and Path(path).is_file():
-            return f"crash checkpoint: {path}"
-    return "no crash checkpoint was written (see the log above)"
+    path = written_crash_checkpoint(trainer.callbacks)
+    return (
+        f"crash checkpoint: {path}"
+        if path
+        else "no crash checkpoint was written (see the log above)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,7 +348,7 @@ def run_cli(args: list[str] | None = None) -> SLoPeCLI:
     Raises:
         jsonargparse.ArgumentError: a bad command line or config value.
         ConfigError, CheckpointError, FileNotFoundError, NonFiniteError,
-        TrainingInterrupted: see :class:`SLoPeCLI` and :mod:`slope_lightning.faults`.
+        TrainingInterrupted: see :class:`SLoPeCLI` and :mod:`slope_lightning.checkpoints`.
         SystemExit: ``--help`` and ``--print_config`` (status 0).
     """
     return SLoPeCLI(

@@ -39,11 +39,11 @@ import torch
 import yaml
 from tokenizers import Tokenizer
 
+from slope_lightning.checkpoints import load_checkpoint_file
 from slope_lightning.data.artifacts import CorruptCacheError
 from slope_lightning.data.prepare import find_tokenizer
 from slope_lightning.data.tokenizer import load_tokenizer, separator_id
 from slope_lightning.export import TOKENIZER, load_exported
-from slope_lightning.faults import load_checkpoint_file
 from slope_lightning.models import Transformer, TransformerConfig
 from slope_lightning.sparse import merge_for_inference, sparse_layers, sparsify
 from slope_lightning.sparse.backends.names import BackendName

@@ -33,8 +33,8 @@ from torchmetrics.aggregation import MeanMetric
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
+from slope_lightning.callbacks import NonFiniteError
 from slope_lightning.export import export_model
-from slope_lightning.faults import NonFiniteError
 from slope_lightning.models import Transformer, TransformerConfig
 from slope_lightning.optim import OptimizerConfig, build_adamw, lr_multiplier
 from slope_lightning.sparse import (

@@ -1,102 +1,72 @@
-"""The baseline 2:4 training methods as Lightning callbacks, selectable from a LightningCLI YAML.
+"""What the callbacks share, and the explicit types through which they coordinate.
 
-Each callback trains a dense module (``SLoPeModule`` with ``model.sparsity.sparse: false``, or
-any LightningModule with ``nn.Linear`` layers) with one of the methods SLoPe is compared with
-(:mod:`slope_lightning.baselines`), and turns the trained layers back into plain ``nn.Linear``
-layers holding the final N:M-pruned weights at ``on_train_end``: Lightning runs the callbacks'
-``on_train_end`` before the LightningModule's, so ``SLoPeModule`` exports a plain model.
+No callback file imports another: each imports this module (and the layers below the
+callbacks). The three rules that tie callbacks together are written here, once:
 
-- :class:`SRSTE`: SR-STE (Zhou et al. 2021), an N:M mask recomputed from a dense master
-  weight at every step, with the sparse-refined straight-through gradient.
-- :class:`TransposableSparse`: dynamic transposable 2:4 (FST, Hu et al. 2024), optionally
-  ending with a dense fine-tuning tail.
-- :class:`OneShotPrune`: dense training, one magnitude or Wanda N:M pruning at a chosen step,
-  then the mask fixed for the rest of training.
+1. **One training method per run.** Every callback that is a 2:4 training method (SLoPe,
+   SRSTE, TransposableSparse, OneShotPrune) derives from :class:`TrainingMethod`; a method
+   refuses to train beside another (:meth:`TrainingMethod.refuse_other_methods`).
+2. **Convert the model before others look at it.** A callback that reads the module's
+   sparse layers when fitting starts (MaskScheduler, LazyLoRA) calls
+   :func:`sparse_layers_after_conversion`, which lets every training method of the trainer
+   convert the module first (:meth:`TrainingMethod.ensure_converted`), whatever the order of
+   the callback list.
+3. **Who owns the M_C schedule.** A callback derived from :class:`MaskScheduleOwner`
+   (MaskScheduler) owns when the transposed mask M_C is re-derived; while one is attached,
+   nothing else counts optimizer steps for the layers (:func:`mask_schedule_owned`).
 
-In a config::
-
-    trainer:
-      callbacks:
-        - class_path: slope_lightning.method_callbacks.SRSTE
-          init_args: {decay: 2.0e-4}
-
-Layers are selected as :func:`~slope_lightning.sparse.sparsify` selects them (``include`` /
-``exclude`` fnmatch patterns on names in ``pl_module.named_modules()``; by default every
-``nn.Linear`` but LM heads and embeddings). Every new layer shares the Parameters of the
-``nn.Linear`` it replaces, so an optimizer built over the dense model stays valid. One method
-per run: a module that already holds SLoPe ``SparseLinear`` layers, or a trainer that also has
-the ``SLoPe`` callback or another of these callbacks, is refused. They run on one device or
-under DDP; sharding strategies (FSDP, ModelParallelStrategy, DeepSpeed) are refused.
+Beside them: the pieces the baseline methods share (:class:`BaselineMethod`,
+:class:`ConvertedAtStart`), the finite checks of the fault callbacks, and small helpers
+(rank-zero logging, the logging interval, argument checks).
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import ClassVar
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from slope_lightning.baselines.oneshot import (
-    METHODS,
-    FixedMaskLinear,
-    OneShotMethod,
-    oneshot_finalize,
-    oneshot_prune,
-    wanda_input_norms,
-)
-from slope_lightning.baselines.srste import (
-    DEFAULT_DECAY,
-    SRSTELinear,
-    srste_finalize,
-    srste_sparsify,
-)
-from slope_lightning.baselines.transposable import (
-    BACKENDS,
-    TransposableBackend,
-    TransposableSparseLinear,
-    transposable_finalize,
-    transposable_sparsify,
-)
-from slope_lightning.callbacks import SLoPe
+from slope_lightning.baselines.oneshot import FixedMaskLinear
+from slope_lightning.baselines.srste import SRSTELinear
+from slope_lightning.baselines.transposable import TransposableSparseLinear
 from slope_lightning.sparse import DEFAULT_EXCLUDE, SparseLinear, sparse_layers
-from slope_lightning.sparse.calibration import default_forward
 from slope_lightning.sparse.masks import check_nm
 from slope_lightning.sparse.sparsify import linear_candidates
 
-__all__ = ["SRSTE", "OneShotPrune", "TransposableSparse"]
+#: A schedule argument: every this many optimizer steps, or a callable ``step -> bool``.
+Schedule = int | Callable[[int], bool]
 
-logger = logging.getLogger(__name__)
-
-#: The layer types of the 2:4 training methods; a module holds those of one method at most.
-METHOD_LAYERS: tuple[type[nn.Module], ...] = (
-    SparseLinear,
-    SRSTELinear,
-    TransposableSparseLinear,
-    FixedMaskLinear,
-)
-
-#: Strategies that shard parameters, whose layers these callbacks cannot swap.
-SHARDING_STRATEGIES: tuple[type, ...] = (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
 
 
 @rank_zero_only
-def _info(message: str, *args: object) -> None:
-    logger.info(message, *args)
+def info(log: logging.Logger, message: str, *args: object) -> None:
+    """``log.info(message, *args)`` on global rank 0 only (console messages of callbacks)."""
+    log.info(message, *args)
 
 
-def _patterns(value: Sequence[str] | None, where: str) -> tuple[str, ...] | None:
-    """``value`` as a tuple of fnmatch patterns (None stays None).
+def log_interval(trainer: pl.Trainer) -> int:
+    """The trainer's logging interval in steps (Lightning sets ``log_every_n_steps`` at init
+    without declaring it on the class); metrics follow it."""
+    return max(1, int(getattr(trainer, "log_every_n_steps", 1)))
+
+
+def check_patterns(value: Sequence[str] | None, where: str) -> tuple[str, ...] | None:
+    """``value`` as a tuple of fnmatch patterns (None stays None); ``where`` opens the
+    message, e.g. ``"SRSTE(include"``.
 
     Raises:
         ValueError: ``value`` is a single string or holds something other than strings.
@@ -111,7 +81,7 @@ def _patterns(value: Sequence[str] | None, where: str) -> tuple[str, ...] | None
     return tuple(value)
 
 
-def _check_pattern(owner: str, n: int, m: int) -> None:
+def check_nm_pattern(owner: str, n: int, m: int) -> None:
     """Raises a ValueError naming ``owner``'s n and m if N:M is not a valid pattern."""
     try:
         check_nm(n, m)
@@ -119,7 +89,7 @@ def _check_pattern(owner: str, n: int, m: int) -> None:
         raise ValueError(f"{owner}(n={n!r}, m={m!r}): {error}") from None
 
 
-def _check_fraction(owner: str, name: str, value: float, closed_above: bool) -> None:
+def check_fraction(owner: str, name: str, value: float, closed_above: bool) -> None:
     """Raises a ValueError unless ``value`` is a number in [0, 1] (or [0, 1))."""
     upper = "1]" if closed_above else "1)"
     if (
@@ -131,14 +101,108 @@ def _check_fraction(owner: str, name: str, value: float, closed_above: bool) -> 
         raise ValueError(f"{owner}({name}={value!r}): give a fraction of the run in [0, {upper}")
 
 
-def _round_half_up(value: float) -> int:
+def round_half_up(value: float) -> int:
     """``value`` rounded to the nearest integer, halves up (Python's round() goes to even)."""
     return math.floor(value + 0.5)
 
 
-class _BaselineMethod(Callback):
-    """What the three methods share: the layer selection, the checks before converting, the
-    run's length, and the final swap back to ``nn.Linear``.
+# --------------------------------------------------------------------------------------------
+# The coordination types
+# --------------------------------------------------------------------------------------------
+
+
+class TrainingMethod(Callback):
+    """Base of every callback that is a 2:4 training method; one of them per run.
+
+    A method may convert the module's layers when fitting starts; callbacks that look at
+    the layers then ask it to do so first (:meth:`ensure_converted`, called through
+    :func:`sparse_layers_after_conversion`).
+    """
+
+    @property
+    def label(self) -> str:
+        """The callback's name in messages."""
+        return type(self).__name__
+
+    def refuse_other_methods(self, trainer: pl.Trainer) -> None:
+        """Refuse a second training method among the trainer's callbacks.
+
+        Raises:
+            ValueError: the trainer has another :class:`TrainingMethod` callback.
+        """
+        others = [
+            type(callback).__name__
+            for callback in getattr(trainer, "callbacks", [])  # set on the trainer at init
+            if callback is not self and isinstance(callback, TrainingMethod)
+        ]
+        if others:
+            raise ValueError(
+                f"{self.label} cannot train beside {others[0]}: each is a different 2:4 "
+                "training method; keep one of them in trainer.callbacks"
+            )
+
+    def ensure_converted(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Convert the module now if this method converts it at fit start and has not yet
+        (idempotent). The default converts nothing: the method converts in its own hooks."""
+
+
+def training_methods(trainer: pl.Trainer) -> list[TrainingMethod]:
+    """The trainer's training-method callbacks (at most one in a run that started)."""
+    return [c for c in getattr(trainer, "callbacks", []) if isinstance(c, TrainingMethod)]
+
+
+def sparse_layers_after_conversion(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, who: str
+) -> list[tuple[str, SparseLinear]]:
+    """The module's SparseLinear layers by name, once every training method of the trainer
+    has converted the module (whatever the order of the callback list); if there are none,
+    say that ``who`` is idle."""
+    for method in training_methods(trainer):
+        method.ensure_converted(trainer, pl_module)
+    layers = sparse_layers(pl_module)
+    if not layers:
+        rank_zero_warn(
+            f"{who} is idle: the LightningModule has no SparseLinear layer (a dense baseline, "
+            "e.g. model.sparsity.sparse: false). To train with SLoPe, add the SLoPe callback, "
+            "or call slope_lightning.sparsify(model) in the module's __init__ or "
+            "configure_model."
+        )
+    return layers
+
+
+class MaskScheduleOwner(Callback):
+    """Base of a callback that owns when the layers' transposed mask M_C is re-derived.
+
+    While one is attached, the layers' own step-counted refresh is off and no other callback
+    reports optimizer steps to them (:func:`mask_schedule_owned`).
+    """
+
+
+def mask_schedule_owned(trainer: pl.Trainer) -> bool:
+    """Whether a :class:`MaskScheduleOwner` among the trainer's callbacks owns the M_C
+    schedule."""
+    return any(isinstance(c, MaskScheduleOwner) for c in getattr(trainer, "callbacks", []))
+
+
+# --------------------------------------------------------------------------------------------
+# The baseline methods' common part
+# --------------------------------------------------------------------------------------------
+
+#: The layer types of the 2:4 training methods; a module holds those of one method at most.
+METHOD_LAYERS: tuple[type[nn.Module], ...] = (
+    SparseLinear,
+    SRSTELinear,
+    TransposableSparseLinear,
+    FixedMaskLinear,
+)
+
+#: Strategies that shard parameters, whose layers the baseline methods cannot swap.
+SHARDING_STRATEGIES: tuple[type, ...] = (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)
+
+
+class BaselineMethod(TrainingMethod):
+    """What the three baseline methods share: the layer selection, the checks before
+    converting, the run's length, and the final swap back to ``nn.Linear``.
 
     Args:
         include: fnmatch patterns of layer names to convert (None: every candidate).
@@ -153,14 +217,9 @@ class _BaselineMethod(Callback):
     def __init__(
         self, include: Sequence[str] | None, exclude: Sequence[str] | None, multiple: int
     ) -> None:
-        self.include = _patterns(include, f"{self.label}(include")
-        self.exclude = _patterns(exclude, f"{self.label}(exclude")
+        self.include = check_patterns(include, f"{self.label}(include")
+        self.exclude = check_patterns(exclude, f"{self.label}(exclude")
         self.multiple = multiple
-
-    @property
-    def label(self) -> str:
-        """The callback's name in messages."""
-        return type(self).__name__
 
     def _exclude(self) -> tuple[str, ...]:
         return self.exclude if self.exclude is not None else DEFAULT_EXCLUDE
@@ -201,20 +260,11 @@ class _BaselineMethod(Callback):
         """Refuse a second method in the same run, or a strategy that shards parameters.
 
         Raises:
-            ValueError: the trainer has another method callback (or SLoPe), the module holds
-                SLoPe SparseLinear layers or another method's layers, or the strategy
+            ValueError: the trainer has another training method (SLoPe included), the module
+                holds SLoPe SparseLinear layers or another method's layers, or the strategy
                 shards parameters.
         """
-        others = [
-            type(callback).__name__
-            for callback in getattr(trainer, "callbacks", [])
-            if callback is not self and isinstance(callback, SLoPe | _BaselineMethod)
-        ]
-        if others:
-            raise ValueError(
-                f"{self.label} cannot train beside {others[0]}: each is a different 2:4 "
-                "training method; keep one of them in trainer.callbacks"
-            )
+        self.refuse_other_methods(trainer)
         slope = sparse_layers(pl_module)
         if slope:
             raise ValueError(
@@ -260,7 +310,7 @@ class _BaselineMethod(Callback):
         return int(estimate)
 
 
-class _ConvertedAtStart(_BaselineMethod):
+class ConvertedAtStart(BaselineMethod):
     """A method whose layers replace the ``nn.Linear`` layers when fitting starts and are
     turned back into ``nn.Linear`` at ``on_train_end``.
 
@@ -270,6 +320,9 @@ class _ConvertedAtStart(_BaselineMethod):
     layers' state-dict keys are those of ``nn.Linear`` (``weight``, ``bias``), so a checkpoint
     taken mid-run resumes with ``ckpt_path`` and holds the dense master weights.
     """
+
+    #: The logger of the subclass's module (its messages name it).
+    log: ClassVar[logging.Logger] = logging.getLogger(__name__)
 
     def __init__(
         self, include: Sequence[str] | None, exclude: Sequence[str] | None, multiple: int
@@ -295,7 +348,8 @@ class _ConvertedAtStart(_BaselineMethod):
             return
         existing = self.method_layers(pl_module)
         if existing:
-            _info(
+            info(
+                self.log,
                 "%s: %s already has %d %s layers; nothing converted",
                 self.label,
                 type(pl_module).__name__,
@@ -309,7 +363,8 @@ class _ConvertedAtStart(_BaselineMethod):
                 raise self._nothing_to_convert(pl_module)
             return  # built in configure_model: converted at on_fit_start
         self.converted = self._convert(pl_module)
-        _info(
+        info(
+            self.log,
             "%s: %d layers made %s: %s",
             self.label,
             len(self.converted),
@@ -337,477 +392,62 @@ class _ConvertedAtStart(_BaselineMethod):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         replaced = self._finalize(pl_module)
         if replaced:  # none after a dense tail: the layers are nn.Linear already
-            _info(
+            info(
+                self.log,
                 "%s: %d layers turned into nn.Linear layers holding their pruned weights",
                 self.label,
                 len(replaced),
             )
 
 
-class SRSTE(_ConvertedAtStart):
-    """Train with SR-STE: a dense master weight, an N:M magnitude mask recomputed from it at
-    every forward, and the sparse-refined straight-through gradient (see
-    :class:`~slope_lightning.baselines.SRSTELinear`).
-
-    The selected ``nn.Linear`` layers become :class:`~slope_lightning.baselines.SRSTELinear`
-    layers when fitting starts (sharing their Parameters). At ``on_train_end`` they become
-    ``nn.Linear`` layers holding W ⊙ M(W), the N:M model the run trained, before
-    ``SLoPeModule`` exports it. A checkpoint taken mid-run holds the dense master weights
-    under ``nn.Linear``'s keys and resumes with ``ckpt_path``.
-
-    Args:
-        n, m: the N:M pattern (2:4 by default).
-        decay: λ of the sparse-refined term λ (1 − M) ⊙ W added to the weight gradient (the
-            paper's 2e-4; 0 gives the plain STE). Added at every backward: under gradient
-            accumulation over k micro-batches, divide it by k to keep λ per step.
-        include: fnmatch patterns of layer names to convert (None: every candidate).
-        exclude: patterns left dense (None: LM heads and embeddings).
-
-    Raises:
-        ValueError: a bad setting (the message names it and the allowed values); when
-            fitting starts, a module with no layer to convert, SLoPe layers or another
-            method in the same run, or a sharding strategy.
-    """
-
-    layer_type = SRSTELinear
-
-    def __init__(
-        self,
-        n: int = 2,
-        m: int = 4,
-        decay: float = DEFAULT_DECAY,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-    ) -> None:
-        _check_pattern("SRSTE", n, m)
-        if (
-            isinstance(decay, bool)
-            or not isinstance(decay, int | float)
-            or not math.isfinite(decay)
-            or decay < 0
-        ):
-            raise ValueError(
-                f"SRSTE(decay={decay!r}): give a number >= 0 (the paper's λ_W is 2e-4; 0 is "
-                "the plain straight-through estimator)"
-            )
-        super().__init__(include, exclude, multiple=m)
-        self.n = n
-        self.m = m
-        self.decay = float(decay)
-
-    @override
-    def _convert(self, pl_module: pl.LightningModule) -> list[str]:
-        exclude = self._exclude()
-        return srste_sparsify(pl_module, self.n, self.m, self.decay, self.include, exclude)
-
-    @override
-    def _finalize(self, pl_module: pl.LightningModule) -> list[str]:
-        return srste_finalize(pl_module)
+# --------------------------------------------------------------------------------------------
+# Finite checks (NonFiniteGuard, CrashCheckpoint)
+# --------------------------------------------------------------------------------------------
 
 
-class TransposableSparse(_ConvertedAtStart):
-    """Train with dynamic transposable 2:4 sparsity (FST, Hu et al., ICML 2024): a dense
-    master weight pruned at every forward with a mask that is 2:4 along both dimensions (see
-    :class:`~slope_lightning.baselines.TransposableSparseLinear`), optionally followed by
-    FST's dense fine-tuning tail.
-
-    The selected ``nn.Linear`` layers become TransposableSparseLinear layers when fitting
-    starts (sharing their Parameters; both sizes must be multiples of 4). With ``dense_tail``
-    > 0, from optimizer step ``total − round(dense_tail × total)`` on (total: the run's
-    optimizer steps) the layers are ``nn.Linear`` again, holding the unmasked master weights,
-    and train dense to the end: the exported model is then dense. Otherwise, at
-    ``on_train_end`` each layer becomes an ``nn.Linear`` holding W ⊙ M, its transposable 2:4
-    weight, before ``SLoPeModule`` exports it. A checkpoint taken mid-run (in the sparse part
-    or the dense tail) resumes with ``ckpt_path``: the keys are ``nn.Linear``'s.
-
-    Args:
-        dense_tail: the fraction of the run's optimizer steps, at its end, trained dense, in
-            [0, 1) (0: sparse to the end).
-        backend: the GEMMs of the sparse layers: "auto" (a GPU semi-structured kernel where
-            one can run, else the dense masked reference: the default, safe on CPU),
-            "reference", "cutlass" or "cusparselt".
-        include: fnmatch patterns of layer names to convert (None: every candidate).
-        exclude: patterns left dense (None: LM heads and embeddings).
-
-    Raises:
-        ValueError: a bad setting (the message names it and the allowed values); when
-            fitting starts, a module with no layer to convert, SLoPe layers or another
-            method in the same run, or a sharding strategy; at train start, a dense tail in
-            a run of unknown length.
-    """
-
-    layer_type = TransposableSparseLinear
-
-    def __init__(
-        self,
-        dense_tail: float = 0.0,
-        backend: TransposableBackend = "auto",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-    ) -> None:
-        _check_fraction("TransposableSparse", "dense_tail", dense_tail, closed_above=False)
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"TransposableSparse(backend={backend!r}): choose one of {', '.join(BACKENDS)}"
-            )
-        super().__init__(include, exclude, multiple=4)
-        self.dense_tail = float(dense_tail)
-        self.backend: TransposableBackend = backend
-        self.dense_from: int | None = None  # the optimizer step the dense tail starts at
-        self.densified_at: int | None = None
-
-    @override
-    def _convert(self, pl_module: pl.LightningModule) -> list[str]:
-        exclude = self._exclude()
-        return transposable_sparsify(pl_module, self.include, exclude, self.backend)
-
-    @override
-    def _finalize(self, pl_module: pl.LightningModule) -> list[str]:
-        return transposable_finalize(pl_module)
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.dense_from = None
-            self.densified_at = None
-        super().setup(trainer, pl_module, stage)
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.dense_tail == 0:
-            return
-        total = self._total_steps(trainer, f"dense_tail={self.dense_tail}")
-        tail = _round_half_up(self.dense_tail * total)
-        if tail == 0:
-            _info(
-                "TransposableSparse: dense_tail=%g of %d steps rounds to no step; sparse to "
-                "the end",
-                self.dense_tail,
-                total,
-            )
-            return
-        self.dense_from = total - tail
-        _info(
-            "TransposableSparse: transposable 2:4 until optimizer step %d, then dense for the "
-            "last %d of %d steps",
-            self.dense_from,
-            tail,
-            total,
-        )
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self.dense_from is None or trainer.global_step < self.dense_from:
-            return
-        densified = _densify(pl_module)
-        if densified:
-            self.densified_at = trainer.global_step
-            _info(
-                "TransposableSparse: at optimizer step %d, %d layers are dense nn.Linear layers "
-                "again (their unmasked master weights) for the dense tail",
-                trainer.global_step,
-                len(densified),
-            )
+def _local(tensor: Tensor) -> Tensor:
+    """A sharded tensor's (FSDP2 DTensor's) part on this rank; any other tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
 
 
-def _densify(model: nn.Module) -> list[str]:
-    """Replace every TransposableSparseLinear of ``model`` by an nn.Linear holding its master
-    weight and bias, unmasked and shared (the optimizer keeps them); returns their names."""
-    replaced: list[str] = []
-    for parent_name, parent in list(model.named_modules()):
-        for attr, child in list(parent.named_children()):
-            if isinstance(child, TransposableSparseLinear):
-                linear = nn.Linear(
-                    child.in_features,
-                    child.out_features,
-                    bias=child.bias is not None,
-                    device="meta",  # placeholders, replaced by the layer's Parameters below
-                    dtype=child.weight.dtype,
-                )
-                linear.weight = child.weight
-                linear.bias = child.bias  # type: ignore[assignment]
-                linear.train(child.training)
-                setattr(parent, attr, linear)
-                replaced.append(f"{parent_name}.{attr}" if parent_name else attr)
-    return replaced
+def all_finite(tensors: list[Tensor]) -> bool:
+    """True if every floating-point tensor is free of NaN/inf, on every rank when any tensor
+    is sharded. One device sync (``.item``), plus one all-reduce for sharded tensors."""
+    local = [_local(t) for t in tensors]
+    flags = [t.isfinite().all() for t in local if t.is_floating_point() and t.numel()]
+    ok = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
+    sharded = any(t is not lt for t, lt in zip(tensors, local, strict=True))
+    if sharded and dist.is_available() and dist.is_initialized():
+        device = local[0].device if local else torch.device("cpu")
+        flag = ok.to(device=device, dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank decides alike
+        ok = flag.bool()
+    return bool(ok.item())
 
 
-class OneShotPrune(_BaselineMethod):
-    """Train dense, prune N:M once at a chosen step, then fine-tune with the mask fixed.
-
-    At optimizer step ``round(at × total)`` (halves up; total: the run's optimizer steps),
-    before that step's batch, every selected ``nn.Linear`` is pruned once (magnitude or Wanda,
-    see :func:`~slope_lightning.baselines.oneshot_prune`) into a
-    :class:`~slope_lightning.baselines.FixedMaskLinear` sharing its Parameters, and trains
-    with that mask for the remaining steps: a sparse fine-tune. The optimizer state of the
-    pruned entries (e.g. AdamW's moments) is zeroed too, so the pruned weights stay exactly
-    zero. ``at=1.0`` prunes the final dense weights at ``on_train_end`` (no fine-tune);
-    ``at=0.0`` prunes the initial weights before the first step (a static mask from
-    initialisation). A run that ends before its prune step (e.g. stopped early) is pruned at
-    ``on_train_end``. At ``on_train_end`` the layers become ``nn.Linear`` layers holding the
-    pruned weights, before ``SLoPeModule`` exports them.
-
-    **Wanda** takes the input norms ‖X_j‖₂ from the last ``calibration_batches`` training
-    batches up to the prune step, the batch about to be trained on included (so ``at=0.0``
-    calibrates on the first batch): their inputs (a batch's first element, or a mapping
-    given as keywords) are kept as they arrive, never drawn again from the dataloader, and
-    fed through the module in eval mode without gradients. Under DDP the norms are reduced
-    over all ranks, so every rank chooses the same mask. A run resumed before its prune step
-    calibrates on the batches seen since the resume.
-
-    **Resume.** The callback's state records whether and when it pruned. A checkpoint taken
-    after pruning holds each pruned layer's ``positions`` buffer; when such a checkpoint loads
-    (``trainer.fit(ckpt_path=...)``, or ``trainer.validate(ckpt_path=...)`` with this
-    callback), a load hook turns the selected layers into FixedMaskLinear layers just before
-    the weights load, so the checkpoint's masks and weights load strictly and training
-    continues with them (not pruned again). Without the callback, such a checkpoint does not
-    load into a dense module (its ``positions`` keys are unexpected).
-
-    Args:
-        at: when to prune, as a fraction of the run's optimizer steps in [0, 1].
-        method: "magnitude" (|W|) or "wanda" (|W| · ‖X_j‖₂).
-        n, m: the N:M pattern (2:4 by default).
-        calibration_batches: how many recent training batches Wanda's norms come from.
-        include: fnmatch patterns of layer names to prune (None: every candidate).
-        exclude: patterns left dense (None: LM heads and embeddings).
-
-    Raises:
-        ValueError: a bad setting (the message names it and the allowed values); when
-            fitting starts, a module with no layer to prune, SLoPe layers or another method in
-            the same run, or a sharding strategy; at train start, a fractional ``at`` in a run
-            of unknown length.
-        RuntimeError: the callback's checkpoint state says it pruned, but the model loaded
-            dense.
-    """
-
-    layer_type = FixedMaskLinear
-
-    def __init__(
-        self,
-        at: float = 1.0,
-        method: OneShotMethod = "magnitude",
-        n: int = 2,
-        m: int = 4,
-        calibration_batches: int = 8,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-    ) -> None:
-        _check_fraction("OneShotPrune", "at", at, closed_above=True)
-        if method not in METHODS:
-            raise ValueError(f"OneShotPrune(method={method!r}): choose one of {', '.join(METHODS)}")
-        _check_pattern("OneShotPrune", n, m)
-        if (
-            isinstance(calibration_batches, bool)
-            or not isinstance(calibration_batches, int)
-            or calibration_batches < 1
-        ):
-            raise ValueError(
-                f"OneShotPrune(calibration_batches={calibration_batches!r}): give a positive "
-                "number of batches"
-            )
-        super().__init__(include, exclude, multiple=m)
-        self.at = float(at)
-        self.method: OneShotMethod = method
-        self.n = n
-        self.m = m
-        self.calibration_batches = calibration_batches
-        self.pruned = False
-        self.pruned_at: int | None = None  # the optimizer step it pruned at
-        self.pruned_layers: list[str] = []
-        self.prune_step: int | None = None  # None: at on_train_end
-        self._inputs: collections.deque[Any] = collections.deque(maxlen=calibration_batches)
-        self._load_hook: RemovableHandle | None = None
-
-    # ------------------------------------------------------------------ pruning
-
-    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Prune the selected layers now, zero their pruned entries' optimizer state.
-
-        Raises:
-            ValueError: no layer to prune, or Wanda without any batch seen.
-        """
-        norms = None
-        if self.method == "wanda":
-            if not self._inputs:
-                raise ValueError(
-                    "OneShotPrune(method='wanda') saw no training batch to calibrate on before "
-                    f"pruning at step {trainer.global_step}; give a run with training batches "
-                    "before the end, or use method='magnitude'"
-                )
-            norms = wanda_input_norms(
-                pl_module,
-                list(self._inputs),
-                forward=default_forward,
-                m=self.m,
-                include=self.include,
-                exclude=self._exclude(),
-            )
-            if trainer.world_size > 1:  # the same mask on every rank: norms over all tokens
-                norms = {
-                    name: trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
-                    for name, norm in norms.items()
-                }
-        layers = oneshot_prune(
-            pl_module, self.n, self.m, self.method, norms, self.include, self._exclude()
-        )
-        if not layers:
-            raise self._nothing_to_convert(pl_module)
-        _zero_pruned_optimizer_state(trainer, pl_module)
-        self.pruned = True
-        self.pruned_at = trainer.global_step
-        self.pruned_layers = layers
-        self._inputs.clear()
-        _info(
-            "OneShotPrune: %d layers pruned %d:%d by %s at optimizer step %d (their masks "
-            "stay fixed from here): %s",
-            len(layers),
-            self.n,
-            self.m,
-            self.method,
-            trainer.global_step,
-            ", ".join(layers),
-        )
-
-    def _convert_for_loading(self, pl_module: pl.LightningModule) -> None:
-        """Give the selected layers FixedMaskLinear's structure (their masks and weights are
-        about to be replaced by a checkpoint's)."""
-        layers = oneshot_prune(
-            pl_module, self.n, self.m, "magnitude", None, self.include, self._exclude()
-        )
-        _info(
-            "OneShotPrune: the checkpoint was taken after pruning: %d layers made "
-            "FixedMaskLinear to load its masks and weights",
-            len(layers),
-        )
-
-    # ------------------------------------------------------------------ hooks
-
-    def _remove_hook(self) -> None:
-        if self._load_hook is not None:
-            self._load_hook.remove()
-            self._load_hook = None
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hook()
-        if stage == "fit":
-            self._refuse_conflicts(trainer, pl_module)
-            self.pruned = False
-            self.pruned_at = None
-            self.pruned_layers = []
-            self.prune_step = None
-            self._inputs.clear()
-
-        # Lightning loads a checkpoint's weights after configure_model, and the callbacks'
-        # state only after them: a load pre-hook on the module converts it just before, if
-        # the checkpoint holds pruned layers.
-        def before_load(
-            module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *_: Any
-        ) -> None:
-            if self.method_layers(pl_module):
-                return
-            names = self.candidates(pl_module)
-            if any(f"{prefix}{name}.positions" in state_dict for name in names):
-                self._convert_for_loading(pl_module)
-
-        self._load_hook = pl_module.register_load_state_dict_pre_hook(before_load)
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hook()
-        existing = self.method_layers(pl_module)
-        if self.pruned and not existing:
-            raise RuntimeError(
-                f"OneShotPrune: the checkpoint's callback state says it pruned at step "
-                f"{self.pruned_at}, but {type(pl_module).__name__} holds no FixedMaskLinear "
-                "layer: the checkpoint's weights are not those of a pruned model; resume from "
-                "the checkpoint file as saved, with the same include/exclude"
-            )
-        if existing and not self.pruned:  # pruned by an earlier fit of this module
-            self.pruned = True
-            self.pruned_layers = [name for name, _ in existing]
-            _info(
-                "OneShotPrune: %s already has %d FixedMaskLinear layers; not pruned again",
-                type(pl_module).__name__,
-                len(existing),
-            )
-        if not self.pruned:
-            self._refuse_conflicts(trainer, pl_module)  # configure_model may have added some
-            if not self.candidates(pl_module):
-                raise self._nothing_to_convert(pl_module)
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.pruned:
-            return
-        if self.at == 0:
-            self.prune_step = 0
-        elif self.at < 1:
-            total = self._total_steps(trainer, f"at={self.at}")
-            step = _round_half_up(self.at * total)
-            self.prune_step = step if step < total else None
-        _info(
-            "OneShotPrune: %s pruning %s",
-            self.method,
-            f"at optimizer step {self.prune_step}"
-            if self.prune_step is not None
-            else "at the end of training",
-        )
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self.pruned:
-            return
-        if self.method == "wanda":
-            inputs = batch[0] if isinstance(batch, tuple | list) else batch
-            self._inputs.append(inputs.detach() if isinstance(inputs, Tensor) else inputs)
-        if self.prune_step is not None and trainer.global_step >= self.prune_step:
-            self._prune(trainer, pl_module)
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.pruned:
-            self._prune(trainer, pl_module)
-        replaced = oneshot_finalize(pl_module)
-        _info(
-            "OneShotPrune: %d layers turned into nn.Linear layers holding their pruned weights",
-            len(replaced),
-        )
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hook()
-        self._inputs.clear()
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "pruned": self.pruned,
-            "pruned_at": self.pruned_at,
-            "pruned_layers": list(self.pruned_layers),
-        }
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.pruned = bool(state_dict.get("pruned", False))
-        self.pruned_at = state_dict.get("pruned_at")
-        self.pruned_layers = list(state_dict.get("pruned_layers", []))
+def first_non_finite(named: Iterable[tuple[str, Tensor]]) -> str | None:
+    """Name and content of the first tensor with NaN/inf (the slow path: after a failure);
+    a sharded tensor is judged by this rank's part."""
+    for name, full in named:
+        tensor = _local(full)
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            nan = int(tensor.isnan().sum())
+            inf = int(tensor.isinf().sum())
+            return f"{name} ({nan} NaN, {inf} inf of {tensor.numel()} values)"
+    return None
 
 
-@torch.no_grad()
-def _zero_pruned_optimizer_state(trainer: pl.Trainer, module: nn.Module) -> None:
-    """Zero every optimizer state tensor shaped like a pruned weight at its pruned entries
-    (AdamW's moments, SGD's momentum): no update moves a pruned weight away from zero."""
-    for _, layer in module.named_modules():
-        if not isinstance(layer, FixedMaskLinear):
-            continue
-        mask = layer.mask()
-        for optimizer in trainer.optimizers:
-            state = optimizer.state.get(layer.weight, {})
-            for value in state.values():
-                if isinstance(value, Tensor) and value.shape == layer.weight.shape:
-                    value.mul_(mask)
+def non_finite_weights(module: torch.nn.Module) -> str | None:
+    """The first parameter of ``module`` holding NaN/inf (named, with counts), or None."""
+    params = list(module.named_parameters())
+    if all_finite([p.detach() for _, p in params]):
+        return None
+    return first_non_finite((n, p.detach()) for n, p in params) or "a parameter"
+
+
+def last_good_checkpoint(trainer: pl.Trainer) -> str:
+    """The checkpoint callback's last (else best) file, for messages that point at it."""
+    callback = trainer.checkpoint_callback
+    path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+    return path or "none written yet"

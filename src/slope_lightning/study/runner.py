@@ -39,7 +39,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from slope_lightning.faults import find_resume_checkpoint
+from slope_lightning.checkpoints import find_resume_checkpoint
 from slope_lightning.study.config import FORMAT, RunSpec, StudyConfig
 from slope_lightning.study.evaluate import Evaluator
 from slope_lightning.study.selection import best_learning_rates

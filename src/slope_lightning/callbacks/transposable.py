@@ -1,0 +1,164 @@
+"""TransposableSparse: dynamic transposable 2:4 (FST, Hu et al. 2024), optionally ending with
+a dense fine-tuning tail.
+
+One training method per run, one device or DDP (see
+:class:`~slope_lightning.callbacks.shared.BaselineMethod`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+from torch import nn
+from typing_extensions import override
+
+from slope_lightning.baselines.transposable import (
+    BACKENDS,
+    TransposableBackend,
+    TransposableSparseLinear,
+    transposable_finalize,
+    transposable_sparsify,
+)
+from slope_lightning.callbacks.shared import (
+    ConvertedAtStart,
+    check_fraction,
+    info,
+    round_half_up,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class TransposableSparse(ConvertedAtStart):
+    """Train with dynamic transposable 2:4 sparsity (FST, Hu et al., ICML 2024): a dense
+    master weight pruned at every forward with a mask that is 2:4 along both dimensions (see
+    :class:`~slope_lightning.baselines.TransposableSparseLinear`), optionally followed by
+    FST's dense fine-tuning tail.
+
+    The selected ``nn.Linear`` layers become TransposableSparseLinear layers when fitting
+    starts (sharing their Parameters; both sizes must be multiples of 4). With ``dense_tail``
+    > 0, from optimizer step ``total − round(dense_tail × total)`` on (total: the run's
+    optimizer steps) the layers are ``nn.Linear`` again, holding the unmasked master weights,
+    and train dense to the end: the exported model is then dense. Otherwise, at
+    ``on_train_end`` each layer becomes an ``nn.Linear`` holding W ⊙ M, its transposable 2:4
+    weight, before ``SLoPeModule`` exports it. A checkpoint taken mid-run (in the sparse part
+    or the dense tail) resumes with ``ckpt_path``: the keys are ``nn.Linear``'s.
+
+    Args:
+        dense_tail: the fraction of the run's optimizer steps, at its end, trained dense, in
+            [0, 1) (0: sparse to the end).
+        backend: the GEMMs of the sparse layers: "auto" (a GPU semi-structured kernel where
+            one can run, else the dense masked reference: the default, safe on CPU),
+            "reference", "cutlass" or "cusparselt".
+        include: fnmatch patterns of layer names to convert (None: every candidate).
+        exclude: patterns left dense (None: LM heads and embeddings).
+
+    Raises:
+        ValueError: a bad setting (the message names it and the allowed values); when
+            fitting starts, a module with no layer to convert, SLoPe layers or another
+            method in the same run, or a sharding strategy; at train start, a dense tail in
+            a run of unknown length.
+    """
+
+    layer_type = TransposableSparseLinear
+    log: ClassVar[logging.Logger] = logger
+
+    def __init__(
+        self,
+        dense_tail: float = 0.0,
+        backend: TransposableBackend = "auto",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+    ) -> None:
+        check_fraction("TransposableSparse", "dense_tail", dense_tail, closed_above=False)
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"TransposableSparse(backend={backend!r}): choose one of {', '.join(BACKENDS)}"
+            )
+        super().__init__(include, exclude, multiple=4)
+        self.dense_tail = float(dense_tail)
+        self.backend: TransposableBackend = backend
+        self.dense_from: int | None = None  # the optimizer step the dense tail starts at
+        self.densified_at: int | None = None
+
+    @override
+    def _convert(self, pl_module: pl.LightningModule) -> list[str]:
+        exclude = self._exclude()
+        return transposable_sparsify(pl_module, self.include, exclude, self.backend)
+
+    @override
+    def _finalize(self, pl_module: pl.LightningModule) -> list[str]:
+        return transposable_finalize(pl_module)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.dense_from = None
+            self.densified_at = None
+        super().setup(trainer, pl_module, stage)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.dense_tail == 0:
+            return
+        total = self._total_steps(trainer, f"dense_tail={self.dense_tail}")
+        tail = round_half_up(self.dense_tail * total)
+        if tail == 0:
+            info(
+                logger,
+                "TransposableSparse: dense_tail=%g of %d steps rounds to no step; sparse to "
+                "the end",
+                self.dense_tail,
+                total,
+            )
+            return
+        self.dense_from = total - tail
+        info(
+            logger,
+            "TransposableSparse: transposable 2:4 until optimizer step %d, then dense for the "
+            "last %d of %d steps",
+            self.dense_from,
+            tail,
+            total,
+        )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.dense_from is None or trainer.global_step < self.dense_from:
+            return
+        densified = _densify(pl_module)
+        if densified:
+            self.densified_at = trainer.global_step
+            info(
+                logger,
+                "TransposableSparse: at optimizer step %d, %d layers are dense nn.Linear layers "
+                "again (their unmasked master weights) for the dense tail",
+                trainer.global_step,
+                len(densified),
+            )
+
+
+def _densify(model: nn.Module) -> list[str]:
+    """Replace every TransposableSparseLinear of ``model`` by an nn.Linear holding its master
+    weight and bias, unmasked and shared (the optimizer keeps them); returns their names."""
+    replaced: list[str] = []
+    for parent_name, parent in list(model.named_modules()):
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, TransposableSparseLinear):
+                linear = nn.Linear(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    device="meta",  # placeholders, replaced by the layer's Parameters below
+                    dtype=child.weight.dtype,
+                )
+                linear.weight = child.weight
+                linear.bias = child.bias  # type: ignore[assignment]
+                linear.train(child.training)
+                setattr(parent, attr, linear)
+                replaced.append(f"{parent_name}.{attr}" if parent_name else attr)
+    return replaced
