@@ -3,8 +3,12 @@
 1. the import graph of ``src/slope_lightning`` and ``kernels/slope_kernels`` has no cycle;
 2. ``import slope_lightning.sparse`` (and ``from slope_lightning import sparsify``) loads
    neither Lightning nor the baselines;
-3. every layer imports only the layers below it: kernels -> utils -> sparse -> baselines ->
-   models -> the Lightning layer -> cli / bench.
+3. every module belongs to a layer named in :data:`LAYERS` (there is no "everything else"
+   layer), and every layer imports only its own and the layers below it: kernels -> utils ->
+   sparse -> baselines -> models -> model files -> data -> checkpoints -> callbacks' shared
+   modules -> callbacks -> module -> entry points;
+4. no callback file imports another: a file of ``callbacks/`` imports only
+   ``callbacks.shared`` and ``callbacks.lightning_internals`` of its package.
 
 The graph is built with ``ast`` from the files, not by importing them, so it sees imports
 inside functions too (a function-level import hides a cycle from Python, not from a reader).
@@ -202,6 +206,7 @@ def describe(cycle: list[Edge]) -> str:
 
 #: Lowest first. A module may import its own layer and the layers below it, never above.
 #: ``pkg.*`` is a package and everything in it; a name without ``.*`` is that module only.
+#: Every module is named here (the most specific pattern wins); a new one must be placed.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kernels", ("slope_kernels.*",)),
     ("utils", ("slope_lightning.utils",)),
@@ -209,12 +214,44 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sparse", ("slope_lightning.sparse.*", "slope_lightning")),
     ("baselines", ("slope_lightning.baselines.*",)),
     ("models", ("slope_lightning.models.*",)),
-    ("lightning", ()),  # every other module of slope_lightning: module, callbacks, data, export
-    ("entry points", ("slope_lightning.cli", "slope_lightning.bench.*")),
+    # Model files in and out, and the optimizer: torch only.
+    ("model files", ("slope_lightning.export", "slope_lightning.hf", "slope_lightning.optim")),
+    # The first layer that may import Lightning (the data module does).
+    ("data", ("slope_lightning.data.*",)),
+    ("checkpoints", ("slope_lightning.checkpoints",)),
+    # What the callbacks share: their coordination types and Lightning's internals.
+    (
+        "callbacks shared",
+        ("slope_lightning.callbacks.shared", "slope_lightning.callbacks.lightning_internals"),
+    ),
+    # One file per callback, and the deprecated aliases of their old homes.
+    (
+        "callbacks",
+        (
+            "slope_lightning.callbacks.*",
+            "slope_lightning.faults",
+            "slope_lightning.method_callbacks",
+        ),
+    ),
+    ("module", ("slope_lightning.module",)),
+    (
+        "entry points",
+        (
+            "slope_lightning.cli",
+            "slope_lightning.generate",
+            "slope_lightning.study.*",
+            "slope_lightning.bench.*",
+        ),
+    ),
 )
-#: Third-party packages that only the Lightning layer and above may import.
+#: Third-party packages that only the Lightning layers (data and above) may import.
 LIGHTNING_ONLY = {"lightning", "pytorch_lightning", "torchmetrics", "jsonargparse", "tensorboard"}
-LIGHTNING_LAYER = next(i for i, (name, _) in enumerate(LAYERS) if name == "lightning")
+LIGHTNING_LAYER = next(i for i, (name, _) in enumerate(LAYERS) if name == "data")
+#: The modules of ``callbacks/`` that every callback file may import (no callback is in them).
+CALLBACKS_SHARED = (
+    "slope_lightning.callbacks.shared",
+    "slope_lightning.callbacks.lightning_internals",
+)
 
 
 def _specificity(module: str, pattern: str) -> int:
@@ -226,15 +263,35 @@ def _specificity(module: str, pattern: str) -> int:
 
 
 def layer_of(module: str) -> int:
-    """The rank of ``module`` in :data:`LAYERS`: the most specific pattern that names it,
-    else the Lightning layer (a new top-level module sits there until placed lower)."""
-    best, rank = -1, LIGHTNING_LAYER
+    """The rank of ``module`` in :data:`LAYERS`: the most specific pattern that names it.
+
+    Raises:
+        LookupError: no pattern names ``module`` (a new module must be placed in a layer).
+    """
+    best, rank = -1, -1
     for i, (_, patterns) in enumerate(LAYERS):
         for pattern in patterns:
             specificity = _specificity(module, pattern)
             if specificity > best:
                 best, rank = specificity, i
+    if rank < 0:
+        raise LookupError(f"{module} is in no layer: add it to LAYERS in {Path(__file__).name}")
     return rank
+
+
+def imports_between_callbacks(edges: list[Edge]) -> list[str]:
+    """Every import of a callback file by another module of ``callbacks/`` (the package's
+    ``__init__`` re-exports them all and is exempt): each callback file may import only
+    :data:`CALLBACKS_SHARED` from its package, and the shared modules no callback file."""
+    package = "slope_lightning.callbacks"
+    found = []
+    for edge in edges:
+        inside = edge.target == package or edge.target.startswith(package + ".")
+        if not edge.source.startswith(package + ".") or not inside:
+            continue
+        if edge.target not in CALLBACKS_SHARED:
+            found.append(f"a callback file imports another: {edge}")
+    return found
 
 
 def upward_imports(edges: list[Edge]) -> list[str]:
@@ -266,6 +323,28 @@ def test_every_layer_imports_only_the_layers_below_it(graph):
     edges, _ = graph
     upward = upward_imports(edges)
     assert not upward, "imports against the layering:\n" + "\n".join(upward)
+
+
+def test_every_module_is_named_by_a_layer(graph):
+    """No "everything else" layer: a new module is placed explicitly."""
+    files: dict[str, Path] = {}
+    for directory in PACKAGES:
+        files |= module_files(directory)
+    unplaced = []
+    for module in files:
+        try:
+            layer_of(module)
+        except LookupError as error:
+            unplaced.append(str(error))
+    assert not unplaced, "\n".join(unplaced)
+
+
+def test_no_callback_file_imports_another(graph):
+    edges, _ = graph
+    callback_files = [e for e in edges if e.source.startswith("slope_lightning.callbacks.")]
+    assert callback_files, "the callbacks package imports nothing: is it there?"
+    wrong = imports_between_callbacks(edges)
+    assert not wrong, "\n".join(wrong)
 
 
 def test_kernels_import_nothing_from_the_library(graph):
@@ -361,9 +440,35 @@ def test_the_graph_sees_function_level_relative_and_submodule_imports(tmp_path):
 def test_upward_imports_name_both_layers():
     edge = Edge("slope_lightning.sparse.linear", "slope_lightning.models.config", ROOT, 3)
     assert upward_imports([edge]) == [f"sparse imports models: {edge}"]
-    assert layer_of("slope_lightning.optim") == layer_of("slope_lightning.callbacks")
+    assert layer_of("slope_lightning.optim") < layer_of("slope_lightning.callbacks")
+    assert layer_of("slope_lightning.callbacks.shared") < layer_of(
+        "slope_lightning.callbacks.slope"
+    )
+    assert layer_of("slope_lightning.checkpoints") < layer_of("slope_lightning.callbacks.shared")
+    assert layer_of("slope_lightning.callbacks") < layer_of("slope_lightning.module")
+    with pytest.raises(LookupError, match="slope_lightning.newthing is in no layer"):
+        layer_of("slope_lightning.newthing")
     assert layer_of("slope_lightning.sparse.backends.ops") == layer_of("slope_lightning")
     assert layer_of("slope_lightning.sparse") < layer_of("slope_lightning.baselines.srste")
     assert layer_of("slope_lightning.utils") < layer_of("slope_lightning.sparse")
     assert layer_of("slope_kernels.packed_format") < layer_of("slope_lightning.utils")
     assert upward_imports([Edge("slope_lightning.bench.step", "slope_kernels", ROOT, 1)]) == []
+
+
+def test_callback_files_may_import_only_the_shared_modules_of_their_package():
+    def edge(source: str, target: str) -> Edge:
+        return Edge(f"slope_lightning.callbacks.{source}", target, ROOT, 1)
+
+    allowed = [
+        edge("srste", "slope_lightning.callbacks.shared"),
+        edge("lazy_lora", "slope_lightning.callbacks.lightning_internals"),
+        edge("shared", "slope_lightning.sparse"),
+        Edge("slope_lightning.callbacks", "slope_lightning.callbacks.slope", ROOT, 1),
+    ]
+    assert imports_between_callbacks(allowed) == []
+    wrong = [
+        edge("oneshot", "slope_lightning.callbacks.slope"),
+        edge("mask_scheduler", "slope_lightning.callbacks"),  # the package: every callback
+        edge("shared", "slope_lightning.callbacks.lazy_lora"),
+    ]
+    assert len(imports_between_callbacks(wrong)) == 3

@@ -20,8 +20,8 @@ import yaml
 
 from lightning_helpers import write_corpus
 from slope_lightning.bench.runs import summarise
+from slope_lightning.checkpoints import CheckpointError, checkpoint_step
 from slope_lightning.cli import ConfigError, SLoPeCLI, TrainingInterrupted, main, run_cli
-from slope_lightning.faults import CheckpointError, checkpoint_step
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -95,11 +95,11 @@ def test_configs_keep_each_run_apart_and_guard_against_faults(config):
     by_class = {c["class_path"]: c.get("init_args") or {} for c in callbacks}
     # Lightning auto-resumes every fit when an OnExceptionCheckpoint is present.
     assert "lightning.pytorch.callbacks.OnExceptionCheckpoint" not in by_class
-    assert "slope_lightning.faults.CrashCheckpoint" in by_class
-    assert "slope_lightning.faults.NonFiniteGuard" in by_class
+    assert "slope_lightning.callbacks.CrashCheckpoint" in by_class
+    assert "slope_lightning.callbacks.NonFiniteGuard" in by_class
     for name in (
         "lightning.pytorch.callbacks.ModelCheckpoint",
-        "slope_lightning.faults.CrashCheckpoint",
+        "slope_lightning.callbacks.CrashCheckpoint",
     ):
         assert by_class[name].get("dirpath") is None, f"{name}: checkpoints must live per run"
 
@@ -364,7 +364,7 @@ def test_a_full_disk_fails_with_one_line_and_keeps_the_checkpoints(
 
 
 def test_trainer_loads_go_through_safe_checkpoint_io(corpus, tmp_path, monkeypatch):
-    from slope_lightning.faults import SafeCheckpointIO
+    from slope_lightning.checkpoints import SafeCheckpointIO
 
     monkeypatch.chdir(tmp_path)
     cli = run_cli(_args(corpus, steps=1))

@@ -21,11 +21,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from slope_lightning.faults import (
+from slope_lightning.callbacks import CrashCheckpoint, NonFiniteError, NonFiniteGuard
+from slope_lightning.checkpoints import (
     CheckpointError,
-    CrashCheckpoint,
-    NonFiniteError,
-    NonFiniteGuard,
     SafeCheckpointIO,
     checkpoint_step,
     find_resume_checkpoint,

@@ -27,9 +27,8 @@ from slope_lightning.baselines import (
     srste_sparsify,
     transposable_mask,
 )
-from slope_lightning.callbacks import SLoPe
+from slope_lightning.callbacks import SRSTE, OneShotPrune, SLoPe, TransposableSparse
 from slope_lightning.export import load_exported
-from slope_lightning.method_callbacks import SRSTE, OneShotPrune, TransposableSparse
 from slope_lightning.module import SLoPeModule
 
 OVERRIDES = {"n_layer": 1, "d_model": 32, "n_head": 2, "n_kv_head": 1}
@@ -479,11 +478,11 @@ def test_the_callbacks_are_configurable_from_a_lightning_cli_yaml():
     config = parser.parse_string(
         """
         callbacks:
-          - class_path: slope_lightning.method_callbacks.SRSTE
+          - class_path: slope_lightning.callbacks.SRSTE
             init_args: {decay: 1.0e-4, exclude: ["*lm_head"]}
-          - class_path: slope_lightning.method_callbacks.TransposableSparse
+          - class_path: slope_lightning.callbacks.TransposableSparse
             init_args: {dense_tail: 0.25, backend: reference}
-          - class_path: slope_lightning.method_callbacks.OneShotPrune
+          - class_path: slope_lightning.callbacks.OneShotPrune
             init_args: {at: 0.5, method: wanda, calibration_batches: 4}
         """
     )
@@ -493,6 +492,6 @@ def test_the_callbacks_are_configurable_from_a_lightning_cli_yaml():
     assert isinstance(oneshot, OneShotPrune) and oneshot.method == "wanda"
     with pytest.raises(ArgumentError, match="(?s)method.*'magnitude', 'wanda'"):
         parser.parse_string(
-            "callbacks: [{class_path: slope_lightning.method_callbacks.OneShotPrune, "
+            "callbacks: [{class_path: slope_lightning.callbacks.OneShotPrune, "
             "init_args: {method: random}}]"
         )

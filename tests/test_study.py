@@ -137,7 +137,7 @@ def test_plan_sweeps_on_the_sweep_seeds_then_runs_every_seed_at_the_best_lr(
 def test_study_callbacks_replace_the_base_configs_and_a_method_adds_its_own(
     tmp_path: Path,
 ) -> None:
-    guard = {"class_path": "slope_lightning.faults.NonFiniteGuard"}
+    guard = {"class_path": "slope_lightning.callbacks.NonFiniteGuard"}
     scheduler = {
         "class_path": "slope_lightning.callbacks.MaskScheduler",
         "init_args": {"every": 10},
