@@ -322,7 +322,7 @@ class ConvertedAtStart(BaselineMethod):
     """
 
     #: The logger of the subclass's module (its messages name it).
-    log: ClassVar[logging.Logger] = logging.getLogger(__name__)
+    messages: ClassVar[logging.Logger] = logging.getLogger(__name__)
 
     def __init__(
         self, include: Sequence[str] | None, exclude: Sequence[str] | None, multiple: int
@@ -349,7 +349,7 @@ class ConvertedAtStart(BaselineMethod):
         existing = self.method_layers(pl_module)
         if existing:
             info(
-                self.log,
+                self.messages,
                 "%s: %s already has %d %s layers; nothing converted",
                 self.label,
                 type(pl_module).__name__,
@@ -364,7 +364,7 @@ class ConvertedAtStart(BaselineMethod):
             return  # built in configure_model: converted at on_fit_start
         self.converted = self._convert(pl_module)
         info(
-            self.log,
+            self.messages,
             "%s: %d layers made %s: %s",
             self.label,
             len(self.converted),
@@ -393,7 +393,7 @@ class ConvertedAtStart(BaselineMethod):
         replaced = self._finalize(pl_module)
         if replaced:  # none after a dense tail: the layers are nn.Linear already
             info(
-                self.log,
+                self.messages,
                 "%s: %d layers turned into nn.Linear layers holding their pruned weights",
                 self.label,
                 len(replaced),

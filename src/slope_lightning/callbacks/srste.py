@@ -58,7 +58,7 @@ class SRSTE(ConvertedAtStart):
     """
 
     layer_type = SRSTELinear
-    log: ClassVar[logging.Logger] = logger
+    messages: ClassVar[logging.Logger] = logger
 
     def __init__(
         self,

@@ -63,7 +63,7 @@ class TransposableSparse(ConvertedAtStart):
     """
 
     layer_type = TransposableSparseLinear
-    log: ClassVar[logging.Logger] = logger
+    messages: ClassVar[logging.Logger] = logger
 
     def __init__(
         self,
