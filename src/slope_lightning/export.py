@@ -14,7 +14,6 @@ reloads exactly) and :func:`slope_lightning.hf.export_dense`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -24,8 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from slope_lightning.models import Transformer, TransformerConfig
-from slope_lightning.sparse import sparsify
+from slope_lightning.models import Transformer, TransformerConfig, build_model
 from slope_lightning.sparse.backends.names import BackendName
 from slope_lightning.sparse.config import SparsityConfig
 from slope_lightning.utils import atomic_path, atomic_write
@@ -169,9 +167,7 @@ def load_exported(directory: str | Path, device: str | torch.device = "cpu") -> 
         sparsity = SparsityConfig.from_dict(stored) if stored is not None else None
     except (KeyError, ValueError) as error:
         raise ValueError(f"{config_path}: {error}") from error
-    model = Transformer(config)
-    if sparsity is not None and sparsity.sparse:
-        sparsify(model, dataclasses.replace(sparsity, backend=BackendName.reference))
+    model, _ = build_model(config, sparsity, backend=BackendName.reference)
     weights_path = directory / WEIGHTS
     try:
         tensors = load_file(str(weights_path))

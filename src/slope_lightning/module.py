@@ -35,7 +35,7 @@ from typing_extensions import override
 
 from slope_lightning.export import export_model
 from slope_lightning.faults import NonFiniteError
-from slope_lightning.models import Transformer, TransformerConfig
+from slope_lightning.models import Transformer, TransformerConfig, build_model
 from slope_lightning.optim import OptimizerConfig, build_adamw, lr_multiplier
 from slope_lightning.sparse import (
     SparsifyReport,
@@ -43,7 +43,6 @@ from slope_lightning.sparse import (
     follow_optimizer,
     memory_report,
     sparse_layers,
-    sparsify,
     use_decision_store,
 )
 from slope_lightning.sparse.backends.names import BackendName
@@ -144,20 +143,10 @@ class SLoPeModule(pl.LightningModule):
         self.reshard_after_forward = reshard_after_forward
         self._model_configured = False  # configure_model runs at every fit/validate/test
         self._graph_breaks_before: dict[str, Counter[str]] = {}
-        overrides = dict(model_overrides or {})
-        if vocab_size is not None:
-            overrides["vocab_size"] = vocab_size
-        if seq_len is not None:
-            overrides["seq_len"] = seq_len
-        try:
-            self.config = TransformerConfig.from_name(preset, **overrides)
-        except ValueError as error:
-            raise ValueError(f"model.preset / model.model_overrides: {error}") from error
-        self.model = Transformer(self.config)
-        self.sparsify_report: SparsifyReport | None = None
-        if self.sparsity.sparse:
-            self.sparsify_report = sparsify(self.model, self.sparsity)
-            self.sparsify_report.require_converted()  # a "sparse" run that is dense is an error
+        self.config = TransformerConfig.from_hparams(self.hparams)
+        self.model: Transformer
+        self.sparsify_report: SparsifyReport | None
+        self.model, self.sparsify_report = build_model(self.config, self.sparsity)
         self.export_dir = export_dir
         self.val_ppl = Perplexity(ignore_index=-100)
         self.test_ppl = Perplexity(ignore_index=-100)

@@ -160,6 +160,38 @@ class TransformerConfig:
         _check_fields(overrides, f"in overrides for preset {name!r}")
         return cls(**{**_PRESETS[name], **overrides})
 
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> TransformerConfig:
+        """The shape a :class:`~slope_lightning.module.SLoPeModule` builds from its
+        hyperparameters (a checkpoint's ``hyper_parameters``, or a run's ``model`` section).
+
+        ``preset`` names the base, ``model_overrides`` replace its fields, and ``vocab_size``
+        and ``seq_len`` (linked from the data module; None or absent keeps the preset's) win
+        over both.
+
+        Raises:
+            ValueError: no ``preset``, an unknown preset or override, or an invalid value (the
+                message starts with ``model.preset / model.model_overrides``, the settings to
+                change).
+
+        Example:
+            >>> TransformerConfig.from_hparams({"preset": "tiny", "seq_len": 64}).seq_len
+            64
+        """
+        preset = hparams.get("preset")
+        overrides = dict(hparams.get("model_overrides") or {})
+        for key in ("vocab_size", "seq_len"):
+            if hparams.get(key) is not None:
+                overrides[key] = hparams[key]
+        try:
+            if not isinstance(preset, str):
+                raise ValueError(
+                    f"preset must name a preset ({available_presets()}), got {preset!r}"
+                )
+            return cls.from_name(preset, **overrides)
+        except ValueError as error:
+            raise ValueError(f"model.preset / model.model_overrides: {error}") from error
+
     def to_dict(self) -> dict[str, Any]:
         """Every field, derived ones filled in, as plain JSON/YAML values (exports store it).
 
