@@ -1,8 +1,10 @@
-"""Small shared utilities: file digests, atomic writes and timing.
+"""Small shared utilities: file digests, atomic writes, state dicts as safetensors, timing and
+the machine a measurement ran on.
 
-A leaf module: it imports only the standard library and torch, so every layer (the torch-only
-``sparse/`` included) can use it. One of each: no other module hashes files, writes files
-atomically or times code on its own.
+A leaf module: it imports only the standard library, torch and safetensors, so every layer
+(the torch-only ``sparse/`` included) can use it. One of each: no other module hashes files,
+writes files atomically, dedupes a state dict's tensors, reads safetensors, times code or
+describes the machine on its own.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
 
 _CHUNK = 1 << 20
 
@@ -78,6 +83,62 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     payload = data.encode() if isinstance(data, str) else data
     with atomic_path(path) as tmp:
         tmp.write_bytes(payload)
+
+
+def unique_tensors(state: Mapping[str, object]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors of a state dict, each piece of memory once, detached, contiguous and on the
+    CPU (what safetensors stores); ``aliases`` maps each dropped name to the kept one.
+
+    Two entries are one piece of memory when they share their data pointer, size and dtype
+    (tied weights); empty tensors are never aliased (they may all point at address 0).
+
+    Raises:
+        TypeError: an entry is not a tensor (the message names it; safetensors stores tensors
+            only).
+
+    Example:
+        >>> shared = torch.ones(2)
+        >>> tensors, aliases = unique_tensors({"a": shared, "b": shared, "c": torch.ones(2)})
+        >>> sorted(tensors), aliases
+        (['a', 'c'], {'b': 'a'})
+    """
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, torch.dtype], str] = {}
+    for name, value in state.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"state dict entry {name!r} is a {type(value).__name__}, not a tensor; "
+                "safetensors stores tensors only"
+            )
+        key = (value.data_ptr(), value.numel(), value.dtype)
+        if value.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = value.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def non_finite(tensors: Mapping[str, Tensor]) -> list[str]:
+    """The names of the floating tensors that hold NaN or inf (a sync point on a GPU)."""
+    return [
+        name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()
+    ]
+
+
+def load_safetensors(path: Path, fix: str) -> dict[str, Tensor]:
+    """The tensors of the safetensors file at ``path``, on the CPU.
+
+    Raises:
+        ValueError: the file is unreadable or truncated (the message ends with ``fix``).
+    """
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({error}); it may be truncated: {fix}"
+        ) from error
 
 
 def median_ms(

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from slope_lightning.baselines import TransposableSparseLinear
 from slope_lightning.bench.common import Row, RowSink
-from slope_lightning.bench.methods import METHODS, build_model
+from slope_lightning.bench.methods import METHODS, method_model
 from slope_lightning.models import Transformer, TransformerConfig
 from slope_lightning.sparse import SparseLinear, memory_report, merge_for_inference, sparsify
 from slope_lightning.sparse.memory import local_part
@@ -223,7 +223,7 @@ def _training_peak(
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
     """One warm-up AdamW step (counted exactly) and, on CUDA, one step under the peak counter."""
-    model, config = build_model(
+    model, config = method_model(
         preset, method, backend=backend, dtype=dtype, device=device, **overrides
     )
     model.train()
@@ -273,7 +273,7 @@ def _inference_peak(
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
     """One prefill forward in eval mode (SLoPe merged), after one warm-up forward."""
-    model, config = build_model(
+    model, config = method_model(
         preset, method, backend=backend, dtype=dtype, device=device, **overrides
     )
     model.eval()
@@ -456,7 +456,7 @@ def _fsdp_rank(
         measured: dict[str, tuple[int, int, int]] = {}
         sparse_names: list[str] = []
         for method in ("slope", "dense"):
-            model, config = build_model(preset, method, **overrides)
+            model, config = method_model(preset, method, **overrides)
             if method == "slope":
                 sparse_names = [name for name, _ in sparse_layers(model)]
                 for _, layer in sparse_layers(model):
@@ -572,7 +572,7 @@ def checkpointing_rows(
     for preset in presets:
         without: int | None = None
         for checkpointed in (False, True):
-            model, config = build_model(preset, "slope", **overrides)
+            model, config = method_model(preset, "slope", **overrides)
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             saved = SavedTensorCounter(exclude=state_storages(model))

@@ -1,0 +1,56 @@
+"""Specification of the shared helpers in ``slope_lightning.utils`` that several modules use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from slope_lightning.utils import load_safetensors, non_finite, unique_tensors
+
+
+def test_tied_tensors_are_kept_once_and_aliased_to_the_first_name():
+    weight = torch.randn(4, 3)
+    tensors, aliases = unique_tensors({"wte": weight, "head": weight, "bias": torch.zeros(3)})
+    assert sorted(tensors) == ["bias", "wte"]
+    assert aliases == {"head": "wte"}
+    assert torch.equal(tensors["wte"], weight)
+
+
+def test_a_view_of_another_dtype_or_an_empty_tensor_is_not_an_alias():
+    base = torch.zeros(4, dtype=torch.int32)
+    empty_a, empty_b = torch.empty(0), torch.empty(0)
+    state = {"ints": base, "floats": base.view(torch.float32), "a": empty_a, "b": empty_b}
+    tensors, aliases = unique_tensors(state)
+    assert aliases == {}
+    assert sorted(tensors) == ["a", "b", "floats", "ints"]
+
+
+def test_saved_tensors_are_detached_contiguous_copies_on_the_cpu():
+    weight = torch.randn(3, 4, requires_grad=True)
+    tensors, _ = unique_tensors({"t": weight.t()})
+    assert tensors["t"].is_contiguous() and not tensors["t"].requires_grad
+
+
+def test_a_non_tensor_entry_is_refused_by_name():
+    with pytest.raises(TypeError, match="'step' is a dict"):
+        unique_tensors({"w": torch.ones(1), "step": {"count": 1}})
+
+
+def test_non_finite_names_floating_tensors_with_nan_or_inf_only():
+    state = {
+        "ok": torch.ones(2),
+        "nan": torch.tensor([0.0, float("nan")]),
+        "inf": torch.tensor([float("inf")]),
+        "ints": torch.ones(2, dtype=torch.int64),
+    }
+    assert non_finite(state) == ["nan", "inf"]
+
+
+def test_a_truncated_safetensors_file_is_a_value_error_with_the_fix(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.ones(64)}, str(path))
+    assert torch.equal(load_safetensors(path, "save again")["w"], torch.ones(64))
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="may be truncated: save again"):
+        load_safetensors(path, "save again")
