@@ -54,3 +54,16 @@ def test_a_truncated_safetensors_file_is_a_value_error_with_the_fix(tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(ValueError, match="may be truncated: save again"):
         load_safetensors(path, "save again")
+
+
+def test_machine_info_names_the_command_the_code_and_the_device_and_its_footnote_shows_them():
+    from slope_lightning.utils import machine_footnote, machine_info
+
+    info = machine_info("slope-lightning study --config x")
+    assert info["command"] == "slope-lightning study --config x"
+    assert {"code", "torch", "cuda", "triton", "device", "date"} <= set(info)
+    footnote = machine_footnote(info)
+    assert (
+        footnote.startswith(f"device {info['device']} | ")
+        and f"torch {torch.__version__}" in footnote
+    )

@@ -12,11 +12,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -174,3 +179,77 @@ def median_ms(
         fn()
         times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------
+# The machine a measurement ran on
+# --------------------------------------------------------------------------------------------
+
+
+def _package_version(name: str) -> str | None:
+    """An installed package's version without importing it (importing triton takes seconds)."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def code_version() -> str:
+    """The git commit of the code that ran (``<hash> <subject>``, noting uncommitted changes),
+    or ``"unknown"`` outside a git checkout."""
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(package), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+
+    try:
+        head = git("log", "-1", "--format=%h %s")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    head = head if len(head) <= 72 else head[:71] + "…"
+    return f"{head}{' (with uncommitted changes)' if dirty else ''}"
+
+
+def machine_info(command: str) -> dict[str, Any]:
+    """Where, when and with what a measurement ran (the benchmarks' tables and the study's
+    report record it): the exact command, the code, the versions and the device.
+
+    A GPU number is only a GPU number if a GPU is named here. The CUDA, cuSPARSELt and Triton
+    versions are recorded because sparse GEMM speed depends on them (e.g. torch 2.11 rebuilds
+    the cuSPARSELt plan on every call; cuSPARSELt 0.8.0 has a Hopper regression on CUDA 13):
+    a table that does not name them cannot be compared.
+    """
+    info: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "code": code_version(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _package_version("triton"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["capability"] = "sm_{}{}".format(*torch.cuda.get_device_capability())
+        cusparselt = torch.backends.cusparselt
+        info["cusparselt"] = cusparselt.version() if cusparselt.is_available() else None
+    return info
+
+
+def machine_footnote(info: dict[str, Any]) -> str:
+    """One line naming where and when the numbers were measured (a figure's footnote)."""
+    parts = [
+        f"{key} {info[key]}" for key in ("device", "processor", "torch", "date") if key in info
+    ]
+    return " | ".join(parts)

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from slope_lightning.bench import common
+from slope_lightning.utils import machine_info
 
 SUITES = ("memory", "layers", "kernels", "step", "inference", "runs", "unpack")
 
@@ -113,7 +116,7 @@ def _shapes(args: argparse.Namespace) -> list[tuple[int, int]]:
 
 def run_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     """Run one benchmark suite, writing its rows as they come; return its markdown."""
-    info = common.machine_info()
+    info = machine_info("python -m slope_lightning.bench " + shlex.join(sys.argv[1:]))
     dtype = getattr(torch, args.dtype)
     backend = args.backends.split(",")[0]
     name = _table_name(args.suite, info, args.compile)

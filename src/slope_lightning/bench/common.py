@@ -1,22 +1,15 @@
-"""What every benchmark records (the machine, the versions, the date and the exact command),
-and how its table reaches the disk: row by row, so that a suite stopped by a timeout keeps
-every row it finished.
+"""How a benchmark's table reaches the disk: row by row, so that a suite stopped by a timeout
+keeps every row it finished, beside what every benchmark records (the machine, the versions,
+the date and the exact command: :func:`slope_lightning.utils.machine_info`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import platform
-import shlex
-import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from slope_lightning.utils import atomic_write
 
@@ -26,41 +19,6 @@ logger = logging.getLogger(__name__)
 Row = dict[str, Any]
 #: Called with every finished row, as soon as it is finished (see :class:`ResultsTable`).
 RowSink = Callable[[Row], None]
-
-
-def _package_version(name: str) -> str | None:
-    """An installed package's version without importing it (importing triton takes seconds)."""
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    """Where the numbers come from; a GPU number is only a GPU number if a GPU is named here.
-
-    The CUDA, cuSPARSELt and Triton versions are recorded because sparse GEMM speed depends on
-    them (e.g. torch 2.11 rebuilds the cuSPARSELt plan on every call; cuSPARSELt 0.8.0 has a
-    Hopper regression on CUDA 13): a table that does not name them cannot be compared.
-    """
-    info: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m slope_lightning.bench " + shlex.join(sys.argv[1:]),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": _package_version("triton"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "device": "cpu",
-    }
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name()
-        info["capability"] = "sm_{}{}".format(*torch.cuda.get_device_capability())
-        cusparselt = torch.backends.cusparselt
-        info["cusparselt"] = cusparselt.version() if cusparselt.is_available() else None
-    return info
 
 
 def first_line(error: BaseException) -> str:

@@ -33,6 +33,7 @@ from slope_lightning.bench.methods import METHODS, method_model
 from slope_lightning.models import Transformer, TransformerConfig
 from slope_lightning.sparse import SparseLinear, memory_report, merge_for_inference, sparsify
 from slope_lightning.sparse.memory import local_part
+from slope_lightning.utils import machine_info
 
 #: LLaMA-7B projection shapes (d_out, d_in): attention, MLP up/gate, MLP down.
 LLAMA_7B_SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096), (11008, 4096), (4096, 11008))
@@ -617,7 +618,7 @@ def main(argv: list[str] | None = None) -> None:
     state on CPU processes, or the saved activations with and without activation
     checkpointing; writes ``memory-fsdp-cpu-count`` or ``memory-checkpointing-cpu-count``
     (JSON + markdown) under ``--out``, naming the machine, torch version, date and command."""
-    from slope_lightning.bench.common import ResultsTable, machine_info
+    from slope_lightning.bench.common import ResultsTable
 
     parser = argparse.ArgumentParser(prog="python -m slope_lightning.bench.memory")
     parser.add_argument("suite", choices=["fsdp", "checkpointing"])
@@ -627,9 +628,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    info = machine_info()
-    info["command"] = "python -m slope_lightning.bench.memory " + shlex.join(
-        sys.argv[1:] if argv is None else argv
+    info = machine_info(
+        "python -m slope_lightning.bench.memory "
+        + shlex.join(sys.argv[1:] if argv is None else argv)
     )
     presets = tuple(args.presets.split(","))
     if args.suite == "fsdp":

@@ -29,7 +29,7 @@ from slope_lightning.study.config import (
     StudyConfigError,
 )
 from slope_lightning.study.evaluate import Evaluator
-from slope_lightning.study.report import machine_info, summarize, write_report
+from slope_lightning.study.report import summarize, write_report
 from slope_lightning.study.runner import (
     Launcher,
     LaunchResult,
@@ -43,6 +43,7 @@ from slope_lightning.study.runner import (
     subprocess_launcher,
 )
 from slope_lightning.study.selection import best_learning_rates, run_value
+from slope_lightning.utils import machine_info
 
 __all__ = [
     "Evaluator",

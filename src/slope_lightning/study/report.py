@@ -25,19 +25,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
 import statistics
-import subprocess
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from slope_lightning.study.config import FORMAT, StudyConfig, format_lr
 from slope_lightning.study.selection import best_learning_rates, run_value, sweep_loss
-from slope_lightning.utils import atomic_write
+from slope_lightning.utils import atomic_write, machine_footnote
 
 logger = logging.getLogger(__name__)
 
@@ -46,45 +41,6 @@ logger = logging.getLogger(__name__)
 EARLY_TRAINING_TOKENS_PER_PARAMETER = 20.0
 #: The share of a run's last logged training steps the paired loss difference averages.
 PAIRED_TAIL = 0.1
-
-
-def code_version() -> str:
-    """The git commit of the code that ran (``<hash> <subject>``, noting uncommitted changes),
-    or ``"unknown"`` outside a git checkout."""
-    package = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(package), *args],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-
-    try:
-        head = git("log", "-1", "--format=%h %s")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    head = head if len(head) <= 72 else head[:71] + "…"
-    return f"{head}{' (with uncommitted changes)' if dirty else ''}"
-
-
-def machine_info(command: str) -> dict[str, Any]:
-    """Where and when the study ran (its exact command, the code, the versions, the device)."""
-    info: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command,
-        "code": code_version(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-    }
-    return info
 
 
 # ---------------------------------------------------------------------------- numbers
@@ -529,12 +485,6 @@ def render_markdown(summary: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- figures
 
 
-def _footnote(info: dict[str, Any]) -> str:
-    return " | ".join(
-        f"{key} {info[key]}" for key in ("device", "processor", "torch", "date") if key in info
-    )
-
-
 def plot_sweep(path: Path, summary: dict[str, Any]) -> Path:
     """Validation perplexity against learning rate, one line per method (mean, ± std bars,
     the best marked by a star)."""
@@ -569,7 +519,9 @@ def plot_sweep(path: Path, summary: dict[str, Any]) -> Path:
     axes.set_title(f"{summary['name']}: learning-rate sweep (★ best per method)", fontsize=10)
     axes.legend(fontsize=8)
     axes.grid(True, which="both", alpha=0.3)
-    figure.supxlabel(_footnote(summary["info"]), x=0.01, ha="left", fontsize=7, color="dimgray")
+    figure.supxlabel(
+        machine_footnote(summary["info"]), x=0.01, ha="left", fontsize=7, color="dimgray"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     return path
@@ -613,7 +565,9 @@ def plot_curves(path: Path, summary: dict[str, Any]) -> Path:
         if axes.get_lines():
             axes.legend(fontsize=8)
     figure.suptitle(f"{summary['name']}: each method at its best learning rate", fontsize=10)
-    figure.supxlabel(_footnote(summary["info"]), x=0.01, ha="left", fontsize=7, color="dimgray")
+    figure.supxlabel(
+        machine_footnote(summary["info"]), x=0.01, ha="left", fontsize=7, color="dimgray"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     return path
