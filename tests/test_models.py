@@ -401,3 +401,21 @@ def test_build_model_sparsifies_on_the_given_backend_and_refuses_a_dense_sparse_
     assert {layer.backend.running.name for _, layer in sparse_layers(sparse)} == {"reference"}
     with pytest.raises(NothingSparsifiedError):
         build_model(config, SparsityConfig(m=3, n=1))
+
+
+def test_checkpointed_blocks_keep_their_parameter_names_and_gradients():
+    """``checkpoint_blocks`` uses torch's private composable checkpoint: if this fails, torch
+    moved or changed ``torch.distributed._composable.checkpoint``; update
+    ``slope_lightning.models.checkpointing``."""
+    from slope_lightning.models import checkpoint_blocks
+
+    plain, checkpointed = small_model(), small_model()
+    names = [name for name, _ in checkpointed.named_parameters()]
+    assert checkpoint_blocks(checkpointed.blocks) == 2
+    assert [name for name, _ in checkpointed.named_parameters()] == names
+    idx = torch.randint(0, 67, (2, 16))
+    for model in (plain, checkpointed):
+        model.train()
+        model(idx, idx)[1].backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name

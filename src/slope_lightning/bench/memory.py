@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from slope_lightning.baselines import TransposableSparseLinear
 from slope_lightning.bench.common import Row, RowSink
 from slope_lightning.bench.methods import METHODS, method_model
-from slope_lightning.models import Transformer, TransformerConfig
+from slope_lightning.models import Transformer, TransformerConfig, checkpoint_blocks
 from slope_lightning.sparse import SparseLinear, memory_report, merge_for_inference, sparsify
 from slope_lightning.sparse.memory import local_part
 from slope_lightning.utils import machine_info
@@ -565,8 +565,6 @@ def checkpointing_rows(
     checkpointed block keeps is its input, which is counted here too (autograd's hooks do
     not see it). ``memory_MiB`` is model state plus saved activations.
     """
-    from torch.distributed._composable import checkpoint
-
     if seq_len is not None:
         overrides = {**overrides, "seq_len": seq_len}
     rows: list[Row] = []
@@ -587,8 +585,8 @@ def checkpointing_rows(
                         if isinstance(arg, Tensor) and arg.requires_grad:
                             saved._pack(arg)  # what a checkpointed block holds on to
 
+                checkpoint_blocks(model.blocks)
                 for block in model.blocks:
-                    checkpoint(block)
                     handles.append(block.register_forward_pre_hook(keep_input))
             idx = torch.randint(0, config.vocab_size, (batch, config.seq_len))  # (B, T)
             with saved:
