@@ -121,7 +121,7 @@ def run_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     backend = args.backends.split(",")[0]
     name = _table_name(args.suite, info, args.compile)
     if args.suite == "memory":
-        from slope_lightning.bench import memory
+        from slope_lightning.bench import memory, peak
 
         presets = tuple(args.presets.split(","))
         table = common.ResultsTable(name, args.out, info, memory.COLUMNS, "ratio")
@@ -129,8 +129,8 @@ def run_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
         memory.transformer_rows(presets, on_row=table.add)
         text = table.close(plot=args.plot)
         peak_name = "memory-peak" if info["device"] != "cpu" else "memory-peak-cpu-count"
-        peaks = common.ResultsTable(peak_name, args.out, info, memory.PEAK_COLUMNS, "vs_dense")
-        memory.peak_rows(
+        peaks = common.ResultsTable(peak_name, args.out, info, peak.PEAK_COLUMNS, "vs_dense")
+        peak.peak_rows(
             presets,
             batch=args.batch,
             seq_len=args.seq_len,

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from slope_lightning.utils import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -19,6 +21,19 @@ logger = logging.getLogger(__name__)
 Row = dict[str, Any]
 #: Called with every finished row, as soon as it is finished (see :class:`ResultsTable`).
 RowSink = Callable[[Row], None]
+
+
+def default_device(device: str | torch.device | None) -> torch.device:
+    """``device``, else CUDA when available: building and pruning billion-parameter models on
+    the CPU takes minutes. Byte counts do not depend on the device."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def emit(rows: list[Row], row: Row, on_row: RowSink | None) -> None:
+    """Keep ``row`` and hand it to ``on_row`` at once (a timeout then keeps it)."""
+    rows.append(row)
+    if on_row is not None:
+        on_row(row)
 
 
 def first_line(error: BaseException) -> str:

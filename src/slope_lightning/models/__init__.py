@@ -5,4 +5,11 @@ from slope_lightning.models.checkpointing import checkpoint_blocks
 from slope_lightning.models.config import TransformerConfig, available_presets
 from slope_lightning.models.transformer import KVCache, Transformer
 
-__all__ = ["KVCache", "Transformer", "TransformerConfig", "available_presets", "build_model", "checkpoint_blocks"]
+__all__ = [
+    "KVCache",
+    "Transformer",
+    "TransformerConfig",
+    "available_presets",
+    "build_model",
+    "checkpoint_blocks",
+]
