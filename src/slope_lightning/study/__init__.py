@@ -12,7 +12,9 @@
 * :mod:`~slope_lightning.study.evaluate`: every run's export on the validation split, overall
   and per source;
 * :mod:`~slope_lightning.study.report`: the table, the LR sweep and the loss curves as
-  markdown, JSON and PNG under ``benchmarks/results/quality/``.
+  markdown, JSON and PNG under ``benchmarks/results/quality/``: the numbers from
+  :mod:`~slope_lightning.study.summary`, the text from :mod:`~slope_lightning.study.markdown`,
+  the PNGs from :mod:`~slope_lightning.study.figures`.
 """
 
 from __future__ import annotations
