@@ -47,9 +47,7 @@ def test_peak_rows_cover_training_and_inference_of_all_three_methods(peaks):
 
 def test_a_cpu_peak_row_says_it_is_an_exact_count_not_an_allocator_peak(peaks):
     for row in peaks:
-        expected = (
-            peak.MEASURE_CPU_TRAIN if row["phase"] == "training" else peak.MEASURE_CPU_INFER
-        )
+        expected = peak.MEASURE_CPU_TRAIN if row["phase"] == "training" else peak.MEASURE_CPU_INFER
         assert row["measure"] == expected
         assert "exact count, CPU" in row["measure"] and "CUDA" not in row["measure"]
 

@@ -28,7 +28,6 @@ from slope_lightning.data import (
     split_documents,
     train_tokenizer,
 )
-from slope_lightning.data import corpus as corpus_module
 from slope_lightning.data import prepare as prepare_module
 from slope_lightning.data.streams import ResumableSampler
 from slope_lightning.data.tokenizer import tokenizer_cache_path

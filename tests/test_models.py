@@ -417,5 +417,6 @@ def test_checkpointed_blocks_keep_their_parameter_names_and_gradients():
     for model in (plain, checkpointed):
         model.train()
         model(idx, idx)[1].backward()
-    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+    pairs = zip(plain.named_parameters(), checkpointed.named_parameters(), strict=True)
+    for (name, a), (_, b) in pairs:
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from slope_lightning.utils import load_safetensors, non_finite, unique_tensors
+from slope_lightning.utils import load_safetensors, require_finite, unique_tensors
 
 
 def test_tied_tensors_are_kept_once_and_aliased_to_the_first_name():
@@ -37,14 +37,17 @@ def test_a_non_tensor_entry_is_refused_by_name():
         unique_tensors({"w": torch.ones(1), "step": {"count": 1}})
 
 
-def test_non_finite_names_floating_tensors_with_nan_or_inf_only():
+def test_require_finite_names_the_first_bad_floating_tensor_and_counts_the_rest():
     state = {
         "ok": torch.ones(2),
         "nan": torch.tensor([0.0, float("nan")]),
         "inf": torch.tensor([float("inf")]),
         "ints": torch.ones(2, dtype=torch.int64),
     }
-    assert non_finite(state) == ["nan", "inf"]
+    with pytest.raises(ValueError, match=r"refusing to save out: nan \(and 1 more\)") as error:
+        require_finite(state, "save", "out")
+    assert "save the last good checkpoint" in str(error.value)
+    require_finite({"ok": torch.ones(2), "ints": torch.ones(1, dtype=torch.int64)}, "save", "x")
 
 
 def test_a_truncated_safetensors_file_is_a_value_error_with_the_fix(tmp_path):

@@ -29,7 +29,7 @@ from slope_lightning.utils import (
     atomic_path,
     atomic_write,
     load_safetensors,
-    non_finite,
+    require_finite,
     unique_tensors,
 )
 
@@ -100,12 +100,7 @@ def export_model(
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise FileNotFoundError(f"export_model: tokenizer {str(tokenizer)!r} does not exist")
     tensors, aliases = unique_tensors(model.state_dict())
-    bad = non_finite(tensors)
-    if bad:
-        raise ValueError(
-            f"refusing to export {directory}: {bad[0]} (and {len(bad) - 1} more) hold NaN/inf; "
-            "export the last good checkpoint instead"
-        )
+    require_finite(tensors, "export", directory)
     meta = {
         "format": FORMAT,
         "model": config.to_dict(),

@@ -41,7 +41,7 @@ from slope_lightning.utils import (
     atomic_path,
     atomic_write,
     load_safetensors,
-    non_finite,
+    require_finite,
     unique_tensors,
 )
 
@@ -139,12 +139,7 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
         )
     section = sparsity_section(model)
     tensors, aliases = unique_tensors(model.state_dict())
-    bad = non_finite(tensors)
-    if bad:
-        raise ValueError(
-            f"refusing to save {directory}: {bad[0]} (and {len(bad) - 1} more) hold NaN/inf; "
-            "save the last good checkpoint instead"
-        )
+    require_finite(tensors, "save", directory)
     section["aliases"] = aliases
     main, exceptions = _dtypes(model)
     section["dtype"] = _dtype_name(main)

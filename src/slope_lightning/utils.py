@@ -205,9 +205,20 @@ def unique_tensors(state: Mapping[str, object]) -> tuple[dict[str, Tensor], dict
     return tensors, aliases
 
 
-def non_finite(tensors: Mapping[str, Tensor]) -> list[str]:
-    """The names of the floating tensors that hold NaN or inf (a sync point on a GPU)."""
-    return [name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+def require_finite(tensors: Mapping[str, Tensor], verb: str, target: object) -> None:
+    """Raise unless every floating tensor is finite (a sync point on a GPU): nothing that
+    holds NaN or inf is ever written.
+
+    Raises:
+        ValueError: ``refusing to <verb> <target>``, naming the first bad tensor and how many
+            more there are.
+    """
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise ValueError(
+            f"refusing to {verb} {target}: {bad[0]} (and {len(bad) - 1} more) hold NaN/inf; "
+            f"{verb} the last good checkpoint instead"
+        )
 
 
 def load_safetensors(path: Path, fix: str) -> dict[str, Tensor]:

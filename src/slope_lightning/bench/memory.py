@@ -44,6 +44,17 @@ def _state_bytes(
     return report.total, report.as_dict()
 
 
+def _state_row(model: str, dense: int, sparse: int, parts: dict[str, int]) -> Row:
+    """One row of :data:`COLUMNS` from the two models' state bytes."""
+    return {
+        "model": model,
+        "dense_MiB": dense / 2**20,
+        "slope_MiB": sparse / 2**20,
+        "ratio": sparse / dense,
+        "metadata_MiB": parts["metadata"] / 2**20,
+    }
+
+
 def layer_rows(
     shapes: Iterable[tuple[int, int]] = LLAMA_7B_SHAPES,
     tokens: int = 8,
@@ -66,14 +77,7 @@ def layer_rows(
         del dense_model
         sparsify(sparse_model)
         sparse_total, parts = _state_bytes(sparse_model, run_step)
-        row: Row = {
-            "model": f"linear {d_out}x{d_in}",
-            "dense_MiB": dense_total / 2**20,
-            "slope_MiB": sparse_total / 2**20,
-            "ratio": sparse_total / dense_total,
-            "metadata_MiB": parts["metadata"] / 2**20,
-        }
-        emit(rows, row, on_row)
+        emit(rows, _state_row(f"linear {d_out}x{d_in}", dense_total, sparse_total, parts), on_row)
     return rows
 
 
@@ -100,14 +104,16 @@ def transformer_rows(
             sparse_model = Transformer(config)
         report = sparsify(sparse_model)
         sparse_total, parts = _state_bytes(sparse_model, run_step)
-        row: Row = {
-            "model": f"transformer {preset} ({len(report.converted)} sparse layers)",
-            "dense_MiB": dense_total / 2**20,
-            "slope_MiB": sparse_total / 2**20,
-            "ratio": sparse_total / dense_total,
-            "metadata_MiB": parts["metadata"] / 2**20,
-        }
-        emit(rows, row, on_row)
+        emit(
+            rows,
+            _state_row(
+                f"transformer {preset} ({len(report.converted)} sparse layers)",
+                dense_total,
+                sparse_total,
+                parts,
+            ),
+            on_row,
+        )
     return rows
 
 
