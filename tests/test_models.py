@@ -355,3 +355,68 @@ def test_greedy_generation_is_deterministic() -> None:
     first = model.generate(prompt, max_new_tokens=6, temperature=0.0)
     second = model.generate(prompt, max_new_tokens=6, temperature=0.0)
     assert torch.equal(first, second)
+
+
+# ------------------------------------------------------------------ from_hparams, build_model
+
+
+def test_from_hparams_applies_overrides_then_the_linked_vocab_and_seq_len():
+    hparams = {
+        "preset": "tiny",
+        "model_overrides": {"n_layer": 2, "seq_len": 32},
+        "vocab_size": 100,
+        "seq_len": 64,
+    }
+    config = TransformerConfig.from_hparams(hparams)
+    assert (config.n_layer, config.vocab_size, config.seq_len) == (2, 100, 64)
+    kept = TransformerConfig.from_hparams({"preset": "tiny", "vocab_size": None})
+    assert kept == TransformerConfig.from_name("tiny")
+
+
+@pytest.mark.parametrize(
+    "hparams, named",
+    [
+        ({"preset": "nope"}, "'nope'"),
+        ({"preset": "tiny", "model_overrides": {"n_layers": 2}}, "n_layers"),
+        ({}, "None"),
+    ],
+)
+def test_from_hparams_names_the_setting_to_change(hparams, named):
+    with pytest.raises(ValueError, match="model.preset / model.model_overrides") as error:
+        TransformerConfig.from_hparams(hparams)
+    assert named in str(error.value)
+
+
+def test_build_model_sparsifies_on_the_given_backend_and_refuses_a_dense_sparse_model():
+    from slope_lightning.models import build_model
+    from slope_lightning.sparse import NothingSparsifiedError, sparse_layers
+    from slope_lightning.sparse.backends.names import BackendName
+    from slope_lightning.sparse.config import SparsityConfig
+
+    config = small_config()
+    dense, report = build_model(config, SparsityConfig(sparse=False))
+    assert report is None and not sparse_layers(dense)
+    sparse, report = build_model(config, SparsityConfig(), backend=BackendName.reference)
+    assert report is not None and len(report.converted) == len(sparse_layers(sparse)) > 0
+    assert {layer.backend.running.name for _, layer in sparse_layers(sparse)} == {"reference"}
+    with pytest.raises(NothingSparsifiedError):
+        build_model(config, SparsityConfig(m=3, n=1))
+
+
+def test_checkpointed_blocks_keep_their_parameter_names_and_gradients():
+    """``checkpoint_blocks`` uses torch's private composable checkpoint: if this fails, torch
+    moved or changed ``torch.distributed._composable.checkpoint``; update
+    ``slope_lightning.models.checkpointing``."""
+    from slope_lightning.models import checkpoint_blocks
+
+    plain, checkpointed = small_model(), small_model()
+    names = [name for name, _ in checkpointed.named_parameters()]
+    assert checkpoint_blocks(checkpointed.blocks) == 2
+    assert [name for name, _ in checkpointed.named_parameters()] == names
+    idx = torch.randint(0, 67, (2, 16))
+    for model in (plain, checkpointed):
+        model.train()
+        model(idx, idx)[1].backward()
+    pairs = zip(plain.named_parameters(), checkpointed.named_parameters(), strict=True)
+    for (name, a), (_, b) in pairs:
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name

@@ -218,3 +218,59 @@ def test_hparams_record_the_sparsity_and_optimizer_configs_and_reload(corpus, tm
     ):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------ the private torch APIs it names
+
+
+def test_optimizer_state_keyed_by_position_is_rekeyed_by_parameter_name_as_fsdp1_did():
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import OptimStateKeyType
+
+    from slope_lightning.module import optimizer_state_by_name
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    # Positions in model.parameters(), as Lightning's consolidated FSDP2 checkpoint keys them.
+    optimizer = torch.optim.AdamW(
+        [{"params": [model[0].weight, model[0].bias]}, {"params": [model[2].weight]}]
+    )
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    by_name = optimizer_state_by_name(state, model)
+    assert set(by_name["state"]) == {"0.weight", "0.bias", "2.weight"}
+    assert [g["params"] for g in by_name["param_groups"]] == [["0.weight", "0.bias"], ["2.weight"]]
+    assert torch.equal(by_name["state"]["2.weight"]["exp_avg"], state["state"][2]["exp_avg"])
+    # The same mapping as the FSDP1 function it replaces, on a model FSDP1 does not wrap.
+    fsdp1 = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, model)
+    assert by_name["state"].keys() == fsdp1["state"].keys()
+    assert [sorted(g["params"]) for g in by_name["param_groups"]] == [
+        sorted(g["params"]) for g in fsdp1["param_groups"]
+    ]
+    assert optimizer_state_by_name(by_name, model) == by_name  # names are kept
+    with pytest.raises(ValueError, match="position 9, but the module has 4 parameters"):
+        optimizer_state_by_name({"state": {9: {}}, "param_groups": []}, model)
+
+
+def test_dynamo_counters_still_record_graph_breaks_by_reason():
+    """``dynamo_counters`` reads the private ``torch._dynamo.utils.counters``: if this fails,
+    torch moved or changed them; update ``slope_lightning.module.dynamo_counters``."""
+    from slope_lightning.module import dynamo_counters
+
+    @torch.compiler.disable
+    def eager(x):
+        return x + 1
+
+    def f(x):
+        return eager(x * 2) * 3
+
+    torch._dynamo.reset()
+    before = dynamo_counters()
+    torch.compile(f, backend="eager")(torch.ones(2))
+    after = dynamo_counters()
+    after["graph_break"].subtract(before["graph_break"])
+    assert sum(after["graph_break"].values()) >= 1, (
+        "torch._dynamo.utils.counters['graph_break'] no longer counts graph breaks: update "
+        "slope_lightning.module.dynamo_counters"
+    )
+    assert set(after) == {"graph_break", "unimplemented"}

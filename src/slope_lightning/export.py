@@ -14,44 +14,30 @@ reloads exactly) and :func:`slope_lightning.hf.export_dense`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from safetensors.torch import save_file
+from torch import nn
 
-from slope_lightning.models import Transformer, TransformerConfig
-from slope_lightning.sparse import sparsify
+from slope_lightning.models import Transformer, TransformerConfig, build_model
 from slope_lightning.sparse.backends.names import BackendName
 from slope_lightning.sparse.config import SparsityConfig
-from slope_lightning.utils import atomic_path, atomic_write
+from slope_lightning.utils import (
+    atomic_path,
+    atomic_write,
+    load_safetensors,
+    require_finite,
+    unique_tensors,
+)
 
 FORMAT = "slope-lightning/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 #: The tokenizer an export may carry (a copy of the run's ``tokenizer.json``).
 TOKENIZER = "tokenizer.json"
-
-
-def _unique_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors of the state dict, each piece of memory once; aliases map dropped -> kept."""
-    tensors: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int], str] = {}
-    for name, value in model.state_dict().items():
-        if not isinstance(value, Tensor):
-            continue  # e.g. SparseLinear's step counter (extra state), meaningless at inference
-        key = (value.data_ptr(), value.numel())
-        if key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = value.detach().contiguous().cpu()
-    return tensors, aliases
 
 
 def _check_exportable(model: nn.Module, config: TransformerConfig) -> None:
@@ -113,13 +99,8 @@ def export_model(
     _check_exportable(model, config)
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise FileNotFoundError(f"export_model: tokenizer {str(tokenizer)!r} does not exist")
-    tensors, aliases = _unique_tensors(model)
-    bad = [name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
-    if bad:
-        raise ValueError(
-            f"refusing to export {directory}: {bad[0]} (and {len(bad) - 1} more) hold NaN/inf; "
-            "export the last good checkpoint instead"
-        )
+    tensors, aliases = unique_tensors(model.state_dict())
+    require_finite(tensors, "export", directory)
     meta = {
         "format": FORMAT,
         "model": config.to_dict(),
@@ -169,17 +150,8 @@ def load_exported(directory: str | Path, device: str | torch.device = "cpu") -> 
         sparsity = SparsityConfig.from_dict(stored) if stored is not None else None
     except (KeyError, ValueError) as error:
         raise ValueError(f"{config_path}: {error}") from error
-    model = Transformer(config)
-    if sparsity is not None and sparsity.sparse:
-        sparsify(model, dataclasses.replace(sparsity, backend=BackendName.reference))
-    weights_path = directory / WEIGHTS
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as error:
-        raise ValueError(
-            f"{weights_path} is not a readable safetensors file ({error}); it may be "
-            "truncated: re-export the model"
-        ) from error
+    model, _ = build_model(config, sparsity, backend=BackendName.reference)
+    tensors = load_safetensors(directory / WEIGHTS, "re-export the model")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     allowed = set(meta.get("aliases", {}))
     missing = [k for k in missing if k not in allowed and not k.endswith("_extra_state")]

@@ -29,7 +29,6 @@ one line); a missing or unreadable model or tokenizer file is a failure (exit st
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,8 +43,8 @@ from slope_lightning.data.artifacts import CorruptCacheError
 from slope_lightning.data.prepare import find_tokenizer
 from slope_lightning.data.tokenizer import load_tokenizer, separator_id
 from slope_lightning.export import TOKENIZER, load_exported
-from slope_lightning.models import Transformer, TransformerConfig
-from slope_lightning.sparse import merge_for_inference, sparse_layers, sparsify
+from slope_lightning.models import Transformer, TransformerConfig, build_model
+from slope_lightning.sparse import merge_for_inference, sparse_layers
 from slope_lightning.sparse.backends.names import BackendName
 from slope_lightning.sparse.config import SparsityConfig
 
@@ -159,15 +158,11 @@ def load_checkpoint_model(path: str | Path) -> tuple[Transformer, dict[str, Any]
             "model preset); generate from a checkpoint of `slope-lightning fit`, or from an "
             "export directory"
         )
-    overrides = dict(hparams.get("model_overrides") or {})
-    for key in ("vocab_size", "seq_len"):
-        if hparams.get(key) is not None:
-            overrides[key] = hparams[key]
-    config = TransformerConfig.from_name(str(hparams["preset"]), **overrides)
-    model = Transformer(config)
-    sparsity = SparsityConfig.from_dict(hparams.get("sparsity") or {})
-    if sparsity.sparse:
-        sparsify(model, dataclasses.replace(sparsity, backend=BackendName.reference))
+    model, _ = build_model(
+        TransformerConfig.from_hparams(hparams),
+        SparsityConfig.from_dict(hparams.get("sparsity") or {}),
+        backend=BackendName.reference,
+    )
     prefix = "model."
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(weights, strict=False)

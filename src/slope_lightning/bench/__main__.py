@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from slope_lightning.bench import common
+from slope_lightning.utils import machine_info
 
 SUITES = ("memory", "layers", "kernels", "step", "inference", "runs", "unpack")
 
@@ -113,12 +116,12 @@ def _shapes(args: argparse.Namespace) -> list[tuple[int, int]]:
 
 def run_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     """Run one benchmark suite, writing its rows as they come; return its markdown."""
-    info = common.machine_info()
+    info = machine_info("python -m slope_lightning.bench " + shlex.join(sys.argv[1:]))
     dtype = getattr(torch, args.dtype)
     backend = args.backends.split(",")[0]
     name = _table_name(args.suite, info, args.compile)
     if args.suite == "memory":
-        from slope_lightning.bench import memory
+        from slope_lightning.bench import memory, peak
 
         presets = tuple(args.presets.split(","))
         table = common.ResultsTable(name, args.out, info, memory.COLUMNS, "ratio")
@@ -126,8 +129,8 @@ def run_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
         memory.transformer_rows(presets, on_row=table.add)
         text = table.close(plot=args.plot)
         peak_name = "memory-peak" if info["device"] != "cpu" else "memory-peak-cpu-count"
-        peaks = common.ResultsTable(peak_name, args.out, info, memory.PEAK_COLUMNS, "vs_dense")
-        memory.peak_rows(
+        peaks = common.ResultsTable(peak_name, args.out, info, peak.PEAK_COLUMNS, "vs_dense")
+        peak.peak_rows(
             presets,
             batch=args.batch,
             seq_len=args.seq_len,

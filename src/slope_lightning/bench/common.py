@@ -1,18 +1,13 @@
-"""What every benchmark records (the machine, the versions, the date and the exact command),
-and how its table reaches the disk: row by row, so that a suite stopped by a timeout keeps
-every row it finished.
+"""How a benchmark's table reaches the disk: row by row, so that a suite stopped by a timeout
+keeps every row it finished, beside what every benchmark records (the machine, the versions,
+the date and the exact command: :func:`slope_lightning.utils.machine_info`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import platform
-import shlex
-import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -28,39 +23,17 @@ Row = dict[str, Any]
 RowSink = Callable[[Row], None]
 
 
-def _package_version(name: str) -> str | None:
-    """An installed package's version without importing it (importing triton takes seconds)."""
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
+def default_device(device: str | torch.device | None) -> torch.device:
+    """``device``, else CUDA when available: building and pruning billion-parameter models on
+    the CPU takes minutes. Byte counts do not depend on the device."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def machine_info() -> dict[str, Any]:
-    """Where the numbers come from; a GPU number is only a GPU number if a GPU is named here.
-
-    The CUDA, cuSPARSELt and Triton versions are recorded because sparse GEMM speed depends on
-    them (e.g. torch 2.11 rebuilds the cuSPARSELt plan on every call; cuSPARSELt 0.8.0 has a
-    Hopper regression on CUDA 13): a table that does not name them cannot be compared.
-    """
-    info: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m slope_lightning.bench " + shlex.join(sys.argv[1:]),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": _package_version("triton"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "device": "cpu",
-    }
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name()
-        info["capability"] = "sm_{}{}".format(*torch.cuda.get_device_capability())
-        cusparselt = torch.backends.cusparselt
-        info["cusparselt"] = cusparselt.version() if cusparselt.is_available() else None
-    return info
+def emit(rows: list[Row], row: Row, on_row: RowSink | None) -> None:
+    """Keep ``row`` and hand it to ``on_row`` at once (a timeout then keeps it)."""
+    rows.append(row)
+    if on_row is not None:
+        on_row(row)
 
 
 def first_line(error: BaseException) -> str:

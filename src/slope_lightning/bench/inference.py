@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from slope_lightning.bench.common import Row, RowSink
-from slope_lightning.bench.methods import build_model
+from slope_lightning.bench.methods import method_model
 from slope_lightning.models import Transformer
 from slope_lightning.sparse import add_adapters, merge_for_inference
 from slope_lightning.utils import median_ms
@@ -53,7 +53,7 @@ def inference_rows(
     rows: list[Row] = []
     dense_prefill: float | None = None
     for method, rank in [("dense", 0.0)] + [("slope", r) for r in ranks]:
-        model, config = build_model(preset, method, backend, dtype, device, **overrides)
+        model, config = method_model(preset, method, backend, dtype, device, **overrides)
         if method == "slope":
             if rank > 0:
                 add_adapters(model, rank=max(1, round(rank * config.d_model)), seed=0)

@@ -1,6 +1,6 @@
 """The training methods the benchmarks compare, built the same way for every suite.
 
-``build_model(preset, method)`` gives a seeded :class:`Transformer` for one of :data:`METHODS`,
+``method_model(preset, method)`` gives a seeded :class:`Transformer` for one of :data:`METHODS`,
 so that every benchmark measures the same weights and the same layer selection.
 """
 
@@ -25,7 +25,7 @@ from slope_lightning.sparse import sparsify
 METHODS: tuple[str, ...] = ("dense", "slope", "transposable")
 
 
-def build_model(
+def method_model(
     preset: str,
     method: str,
     backend: str = "reference",

@@ -13,6 +13,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from slope_lightning.utils import machine_footnote
+
 logger = logging.getLogger(__name__)
 
 #: Characters per line of a bar label before it wraps.
@@ -46,14 +48,6 @@ def label_columns(rows: list[dict[str, Any]], columns: list[str], value_column: 
     ]
     varying = [c for c in identifying if len({str(row.get(c, "")) for row in rows}) > 1]
     return varying or identifying
-
-
-def footnote(info: dict[str, Any]) -> str:
-    """One line naming where and when the numbers were measured."""
-    parts = [
-        f"{key} {info[key]}" for key in ("device", "processor", "torch", "date") if key in info
-    ]
-    return " | ".join(parts)
 
 
 def bar_chart(
@@ -103,7 +97,7 @@ def bar_chart(
     axes.set_xlabel(f"{value_column} (dashed line: 1.0)")
     axes.set_title(title, fontsize=10)
     # supxlabel, not figure.text: the constrained layout keeps room for it below the axes.
-    figure.supxlabel(footnote(info), x=0.01, ha="left", fontsize=7, color="dimgray")
+    figure.supxlabel(machine_footnote(info), x=0.01, ha="left", fontsize=7, color="dimgray")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     return path

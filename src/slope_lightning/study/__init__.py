@@ -12,7 +12,9 @@
 * :mod:`~slope_lightning.study.evaluate`: every run's export on the validation split, overall
   and per source;
 * :mod:`~slope_lightning.study.report`: the table, the LR sweep and the loss curves as
-  markdown, JSON and PNG under ``benchmarks/results/quality/``.
+  markdown, JSON and PNG under ``benchmarks/results/quality/``: the numbers from
+  :mod:`~slope_lightning.study.summary`, the text from :mod:`~slope_lightning.study.markdown`,
+  the PNGs from :mod:`~slope_lightning.study.figures`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from slope_lightning.study.config import (
     StudyConfigError,
 )
 from slope_lightning.study.evaluate import Evaluator
-from slope_lightning.study.report import machine_info, summarize, write_report
+from slope_lightning.study.report import summarize, write_report
 from slope_lightning.study.runner import (
     Launcher,
     LaunchResult,
@@ -43,6 +45,7 @@ from slope_lightning.study.runner import (
     subprocess_launcher,
 )
 from slope_lightning.study.selection import best_learning_rates, run_value
+from slope_lightning.utils import machine_info
 
 __all__ = [
     "Evaluator",

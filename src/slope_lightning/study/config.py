@@ -152,12 +152,7 @@ class StudyConfig:
         path = Path(path)
         if not path.is_file():
             raise StudyConfigError(f"study file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            raise StudyConfigError(f"{path} is not valid YAML: {error}") from error
-        if not isinstance(data, Mapping):
-            raise StudyConfigError(f"{path} must hold a mapping of study keys")
+        data = _read_mapping(path)
         return cls.from_dict(_extended(path, data, seen=(path.resolve(),)), source=path)
 
     @classmethod
@@ -346,6 +341,21 @@ def format_lr(lr: float) -> str:
     return f"{lr:g}"
 
 
+def _read_mapping(path: Path) -> Mapping[str, Any]:
+    """The YAML mapping of study keys in the file at ``path``.
+
+    Raises:
+        StudyConfigError: the file is not valid YAML or does not hold a mapping.
+    """
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise StudyConfigError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(data, Mapping):
+        raise StudyConfigError(f"{path} must hold a mapping of study keys")
+    return data
+
+
 def _extended(path: Path, data: Mapping[str, Any], seen: tuple[Path, ...]) -> dict[str, Any]:
     """``data`` with its ``extends`` chain resolved (see :meth:`StudyConfig.from_file`)."""
     data = dict(data)
@@ -362,12 +372,7 @@ def _extended(path: Path, data: Mapping[str, Any], seen: tuple[Path, ...]) -> di
             f"{path}: extends {parent_name!r}, which does not exist ({parent_path}; the path is "
             "relative to the extending file)"
         )
-    try:
-        parent = yaml.safe_load(parent_path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise StudyConfigError(f"{parent_path} is not valid YAML: {error}") from error
-    if not isinstance(parent, Mapping):
-        raise StudyConfigError(f"{parent_path} must hold a mapping of study keys")
+    parent = _read_mapping(parent_path)
     merged = _extended(parent_path, parent, (*seen, parent_path))
     methods = dict(merged.get("methods") or {})
     changes = data.pop("methods", None) or {}

@@ -36,16 +36,11 @@ def parameter_count(config: dict[str, Any]) -> int | None:
     config; built on the meta device (no memory). None if the config names no model."""
     model = config.get("model") or {}
     data = config.get("data") or {}
-    preset = model.get("preset")
-    if preset is None:
+    if model.get("preset") is None:
         return None
-    overrides = dict(model.get("model_overrides") or {})
-    for key in ("vocab_size", "seq_len"):
-        value = model.get(key) or data.get(key)
-        if value is not None:
-            overrides[key] = value
+    linked = {key: model.get(key) or data.get(key) for key in ("vocab_size", "seq_len")}
     with torch.device("meta"):
-        net = Transformer(TransformerConfig.from_name(preset, **overrides))
+        net = Transformer(TransformerConfig.from_hparams({**model, **linked}))
     seen: set[int] = set()
     count = 0
     for parameter in net.parameters():  # a tied head counts once

@@ -1,0 +1,216 @@
+"""The study's report as markdown (``<name>.md``): :func:`render_markdown` of a
+:func:`~slope_lightning.study.summary.summarize` summary."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from slope_lightning.study.config import format_lr
+from slope_lightning.study.summary import EARLY_TRAINING_TOKENS_PER_PARAMETER
+
+
+def _pm(mean: float, std: float, digits: int = 1) -> str:
+    if not math.isfinite(mean):
+        return "diverged" if math.isinf(mean) else "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if math.isfinite(std) else f"{mean:.{digits}f}"
+
+
+def _table(rows: list[dict[str, Any]], baseline: str, sources: list[str]) -> list[str]:
+    """A markdown table of method rows (each at its best learning rate)."""
+    header = [
+        "method",
+        "lr",
+        "val ppl (mean ± std)",
+        f"vs {baseline}",
+        "paired ratio to reference",
+        "train-loss Δ vs reference (last 10%)",
+        *[f"{s} ppl" for s in sources],
+        "seeds",
+        "wall s / run",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if not row.get("seeds"):
+            lines.append(f"| {row['label']} | – | not run yet |" + " |" * (len(header) - 3))
+            continue
+        lr = format_lr(row["best_lr"]) + (f" (of {row['lr_from']})" if row.get("lr_from") else "")
+        reference = row.get("reference", baseline)
+        same = reference == row["method"]
+        cells = [
+            row["label"],
+            lr,
+            _pm(row["val_ppl"], row["val_ppl_std"]),
+            f"{row['vs_baseline']:.3f}",
+            "–"
+            if same
+            else f"{_pm(row['paired_ratio'], row['paired_ratio_std'], 3)} ({reference})",
+            "–" if same else _pm(row["train_loss_delta"], row["train_loss_delta_std"], 3),
+            *[
+                _pm(*row["per_source_ppl"][s]) if s in row["per_source_ppl"] else "–"
+                for s in sources
+            ],
+            str(row["seeds"]),
+            f"{row['wall_s']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    """The report as markdown (the same content as the JSON, for reading)."""
+    name = summary["name"]
+    baseline = summary["baseline"]
+    lines = [f"# Quality study: {name}", ""]
+    if summary["description"]:
+        lines += [summary["description"].strip(), ""]
+    tokens, per_parameter = summary["tokens_per_run"], summary["tokens_per_parameter"]
+    if summary["early_training"]:
+        lines += [
+            f"**Early training.** Each run trains on {tokens:,} tokens, "
+            f"{per_parameter:.2g} tokens per parameter (a compute-optimal budget is about "
+            f"{EARLY_TRAINING_TOKENS_PER_PARAMETER:.0f}): these numbers compare the methods at "
+            "this budget, not their final quality.",
+            "",
+        ]
+    if not summary["complete"]:
+        lines += [
+            f"**Incomplete:** {summary['runs_finished']} of {summary['runs_planned']} runs "
+            "finished; the tables show those.",
+            "",
+        ]
+    info = summary["info"]
+    lines += [
+        f"- {key}: `{value}`" if key == "command" else f"- {key}: {value}"
+        for key, value in info.items()
+    ]
+    lines += [
+        f"- runs: {summary['runs_finished']} of {summary['runs_planned']} finished, "
+        f"{summary['runs_diverged']} diverged; seeds {summary['study']['seeds']}; per-run "
+        f"TensorBoard logs under `{summary['study']['runs_dir']}`",
+        f"- tokens per run: {tokens:,}" if tokens else "- tokens per run: (differ)",
+        f"- model parameters (dense count, embeddings included): {summary['parameters']:,}"
+        if summary["parameters"]
+        else "- model parameters: unknown",
+        "",
+        "## Each method at its best learning rate",
+        "",
+    ]
+    sources = sorted({s for row in summary["table"] for s in row.get("per_source_ppl", {})})
+    methods = [row for row in summary["table"] if row.get("group", "method") == "method"]
+    ablations = [row for row in summary["table"] if row.get("group") == "ablation"]
+    lines += _table(methods, baseline, sources)
+    if ablations:
+        lines += [
+            "",
+            "## Ablations",
+            "",
+            "Each ablation changes one thing of its reference method and runs at the "
+            "reference's best learning rate, paired seed by seed with it.",
+            "",
+        ]
+        lines += _table(ablations, baseline, sources)
+    seeded = [row for row in methods if len(row.get("per_seed_ppl", {})) > 1]
+    if seeded:
+        seeds = sorted({seed for row in seeded for seed in row["per_seed_ppl"]}, key=int)
+        lines += [
+            "",
+            "## Per seed",
+            "",
+            "Validation perplexity of every seed at the method's best learning rate (a seed is "
+            "one initialisation and one data order, shared by every method): a mean over "
+            "three seeds can hide one outlier.",
+            "",
+            "| method | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+            "|---|" + "---|" * len(seeds),
+        ]
+        for row in seeded:
+            cells = [
+                f"{row['per_seed_ppl'][seed]:.1f}" if seed in row["per_seed_ppl"] else "–"
+                for seed in seeds
+            ]
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    before = [row for row in summary["table"] if row.get("before_training")]
+    if before:
+        tags = sorted({tag for row in before for tag in row["before_training"]})
+        lines += [
+            "",
+            "## Before training",
+            "",
+            "Logged by the run before its first step (e.g. `InitFromPretrained`: the "
+            "pretrained model and its one-shot pruned copy), on the validation windows the "
+            "final evaluation uses when the study's `eval_windows` matches its `eval_batches`.",
+            "",
+            "| method | " + " | ".join(tags) + " | after training (val ppl) |",
+            "|---|" + "---|" * (len(tags) + 1),
+        ]
+        for row in before:
+            cells = [
+                _pm(*row["before_training"][tag]) if tag in row["before_training"] else "–"
+                for tag in tags
+            ]
+            after = _pm(row["val_ppl"], row["val_ppl_std"])
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {after} |")
+    evaluated = next((row for row in summary["table"] if row.get("evaluated_windows")), None)
+    if evaluated is not None:
+        lines += [
+            "",
+            "Validation perplexity of each run's exported model on "
+            f"{evaluated['evaluated_windows']} of the {evaluated['of_windows']} validation "
+            "windows (the split's fixed stratified order: every source in proportion), "
+            "evaluated by the study, not the training loop's sample.",
+        ]
+    lines += ["", "## Learning-rate sweep", ""]
+    lines += [
+        "| method | lr | val ppl (mean ± std) | val loss | seeds | diverged | best |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in summary["sweep"]:
+        cells = [
+            row["method"],
+            format_lr(row["lr"]),
+            _pm(row["val_ppl"], row["val_ppl_std"]),
+            f"{row['val_loss']:.4f}",
+            str(row["seeds"]),
+            str(row["diverged"]),
+            "**best**" if row["best"] else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if summary["warnings"]:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in summary["warnings"]]
+    lines += [
+        "",
+        "## Figures",
+        "",
+        f"![LR sweep]({name}-lr.png)",
+        "",
+        f"![Loss curves at each method's best lr]({name}-curves.png)",
+        "",
+        "## Methods",
+        "",
+    ]
+    for method, spec in summary["study"]["methods"].items():
+        args = " ".join(spec["args"]) or "(the base config as it is)"
+        callbacks = ", ".join(
+            c["class_path"].rsplit(".", 1)[-1]
+            + "("
+            + ", ".join(f"{k}={v}" for k, v in (c.get("init_args") or {}).items())
+            + ")"
+            for c in (spec.get("callbacks") or [])
+        )
+        grid = (
+            f"lrs {[format_lr(lr) for lr in spec['lrs']]}"
+            if not spec.get("lr_from")
+            else f"at the best lr of `{spec['lr_from']}`"
+        )
+        extra = f"; callbacks {callbacks}" if callbacks else ""
+        lines.append(
+            f"- **{spec['label']}** (`{method}`): `{args}`{extra}; {grid}; seeds {spec['seeds']}"
+        )
+    lines += [
+        "",
+        f"Every run: `{' '.join(summary['study']['common'])}` on "
+        f"`{summary['study']['base_config']}`.",
+        "",
+    ]
+    return "\n".join(lines)

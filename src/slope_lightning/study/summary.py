@@ -1,0 +1,264 @@
+"""The numbers of the study's report (what ``<name>.json`` holds), from the finished runs'
+markers alone: :func:`summarize`.
+
+How the numbers are made:
+
+* A run's number is its export's validation perplexity (see
+  :mod:`~slope_lightning.study.evaluate`); a run stopped by a non-finite loss counts as
+  infinite perplexity at its learning rate.
+* Per method and learning rate: mean ± sample standard deviation over seeds. The best
+  learning rate is the one of lowest mean validation loss (mean log-perplexity) among those
+  where every seed finished; a best lr on the edge of its grid is a warning (the optimum
+  may lie outside).
+* Ratios to the baseline method compare best against best: the ratio of mean perplexities,
+  and the mean ± std of the per-seed ratios (runs with one seed share their initialisation
+  seed and data order, so the per-seed ratio is paired).
+* The paired training-loss difference is the mean over the last 10% of logged steps of
+  (method − baseline) training loss, per seed, then mean ± std over seeds: every pair saw
+  the same batches, so this is a low-noise comparison of the whole run, not of one number.
+* A run of fewer than 20 tokens per parameter is labelled *early training*: the numbers
+  compare methods at that budget, not their final quality.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from slope_lightning.study.config import FORMAT, StudyConfig, format_lr
+from slope_lightning.study.selection import best_learning_rates, run_value, sweep_loss
+
+#: Below this many training tokens per parameter a study is "early training" (a
+#: compute-optimal budget is about 20, Hoffmann et al. 2022).
+EARLY_TRAINING_TOKENS_PER_PARAMETER = 20.0
+#: The share of a run's last logged training steps the paired loss difference averages.
+PAIRED_TAIL = 0.1
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for one value; the mean is inf when any value
+    is: a diverged seed makes its learning rate diverged)."""
+    if not values:
+        return math.nan, math.nan
+    if any(math.isinf(v) for v in values):
+        return math.inf, math.nan
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def _tail_mean_difference(
+    run: dict[str, Any], base: dict[str, Any], tag: str = "train/loss"
+) -> float | None:
+    """Mean of run − base over the steps both logged in the last :data:`PAIRED_TAIL` of the
+    run, or None when they share no step there."""
+    a = {step: value for step, value in run.get("curves", {}).get(tag, [])}
+    b = {step: value for step, value in base.get("curves", {}).get(tag, [])}
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    first = common[-1] - PAIRED_TAIL * common[-1]
+    tail = [step for step in common if step >= first]
+    return statistics.fmean(a[step] - b[step] for step in tail)
+
+
+def summarize(
+    study: StudyConfig, results: list[dict[str, Any]], info: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything the report shows, as plain values (what ``<name>.json`` holds)."""
+    by_key: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for result in results:
+        by_key.setdefault((result["method"], float(result["lr"])), []).append(result)
+    warnings: list[str] = []
+    best = best_learning_rates(study, results)
+    losses = sweep_loss(study, results)
+
+    sweep: list[dict[str, Any]] = []
+    for method in study.methods:
+        if not method.swept:
+            continue
+        for lr in method.lrs:
+            runs = [r for r in by_key.get((method.name, lr), []) if r["seed"] in study.sweep_seeds]
+            ppl_mean, ppl_std = _mean_std([run_value(r) for r in runs])
+            sweep.append(
+                {
+                    "method": method.name,
+                    "lr": lr,
+                    "seeds": len(runs),
+                    "diverged": sum(r["status"] == "diverged" for r in runs),
+                    "val_ppl": ppl_mean,
+                    "val_ppl_std": ppl_std,
+                    "val_loss": losses[method.name].get(lr, math.nan),
+                    "best": lr == best.get(method.name),
+                }
+            )
+        chosen = best.get(method.name)
+        if chosen is None:
+            warnings.append(f"{method.name}: its sweep has not finished (or every lr diverged)")
+            continue
+        if len(method.lrs) > 1 and chosen in (method.lrs[0], method.lrs[-1]):
+            edge = "lowest" if chosen == method.lrs[0] else "highest"
+            warnings.append(
+                f"{method.name}: the best learning rate {format_lr(chosen)} is the {edge} of "
+                f"its grid {[format_lr(lr) for lr in method.lrs]}; the optimum may lie outside"
+            )
+        if len(method.lrs) < 5:
+            warnings.append(
+                f"{method.name}: a grid of {len(method.lrs)} learning rates (a fair sweep has "
+                "at least 5 on a log scale)"
+            )
+
+    def chosen_lr(name: str) -> float | None:
+        method = study.method(name)
+        return best.get(name if method.swept else str(method.lr_from))
+
+    def runs_at_best(name: str) -> dict[int, dict[str, Any]]:
+        lr = chosen_lr(name)
+        return {r["seed"]: r for r in by_key.get((name, lr), [])} if lr is not None else {}
+
+    baseline = study.baseline_method.name
+    base_runs = runs_at_best(baseline)
+    base_ppl = _mean_std([run_value(r) for r in base_runs.values()])[0] if base_runs else math.nan
+    table: list[dict[str, Any]] = []
+    curves: dict[str, dict[str, list[list[float]]]] = {}
+    for method in study.methods:
+        reference = method.compare_to or baseline
+        row: dict[str, Any] = {
+            "method": method.name,
+            "label": method.title,
+            "group": method.group,
+            "reference": reference,
+            "best_lr": chosen_lr(method.name),
+            "lr_from": method.lr_from,
+        }
+        runs = sorted(runs_at_best(method.name).values(), key=lambda r: r["seed"])
+        if not runs:
+            row["seeds"] = 0
+            table.append(row)
+            continue
+        ref_runs = runs_at_best(reference)
+        ppl, ppl_std = _mean_std([run_value(r) for r in runs])
+        paired = [
+            run_value(r) / run_value(ref_runs[r["seed"]]) for r in runs if r["seed"] in ref_runs
+        ]
+        deltas = [
+            d
+            for r in runs
+            if r["seed"] in ref_runs
+            for d in [_tail_mean_difference(r, ref_runs[r["seed"]])]
+            if d is not None
+        ]
+        sources = sorted(
+            {name for r in runs for name in (r.get("eval") or {}).get("per_source", {})}
+        )
+        per_source = {
+            name: _mean_std([r["eval"]["per_source"][name]["ppl"] for r in runs if r.get("eval")])
+            for name in sources
+        }
+        before = sorted(
+            {t for r in runs for t in r.get("logged", {}) if t.startswith("pretrained/")}
+        )
+        run_tokens = {r.get("tokens") for r in runs}
+        run_parameters = {(r.get("eval") or {}).get("parameters") for r in runs}
+        row.update(
+            {
+                "seeds": len(runs),
+                "seed_list": [r["seed"] for r in runs],
+                "per_seed_ppl": {str(r["seed"]): run_value(r) for r in runs},
+                "val_ppl": ppl,
+                "val_ppl_std": ppl_std,
+                "vs_baseline": ppl / base_ppl if base_ppl else math.nan,
+                "paired_ratio": _mean_std(paired)[0] if paired else math.nan,
+                "paired_ratio_std": _mean_std(paired)[1] if paired else math.nan,
+                "train_loss_delta": _mean_std(deltas)[0] if deltas else math.nan,
+                "train_loss_delta_std": _mean_std(deltas)[1] if deltas else math.nan,
+                "per_source_ppl": {name: list(value) for name, value in per_source.items()},
+                "before_training": {
+                    tag: list(_mean_std([r["logged"][tag] for r in runs if tag in r["logged"]]))
+                    for tag in before
+                },
+                "tokens": run_tokens.pop() if len(run_tokens) == 1 else None,
+                "parameters": run_parameters.pop() if len(run_parameters) == 1 else None,
+                "wall_s": statistics.fmean(r["wall_s"] for r in runs),
+                "evaluated_windows": (runs[0].get("eval") or {}).get("windows"),
+                "of_windows": (runs[0].get("eval") or {}).get("of_windows"),
+            }
+        )
+        table.append(row)
+        curves[method.name] = _mean_curves(runs)
+
+    all_tokens = {r.get("tokens") for r in results}
+    if len(all_tokens) > 1:
+        warnings.append(
+            "the runs did not all train on the same number of tokens: "
+            f"{sorted(map(str, all_tokens))}"
+        )
+    tokens: int | None = next(iter(all_tokens)) if len(all_tokens) == 1 else None
+    parameters: int | None = next(
+        (t["parameters"] for t in table if t.get("parameters") and t["method"] == baseline),
+        next((t["parameters"] for t in table if t.get("parameters")), None),
+    )
+    tokens_per_parameter = tokens / parameters if tokens and parameters else None
+    early = (
+        tokens_per_parameter is not None
+        and tokens_per_parameter < EARLY_TRAINING_TOKENS_PER_PARAMETER
+    )
+    resumed = [r for r in results if r.get("resumed")]
+    if resumed:
+        warnings.append(
+            f"{len(resumed)} run(s) were resumed; their wall time counts the last attempt only"
+        )
+    return {
+        "format": FORMAT,
+        "name": study.name,
+        "description": study.description,
+        "info": info,
+        "complete": len(results) == study.planned_count(),
+        "runs_planned": study.planned_count(),
+        "runs_finished": len(results),
+        "runs_diverged": sum(r["status"] == "diverged" for r in results),
+        "baseline": baseline,
+        "tokens_per_run": tokens,
+        "parameters": parameters,
+        "tokens_per_parameter": tokens_per_parameter,
+        "early_training": early,
+        "study": {
+            "base_config": study.base_config,
+            "seeds": list(study.seeds),
+            "sweep_seeds": list(study.sweep_seeds),
+            "callbacks": list(study.callbacks or []),
+            "common": list(study.common),
+            "runs_dir": study.runs_dir,
+            "eval_windows": study.eval_windows,
+            "methods": {
+                m.name: {
+                    "label": m.title,
+                    "lrs": list(m.lrs),
+                    "lr_from": m.lr_from,
+                    "args": list(m.args),
+                    "callbacks": list(m.callbacks) if m.callbacks is not None else None,
+                    "seeds": list(study.seeds_of(m)),
+                    "group": m.group,
+                    "config": m.config,
+                }
+                for m in study.methods
+            },
+        },
+        "table": table,
+        "sweep": sweep,
+        "curves": curves,
+        "warnings": warnings,
+    }
+
+
+def _mean_curves(runs: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
+    """``tag -> [[step, mean over runs]]`` of the steps every run logged (train/loss, val/ppl)."""
+    out = {}
+    for tag in ("train/loss", "val/ppl"):
+        series = [dict((s, v) for s, v in r.get("curves", {}).get(tag, [])) for r in runs]
+        if not series or not all(series):
+            continue
+        steps = sorted(set.intersection(*(set(s) for s in series)))
+        out[tag] = [[step, statistics.fmean(s[step] for s in series)] for step in steps]
+    return out
