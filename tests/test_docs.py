@@ -32,7 +32,7 @@ import pytest
 ROOT = Path(__file__).parents[1]
 PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")))
 
-#: Seconds one Python example may take (the slowest, a Lightning fit, takes about 15 s).
+#: Seconds one Python example may take (the slowest, a Lightning fit, takes 15 to 45 s).
 TIMEOUT_S = 240
 
 #: ``<!-- not run: REASON -->`` right before a fence (blank lines allowed in between).
@@ -130,6 +130,14 @@ def test_the_readme_is_at_most_250_lines():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 250
 
 
+def test_the_readme_links_into_docs_pages_that_exist():
+    """mkdocs checks the links between docs pages; the README is not part of the site."""
+    links = re.findall(r"\]\((docs/[^)#]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    assert len(links) >= 10, links
+    for link in links:
+        assert (ROOT / link).is_file(), f"README.md links to {link}, which does not exist"
+
+
 def test_every_docs_page_is_in_the_site_navigation():
     config = (ROOT / "mkdocs.yml").read_text()
     for page in (ROOT / "docs").rglob("*.md"):
@@ -184,12 +192,15 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _python_cases() -> list:
-    """One case per Python block; a Lightning fit (10-20 s in a fresh process) is slow."""
+    """One case per Python block; one that trains (a Lightning fit, or a training loop: 10 to
+    40 s in a fresh process on 2 busy cores) is slow."""
     return [
         pytest.param(
             example,
             id=str(example),
-            marks=[pytest.mark.slow] if "pl.Trainer" in example.code else [],
+            marks=[pytest.mark.slow]
+            if re.search(r"pl\.Trainer|\.backward\(\)", example.code)
+            else [],
         )
         for example in PYTHON
     ]
