@@ -1,4 +1,5 @@
-"""The README's plain-PyTorch example runs as written."""
+"""The README's quickstart, the quickstart notebook, and the quality numbers of the README and
+the quality study page (tests/test_docs.py runs every example of README.md and docs/)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,7 @@ import re
 from pathlib import Path
 
 README = Path(__file__).parents[1] / "README.md"
-
-
-def test_plain_pytorch_example_runs():
-    text = README.read_text()
-    section = text[text.index("## SLoPe in plain PyTorch") :]
-    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    assert namespace["y"].shape == (32, 256)
+QUALITY = README.parent / "docs" / "quality.md"
 
 
 def test_quickstart_is_exactly_two_commands():
@@ -40,13 +33,15 @@ def test_quickstart_notebook_runs():
 
 
 def test_the_quality_section_quotes_the_committed_report():
-    """Every "mean ± std" of the README's quality section is a number of the study's report
-    (perplexities to 0.1, paired ratios to 0.001), and every per-seed perplexity too."""
+    """Every "mean ± std" of the quality study page (and of the README's status table) is a
+    number of the study's report (perplexities to 0.1, paired ratios to 0.001), and every
+    per-seed perplexity too."""
     import json
     import re
 
-    text = README.read_text()
-    section = text[text.index("## Quality: SLoPe against dense") : text.index("## Results")]
+    section = QUALITY.read_text()
+    status = README.read_text()
+    status = status[status.index("## Status") : status.index("## Documentation")]
     report = json.loads(
         (README.parent / "benchmarks" / "results" / "quality" / "study-tiny.json").read_text()
     )
@@ -59,6 +54,8 @@ def test_the_quality_section_quotes_the_committed_report():
     }
     quoted = set(re.findall(r"\d+\.\d+ ± \d+\.\d+", section))
     assert quoted and quoted <= known, sorted(quoted - known)
+    in_status = set(re.findall(r"\d+\.\d+ ± \d+\.\d+", status))
+    assert in_status and in_status <= known, sorted(in_status - known)
     seeds = {f"{value:.1f}" for row in rows for value in row["per_seed_ppl"].values()}
     for line in section.splitlines():
         if line.startswith("| ") and re.search(r"\d\.\d / \d", line):
