@@ -148,10 +148,14 @@ class SLoPeCLI(LightningCLI):
         }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # The run directory this process reserved (a new fit), removed again if the run
-        # fails before it is built.
+        # The run directory this process reserved, removed again if the command fails
+        # before anything was written into it.
         self.reserved_run_dir: Path | None = None
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._release_reserved_run_dir()
+            raise
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # Raise parse errors (main() prints them as one line) instead of printing the usage.
@@ -199,8 +203,7 @@ class SLoPeCLI(LightningCLI):
                     "--ckpt_path last for the latest run's checkpoint"
                 )
             _refuse_used_checkpoint_dirs(config)
-            if subcommand == "fit":
-                self.reserved_run_dir = _reserve_run_version(config)
+            self.reserved_run_dir = _reserve_run_version(config)
             return
         root = _logger_root(config)
         if ckpt_path == "last":
@@ -222,6 +225,8 @@ class SLoPeCLI(LightningCLI):
         version = run_version(path, root) if root is not None else None
         if subcommand == "fit" and version is not None:
             _continue_in_version(config, version)
+        else:  # validate / test log into a new version of their own
+            self.reserved_run_dir = _reserve_run_version(config)
         logger.info(
             "%s: %s from %s (global step %d)%s",
             subcommand,
@@ -278,15 +283,11 @@ class SLoPeCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, MisconfigurationException) as error:
-            self._release_reserved_run_dir()
             if isinstance(error, NothingSparsifiedError):
                 raise
             subcommand = self.config.get("subcommand")
             config = self.config[subcommand] if subcommand else self.config
             raise ConfigError(_instantiation_message(error, config)) from error
-        except BaseException:
-            self._release_reserved_run_dir()
-            raise
 
     def _release_reserved_run_dir(self) -> None:
         """Remove the reserved run directory if nothing was written into it."""
