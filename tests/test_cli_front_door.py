@@ -108,9 +108,7 @@ def _broken_config(tmp_path: Path, old: str, new: str) -> Path:
     return path
 
 
-def test_a_callback_argument_rejected_in_a_yaml_config_names_class_and_argument(
-    corpus, tmp_path
-):
+def test_a_callback_argument_rejected_in_a_yaml_config_names_class_and_argument(corpus, tmp_path):
     config = _broken_config(tmp_path, "start: 0.99 ", "start: 1.5  ")
     result = _console("fit", *_options(corpus, config=config), cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]

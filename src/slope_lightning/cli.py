@@ -108,7 +108,11 @@ SUBCOMMANDS: dict[str, str] = {
 SPLIT_KEYS = ("sources", "val_fraction", "test_fraction", "seed", "text_key")
 
 #: Modules whose callbacks a mistyped ``class_path`` is compared with.
-CALLBACK_MODULES = ("slope_lightning.callbacks", "slope_lightning.faults", "lightning.pytorch.callbacks")
+CALLBACK_MODULES = (
+    "slope_lightning.callbacks",
+    "slope_lightning.faults",
+    "lightning.pytorch.callbacks",
+)
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -689,7 +693,9 @@ def main(args: list[str] | None = None) -> int:
 def _run_subcommand(argv: list[str]) -> int:
     """Dispatch ``argv`` (without the program name) to its subcommand; returns its status."""
     if not argv:
-        raise ConfigError(f"give a subcommand: {', '.join(SUBCOMMANDS)} (see slope-lightning --help)")
+        raise ConfigError(
+            f"give a subcommand: {', '.join(SUBCOMMANDS)} (see slope-lightning --help)"
+        )
     command, rest = argv[0], argv[1:]
     if command in ("-h", "--help"):
         print(top_level_help())

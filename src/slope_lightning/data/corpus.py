@@ -409,10 +409,11 @@ def split_documents_with_test(
     n = len(documents)
     needed = 3 if test_fraction > 0 else 2
     if n < needed:
+        count = "three" if test_fraction > 0 else "two"
         splits = "train, validation and test" if test_fraction > 0 else "train and validation"
         raise ValueError(
             f"Cannot split {n} document(s) into {splits} by document; give at least "
-            f"{needed} documents (e.g. split a long text file into several files)."
+            f"{count} documents (e.g. split a long text file into several files)."
         )
     groups: dict[str, list[int]] = {}
     for i, doc in enumerate(documents):

@@ -442,7 +442,9 @@ class TextDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """The held-out test windows (``setup("test")`` first), in a fixed order."""
         if self.test_dataset is None:
-            raise RuntimeError("Call `prepare_data()` and `setup('test')` before `test_dataloader`.")
+            raise RuntimeError(
+                "Call `prepare_data()` and `setup('test')` before `test_dataloader`."
+            )
         return DataLoader(
             self.test_dataset,
             batch_size=self.batch_size,

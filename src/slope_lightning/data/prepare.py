@@ -23,7 +23,7 @@ extended or overwritten file stops the run with the file's name and the fix, bef
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -405,7 +405,7 @@ def _write_tokens(
     tokens_dir: Path,
     tokenizer_file: Path,
     tokenizer_sha: str,
-    splits: dict[str, Sequence[Document]],
+    splits: Mapping[str, Sequence[Document]],
     vocab_size: int,
 ) -> None:
     """Tokenize each split (``SPLITS``) into ``<split>.bin``, then write ``meta.json``.
