@@ -26,6 +26,7 @@ from slope_lightning.data import (
     load_documents,
     load_tokenizer,
     split_documents,
+    split_documents_with_test,
     train_tokenizer,
 )
 from slope_lightning.data import prepare as prepare_module
@@ -269,7 +270,12 @@ def test_token_files_are_uint16_memmaps(tmp_path: Path, corpus_glob: str) -> Non
     eot = dm.tokenizer.token_to_id(EOT_TOKEN)
     assert int(array[-1]) == eot  # every document ends with <|endoftext|>
     assert int((array == eot).sum()) == meta["train_documents"]
-    assert sorted(p.name for p in tokens_dir.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in tokens_dir.iterdir()) == [
+        "meta.json",
+        "test.bin",  # empty: no test split by default
+        "train.bin",
+        "val.bin",
+    ]
 
 
 def test_large_user_tokenizer_gives_uint32(tmp_path: Path, corpus_glob: str) -> None:
@@ -631,3 +637,35 @@ def test_stratified_split_holds_out_documents_of_every_source():
     assert len(val) == 6 + 1
     assert split_documents(docs, 0.1, 3, stratify=True)[1] == val  # deterministic
     assert plain_val  # the plain split is unchanged in behaviour
+
+
+def _named_documents(groups: dict[str, int]) -> list[Document]:
+    return [
+        Document(f"{group}/{i}", f"text {group} {i}", group)
+        for group, count in groups.items()
+        for i in range(count)
+    ]
+
+
+def test_the_test_split_leaves_validation_unchanged_and_never_overlaps_training() -> None:
+    docs = _named_documents({"shakespeare": 40, "wiki": 60})
+    train0, val0 = split_documents(docs, val_fraction=0.1, seed=3, stratify=True)
+    train, val, test = split_documents_with_test(docs, 0.1, 0.1, seed=3, stratify=True)
+    assert val == val0  # the same validation documents, with or without a test split
+    assert sorted(d.name for d in train + test) == sorted(d.name for d in train0)
+    assert not {d.name for d in test} & {d.name for d in train}
+    # stratified by source like validation: round(10% of each source)
+    assert sorted(d.source for d in test) == ["shakespeare"] * 4 + ["wiki"] * 6
+    assert split_documents_with_test(docs, 0.1, 0.1, seed=3, stratify=True)[2] == test
+    assert split_documents_with_test(docs, 0.1, 0.1, seed=4, stratify=True)[2] != test
+    assert split_documents_with_test(docs, 0.1, 0.0, seed=3, stratify=True) == (train0, val0, [])
+
+
+def test_test_fraction_out_of_range_is_refused() -> None:
+    docs = _named_documents({"a": 10})
+    with pytest.raises(
+        ValueError, match=r"test_fraction must be in \[0, 1 - val_fraction\) = \[0, 0.9\)"
+    ):
+        split_documents_with_test(docs, 0.1, 0.9)
+    with pytest.raises(ValueError, match="at least three documents"):
+        split_documents_with_test(docs[:2], 0.1, 0.1)

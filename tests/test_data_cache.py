@@ -366,7 +366,7 @@ def test_interrupted_meta_write_leaves_the_token_folder_unfinished(
     with pytest.raises(KeyboardInterrupt):
         _datamodule(tmp_path, corpus).prepare_data()
     (tokens_dir,) = (tmp_path / "cache" / "tokens").iterdir()
-    assert sorted(p.name for p in tokens_dir.iterdir()) == ["train.bin", "val.bin"]
+    assert sorted(p.name for p in tokens_dir.iterdir()) == ["test.bin", "train.bin", "val.bin"]
     with pytest.raises(RuntimeError, match="meta.json does not exist"):
         _datamodule(tmp_path, corpus).setup("fit")
 

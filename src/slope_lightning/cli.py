@@ -1,27 +1,34 @@
-"""The ``slope-lightning`` command: LightningCLI over SLoPeModule and TextDataModule.
+"""The ``slope-lightning`` command: one command tree over SLoPeModule and TextDataModule.
 
     slope-lightning fit --config configs/tiny.yaml                     # a new run
     slope-lightning fit --config configs/tiny.yaml --ckpt_path last    # resume the latest run
     slope-lightning validate --config configs/tiny.yaml --ckpt_path last
+    slope-lightning test --config configs/tiny.yaml --data.test_fraction 0.05 --ckpt_path last
     slope-lightning study --config configs/studies/tiny.yaml           # a quality study
     slope-lightning generate runs/tiny/version_0/export --prompt "To be"  # sample text
+    slope-lightning bench layers                                       # a benchmark suite
+    slope-lightning fetch smollm2-135m                                 # a pretrained model
 
-Subcommands: ``fit`` and ``validate`` (LightningCLI), ``study``
-(:mod:`slope_lightning.study`: methods × learning rates × seeds, each run a ``fit``, then
-one report; it has its own options, ``slope-lightning study --help``) and ``generate``
-(:mod:`slope_lightning.generate`: text from a checkpoint or an export,
-``slope-lightning generate --help``). Lightning's ``test``
-and ``predict`` are left out on purpose: the data module has no test split distinct from the
-validation split (``validate`` on a checkpoint is the held-out evaluation) and no prompt
-source for generation, so both could only fail after building the model. An unknown
-subcommand fails at once, listing the two LightningCLI ones.
+Subcommands (:data:`SUBCOMMANDS`; ``slope-lightning --help`` lists them, each has ``--help``):
+``fit``, ``validate`` and ``test`` (LightningCLI; ``test`` evaluates on the held-out test
+split, ``data.test_fraction``, which nothing in ``fit`` reads), ``study``
+(:mod:`slope_lightning.study`), ``generate`` (:mod:`slope_lightning.generate`), ``bench``
+(:mod:`slope_lightning.bench`) and ``fetch`` (:mod:`slope_lightning.models.pretrained`).
+Lightning's ``predict`` is left out on purpose: the data module has no prompt source, so it
+could only fail after building the model. An unknown subcommand fails at once, listing them.
 
 Runs and resuming:
 
 * A plain ``fit`` is always a new run in a new ``<save_dir>/<name>/version_N`` directory,
   which holds everything of that run: TensorBoard events, ``config.yaml``,
   ``checkpoints/`` (``last.ckpt`` and the best), ``crash/`` and ``export/``. It never resumes
-  by itself and never writes beside another run's checkpoints.
+  by itself and never writes beside another run's checkpoints. The directory is reserved
+  before anything else happens (``os.mkdir`` of ``version_N`` succeeding is the reservation;
+  N + 1 is tried when another run got there first), so runs started at the same moment into
+  the same folder each get their own.
+* ``validate`` and ``test`` build the model the checkpoint was trained as; a model setting
+  given explicitly (on the command line or in a config) that differs from the checkpoint's is
+  an error, never silently replaced.
 * ``--ckpt_path last`` resumes the most recently written run from its most advanced
   checkpoint (``last.ckpt`` or its crash checkpoint), in that run's directory, and logs which
   file and step. ``--ckpt_path FILE`` resumes from a file. Either is checked before anything
@@ -30,15 +37,18 @@ Runs and resuming:
   :class:`~slope_lightning.checkpoints.SafeCheckpointIO`
   (``weights_only=True`` explicitly, whatever torch's default).
 
-Exit status: 0 on success; 2 for a bad command line or config; 1 for a failure (a missing or
-corrupt file, a non-finite loss, a full disk, ...); 130 when interrupted. Failures a user can
-fix print one ``error: ...`` line on stderr and no traceback; anything else is a bug and
-keeps its traceback. ``SLOPE_LIGHTNING_DEBUG=1`` shows the traceback of every failure.
+Exit status: 0 on success; 2 for a bad command line or config (a value rejected by the
+parser or by the constructor of the model, the data module, the Trainer or a callback); 1 for
+a failure (a missing or corrupt file, a non-finite loss, a full disk, ...); 130 when
+interrupted. Failures a user can fix print one ``error: ...`` line on stderr, from rank 0
+only, and no traceback; anything else is a bug and keeps its traceback.
+``SLOPE_LIGHTNING_DEBUG=1`` shows the traceback of every failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import importlib
 import inspect
@@ -56,6 +66,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Checkpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from slope_lightning.callbacks import NonFiniteError
 from slope_lightning.checkpoints import (
@@ -63,6 +74,7 @@ from slope_lightning.checkpoints import (
     SafeCheckpointIO,
     earlier_checkpoint_in,
     resume_point,
+    run_version,
     runs_root,
     written_crash_checkpoint,
 )
@@ -80,6 +92,27 @@ DEBUG_ENV = "SLOPE_LIGHTNING_DEBUG"
 
 #: Model hyperparameters the CLI links from the data module; never set them twice.
 LINKED_KEYS = ("seq_len", "vocab_size")
+
+#: Every subcommand, with the one line ``slope-lightning --help`` shows for it.
+SUBCOMMANDS: dict[str, str] = {
+    "fit": "train a model: a new run in its own runs/<name>/version_N, or --ckpt_path last",
+    "validate": "evaluate a checkpoint on the validation split",
+    "test": "evaluate a checkpoint on the held-out test split (data.test_fraction > 0)",
+    "generate": "sample text from a checkpoint or an export",
+    "study": "a quality study: methods x learning rates x seeds, each a fit, then one report",
+    "bench": "benchmarks: memory, layers, kernels, step, inference, runs, unpack",
+    "fetch": "fetch a pretrained checkpoint and write its tokenizer.json",
+}
+
+#: The data settings that decide which documents are in which split: a checkpoint is tested
+#: only with the settings it was trained with, so its test documents were never trained on.
+SPLIT_KEYS = ("sources", "val_fraction", "test_fraction", "seed", "text_key")
+
+#: Modules whose callbacks a mistyped ``class_path`` is compared with.
+CALLBACK_MODULES = (
+    "slope_lightning.callbacks",
+    "lightning.pytorch.callbacks",
+)
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -111,11 +144,22 @@ class SLoPeCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """``fit`` and ``validate``; why not ``test`` / ``predict``: see the module docstring."""
+        """``fit``, ``validate`` and ``test``; why not ``predict``: see the module docstring."""
         return {
             "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
             "validate": {"model", "dataloaders", "datamodule"},
+            "test": {"model", "dataloaders", "datamodule"},
         }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The run directory this process reserved, removed again if the command fails
+        # before anything was written into it.
+        self.reserved_run_dir: Path | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._release_reserved_run_dir()
+            raise
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # Raise parse errors (main() prints them as one line) instead of printing the usage.
@@ -128,9 +172,17 @@ class SLoPeCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse, then check what only the combination of values can tell, and resolve
-        ``--ckpt_path`` to a checked file (before Lightning reads hyperparameters from it)."""
-        super().parse_arguments(parser, args)
+        """Parse, then check what only the combination of values can tell, resolve
+        ``--ckpt_path`` to a checked file (before Lightning reads hyperparameters from it),
+        and reserve a new run's directory.
+
+        Parses as LightningCLI does, without its warning about ``args`` beside ``sys.argv``:
+        :func:`main` passes ``args`` on purpose (a study runs its fits in-process).
+        """
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(args)
         subcommand = self.config.get("subcommand")
         if subcommand is None:
             return
@@ -142,14 +194,20 @@ class SLoPeCLI(LightningCLI):
                 "--weights_only false is refused: slope-lightning loads checkpoints with "
                 "weights_only=True only (tensors and plain containers, never code); drop it"
             )
+        if subcommand == "test" and not config.get("data.test_fraction"):
+            raise ConfigError(
+                "test: data.test_fraction is 0, so there is no test split; test a run that was "
+                "trained with data.test_fraction > 0 (e.g. 0.05), passing the same value here"
+            )
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is None:
-            if subcommand == "validate":
+            if subcommand in ("validate", "test"):
                 raise ConfigError(
-                    "validate needs the weights to evaluate: pass --ckpt_path FILE, or "
+                    f"{subcommand} needs the weights to evaluate: pass --ckpt_path FILE, or "
                     "--ckpt_path last for the latest run's checkpoint"
                 )
             _refuse_used_checkpoint_dirs(config)
+            self.reserved_run_dir = _reserve_run_version(config)
             return
         root = _logger_root(config)
         # FileNotFoundError / CheckpointError for a bad file, by name
@@ -163,8 +221,12 @@ class SLoPeCLI(LightningCLI):
             )
         path, step, version = found.path, found.step, found.version
         config.ckpt_path = str(path)
+        if subcommand == "test":
+            _check_test_split_unseen(path, config)
         if subcommand == "fit" and version is not None:
             _continue_in_version(config, version)
+        else:  # validate / test log into a new version of their own
+            self.reserved_run_dir = _reserve_run_version(config)
         logger.info(
             "%s: %s from %s (global step %d)%s",
             subcommand,
@@ -175,6 +237,64 @@ class SLoPeCLI(LightningCLI):
             if subcommand == "fit" and version is not None
             else "",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's reading of the model settings from ``--ckpt_path``, refusing a setting
+        given explicitly that the checkpoint's would replace (Lightning drops it silently).
+
+        Raises:
+            ConfigError: a model setting differs from the checkpoint's (the message names it).
+        """
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return super()._parse_ckpt_path()
+        before = self.config[subcommand].get("model")
+        before = before.clone() if isinstance(before, Namespace) else before
+        super()._parse_ckpt_path()
+        after = self.config[subcommand].get("model")
+        if not isinstance(before, Namespace) or not isinstance(after, Namespace):
+            return
+        defaults = self.parser.get_defaults().get(f"{subcommand}.model")
+        changed = [
+            key
+            for key in sorted(before.keys())
+            if key not in ("seq_len", "vocab_size")  # linked from data.*, checked there
+            and before.get(key) != after.get(key)
+            and (not isinstance(defaults, Namespace) or before.get(key) != defaults.get(key))
+        ]
+        if changed:
+            details = "; ".join(
+                f"model.{key}={before.get(key)!r} but the checkpoint has {after.get(key)!r}"
+                for key in changed
+            )
+            raise ConfigError(
+                f"{subcommand} --ckpt_path {self.config[subcommand].get('ckpt_path')}: {details}. "
+                "The checkpoint's model is what gets evaluated: drop these settings (or make "
+                "them the checkpoint's), or train a run with them"
+            )
+
+    def instantiate_classes(self) -> None:
+        """Build the model, data module, Trainer and callbacks; a value their constructors
+        reject is a config error (exit 2) in their own words, naming the key.
+
+        Raises:
+            ConfigError: a constructor rejected a configured value.
+        """
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, MisconfigurationException) as error:
+            if isinstance(error, NothingSparsifiedError):
+                raise
+            subcommand = self.config.get("subcommand")
+            config = self.config[subcommand] if subcommand else self.config
+            raise ConfigError(_instantiation_message(error, config)) from error
+
+    def _release_reserved_run_dir(self) -> None:
+        """Remove the reserved run directory if nothing was written into it."""
+        directory = self.reserved_run_dir
+        if directory is not None and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+            self.reserved_run_dir = None
 
     def after_instantiate_classes(self) -> None:
         """Install the safe checkpoint reader."""
@@ -220,6 +340,20 @@ class SLoPeCLI(LightningCLI):
     ) -> None:
         """``trainer.validate`` on the checked checkpoint, with ``weights_only=True``."""
         self.trainer.validate(
+            model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=verbose, **_WEIGHTS_ONLY
+        )
+
+    def test(
+        self,
+        model: SLoPeModule,
+        datamodule: TextDataModule | None = None,
+        ckpt_path: str | None = None,
+        weights_only: bool | None = None,
+        verbose: bool = True,
+    ) -> None:
+        """``trainer.test`` on the checked checkpoint and the held-out test split, with
+        ``weights_only=True``; logs ``test/loss`` and ``test/ppl``."""
+        self.trainer.test(
             model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=verbose, **_WEIGHTS_ONLY
         )
 
@@ -322,6 +456,118 @@ def _refuse_used_checkpoint_dirs(config: Namespace) -> None:
         )
 
 
+def _reserve_run_version(config: Namespace) -> Path | None:
+    """Reserve a new run's ``version_N`` under the logger's ``save_dir/name`` and point the
+    logger at it; returns the directory (None: no logger root, or a version given).
+
+    ``os.mkdir`` either creates the directory or fails because it exists, atomically, so two
+    runs started at the same moment never take the same N: the loser tries N + 1. N starts
+    after the largest existing version, as Lightning's own numbering does. Only rank 0 of a
+    launch reserves; the other ranks never write into the run directory (Lightning sends them
+    rank 0's paths).
+    """
+    logger_config = config.get("trainer.logger")
+    if isinstance(logger_config, list):
+        logger_config = logger_config[0] if logger_config else None
+    init = logger_config.get("init_args") if isinstance(logger_config, Namespace) else None
+    root = _logger_root(config)
+    if init is None or root is None or init.get("version") is not None:
+        return None
+    if rank_zero_only.rank != 0:  # type: ignore[attr-defined]
+        return None
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [run_version(path, root) for path in root.glob("version_*")]
+    version = max((v for v in taken if v is not None), default=-1) + 1
+    while True:
+        directory = root / f"version_{version}"
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            version += 1
+            continue
+        init.version = version
+        logger.info("new run: %s", directory)
+        return directory
+
+
+def _check_test_split_unseen(path: Path, config: Namespace) -> None:
+    """Refuse to test a checkpoint on documents it may have been trained on: the split
+    settings (:data:`SPLIT_KEYS`) must be those of its run, recorded in the checkpoint.
+
+    Raises:
+        ConfigError: a split setting differs from the checkpoint's (the message names it).
+    """
+    if not path.is_file():
+        logger.warning(
+            "test: %s is not a single file; its data settings were not compared with "
+            "data.%s (test only runs trained with the same data settings)",
+            path,
+            ", data.".join(SPLIT_KEYS),
+        )
+        return
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    saved = checkpoint.get("datamodule_hyper_parameters")
+    if not isinstance(saved, dict):
+        raise ConfigError(
+            f"test --ckpt_path {path}: the checkpoint records no data settings, so nothing shows "
+            "that its training documents exclude the test split; test a checkpoint that "
+            "slope-lightning fit wrote with data.test_fraction > 0"
+        )
+    saved = {"test_fraction": 0.0, **saved}  # written before the test split existed
+    differ = [
+        f"data.{key}={config.get(f'data.{key}')!r} but the run had {saved.get(key)!r}"
+        for key in SPLIT_KEYS
+        if key in saved and saved.get(key) != config.get(f"data.{key}")
+    ]
+    if differ:
+        raise ConfigError(
+            f"test --ckpt_path {path}: {'; '.join(differ)}. With other split settings the "
+            "test documents may be ones the model was trained on; test with the run's data "
+            "settings (a run trained with data.test_fraction 0 has no test split)"
+        )
+
+
+_DOTTED_KEY = re.compile(r"(?<![\w.])([a-z_]+(?:\.[a-z_]+)+)\b")
+
+
+def _instantiation_message(error: BaseException, config: Namespace) -> str:
+    """One line for a value a constructor rejected: the config group (``model``, ``data``,
+    ``trainer``, ``trainer.callbacks: <Class>``) and the constructor's own words, where a
+    key it names (``optimizer.lr``) is completed to the config's (``model.optimizer.lr``)."""
+    known = (pl.Callback, pl.LightningModule, pl.LightningDataModule, pl.Trainer)
+    owner: type | None = None
+    cause: BaseException | None = error
+    while cause is not None and owner is None:  # the error, then what it was raised from
+        traceback = cause.__traceback__
+        while traceback is not None and owner is None:  # the outermost of our constructors
+            frame = traceback.tb_frame
+            this = frame.f_locals.get("self") if frame.f_code.co_name == "__init__" else None
+            if isinstance(this, known):
+                owner = type(this)
+            traceback = traceback.tb_next
+        cause = cause.__cause__ or cause.__context__
+    text = _format_parse_error(error)
+    text = _DOTTED_KEY.sub(lambda m: _full_key(m.group(1), config), text)
+    if owner is not None and issubclass(owner, pl.Callback):
+        return f"trainer.callbacks: {owner.__name__}: {text}"
+    for cls, key in ((pl.LightningModule, "model"), (pl.LightningDataModule, "data")):
+        if owner is not None and issubclass(owner, cls):
+            return text if text.startswith(f"{key}.") else f"{key}: {text}"
+    if owner is not None and issubclass(owner, pl.Trainer):
+        return f"trainer: {text}"
+    if "Callback" in str(error):  # jsonargparse's wrapper around a callback's own error
+        return f"trainer.callbacks: {text}"
+    return text
+
+
+def _full_key(key: str, config: Namespace) -> str:
+    """``key`` as the config spells it: ``model.`` or ``data.`` prepended when that is a key."""
+    for group in ("model", "data"):
+        if f"{group}.{key}" in config:
+            return f"{group}.{key}"
+    return key
+
+
 def _crash_checkpoint_note(trainer: Any) -> str:
     path = written_crash_checkpoint(trainer.callbacks)
     return (
@@ -387,7 +633,7 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point of the console script: runs the CLI and returns the exit status.
+    """Entry point of the console script: runs one subcommand and returns the exit status.
 
     Args:
         args: the command line without the program name (None: ``sys.argv[1:]``).
@@ -402,31 +648,29 @@ def main(args: list[str] | None = None) -> int:
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    args = sys.argv[1:] if args is None else list(args)
+    argv = sys.argv[1:] if args is None else list(args)
+    command = argv[0] if argv else ""
+    # Lightning's launcher starts the other ranks as copies of this command: only rank 0
+    # prints the error line (the ranks fail alike; SLOPE_LIGHTNING_DEBUG=1 shows every rank's).
+    report = rank_zero_only.rank == 0  # type: ignore[attr-defined]
     try:
-        if args[:1] == ["study"]:
-            # not a LightningCLI subcommand: it runs many fits (in-process ones through main)
-            return study_command(args[1:], fit_main=main)
-        if args[:1] == ["generate"]:
-            # not a LightningCLI subcommand either: it loads a model and prints text
-            return generate_command(args[1:])
-        run_cli(args)
+        return _run_subcommand(argv)
     except SystemExit as exit_:
         code = exit_.code
         if code is None or isinstance(code, int):
             return code or 0
-        print(f"error: {code}", file=sys.stderr)
+        _print_error(str(code), report)
         return 1
     except (KeyboardInterrupt, TrainingInterrupted) as error:
         if debug:
             raise
-        detail = str(error) or "interrupted; resume with --ckpt_path last"
-        print(f"error: {_one_line(detail)}", file=sys.stderr)
+        detail = str(error) or f"interrupted; {_resume_advice(command)}"
+        _print_error(_one_line(detail), report)
         return 130
     except _USAGE_ERRORS as error:
         if debug:
             raise
-        print(f"error: {_format_parse_error(error)}", file=sys.stderr)
+        _print_error(_format_parse_error(error), report)
         return 2
     except _USER_ERRORS as error:
         if debug:
@@ -434,16 +678,79 @@ def main(args: list[str] | None = None) -> int:
         kind = "" if isinstance(error, (ValueError, RuntimeError)) else f"{type(error).__name__}: "
         message = _format_parse_error(error) if isinstance(error, ValueError) else str(error)
         if isinstance(error, OSError) and error.errno in _DISK_FULL:
-            message += (
-                "; free disk space (checkpoints and exports are written atomically, so the "
-                "previous ones are intact), then resume with --ckpt_path last"
-            )
-        print(
-            f"error: {kind}{_one_line(message)}  [{DEBUG_ENV}=1 shows the traceback]",
-            file=sys.stderr,
-        )
+            message += "; free disk space (checkpoints and exports are written atomically, so "
+            message += f"the previous ones are intact), then {_resume_advice(command)}"
+        _print_error(f"{kind}{_one_line(message)}  [{DEBUG_ENV}=1 shows the traceback]", report)
         return 1
+
+
+def _run_subcommand(argv: list[str]) -> int:
+    """Dispatch ``argv`` (without the program name) to its subcommand; returns its status."""
+    if not argv:
+        raise ConfigError(
+            f"give a subcommand: {', '.join(SUBCOMMANDS)} (see slope-lightning --help)"
+        )
+    command, rest = argv[0], argv[1:]
+    if command in ("-h", "--help"):
+        print(top_level_help())
+        return 0
+    if command not in SUBCOMMANDS:
+        close = difflib.get_close_matches(command, list(SUBCOMMANDS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"unknown subcommand {command!r}; {hint}choose one of {', '.join(SUBCOMMANDS)} "
+            "(slope-lightning --help says what each does)"
+        )
+    if command == "study":
+        # not a LightningCLI subcommand: it runs many fits (in-process ones through main)
+        return study_command(rest, fit_main=main)
+    if command == "generate":
+        # not a LightningCLI subcommand either: it loads a model and prints text
+        return generate_command(rest)
+    if command == "bench":
+        from slope_lightning.bench.__main__ import main as bench_main
+
+        bench_main(rest)
+        return 0
+    if command == "fetch":
+        from slope_lightning.models.pretrained import main as fetch_main
+
+        return fetch_main(rest)
+    run_cli(argv)
     return 0
+
+
+def top_level_help() -> str:
+    """What ``slope-lightning --help`` prints: every subcommand with one line, and the exit
+    statuses."""
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = [
+        "usage: slope-lightning SUBCOMMAND [options]   (slope-lightning SUBCOMMAND --help)",
+        "",
+        "SLoPe 2:4 sparse pretraining with PyTorch Lightning.",
+        "",
+        "subcommands:",
+        *(f"  {name:<{width}}  {text}" for name, text in SUBCOMMANDS.items()),
+        "",
+        "exit status: 0 success, 2 bad command line or config, 1 failure, 130 interrupted;",
+        f"a failure prints one 'error:' line ({DEBUG_ENV}=1 shows its traceback).",
+    ]
+    return "\n".join(lines)
+
+
+def _resume_advice(command: str) -> str:
+    """How to continue after an interrupted or failed ``command``, in that command's terms."""
+    if command == "fit":
+        return "resume with --ckpt_path last"
+    if command == "study":
+        return "run the same study command again to resume (finished runs are kept)"
+    return "run the command again"
+
+
+def _print_error(message: str, report: bool) -> None:
+    """The one ``error:`` line on stderr (rank 0 only: ``report``)."""
+    if report:
+        print(f"error: {message}", file=sys.stderr)
 
 
 def _one_line(text: str) -> str:
@@ -460,7 +767,13 @@ _NOISE = (
     "Given value:",
     "- Expected a <class 'NoneType'>",
     "- Problem with given class_path",
+    "- Not a valid subclass of",
+    "Subclass types expect one of:",
+    "- a class path (str)",
+    "- a dict with",
+    "- a dict without",
 )
+_BAD_CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
 
 
 def _format_parse_error(error: BaseException) -> str:
@@ -474,11 +787,11 @@ def _format_parse_error(error: BaseException) -> str:
     """
     text = str(error)
     summary = text
+    detail = ""
     if not isinstance(error, ConfigError) and (
         "Parser key" in text or "Does not validate against any of the" in text
     ):
         keys: list[str] = []
-        detail = ""
         for raw in text.splitlines():
             line = raw.strip()
             match = _PARSER_KEY.match(line)
@@ -497,9 +810,41 @@ def _format_parse_error(error: BaseException) -> str:
             f"{target} is set from {source} by the CLI (a linked value): set {source} "
             f"instead and drop {target}"
         )
+    bad_path = _BAD_CLASS_PATH.search(text)
+    if bad_path and not _importable(bad_path.group(1)):
+        path = bad_path.group(1)
+        key = summary.split(": ", 1)[0] if ": " in summary else "class_path"
+        close = difflib.get_close_matches(path, _callback_paths(), n=1, cutoff=0.6)
+        hint = f"; the closest importable one is {close[0]!r}" if close else ""
+        summary = f"{key}: class_path {path!r} cannot be imported ({detail}){hint}"
     if "unrecognized arguments" in summary or "is not accepted" in summary:
         summary += " (--help lists the accepted options)"
     return _one_line(summary)
+
+
+def _importable(path: str) -> bool:
+    """Whether ``package.module.Name`` names something importable."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        return hasattr(importlib.import_module(module_name), name)
+    except (ImportError, ValueError):
+        return False
+
+
+def _callback_paths() -> list[str]:
+    """``module.Class`` of every callback that :data:`CALLBACK_MODULES` export."""
+    paths = []
+    for module_name in CALLBACK_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        names = getattr(module, "__all__", None) or list(vars(module))
+        for name in names:
+            value = getattr(module, name, None)
+            if isinstance(value, type) and issubclass(value, pl.Callback) and name[0] != "_":
+                paths.append(f"{module_name}.{name}")
+    return paths
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ TOKENIZER_SETTINGS: dict[str, Any] = {
     "val_fraction": 0.05,
     "seed": 1234,
     "text_key": "text",
+    "test_fraction": 0.0,
 }
 #: The checkpoint key under which Lightning saves the data module's hyperparameters.
 DATAMODULE_HPARAMS = "datamodule_hyper_parameters"
@@ -249,6 +250,7 @@ def find_model_tokenizer(
             val_fraction=float(merged["val_fraction"]),
             seed=int(merged["seed"]),
             text_key=str(merged["text_key"]),
+            test_fraction=float(merged["test_fraction"]),
         )
     except (OSError, ValueError, CorruptCacheError) as error:
         reason = " ".join(str(error).split())

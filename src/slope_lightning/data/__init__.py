@@ -22,6 +22,7 @@ from slope_lightning.data.corpus import (
     load_default_corpus,
     load_documents,
     split_documents,
+    split_documents_with_test,
 )
 from slope_lightning.data.prepare import PreparedTokens, find_tokenizer, prepare_tokens
 from slope_lightning.data.streams import (
@@ -61,6 +62,7 @@ __all__ = [
     "prepare_tokens",
     "source_metric_names",
     "split_documents",
+    "split_documents_with_test",
     "train_tokenizer",
 ]
 

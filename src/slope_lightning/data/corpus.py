@@ -320,28 +320,79 @@ def split_documents(
     Raises:
         ValueError: fewer than two documents, or ``val_fraction`` outside (0, 1).
     """
+    train, val, _ = split_documents_with_test(documents, val_fraction, 0.0, seed, stratify)
+    return train, val
+
+
+def split_documents_with_test(
+    documents: Sequence[Document],
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.0,
+    seed: int = 1234,
+    stratify: bool = False,
+) -> tuple[list[Document], list[Document], list[Document]]:
+    """Split documents into train, validation and test, deterministically, by document.
+
+    The validation documents are drawn exactly as :func:`split_documents` draws them (the same
+    documents for the same ``seed``, whatever ``test_fraction``); the test documents are then
+    drawn from the rest with a second generator (seeded by ``(seed, 1)``), per name-prefix
+    group with ``stratify`` like validation: ``round(group size * test_fraction)``, at least
+    one, leaving at least one training document per group. With ``test_fraction = 0`` there
+    is no test split and the result is :func:`split_documents`'s. Every split keeps the input
+    order.
+
+    Why carved from training: validation stays the same documents, so validation numbers of
+    runs with and without a test split compare; only the training split shrinks.
+
+    Args:
+        documents: the corpus.
+        val_fraction: share of documents for validation, in (0, 1).
+        test_fraction: share of documents for testing, in [0, 1 - val_fraction).
+        seed: seed of both draws.
+        stratify: split each name-prefix group separately.
+
+    Raises:
+        ValueError: fewer than two documents (three with a test split), or a fraction out of
+            range.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
-    n = len(documents)
-    if n < 2:
+    if not 0.0 <= test_fraction < 1.0 - val_fraction:
         raise ValueError(
-            f"Cannot split {n} document(s) into train and validation by document; give at least "
-            f"two documents (e.g. split a long text file into several files)."
+            f"test_fraction must be in [0, 1 - val_fraction) = [0, {1.0 - val_fraction:g}), "
+            f"got {test_fraction}."
+        )
+    n = len(documents)
+    needed = 3 if test_fraction > 0 else 2
+    if n < needed:
+        count = "three" if test_fraction > 0 else "two"
+        splits = "train, validation and test" if test_fraction > 0 else "train and validation"
+        raise ValueError(
+            f"Cannot split {n} document(s) into {splits} by document; give at least "
+            f"{count} documents (e.g. split a long text file into several files)."
         )
     groups: dict[str, list[int]] = {}
     for i, doc in enumerate(documents):
         key = doc.name.split("/", 1)[0] if stratify else ""
         groups.setdefault(key, []).append(i)
     val_index: set[int] = set()
+    test_index: set[int] = set()
     for members in groups.values():
         if len(members) < 2:
             continue
         n_val = min(max(1, round(len(members) * val_fraction)), len(members) - 1)
         chosen = np.random.default_rng(seed).permutation(len(members))[:n_val]
         val_index.update(members[j] for j in chosen.tolist())
-    train = [doc for i, doc in enumerate(documents) if i not in val_index]
+        rest = [i for i in members if i not in val_index]
+        if test_fraction == 0.0 or len(rest) < 2:
+            continue
+        n_test = min(max(1, round(len(members) * test_fraction)), len(rest) - 1)
+        chosen = np.random.default_rng((seed, 1)).permutation(len(rest))[:n_test]
+        test_index.update(rest[j] for j in chosen.tolist())
+    train = [doc for i, doc in enumerate(documents) if i not in val_index | test_index]
     val = [doc for i, doc in enumerate(documents) if i in val_index]
-    return train, val
+    test = [doc for i, doc in enumerate(documents) if i in test_index]
+    return train, val, test
 
 
 def fingerprint(documents: Iterable[Document]) -> str:

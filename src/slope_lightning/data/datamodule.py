@@ -21,7 +21,8 @@ replay the epoch from its start on resume, as plain Lightning loaders do.
 
 Three seeds, three meanings:
 
-* ``seed`` (the split seed): which documents are held out for validation, hence the tokenizer
+* ``seed`` (the split seed): which documents are held out for validation (and, with
+  ``test_fraction``, for testing), hence the tokenizer
   trained on the rest, and the fixed order of the validation windows. Keep it fixed across the
   runs of a study, so that every run trains and is evaluated on the same data.
 * ``order_seed`` (the data-order seed): which windows the training stream draws, in which
@@ -79,7 +80,8 @@ class TextDataModule(pl.LightningDataModule):
     ``x`` shifted by one token, from the default corpus or from the user's text files.
 
     ``prepare_data`` (rank 0) reads the corpus, splits it by document, trains or loads the
-    tokenizer and writes the token ids of each split to ``train.bin`` / ``val.bin``; everything is
+    tokenizer and writes the token ids of each split to ``train.bin`` / ``val.bin`` /
+    ``test.bin``; everything is
     cached under ``cache_dir`` and reused by later runs. ``setup`` (every rank) memory-maps them.
     Both check every cached file against the metadata recorded when it was written (size, dtype,
     token count, largest id against ``vocab_size``, sha256) before it is used.
@@ -87,6 +89,12 @@ class TextDataModule(pl.LightningDataModule):
     checkpoint (see the module docstring). Validation windows cover every source of the split
     in a fixed, seeded, stratified order (:class:`~slope_lightning.data.streams.ValidationWindows`),
     so ``limit_val_batches`` takes a representative sample, the same one every validation.
+
+    The test split (``test_fraction > 0``) is held out like validation, by document and per
+    source, but from what would otherwise be training documents, so the validation documents
+    are the same with or without it. Nothing in ``fit`` reads it: not training, not the
+    tokenizer, not validation or checkpoint selection. Only ``trainer.test`` (``slope-lightning
+    test``) opens it, in the same stratified order as validation.
 
     Args:
         sources: text files, glob patterns (one document per file) or ``.jsonl`` files (one
@@ -99,6 +107,10 @@ class TextDataModule(pl.LightningDataModule):
         seq_len: tokens per sample.
         batch_size: samples per batch, per rank.
         val_fraction: share of documents held out for validation.
+        test_fraction: share of documents held out for testing (``trainer.test``), taken from
+            the training documents; 0 (default) for no test split, which keeps the train and
+            validation splits of runs made before the test split existed. A model is tested
+            only on the test split of the settings it was trained with.
         text_key: field holding the text in ``.jsonl`` records.
         num_workers: dataloader worker processes.
         seed: seed of the split (hence of the tokenizer) and of the validation order.
@@ -138,6 +150,7 @@ class TextDataModule(pl.LightningDataModule):
         train_samples_per_epoch: int | None = None,
         order_seed: int | None = None,
         val_source_ids: bool = False,
+        test_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if sources is not None and (isinstance(sources, str) or not sources):
@@ -151,6 +164,11 @@ class TextDataModule(pl.LightningDataModule):
                 raise ValueError(f"{name} must be at least 1, got {value}.")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+        if not 0.0 <= test_fraction < 1.0 - val_fraction:
+            raise ValueError(
+                f"test_fraction must be in [0, 1 - val_fraction) = [0, {1.0 - val_fraction:g}), "
+                f"got {test_fraction}."
+            )
         if not text_key:
             raise ValueError("text_key must be a non-empty string.")
         if num_workers < 0:
@@ -174,6 +192,7 @@ class TextDataModule(pl.LightningDataModule):
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.text_key = text_key
         self.num_workers = num_workers
         self.seed = seed
@@ -198,6 +217,7 @@ class TextDataModule(pl.LightningDataModule):
         self._tokenizer: Any = None
         self.train_dataset: RandomWindows | None = None
         self.val_dataset: ValidationWindows | None = None
+        self.test_dataset: ValidationWindows | None = None
 
         # Resume state: samples of the stream consumed, and the Trainer's count of processed
         # training batches at that point. Lightning restores it through `load_state_dict`.
@@ -256,6 +276,7 @@ class TextDataModule(pl.LightningDataModule):
             val_fraction=self.val_fraction,
             seed=self.seed,
             text_key=self.text_key,
+            test_fraction=self.test_fraction,
             build=build,
         )
 
@@ -279,15 +300,21 @@ class TextDataModule(pl.LightningDataModule):
 
     @override
     def setup(self, stage: str) -> None:
-        """Check and memory-map the token files written by ``prepare_data`` (every rank)."""
+        """Check and memory-map the token files written by ``prepare_data`` (every rank); the
+        test split only for ``stage == "test"``."""
         if stage == "fit":
             # A new fit starts the stream at the Trainer's count; restoring a checkpoint (which
             # Lightning does after `setup`) sets the position again.
             self._base_samples, self._base_batches, self._resume_pending = 0, 0, False
             if self.train_dataset is not None:  # a new fit: not a previous resume's order
                 self.train_dataset.seed = _default_order_seed(self.order_seed, self.seed)
-        if self.train_dataset is not None:
-            return
+        if self.train_dataset is None:
+            self._open_splits()
+        if stage == "test" and self.test_dataset is None:
+            self.test_dataset = self._test_windows()
+
+    def _open_splits(self) -> None:
+        """Check the token files and build the training stream and the validation windows."""
         prepared = self._resolve(build=False)
         self._check_sizes(prepared.meta)
         self._prepared = prepared
@@ -330,6 +357,40 @@ class TextDataModule(pl.LightningDataModule):
             shares,
             self.seed,
         )
+
+    def _test_windows(self) -> ValidationWindows:
+        """The test split's windows, in the stratified order of validation (seeded by ``seed``).
+
+        Raises:
+            ValueError: there is no test split, or it holds no window of ``seq_len + 1``.
+        """
+        if self.test_fraction == 0.0:
+            raise ValueError(
+                "data.test_fraction is 0: there is no test split. Train a run with "
+                "data.test_fraction > 0 (e.g. 0.05) and test it with the same data settings"
+            )
+        prepared = self._prepared or self._resolve(build=False)
+        n = prepared.meta["test_tokens"]
+        if n < self.seq_len + 1:
+            raise ValueError(
+                f"The test split has {n} tokens, fewer than seq_len + 1 = {self.seq_len + 1}. "
+                f"Raise data.test_fraction or add text (and train a run with it)."
+            )
+        test = ValidationWindows(
+            TokenFile(prepared.token_file("test"), prepared.dtype),
+            self.seq_len,
+            prepared.spans("test"),
+            prepared.sources("test"),
+            seed=self.seed,
+        )
+        log.info(
+            "Test: %d tokens, %d windows of %d documents, split seed %d",
+            n,
+            len(test),
+            prepared.meta["test_documents"],
+            self.seed,
+        )
+        return test
 
     # -- loaders ---------------------------------------------------------------------------
 
@@ -374,6 +435,21 @@ class TextDataModule(pl.LightningDataModule):
             shuffle=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        """The held-out test windows (``setup("test")`` first), in a fixed order."""
+        if self.test_dataset is None:
+            raise RuntimeError(
+                "Call `prepare_data()` and `setup('test')` before `test_dataloader`."
+            )
+        return DataLoader(
+            self.test_dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )
 

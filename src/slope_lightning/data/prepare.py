@@ -3,9 +3,9 @@
 
 The token cache of one corpus split and tokenizer is a folder ``tokens/<key>/``:
 
-* ``train.bin``, ``val.bin``: the token ids of each split's documents, each document followed
-  by the tokenizer's end-of-text token, as flat ``uint16`` (vocabularies up to 2**16) or
-  ``uint32``;
+* ``train.bin``, ``val.bin``, ``test.bin``: the token ids of each split's documents, each
+  document followed by the tokenizer's end-of-text token, as flat ``uint16`` (vocabularies up
+  to 2**16) or ``uint32``; ``test.bin`` is empty without a test split (``test_fraction = 0``);
 * ``meta.json``, written last: dtype, token and document counts, per file its byte size,
   largest id and sha256, and per split where each source's documents lie: the source labels
   (``{split}_sources``, in order of first appearance) and the token spans
@@ -23,7 +23,7 @@ extended or overwritten file stops the run with the file's name and the fix, bef
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from slope_lightning.data.corpus import (
     load_default_corpus,
     load_documents,
     source_fingerprint,
-    split_documents,
+    split_documents_with_test,
 )
 from slope_lightning.data.tokenizer import (
     cached_tokenizer_record,
@@ -59,10 +59,10 @@ log = logging.getLogger(__name__)
 
 _ENCODE_CHUNK = 512  # documents per `encode_batch` call: parallel in Rust, bounded memory
 # Bumped when the layout of train.bin / val.bin / meta.json changes (v2: meta.json records each
-# file's size, largest id and sha256; v3: and each split's sources and their token spans), so
-# folders of another layout are never read.
-_CACHE_VERSION = "tokens-v3"
-SPLITS = ("train", "val")
+# file's size, largest id and sha256; v3: and each split's sources and their token spans; v4:
+# and a test split, test.bin), so folders of another layout are never read.
+_CACHE_VERSION = "tokens-v4"
+SPLITS = ("train", "val", "test")
 _COUNTS = ("tokens", "documents", "bytes", "max_id")  # recorded per split, with its sha256
 _META_FIELDS: dict[str, type | tuple[type, ...]] = {
     "version": str,
@@ -86,7 +86,7 @@ class PreparedTokens:
 
     Args:
         tokenizer_file: the tokenizer the token ids come from.
-        tokens_dir: the folder with ``train.bin``, ``val.bin`` and ``meta.json``.
+        tokens_dir: the folder with ``train.bin``, ``val.bin``, ``test.bin`` and ``meta.json``.
         meta: the contents of ``meta.json``.
     """
 
@@ -100,7 +100,7 @@ class PreparedTokens:
         return np.dtype(self.meta["dtype"])
 
     def token_file(self, split: str) -> Path:
-        """The token file of ``split`` (``"train"`` or ``"val"``)."""
+        """The token file of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
         return self.tokens_dir / f"{split}.bin"
 
     def sources(self, split: str) -> tuple[str, ...]:
@@ -128,6 +128,7 @@ def prepare_tokens(
     val_fraction: float,
     seed: int,
     text_key: str = "text",
+    test_fraction: float = 0.0,
     build: bool,
 ) -> PreparedTokens:
     """Find (and with ``build``, create) the tokenizer and token files for this configuration,
@@ -143,6 +144,9 @@ def prepare_tokens(
         val_fraction: share of documents held out for validation.
         seed: seed of the split.
         text_key: field holding the text in ``.jsonl`` records.
+        test_fraction: share of documents held out for testing, carved from what would
+            otherwise be training documents (see :func:`split_documents_with_test`); 0 for
+            none, which gives exactly the train and validation splits of before.
         build: train the tokenizer and tokenize when not cached (rank 0); False only looks.
 
     Raises:
@@ -158,7 +162,10 @@ def prepare_tokens(
     else:
         documents = load_documents(sources, text_key=text_key)
     # The default corpus mixes sources; validation should hold some of each.
-    train_docs, val_docs = split_documents(documents, val_fraction, seed, stratify=sources is None)
+    train_docs, val_docs, test_docs = split_documents_with_test(
+        documents, val_fraction, test_fraction, seed, stratify=sources is None
+    )
+    # The tokenizer is trained on the training split only: it never sees a test document.
     tokenizer_file, tokenizer_sha = _tokenizer(
         train_docs, cache_dir, tokenizer_path, vocab_size, build
     )
@@ -170,8 +177,9 @@ def prepare_tokens(
                 _CACHE_VERSION,
                 fingerprint(train_docs),
                 fingerprint(val_docs),
+                fingerprint(test_docs),
                 tokenizer_sha,
-                source_fingerprint([*train_docs, *val_docs]),
+                source_fingerprint([*train_docs, *val_docs, *test_docs]),
             )
         )
     )
@@ -184,7 +192,8 @@ def prepare_tokens(
                 "writing them): rebuilding them",
                 tokens_dir,
             )
-        _write_tokens(tokens_dir, tokenizer_file, tokenizer_sha, train_docs, val_docs, vocab_size)
+        splits = {"train": train_docs, "val": val_docs, "test": test_docs}
+        _write_tokens(tokens_dir, tokenizer_file, tokenizer_sha, splits, vocab_size)
     if not meta_file.is_file():
         raise RuntimeError(
             f"{meta_file} does not exist: the token files for this corpus and tokenizer are not "
@@ -204,6 +213,7 @@ def find_tokenizer(
     val_fraction: float,
     seed: int,
     text_key: str = "text",
+    test_fraction: float = 0.0,
 ) -> Path:
     """The ``tokenizer.json`` that a run with these data settings used, found again without
     building anything (e.g. to decode a trained model's samples).
@@ -214,8 +224,8 @@ def find_tokenizer(
     key. Relative paths are taken from the current directory, as the run took them.
 
     Args:
-        sources, cache_dir, tokenizer_path, vocab_size, val_fraction, seed, text_key: the
-            run's data settings (as for :func:`prepare_tokens`).
+        sources, cache_dir, tokenizer_path, vocab_size, val_fraction, seed, text_key,
+        test_fraction: the run's data settings (as for :func:`prepare_tokens`).
 
     Raises:
         FileNotFoundError: the tokenizer, a text source or a corpus archive is not there
@@ -232,7 +242,9 @@ def find_tokenizer(
         documents = load_default_corpus(cache_dir, download=False)
     else:
         documents = load_documents(sources, text_key=text_key)
-    train_docs, _ = split_documents(documents, val_fraction, seed, stratify=sources is None)
+    train_docs, _, _ = split_documents_with_test(
+        documents, val_fraction, test_fraction, seed, stratify=sources is None
+    )
     tokenizer_file = tokenizer_cache_path(train_docs, vocab_size, cache_dir)
     if cached_tokenizer_record(tokenizer_file) is None:
         raise FileNotFoundError(
@@ -393,11 +405,10 @@ def _write_tokens(
     tokens_dir: Path,
     tokenizer_file: Path,
     tokenizer_sha: str,
-    train_docs: Sequence[Document],
-    val_docs: Sequence[Document],
+    splits: Mapping[str, Sequence[Document]],
     vocab_size: int,
 ) -> None:
-    """Tokenize both splits into ``train.bin`` / ``val.bin``, then write ``meta.json``.
+    """Tokenize each split (``SPLITS``) into ``<split>.bin``, then write ``meta.json``.
 
     Each file is written under a temporary name and renamed when complete, and ``meta.json``,
     which marks the folder as ready, comes last: an interrupted run leaves no file that looks
@@ -424,7 +435,8 @@ def _write_tokens(
         "tokenizer_sha256": tokenizer_sha,
         "tokenizer_vocab_size": actual_vocab,
     }
-    for split, docs in (("train", train_docs), ("val", val_docs)):
+    for split in SPLITS:
+        docs = splits[split]
         log.info("Tokenizing %d %s documents into %s", len(docs), split, tokens_dir)
         lengths, max_id, record = _encode_to_file(
             tokenizer, docs, separator, dtype, tokens_dir / f"{split}.bin"
@@ -439,9 +451,10 @@ def _write_tokens(
         meta[f"{split}_spans"] = [list(span) for span in spans]
     write_meta(tokens_dir / "meta.json", meta)
     log.info(
-        "Wrote %d train and %d validation tokens (%s) to %s",
+        "Wrote %d train, %d validation and %d test tokens (%s) to %s",
         meta["train_tokens"],
         meta["val_tokens"],
+        meta["test_tokens"],
         dtype.name,
         tokens_dir,
     )
