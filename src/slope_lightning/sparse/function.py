@@ -6,12 +6,13 @@ d_out; values gradient (dYᵀ X) at M_R. After Mozaffari et al., "SLoPe", arXiv 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from slope_lightning.sparse.backends import SparseBackend, SparseWeight
+from slope_lightning.sparse.backends import OperandCache, SparseBackend, SparseWeight
 from slope_lightning.sparse.layout import NMLayout
 
 
@@ -92,3 +93,25 @@ def sparse_linear(
     """Y = X W_Rᵀ + b for x (..., d_in), differentiable with SLoPe's double-pruned backward."""
     y: Tensor = _SparseLinearFunction.apply(x, values, bias, row_index, col_index, layout, backend)
     return y
+
+
+def sparse_linear_inference(
+    x: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    row_index: Tensor,
+    layout: NMLayout,
+    backend: SparseBackend,
+    operands: OperandCache,
+    key: Hashable,
+) -> Tensor:
+    """Y = X W_Rᵀ + b for x (..., d_in) without autograd, reusing the kernel-side operands in
+    ``operands`` while ``key`` (the parameters' storage and version, the compute dtype) holds."""
+    compute_dtype = compute_dtype_of(x)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, layout.cols).to(compute_dtype)  # (T, d_in)
+    b = bias.to(compute_dtype) if bias is not None else None
+    weight = SparseWeight(values, row_index, layout, compute_dtype, key=key)
+    with torch.autocast(x.device.type, enabled=False):
+        y2d = backend.forward(x2d, weight, b, operands)  # (T, d_out)
+    return y2d.reshape(*lead, layout.rows)
