@@ -1,15 +1,53 @@
-"""What the baselines' layers share: nn.Linear's parameters and initialisation, the N:M check of
-their size, and turning them back into plain ``nn.Linear`` layers."""
+"""What the baselines share: converting a model's layers through the one selection plan of
+``sparse/``, nn.Linear's parameters and initialisation, the N:M check of their size, and
+turning them back into plain ``nn.Linear`` layers."""
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
+from slope_lightning.sparse.layout import check_divisible
 from slope_lightning.sparse.masks import check_nm
+from slope_lightning.sparse.selection import (
+    LayerDecision,
+    LayerRules,
+    plan_layers,
+    replace_children,
+    swap_layers,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def convert_linears(
+    model: nn.Module, rules: LayerRules, build: Callable[[nn.Linear, str], nn.Module]
+) -> list[str]:
+    """Swap the ``nn.Linear`` layers that ``rules`` select (the plan of
+    :func:`~slope_lightning.sparse.selection.plan_layers`) for ``build(linear, name)``, in
+    place, logging why each other layer is left as it is.
+
+    Returns:
+        The qualified names of the converted layers.
+
+    Raises:
+        ValueError: ``model`` is itself a Linear, or an included layer cannot be converted.
+    """
+    plan = plan_layers(model, rules)
+    for decision in plan.layers:
+        if decision.decision != "convert":
+            logger.info("%s: left as it is (%s)", decision.name, decision.reason)
+
+    def make(decision: LayerDecision) -> nn.Module:
+        assert isinstance(decision.module, nn.Linear)  # rules.conv1d is False
+        return build(decision.module, decision.name)
+
+    return swap_layers(model, plan, make)
 
 
 class ToLinear(Protocol):
@@ -26,14 +64,12 @@ def replace_with_linear(model: nn.Module, layer_type: type[nn.Module]) -> list[s
     Returns:
         The qualified names of the replaced layers.
     """
-    replaced: list[str] = []
-    for parent_name, parent in list(model.named_modules()):
-        for attr, child in list(parent.named_children()):
-            if isinstance(child, layer_type):
-                layer: ToLinear = child  # type: ignore[assignment]
-                setattr(parent, attr, layer.to_linear())
-                replaced.append(f"{parent_name}.{attr}" if parent_name else attr)
-    return replaced
+
+    def to_linear(layer: nn.Module) -> nn.Module:
+        convertible: ToLinear = layer  # type: ignore[assignment]
+        return convertible.to_linear()
+
+    return replace_children(model, layer_type, to_linear)
 
 
 @torch.no_grad()
@@ -55,11 +91,8 @@ def check_layer_pattern(name: str, in_features: int, n: int, m: int) -> None:
         check_nm(n, m)
     except ValueError as error:
         raise ValueError(f"layer {name!r}: {error}") from None
-    if in_features % m:
-        raise ValueError(
-            f"layer {name!r}: in_features (d_in)={in_features} is not divisible by m={m}; "
-            "exclude this layer or choose an m that divides it"
-        )
+    fix = "exclude this layer or choose an m that divides it"
+    check_divisible(name, {"in_features (d_in)": in_features}, m, f"m={m}", fix)
 
 
 def register_linear_parameters(

@@ -36,14 +36,15 @@ from torch import Tensor, nn
 
 from slope_lightning.baselines.layers import (
     check_layer_pattern,
+    convert_linears,
     init_like_linear,
     linear_holding,
     register_linear_parameters,
     replace_with_linear,
 )
 from slope_lightning.sparse.function import compute_dtype_of
-from slope_lightning.sparse.masks import check_nm, nm_positions, positions_to_mask
-from slope_lightning.sparse.sparsify import DEFAULT_EXCLUDE, linear_candidates
+from slope_lightning.sparse.masks import nm_positions, positions_to_mask
+from slope_lightning.sparse.selection import LayerRules
 
 logger = logging.getLogger(__name__)
 
@@ -242,14 +243,14 @@ def srste_sparsify(
     m: int = 4,
     decay: float = DEFAULT_DECAY,
     include: Sequence[str] | None = None,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    exclude: Sequence[str] | None = None,
 ) -> list[str]:
     """Replace ``model``'s nn.Linear layers by :class:`SRSTELinear` layers, in place.
 
-    Selects layers as :func:`slope_lightning.sparse.sparsify` does (the shared
-    ``linear_candidates`` rules): LM heads and embeddings stay dense by default, tied weights,
-    non-float weights and layers whose sizes are not multiples of ``m`` are left dense. The
-    new layers share the old ones' Parameters.
+    Selects layers as :func:`slope_lightning.sparse.sparsify` does (the one plan of
+    :func:`~slope_lightning.sparse.selection.plan_layers`, nn.Linear layers only): LM heads
+    and embeddings stay dense by default, tied weights, non-float weights and layers whose
+    sizes are not multiples of ``m`` are left dense. The new layers share the old ones' Parameters.
 
     Args:
         model: any module whose Linear children are swapped.
@@ -257,7 +258,8 @@ def srste_sparsify(
         decay: λ of the sparse-refined term (see :class:`SRSTELinear`).
         include: fnmatch patterns on qualified layer names; if given, only matching layers
             are considered, and a matching layer that cannot be converted is an error.
-        exclude: patterns of layers left dense (default: LM heads and embeddings).
+        exclude: patterns of layers left dense (None: LM heads and embeddings,
+            :data:`~slope_lightning.sparse.DEFAULT_EXCLUDE`).
 
     Returns:
         The qualified names of the converted layers.
@@ -271,22 +273,19 @@ def srste_sparsify(
         >>> srste_sparsify(model)
         ['0', '2']
     """
-    check_nm(n, m)
-    if isinstance(model, nn.Linear):
-        raise ValueError(
-            "srste_sparsify() swaps layers inside a model; for a single layer use "
-            "SRSTELinear.from_linear(linear)"
-        )
-    converted: list[str] = []
-    for name, parent, attr, child, reason in linear_candidates(
-        model, include, exclude, m, f"made SR-STE {n}:{m}", f"m={m}"
-    ):
-        if reason is not None:
-            logger.info("%s: left as it is (%s)", name, reason)
-            continue
-        assert isinstance(child, nn.Linear)  # a SparseLinear child always has a reason
-        setattr(parent, attr, SRSTELinear.from_linear(child, n, m, decay, name=name))
-        converted.append(name)
+    rules = LayerRules(
+        n=n,
+        m=m,
+        include=include,
+        exclude=exclude,
+        conv1d=False,
+        method="srste_sparsify",
+        action="made SR-STE",
+        single_layer="SRSTELinear.from_linear(linear)",
+    )
+    converted = convert_linears(
+        model, rules, lambda linear, name: SRSTELinear.from_linear(linear, n, m, decay, name=name)
+    )
     logger.info(
         "srste_sparsify: %d layers converted (%d:%d, decay=%g)", len(converted), n, m, decay
     )

@@ -43,12 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slope_lightning.baselines.layers import (
+    convert_linears,
     init_like_linear,
     linear_holding,
     register_linear_parameters,
     replace_with_linear,
 )
-from slope_lightning.sparse.backends import OperandCache
+from slope_lightning.sparse.backends import BackendName, OperandCache
 from slope_lightning.sparse.backends.ops import (
     SemiStructuredOps,
     apply_tile_mask,
@@ -56,12 +57,38 @@ from slope_lightning.sparse.backends.ops import (
     tile_prune,
 )
 from slope_lightning.sparse.function import compute_dtype_of
-from slope_lightning.sparse.sparsify import DEFAULT_EXCLUDE, linear_candidates
+from slope_lightning.sparse.layout import check_divisible
+from slope_lightning.sparse.selection import LayerRules
 
 logger = logging.getLogger(__name__)
 
+#: The backends of :data:`~slope_lightning.sparse.BackendName` this baseline runs on.
+TRANSPOSABLE_BACKENDS: tuple[BackendName, ...] = (
+    BackendName.reference,
+    BackendName.cutlass,
+    BackendName.cusparselt,
+    BackendName.auto,
+)
+# compat: remove once the callbacks use the plan (method_callbacks.TransposableSparse)
+BACKENDS = tuple(b.value for b in TRANSPOSABLE_BACKENDS)
 TransposableBackend = Literal["reference", "cutlass", "cusparselt", "auto"]
-BACKENDS: tuple[str, ...] = ("reference", "cutlass", "cusparselt", "auto")
+
+
+def transposable_backend(value: str | BackendName, where: str = "") -> str:
+    """The name of ``value`` if this baseline runs on it, else a ValueError naming the allowed
+    ones (``where`` prefixes the message, e.g. the layer)."""
+    try:
+        backend: BackendName | None = BackendName.parse(value)
+    except ValueError:
+        backend = None
+    if backend not in TRANSPOSABLE_BACKENDS:
+        raise ValueError(
+            f"{where}unknown backend {value!r} for the transposable baseline; choose one of "
+            f"{', '.join(b.value for b in TRANSPOSABLE_BACKENDS)}"
+        )
+    assert backend is not None
+    return backend.value
+
 
 #: Tiles scored per chunk in :func:`transposable_mask` (bounds its (tiles, 90) score matrix).
 _TILES_PER_CHUNK = 1 << 16
@@ -323,29 +350,19 @@ class TransposableSparseLinear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        backend: TransposableBackend = "auto",
+        backend: str | BackendName = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         name: str = "TransposableSparseLinear",
     ) -> None:
         super().__init__()
         self.name = name
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"layer {name!r}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
-            )
-        for label, size in (
-            ("in_features (d_in)", in_features),
-            ("out_features (d_out)", out_features),
-        ):
-            if size % 4:
-                raise ValueError(
-                    f"layer {name!r}: {label}={size} is not divisible by 4; a transposable "
-                    "2:4 mask needs whole 4×4 tiles (exclude this layer)"
-                )
+        self.backend = transposable_backend(backend, f"layer {name!r}: ")
+        sizes = {"in_features (d_in)": in_features, "out_features (d_out)": out_features}
+        fix = "a transposable 2:4 mask needs whole 4×4 tiles (exclude this layer)"
+        check_divisible(name, sizes, 4, "4", fix)
         self.in_features = in_features
         self.out_features = out_features
-        self.backend = backend
         register_linear_parameters(self, in_features, out_features, bias, device, dtype)
         self.reset_parameters()
         self._operands = OperandCache()  # mask or compressed W_s / W_sᵀ, per weight version
@@ -359,7 +376,7 @@ class TransposableSparseLinear(nn.Module):
     def from_linear(
         cls,
         linear: nn.Linear,
-        backend: TransposableBackend = "auto",
+        backend: str | BackendName = "auto",
         name: str = "TransposableSparseLinear",
     ) -> TransposableSparseLinear:
         """Wrap ``linear``'s own weight and bias Parameters (shared, not copied).
@@ -530,21 +547,24 @@ class TransposableSparseLinear(nn.Module):
 def transposable_sparsify(
     model: nn.Module,
     include: Sequence[str] | None = None,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
-    backend: TransposableBackend = "auto",
+    exclude: Sequence[str] | None = None,
+    backend: str | BackendName = "auto",
 ) -> list[str]:
     """Replace ``model``'s nn.Linear layers by TransposableSparseLinear layers, in place.
 
-    Selects layers as :func:`slope_lightning.sparse.sparsify` does: LM heads and embeddings
-    stay dense by default, tied weights and layers whose sizes are not multiples of 4 are
-    left dense, and SLoPe SparseLinear layers are left alone.
+    Selects layers as :func:`slope_lightning.sparse.sparsify` does (the one plan of
+    :func:`~slope_lightning.sparse.selection.plan_layers`, nn.Linear layers only, 2:4): LM
+    heads and embeddings stay dense by default, tied weights and layers whose sizes are not
+    multiples of 4 are left dense, and SLoPe SparseLinear layers are left alone.
 
     Args:
         model: any module whose Linear children are swapped.
         include: fnmatch patterns on qualified layer names; if given, only matching layers
             are considered, and a matching layer that cannot be converted is an error.
-        exclude: patterns of layers left dense (default: LM heads and embeddings).
-        backend: the backend of every converted layer (see :class:`TransposableSparseLinear`).
+        exclude: patterns of layers left dense (None: LM heads and embeddings,
+            :data:`~slope_lightning.sparse.DEFAULT_EXCLUDE`).
+        backend: the backend of every converted layer, one of :data:`TRANSPOSABLE_BACKENDS`
+            (see :class:`TransposableSparseLinear`).
 
     Returns:
         The qualified names of the converted layers.
@@ -553,24 +573,23 @@ def transposable_sparsify(
         ValueError: unknown backend, ``model`` is itself a Linear, or an included layer cannot
             be converted.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if isinstance(model, nn.Linear):
-        raise ValueError(
-            "transposable_sparsify() swaps layers inside a model; for a single layer use "
-            "TransposableSparseLinear.from_linear(linear)"
-        )
-    converted: list[str] = []
-    for name, parent, attr, child, reason in linear_candidates(
-        model, include, exclude, 4, "made transposable 2:4"
-    ):
-        if reason is not None:
-            logger.info("%s: left as it is (%s)", name, reason)
-            continue
-        assert isinstance(child, nn.Linear)  # a SparseLinear child always has a reason
-        setattr(parent, attr, TransposableSparseLinear.from_linear(child, backend, name=name))
-        converted.append(name)
-    logger.info("transposable_sparsify: %d layers converted (backend=%s)", len(converted), backend)
+    name = transposable_backend(backend)
+    rules = LayerRules(
+        n=2,
+        m=4,
+        include=include,
+        exclude=exclude,
+        conv1d=False,
+        method="transposable_sparsify",
+        action="made transposable",
+        single_layer="TransposableSparseLinear.from_linear(linear)",
+    )
+    converted = convert_linears(
+        model,
+        rules,
+        lambda linear, layer: TransposableSparseLinear.from_linear(linear, name, name=layer),
+    )
+    logger.info("transposable_sparsify: %d layers converted (backend=%s)", len(converted), name)
     return converted
 
 
