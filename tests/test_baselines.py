@@ -263,7 +263,8 @@ def test_wanda_uses_input_norms_where_magnitude_does_not(generator: torch.Genera
     norms = torch.ones(16, dtype=torch.float64)
     norms[0::4] = 1e6  # ... whose inputs are huge
     scores = wanda_scores(weight, norms)
-    torch.testing.assert_close(scores, weight.abs() * norms)
+    assert scores.dtype == torch.float32  # the one Wanda rule: scores in float32
+    torch.testing.assert_close(scores, (weight.abs() * norms).float())
     magnitude = nn.Sequential(nn.Linear(16, 12, dtype=torch.float64))
     wanda = nn.Sequential(nn.Linear(16, 12, dtype=torch.float64))
     for model in (magnitude, wanda):
@@ -311,8 +312,11 @@ def test_calibration_swaps_back_on_error() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         wanda_input_norms(model, [torch.randn(2, 8)], forward=failing)
     assert type(model[0]) is nn.Linear
-    with pytest.raises(ValueError, match="saw no calibration token"):
+    with pytest.raises(ValueError, match="no calibration batch"):
         wanda_input_norms(model, [])
+    with pytest.raises(ValueError, match="'1' saw no calibration token"):
+        two = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        wanda_input_norms(two, [torch.randn(2, 8)], forward=lambda model, x: model[0](x))
 
 
 def test_oneshot_errors() -> None:

@@ -225,4 +225,4 @@ def config_from_call(
         value = settings.get(name)
         if isinstance(value, Sequence) and not isinstance(value, str):
             settings[name] = list(value)
-    return SparsityConfig(n=first, **settings), instance
+    return SparsityConfig(n=first, **cast(dict[str, Any], settings)), instance

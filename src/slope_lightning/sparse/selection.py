@@ -419,10 +419,10 @@ def _decide(
     if not (isinstance(child, nn.Linear) or (conv1d and rules.conv1d)):
         kind = "transformers Conv1D" if conv1d else type(child).__name__
         also = " or transformers Conv1D" if rules.conv1d else ""
-        problem = f"{kind} is not an nn.Linear{also}; it cannot be {rules.action}"
+        wrong_kind = f"{kind} is not an nn.Linear{also}; it cannot be {rules.what}"
         if rules.conv1d:  # a conversion of nn.Linear only leaves other kinds to others
-            _refuse_included(name, included_by, rules, problem)
-        return keep(problem)
+            _refuse_included(name, included_by, rules, wrong_kind)
+        return keep(wrong_kind)
     problem = _weight_problem(name, parent, attr, child, d_out, d_in, context)
     if problem is not None:
         _refuse_included(name, included_by, rules, problem)
