@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slope_lightning.baselines.layers import (
+    DenseWeightLinear,
     check_layer_pattern,
     convert_linears,
-    init_like_linear,
     linear_holding,
-    register_linear_parameters,
     replace_with_linear,
 )
 from slope_lightning.sparse.calibration import collect_input_norms, wanda_scores
@@ -47,7 +46,7 @@ METHODS: tuple[str, ...] = ONESHOT_METHODS
 OneShotMethod = Literal["magnitude", "wanda"]
 
 
-class FixedMaskLinear(nn.Module):
+class FixedMaskLinear(DenseWeightLinear):
     """A linear layer pruned N:M once, with its mask fixed: Y = X (W ⊙ M)ᵀ + b.
 
     ``weight`` is a dense Parameter whose pruned entries were set to zero; ``positions``
@@ -71,9 +70,6 @@ class FixedMaskLinear(nn.Module):
         64
     """
 
-    weight: nn.Parameter
-    bias: nn.Parameter | None
-
     positions: Tensor
 
     def __init__(
@@ -88,14 +84,10 @@ class FixedMaskLinear(nn.Module):
         dtype: torch.dtype | None = None,
         name: str = "FixedMaskLinear",
     ) -> None:
-        super().__init__()
-        self.name = name
         check_layer_pattern(name, in_features, n, m)
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, bias, device, dtype, name)
         self.n = n
         self.m = m
-        register_linear_parameters(self, in_features, out_features, bias, device, dtype)
         # kept offsets of every group: chosen by prune_ (reset_parameters, from_linear)
         self.register_buffer(
             "positions",
@@ -105,7 +97,7 @@ class FixedMaskLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation, then magnitude pruning of it."""
-        init_like_linear(self.weight, self.bias)
+        super().reset_parameters()
         if self.weight.device.type != "meta":
             self.prune_()
 
@@ -128,22 +120,8 @@ class FixedMaskLinear(nn.Module):
             TypeError: ``linear`` is not an nn.Linear.
             ValueError: ``scores`` does not have the weight's shape.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"FixedMaskLinear.from_linear needs an nn.Linear, got {type(linear)}")
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            n=n,
-            m=m,
-            device="meta",
-            dtype=linear.weight.dtype,
-            name=name,
-        )
-        layer.weight = cast(nn.Parameter, linear.weight)  # nn.Linear's Parameters, shared
-        layer.bias = cast("nn.Parameter | None", linear.bias)
+        layer = cls.wrapping(linear, n=n, m=m, name=name)
         layer.prune_(scores)  # replaces the meta positions
-        layer.train(linear.training)
         return layer
 
     @torch.no_grad()
@@ -175,19 +153,12 @@ class FixedMaskLinear(nn.Module):
         return linear
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"layer {self.name!r}: input has {x.shape[-1]} features, "
-                f"expected {self.in_features}"
-            )
+        self.check_input(x)
         # autograd of W ⊙ M gives dW = (dYᵀX) ⊙ M and dX = dY (W ⊙ M)
         return F.linear(x, self.weight * self.mask(), self.bias)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, n={self.n}, m={self.m}"
-        )
+        return f"{super().extra_repr()}, n={self.n}, m={self.m}"
 
 
 def _rules(

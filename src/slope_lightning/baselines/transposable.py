@@ -35,19 +35,19 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
-from functools import cache
-from typing import Any, Literal, cast
+from functools import cache, partial
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slope_lightning.baselines.layers import (
+    DenseWeightLinear,
     convert_linears,
-    init_like_linear,
     linear_holding,
-    register_linear_parameters,
     replace_with_linear,
+    straight_through_linear,
 )
 from slope_lightning.sparse.backends import BackendName, OperandCache
 from slope_lightning.sparse.backends.ops import (
@@ -236,7 +236,7 @@ def _build_operands(backend: str, weight: Tensor, compute_dtype: torch.dtype) ->
 
 def _sparse_mm(
     backend: str, operands: tuple[Tensor, ...], dense: Tensor, rows: int, transposed: bool
-) -> Tensor:
+) -> Tensor:  # a SparseMatmul once the backend is bound
     """dense @ W_sᵀ (``transposed=False``) or dense @ W_s (``transposed=True``), 2-D.
 
     The sparse operand A is the packed W_s (d_out, d_in) or W_sᵀ (d_in, d_out), with ``rows``
@@ -253,70 +253,10 @@ def _sparse_mm(
     return _ops(backend).matmul(operand, padded, rows)[:tokens]  # (T, rows)
 
 
-class _TransposableLinearFunction(torch.autograd.Function):
-    """Y = X W_sᵀ + b; dX = dY W_s (the same transposable W_s); dW = dYᵀ X dense (STE)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        backend: str,
-        operands: tuple[Tensor, ...],
-    ) -> Tensor:
-        d_out, d_in = weight.shape
-        compute_dtype = compute_dtype_of(x)
-        lead = x.shape[:-1]
-        x2d = x.reshape(-1, d_in).to(compute_dtype)  # (T, d_in)
-        with torch.autocast(x.device.type, enabled=False):
-            if backend == "reference":
-                w_s = weight.to(compute_dtype) * operands[0]  # (d_out, d_in), transient
-                y2d = x2d @ w_s.t()  # (T, d_out)
-            else:
-                y2d = _sparse_mm(backend, operands, x2d, d_out, transposed=False)  # (T, d_out)
-            if bias is not None:
-                y2d = y2d + bias.to(compute_dtype)
-        # The W_s of this forward (mask or compressed operands) is saved like an activation:
-        # it lives until the backward and counts in the step's peak memory.
-        ctx.save_for_backward(x2d, weight, *operands)
-        ctx.backend = backend
-        ctx.compute_dtype = compute_dtype
-        ctx.x_dtype = x.dtype
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y2d.reshape(*lead, d_out)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x2d, weight, *operands = ctx.saved_tensors
-        d_out = weight.shape[0]
-        dy = grad_out.reshape(-1, d_out).to(ctx.compute_dtype)  # (T, d_out)
-        grad_x = grad_weight = grad_bias = None
-        with torch.autocast(dy.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                if ctx.backend == "reference":
-                    w_s = weight.to(ctx.compute_dtype) * operands[0]  # (d_out, d_in)
-                    grad_x = dy @ w_s  # (T, d_in)
-                else:
-                    d_in = weight.shape[1]
-                    grad_x = _sparse_mm(ctx.backend, tuple(operands), dy, d_in, transposed=True)
-                grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
-            if ctx.needs_input_grad[1]:
-                # Dense and straight through to the master weight: pruned entries get their
-                # gradient too, so they can grow back into the mask.
-                grad_weight = (dy.t() @ x2d).to(weight.dtype)  # (d_out, d_in)
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = dy.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias, None, None
-
-
 # ---------------------------------------------------------------------------- the layer
 
 
-class TransposableSparseLinear(nn.Module):
+class TransposableSparseLinear(DenseWeightLinear):
     """A drop-in nn.Linear trained with a dynamic transposable 2:4 weight (the FST baseline).
 
     Holds a dense master ``weight`` (d_out, d_in) Parameter. Every forward uses
@@ -341,9 +281,6 @@ class TransposableSparseLinear(nn.Module):
         torch.Size([8, 32])
     """
 
-    weight: nn.Parameter
-    bias: nn.Parameter | None
-
     def __init__(
         self,
         in_features: int,
@@ -355,22 +292,15 @@ class TransposableSparseLinear(nn.Module):
         dtype: torch.dtype | None = None,
         name: str = "TransposableSparseLinear",
     ) -> None:
-        super().__init__()
-        self.name = name
-        self.backend = transposable_backend(backend, f"layer {name!r}: ")
+        chosen = transposable_backend(backend, f"layer {name!r}: ")
         sizes = {"in_features (d_in)": in_features, "out_features (d_out)": out_features}
         fix = "a transposable 2:4 mask needs whole 4×4 tiles (exclude this layer)"
         check_divisible(name, sizes, 4, "4", fix)
-        self.in_features = in_features
-        self.out_features = out_features
-        register_linear_parameters(self, in_features, out_features, bias, device, dtype)
+        super().__init__(in_features, out_features, bias, device, dtype, name)
+        self.backend = chosen
         self.reset_parameters()
         self._operands = OperandCache()  # mask or compressed W_s / W_sᵀ, per weight version
         self._chosen: dict[tuple[torch.device, torch.dtype], str] = {}
-
-    def reset_parameters(self) -> None:
-        """nn.Linear's initialisation (kaiming_uniform_(a=sqrt(5)) and a uniform bias)."""
-        init_like_linear(self.weight, self.bias)
 
     @classmethod
     def from_linear(
@@ -383,19 +313,7 @@ class TransposableSparseLinear(nn.Module):
 
         Sharing keeps an optimizer that already holds them valid and costs no memory.
         """
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            backend=backend,
-            device="meta",  # placeholders, replaced by linear's parameters below
-            dtype=linear.weight.dtype,
-            name=name,
-        )
-        layer.weight = cast(nn.Parameter, linear.weight)  # nn.Linear's Parameters, shared
-        layer.bias = cast("nn.Parameter | None", linear.bias)
-        layer.train(linear.training)
-        return layer
+        return cls.wrapping(linear, backend=backend, name=name)
 
     # ------------------------------------------------------------------ backends and cache
 
@@ -514,11 +432,7 @@ class TransposableSparseLinear(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"layer {self.name!r}: input has {x.shape[-1]} features, "
-                f"expected {self.in_features}"
-            )
+        self.check_input(x)
         compute_dtype = compute_dtype_of(x)
         backend = self.backend_for(x.device, compute_dtype)
         if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
@@ -532,13 +446,11 @@ class TransposableSparseLinear(nn.Module):
             )
         else:
             operands = self._current_operands(backend, compute_dtype)
-        return _TransposableLinearFunction.apply(x, self.weight, self.bias, backend, operands)
+        sparse_mm = None if backend == "reference" else partial(_sparse_mm, backend)
+        return straight_through_linear(x, self.weight, self.bias, operands, sparse_mm)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, backend={self.backend!r}"
-        )
+        return f"{super().extra_repr()}, backend={self.backend!r}"
 
 
 # ---------------------------------------------------------------------------- the model
