@@ -173,16 +173,8 @@ class SparseLinear(nn.Module):
                 "convolutions and other layers are not supported (sparsify() lists every "
                 "layer it skipped and why)"
             )
-        return cls._wrap(
-            linear,
-            n,
-            m,
-            backend=backend,
-            transpose_mask_interval=transpose_mask_interval,
-            mask_method=mask_method,
-            generator=generator,
-            name=name,
-        )
+        settings = (backend, transpose_mask_interval, mask_method, generator, name)
+        return cls._wrap(linear, n, m, *settings)
 
     @classmethod
     def from_conv1d(
@@ -214,25 +206,31 @@ class SparseLinear(nn.Module):
                 f"of shape (d_in, nf)), got {type(conv1d).__name__}; for an nn.Linear use "
                 "SparseLinear.from_linear"
             )
-        return cls._wrap(
-            conv1d,
-            n,
-            m,
-            backend=backend,
-            transpose_mask_interval=transpose_mask_interval,
-            mask_method=mask_method,
-            generator=generator,
-            name=name,
-        )
+        settings = (backend, transpose_mask_interval, mask_method, generator, name)
+        return cls._wrap(conv1d, n, m, *settings)
 
     @classmethod
-    def _wrap(cls, dense: nn.Module, n: int, m: int, **settings: Any) -> SparseLinear:
+    def _wrap(cls, dense: nn.Module, n: int, m: int, *settings: Any) -> SparseLinear:
         """A layer of the pruned weight and the bias of ``dense`` (an nn.Linear or a Conv1D,
-        whose layout it remembers)."""
+        whose layout it remembers); ``settings`` are :meth:`from_linear`'s (backend,
+        transpose_mask_interval, mask_method, generator, name)."""
+        backend, interval, method, generator, name = settings
         weight = dense_weight(dense)  # (d_out, d_in); a view of a Conv1D's (d_in, d_out)
         bias = getattr(dense, "bias", None)
         d_out, d_in = weight.shape
-        layer = cls(d_in, d_out, bias=isinstance(bias, Tensor), n=n, m=m, weight=weight, **settings)
+        layer = cls(
+            d_in,
+            d_out,
+            bias=isinstance(bias, Tensor),
+            n=n,
+            m=m,
+            backend=backend,
+            transpose_mask_interval=interval,
+            weight=weight,
+            mask_method=method,
+            generator=generator,
+            name=name,
+        )
         if isinstance(bias, Tensor) and layer.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(bias)

@@ -25,22 +25,10 @@ from slope_lightning.sparse.conv1d import is_conv1d
 from slope_lightning.sparse.linear import SparseLinear
 from slope_lightning.sparse.masks import MaskMethod
 
-# Re-exported: this module was their home before operations.py and selection.py.
-from slope_lightning.sparse.operations import (  # noqa: F401
-    add_adapters,
-    backend_report,
-    densify,
-    follow_optimizer,
-    load_dense_state_dict,
-    merge_for_inference,
-    prune_dense_state_dict,
-    sparse_layers,
-    unmerge,
-    use_decision_store,
-)
-from slope_lightning.sparse.selection import (  # noqa: F401
+# Re-exported for the modules that import them from here (hf.py, cli.py).
+from slope_lightning.sparse.operations import sparse_layers  # noqa: F401
+from slope_lightning.sparse.selection import (  # noqa: F401  (NothingSparsifiedError: cli.py)
     DEFAULT_EXCLUDE,
-    LayerDecision,
     LayerRules,
     NothingSparsifiedError,
     SparsifyReport,
@@ -213,6 +201,7 @@ def linear_like_candidates(  # compat: remove once the callbacks use the plan
     multiple: int,
     what: str,
     multiple_name: str = "",
+    *,
     transposed: bool = False,
     linear_only: bool = False,
 ) -> Iterator[_Candidate]:
@@ -243,19 +232,12 @@ def linear_like_candidates(  # compat: remove once the callbacks use the plan
 
 
 def linear_candidates(  # compat: remove once the callbacks use the plan
-    model: nn.Module,
-    include: Sequence[str] | None,
-    exclude: Sequence[str],
-    multiple: int,
-    what: str,
-    multiple_name: str = "",
+    *args: Any,
 ) -> Iterator[tuple[str, nn.Module, str, nn.Module, str | None]]:
-    """:func:`linear_like_candidates` of nn.Linear and SparseLinear children, as (name, parent,
-    attr, module, reason). Only for ``method_callbacks``; new code calls :func:`plan_layers`.
-    """
-    for found in linear_like_candidates(
-        model, include, exclude, multiple, what, multiple_name, linear_only=True
-    ):
+    """:func:`linear_like_candidates` (same arguments) of nn.Linear and SparseLinear children,
+    as (name, parent, attr, module, reason). Only for ``method_callbacks``; new code calls
+    :func:`plan_layers`."""
+    for found in linear_like_candidates(*args, linear_only=True):
         yield found.name, found.parent, found.attr, found.module, found.reason
 
 
