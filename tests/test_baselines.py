@@ -31,6 +31,7 @@ from slope_lightning.baselines import (
     wanda_input_norms,
     wanda_scores,
 )
+from slope_lightning.baselines.layers import straight_through_linear
 from slope_lightning.models import Transformer, TransformerConfig
 
 SHAPES = [(2, 8), (13, 16), (67, 36)]  # (d_out, d_in)
@@ -263,7 +264,8 @@ def test_wanda_uses_input_norms_where_magnitude_does_not(generator: torch.Genera
     norms = torch.ones(16, dtype=torch.float64)
     norms[0::4] = 1e6  # ... whose inputs are huge
     scores = wanda_scores(weight, norms)
-    torch.testing.assert_close(scores, weight.abs() * norms)
+    assert scores.dtype == torch.float32  # the one Wanda rule: scores in float32
+    torch.testing.assert_close(scores, (weight.abs() * norms).float())
     magnitude = nn.Sequential(nn.Linear(16, 12, dtype=torch.float64))
     wanda = nn.Sequential(nn.Linear(16, 12, dtype=torch.float64))
     for model in (magnitude, wanda):
@@ -311,8 +313,11 @@ def test_calibration_swaps_back_on_error() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         wanda_input_norms(model, [torch.randn(2, 8)], forward=failing)
     assert type(model[0]) is nn.Linear
-    with pytest.raises(ValueError, match="saw no calibration token"):
+    with pytest.raises(ValueError, match="no calibration batch"):
         wanda_input_norms(model, [])
+    with pytest.raises(ValueError, match="'1' saw no calibration token"):
+        two = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        wanda_input_norms(two, [torch.randn(2, 8)], forward=lambda model, x: model[0](x))
 
 
 def test_oneshot_errors() -> None:
@@ -324,3 +329,29 @@ def test_oneshot_errors() -> None:
         FixedMaskLinear(8, 4).prune_(torch.ones(4, 4))
     with pytest.raises(ValueError, match="one norm per input feature"):
         wanda_scores(torch.ones(4, 8), torch.ones(4))
+
+
+def test_the_straight_through_function_runs_a_backend_matmul_for_both_gemms() -> None:
+    """The GPU path of the shared autograd Function (transposable's cuSPARSELt/CUTLASS), run
+    on CPU with a stand-in matmul: the same outputs and gradients as the mask path."""
+    torch.manual_seed(0)
+    weight = torch.randn(8, 12, requires_grad=True)
+    bias = torch.randn(8, requires_grad=True)
+    mask = torch.rand(8, 12) > 0.5
+    x = torch.randn(2, 3, 12, requires_grad=True)
+    calls: list[tuple[int, bool]] = []
+
+    def stand_in(operands: tuple[torch.Tensor, ...], dense: torch.Tensor, rows: int, t: bool):
+        calls.append((rows, t))
+        w_s = weight.detach() * operands[0]  # (d_out, d_in)
+        return dense @ (w_s if t else w_s.t())
+
+    outputs = []
+    for sparse_mm in (None, stand_in):
+        y = straight_through_linear(x, weight, bias, (mask,), sparse_mm)
+        y.square().sum().backward()
+        outputs.append((y.detach(), x.grad, weight.grad, bias.grad))
+        x.grad = weight.grad = bias.grad = None
+    assert calls == [(8, False), (12, True)]  # Y = X W_sᵀ (d_out rows), dX = dY W_s (d_in)
+    for reference, backend in zip(*outputs, strict=True):
+        torch.testing.assert_close(backend, reference)

@@ -68,7 +68,8 @@ def test_sparsity_config_round_trips_through_plain_values():
         ({"exclude": ["lm_head", 3]}, "sparsity.exclude must hold pattern strings only"),
         ({"max_aspect_ratio": 0.5}, "sparsity.max_aspect_ratio must be a number >= 1"),
         ({"transpose_mask_interval": 0}, "transpose_mask_interval must be a positive number"),
-        ({"mask_method": "wanda"}, r"mask_method must be one of \('magnitude', 'random'\)"),
+        ({"mask_method": "wanda"}, r"mask_method='wanda' needs calibration.*calibrate_and_"),
+        ({"mask_method": "best"}, r"mask_method must be one of \('magnitude', 'random', 'wanda'\)"),
         ({"sparse": "yes"}, "sparsity.sparse must be true or false"),
     ],
 )

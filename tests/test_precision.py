@@ -22,6 +22,7 @@ from slope_lightning.data import TextDataModule
 from slope_lightning.module import OptimizerConfig, SLoPeModule, SparsityConfig
 from slope_lightning.sparse import sparse_layers
 from slope_lightning.sparse.backends.ops import EmulatedOps
+from slope_lightning.sparse.state import check_index
 
 # d 64, KV 32, MLP 192: every operand a multiple of 16 rows and 64 columns, as the emulated
 # cuSPARSELt backend checks.
@@ -188,4 +189,4 @@ def test_bf16_true_trains_the_sparse_values_in_bf16(corpus, tmp_path):
     for _, layer in sparse_layers(module):
         assert layer.values.dtype == torch.bfloat16
         assert layer.row_index.dtype == layer.col_index.dtype == torch.uint8  # masks untouched
-        layer._check_index(layer.col_index, layer.layout.transposed(), "col_index")
+        check_index(layer.col_index, layer.layout.transposed(), "col_index", layer.name)

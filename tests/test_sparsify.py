@@ -10,13 +10,10 @@ from torch import nn
 
 from slope_lightning import densify, sparsify
 from slope_lightning.sparse import SparseLinear, sparse_layers
+from slope_lightning.sparse.conv1d import is_conv1d
 from slope_lightning.sparse.masks import _select_sorted, nm_positions
-from slope_lightning.sparse.sparsify import (
-    is_conv1d,
-    linear_candidates,
-    load_dense_state_dict,
-    prune_dense_state_dict,
-)
+from slope_lightning.sparse.operations import load_dense_state_dict, prune_dense_state_dict
+from slope_lightning.sparse.selection import LayerRules, plan_layers
 
 
 class TinyLM(nn.Module):
@@ -269,12 +266,16 @@ def test_a_multihead_attention_model_still_runs_after_sparsify():
     layer(torch.randn(2, 3, 32)).sum().backward()
 
 
-def test_linear_candidates_yields_only_linear_layers_to_the_baselines():
+def test_a_plan_of_nn_linear_only_lists_other_kinds_without_an_include_error():
     model = nn.ModuleDict({"conv": Conv1D(8, 8), "up": nn.Linear(8, 8), "fancy": FancyLinear(8, 8)})
-    names = [name for name, *_ in linear_candidates(model, None, (), 4, "made sparse")]
-    assert names == ["up"]
-    names = [name for name, *_ in linear_candidates(model, ["*"], (), 4, "made sparse")]
-    assert names == ["up"]  # the others are not the baselines' business: no include error
+    for include in (None, ["*"]):  # the others are not the baselines' business
+        plan = plan_layers(model, LayerRules(include=include, exclude=[], conv1d=False))
+        assert [d.name for d in plan.planned] == ["up"]
+        assert {d.name: d.decision for d in plan.layers} == {
+            "conv": "keep",
+            "up": "convert",
+            "fancy": "keep",
+        }
 
 
 # ---------------------------------------------------------------------- the weight contract

@@ -15,7 +15,6 @@ from slope_lightning.baselines.oneshot import (
     oneshot_finalize,
     oneshot_prune,
     wanda_input_norms,
-    wanda_scores,
 )
 from slope_lightning.baselines.srste import (
     SRSTELinear,
@@ -24,13 +23,18 @@ from slope_lightning.baselines.srste import (
     srste_sparsify,
 )
 from slope_lightning.baselines.transposable import (
+    TRANSPOSABLE_BACKENDS,
     TransposableSparseLinear,
     transposable_finalize,
     transposable_mask,
     transposable_sparsify,
 )
 
+# The one Wanda score of the library, re-exported for the one-shot baseline's users.
+from slope_lightning.sparse.calibration import wanda_scores
+
 __all__ = [
+    "TRANSPOSABLE_BACKENDS",
     "FixedMaskLinear",
     "SRSTELinear",
     "TransposableSparseLinear",

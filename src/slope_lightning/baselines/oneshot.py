@@ -19,39 +19,34 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slope_lightning.baselines.layers import (
+    DenseWeightLinear,
     check_layer_pattern,
-    init_like_linear,
+    convert_linears,
     linear_holding,
-    register_linear_parameters,
     replace_with_linear,
 )
-from slope_lightning.sparse.masks import check_nm, nm_positions, positions_to_mask
-from slope_lightning.sparse.sparsify import DEFAULT_EXCLUDE, linear_candidates
+from slope_lightning.sparse.calibration import collect_input_norms, wanda_scores
+from slope_lightning.sparse.masks import MaskMethod, nm_positions, positions_to_mask
+from slope_lightning.sparse.selection import LayerRules, plan_layers
 
 logger = logging.getLogger(__name__)
 
+#: The mask methods of :data:`~slope_lightning.sparse.MaskMethod` a one-shot prune takes
+#: (a random one-shot mask is no baseline worth training).
+ONESHOT_METHODS: tuple[MaskMethod, ...] = ("magnitude", "wanda")
+# compat: remove once the callbacks use the plan (method_callbacks.OneShotPrune)
+METHODS: tuple[str, ...] = ONESHOT_METHODS
 OneShotMethod = Literal["magnitude", "wanda"]
-METHODS: tuple[str, ...] = ("magnitude", "wanda")
 
 
-def wanda_scores(weight: Tensor, input_norms: Tensor) -> Tensor:
-    """Wanda's pruning score |W_ij| · ‖X_j‖₂, (d_out, d_in) from W and the (d_in,) norms."""
-    if input_norms.shape != (weight.shape[1],):
-        raise ValueError(
-            f"input_norms has shape {tuple(input_norms.shape)}, expected ({weight.shape[1]},): "
-            "one norm per input feature of the layer"
-        )
-    return weight.detach().abs() * input_norms.to(weight.device, weight.dtype)[None, :]
-
-
-class FixedMaskLinear(nn.Module):
+class FixedMaskLinear(DenseWeightLinear):
     """A linear layer pruned N:M once, with its mask fixed: Y = X (W ⊙ M)ᵀ + b.
 
     ``weight`` is a dense Parameter whose pruned entries were set to zero; ``positions``
@@ -75,9 +70,6 @@ class FixedMaskLinear(nn.Module):
         64
     """
 
-    weight: nn.Parameter
-    bias: nn.Parameter | None
-
     positions: Tensor
 
     def __init__(
@@ -92,14 +84,10 @@ class FixedMaskLinear(nn.Module):
         dtype: torch.dtype | None = None,
         name: str = "FixedMaskLinear",
     ) -> None:
-        super().__init__()
-        self.name = name
         check_layer_pattern(name, in_features, n, m)
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, bias, device, dtype, name)
         self.n = n
         self.m = m
-        register_linear_parameters(self, in_features, out_features, bias, device, dtype)
         # kept offsets of every group: chosen by prune_ (reset_parameters, from_linear)
         self.register_buffer(
             "positions",
@@ -109,7 +97,7 @@ class FixedMaskLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation, then magnitude pruning of it."""
-        init_like_linear(self.weight, self.bias)
+        super().reset_parameters()
         if self.weight.device.type != "meta":
             self.prune_()
 
@@ -132,22 +120,8 @@ class FixedMaskLinear(nn.Module):
             TypeError: ``linear`` is not an nn.Linear.
             ValueError: ``scores`` does not have the weight's shape.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"FixedMaskLinear.from_linear needs an nn.Linear, got {type(linear)}")
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            n=n,
-            m=m,
-            device="meta",
-            dtype=linear.weight.dtype,
-            name=name,
-        )
-        layer.weight = cast(nn.Parameter, linear.weight)  # nn.Linear's Parameters, shared
-        layer.bias = cast("nn.Parameter | None", linear.bias)
+        layer = cls.wrapping(linear, n=n, m=m, name=name)
         layer.prune_(scores)  # replaces the meta positions
-        layer.train(linear.training)
         return layer
 
     @torch.no_grad()
@@ -179,76 +153,53 @@ class FixedMaskLinear(nn.Module):
         return linear
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"layer {self.name!r}: input has {x.shape[-1]} features, "
-                f"expected {self.in_features}"
-            )
+        self.check_input(x)
         # autograd of W ⊙ M gives dW = (dYᵀX) ⊙ M and dX = dY (W ⊙ M)
         return F.linear(x, self.weight * self.mask(), self.bias)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, n={self.n}, m={self.m}"
-        )
+        return f"{super().extra_repr()}, n={self.n}, m={self.m}"
 
 
-class _InputNormRecorder(nn.Module):
-    """Stands in for a Linear during calibration: accumulates Σ x_j² per input feature (in
-    float64), then runs the Linear. Swapped in and out by :func:`wanda_input_norms`."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.linear = linear
-        self.sum_squares = torch.zeros(
-            linear.in_features, dtype=torch.float64, device=linear.weight.device
-        )
-        self.tokens = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        x2d = x.detach().reshape(-1, x.shape[-1])  # (T, d_in)
-        self.sum_squares += x2d.double().pow(2).sum(0)
-        self.tokens += x2d.shape[0]
-        return self.linear(x)
+def _rules(
+    n: int, m: int, include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> LayerRules:
+    """The layer selection of a one-shot prune (and of its calibration)."""
+    return LayerRules(
+        n=n,
+        m=m,
+        include=include,
+        exclude=exclude,
+        conv1d=False,
+        method="oneshot_prune",
+        action="pruned",
+        single_layer="FixedMaskLinear.from_linear(linear)",
+    )
 
 
-def _selected_linears(
-    model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str], m: int, what: str
-) -> list[tuple[str, nn.Module, str, nn.Linear]]:
-    """The Linear children that the shared selection rules convert (with a logged reason for
-    each one left alone)."""
-    chosen = []
-    for name, parent, attr, child, reason in linear_candidates(
-        model, include, exclude, m, what, f"m={m}"
-    ):
-        if reason is not None:
-            logger.info("%s: left as it is (%s)", name, reason)
-            continue
-        assert isinstance(child, nn.Linear)  # a SparseLinear child always has a reason
-        chosen.append((name, parent, attr, child))
-    return chosen
+def _call(model: nn.Module, batch: Any) -> object:
+    return model(batch)
 
 
-@torch.no_grad()
 def wanda_input_norms(
     model: nn.Module,
     batches: Iterable[Any],
     forward: Callable[[nn.Module, Any], object] | None = None,
     m: int = 4,
     include: Sequence[str] | None = None,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    exclude: Sequence[str] | None = None,
+    *,
+    n: int = 2,
 ) -> dict[str, Tensor]:
-    """‖X_j‖₂ of every input feature of every selected Linear, over calibration batches.
-
-    Each selected Linear is swapped for a recorder that wraps it while the batches run, and
-    swapped back afterwards (also on error); the model is run in eval mode and restored.
+    """‖X_j‖₂ of every input feature of every Linear :func:`oneshot_prune` would prune, over
+    calibration batches: :func:`~slope_lightning.sparse.calibration.collect_input_norms` (the
+    one Wanda of the library) on the layers of the same plan.
 
     Args:
-        model: the trained dense model.
+        model: the trained dense model (run in eval mode, restored afterwards).
         batches: calibration inputs.
         forward: runs the model on one batch (default ``model(batch)``).
-        m, include, exclude: the layer selection of :func:`oneshot_prune`.
+        m, include, exclude, n: the layer selection of :func:`oneshot_prune`.
 
     Returns:
         Qualified layer name -> (d_in,) float32 norms.
@@ -256,29 +207,14 @@ def wanda_input_norms(
     Raises:
         ValueError: no calibration token reached some layer.
     """
-    layers = _selected_linears(model, include, exclude, m, "calibrated")
-    recorders = [(_InputNormRecorder(child), parent, attr) for _, parent, attr, child in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        for recorder, parent, attr in recorders:
-            setattr(parent, attr, recorder)
-        for batch in batches:
-            if forward is None:
-                model(batch)
-            else:
-                forward(model, batch)
-    finally:
-        for recorder, parent, attr in recorders:
-            setattr(parent, attr, recorder.linear)
-        model.train(was_training)
-    norms = {}
-    for (name, *_), (recorder, _, _) in zip(layers, recorders, strict=True):
-        if recorder.tokens == 0:
+    plan = plan_layers(model, _rules(n, m, include, exclude))
+    names = [d.name for d in plan.planned]
+    norms = collect_input_norms(model, batches, forward or _call, layers=names)
+    for name in names:
+        if name not in norms:
             raise ValueError(
                 f"layer {name!r} saw no calibration token: give batches that run through it"
             )
-        norms[name] = recorder.sum_squares.sqrt().float()
     return norms
 
 
@@ -286,19 +222,21 @@ def oneshot_prune(
     model: nn.Module,
     n: int = 2,
     m: int = 4,
-    method: OneShotMethod = "magnitude",
+    method: MaskMethod = "magnitude",
     input_norms: Mapping[str, Tensor] | None = None,
     include: Sequence[str] | None = None,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    exclude: Sequence[str] | None = None,
 ) -> list[str]:
     """Prune ``model``'s Linear layers N:M once, in place, as :class:`FixedMaskLinear` layers.
 
     Args:
         model: the trained dense model.
         n, m: the N:M pattern.
-        method: ``"magnitude"`` (|W|) or ``"wanda"`` (|W| · ‖X_j‖₂; needs ``input_norms``).
+        method: ``"magnitude"`` (|W|) or ``"wanda"`` (|W| · ‖X_j‖₂, scored by
+            :func:`~slope_lightning.sparse.calibration.wanda_scores`; needs ``input_norms``).
         input_norms: from :func:`wanda_input_norms`, for ``method="wanda"``.
-        include, exclude: the layer selection (as :func:`slope_lightning.sparse.sparsify`).
+        include, exclude: the layer selection (as :func:`slope_lightning.sparse.sparsify`;
+            exclude None: :data:`~slope_lightning.sparse.DEFAULT_EXCLUDE`).
 
     Returns:
         The qualified names of the pruned layers.
@@ -312,31 +250,29 @@ def oneshot_prune(
         >>> oneshot_prune(model)
         ['0', '2']
     """
-    check_nm(n, m)
-    if method not in METHODS:
-        raise ValueError(f"unknown one-shot method {method!r}; choose one of {', '.join(METHODS)}")
-    if isinstance(model, nn.Linear):
+    if method not in ONESHOT_METHODS:
         raise ValueError(
-            "oneshot_prune() swaps layers inside a model; for a single layer use "
-            "FixedMaskLinear.from_linear(linear)"
+            f"unknown one-shot method {method!r}; choose one of {', '.join(ONESHOT_METHODS)}"
         )
-    layers = _selected_linears(model, include, exclude, m, f"pruned {n}:{m}")
+    rules = _rules(n, m, include, exclude)
     if method == "wanda":
-        missing = [name for name, *_ in layers if input_norms is None or name not in input_norms]
+        plan = plan_layers(model, rules)  # checked before anything is swapped
+        missing = [d.name for d in plan.planned if input_norms is None or d.name not in input_norms]
         if missing:
             raise ValueError(
                 f"method='wanda' needs the input norms of every pruned layer; missing for "
                 f"{missing[:3]}{' ...' if len(missing) > 3 else ''}: compute them with "
                 "wanda_input_norms(model, calibration_batches)"
             )
-    pruned = []
-    for name, parent, attr, child in layers:
+
+    def prune(linear: nn.Linear, name: str) -> nn.Module:
         scores = None
         if method == "wanda":
             assert input_norms is not None
-            scores = wanda_scores(child.weight, input_norms[name])
-        setattr(parent, attr, FixedMaskLinear.from_linear(child, n, m, scores, name=name))
-        pruned.append(name)
+            scores = wanda_scores(linear.weight, input_norms[name])  # float32
+        return FixedMaskLinear.from_linear(linear, n, m, scores, name=name)
+
+    pruned = convert_linears(model, rules, prune)
     logger.info("oneshot_prune: %d layers pruned %d:%d by %s", len(pruned), n, m, method)
     return pruned
 

@@ -29,21 +29,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from slope_lightning.baselines.layers import (
+    DenseWeightLinear,
     check_layer_pattern,
-    init_like_linear,
+    convert_linears,
     linear_holding,
-    register_linear_parameters,
     replace_with_linear,
+    straight_through_linear,
 )
-from slope_lightning.sparse.function import compute_dtype_of
-from slope_lightning.sparse.masks import check_nm, nm_positions, positions_to_mask
-from slope_lightning.sparse.sparsify import DEFAULT_EXCLUDE, linear_candidates
+from slope_lightning.sparse.masks import nm_positions, positions_to_mask
+from slope_lightning.sparse.selection import LayerRules
 
 logger = logging.getLogger(__name__)
 
@@ -64,53 +63,7 @@ def srste_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
     return positions_to_mask(nm_positions(weight.detach(), n, m), m)  # (d_out, d_in)
 
 
-class _SRSTELinearFunction(torch.autograd.Function):
-    """Y = X (W ⊙ M)ᵀ + b; dX = dY (W ⊙ M); dW = dYᵀ X + λ (1 − M) ⊙ W."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor, decay: float
-    ) -> Tensor:
-        d_out, d_in = weight.shape
-        compute_dtype = compute_dtype_of(x)
-        lead = x.shape[:-1]
-        x2d = x.reshape(-1, d_in).to(compute_dtype)  # (T, d_in)
-        with torch.autocast(x.device.type, enabled=False):
-            w_s = weight.to(compute_dtype) * mask  # (d_out, d_in), transient
-            y2d = x2d @ w_s.t()  # (T, d_out)
-            if bias is not None:
-                y2d = y2d + bias.to(compute_dtype)
-        ctx.save_for_backward(x2d, weight, mask)  # the mask lives until the backward
-        ctx.decay = decay
-        ctx.compute_dtype = compute_dtype
-        ctx.x_dtype = x.dtype
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y2d.reshape(*lead, d_out)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x2d, weight, mask = ctx.saved_tensors
-        d_out = weight.shape[0]
-        dy = grad_out.reshape(-1, d_out).to(ctx.compute_dtype)  # (T, d_out)
-        grad_x = grad_weight = grad_bias = None
-        with torch.autocast(dy.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                w_s = weight.to(ctx.compute_dtype) * mask  # (d_out, d_in)
-                grad_x = (dy @ w_s).reshape(ctx.x_shape).to(ctx.x_dtype)  # (T, d_in) -> x
-            if ctx.needs_input_grad[1]:
-                # Straight through: every entry of W gets dYᵀ X; the pruned ones also decay.
-                grad_weight = (dy.t() @ x2d).to(weight.dtype)  # (d_out, d_in)
-                if ctx.decay:
-                    grad_weight = grad_weight + ctx.decay * weight.detach() * ~mask
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = dy.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias, None, None
-
-
-class SRSTELinear(nn.Module):
+class SRSTELinear(DenseWeightLinear):
     """A drop-in nn.Linear trained with SR-STE: a dense master weight, an N:M mask recomputed
     from it at every forward, and the sparse-refined straight-through gradient.
 
@@ -139,9 +92,6 @@ class SRSTELinear(nn.Module):
         64
     """
 
-    weight: nn.Parameter
-    bias: nn.Parameter | None
-
     def __init__(
         self,
         in_features: int,
@@ -155,22 +105,14 @@ class SRSTELinear(nn.Module):
         dtype: torch.dtype | None = None,
         name: str = "SRSTELinear",
     ) -> None:
-        super().__init__()
-        self.name = name
         check_layer_pattern(name, in_features, n, m)
         if isinstance(decay, bool) or not isinstance(decay, int | float) or decay < 0:
             raise ValueError(f"layer {name!r}: decay must be a number >= 0, got {decay!r}")
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, bias, device, dtype, name)
         self.n = n
         self.m = m
         self.decay = float(decay)
-        register_linear_parameters(self, in_features, out_features, bias, device, dtype)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """nn.Linear's initialisation (kaiming_uniform_(a=sqrt(5)) and a uniform bias)."""
-        init_like_linear(self.weight, self.bias)
 
     @classmethod
     def from_linear(
@@ -187,23 +129,7 @@ class SRSTELinear(nn.Module):
         Raises:
             TypeError: ``linear`` is not an nn.Linear.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"SRSTELinear.from_linear needs an nn.Linear, got {type(linear)}")
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            n=n,
-            m=m,
-            decay=decay,
-            device="meta",  # placeholders, replaced by linear's parameters below
-            dtype=linear.weight.dtype,
-            name=name,
-        )
-        layer.weight = cast(nn.Parameter, linear.weight)  # nn.Linear's Parameters, shared
-        layer.bias = cast("nn.Parameter | None", linear.bias)
-        layer.train(linear.training)
-        return layer
+        return cls.wrapping(linear, n=n, m=m, decay=decay, name=name)
 
     def mask(self) -> Tensor:
         """The N:M mask of the current weight (what the next forward uses), bool (d_out, d_in)."""
@@ -221,19 +147,12 @@ class SRSTELinear(nn.Module):
         return linear
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"layer {self.name!r}: input has {x.shape[-1]} features, "
-                f"expected {self.in_features}"
-            )
+        self.check_input(x)
         mask = self.mask()  # from the weight as it is now: after the last optimizer step
-        return _SRSTELinearFunction.apply(x, self.weight, self.bias, mask, self.decay)
+        return straight_through_linear(x, self.weight, self.bias, (mask,), decay=self.decay)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, n={self.n}, m={self.m}, decay={self.decay:g}"
-        )
+        return f"{super().extra_repr()}, n={self.n}, m={self.m}, decay={self.decay:g}"
 
 
 def srste_sparsify(
@@ -242,14 +161,14 @@ def srste_sparsify(
     m: int = 4,
     decay: float = DEFAULT_DECAY,
     include: Sequence[str] | None = None,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    exclude: Sequence[str] | None = None,
 ) -> list[str]:
     """Replace ``model``'s nn.Linear layers by :class:`SRSTELinear` layers, in place.
 
-    Selects layers as :func:`slope_lightning.sparse.sparsify` does (the shared
-    ``linear_candidates`` rules): LM heads and embeddings stay dense by default, tied weights,
-    non-float weights and layers whose sizes are not multiples of ``m`` are left dense. The
-    new layers share the old ones' Parameters.
+    Selects layers as :func:`slope_lightning.sparse.sparsify` does (the one plan of
+    :func:`~slope_lightning.sparse.selection.plan_layers`, nn.Linear layers only): LM heads
+    and embeddings stay dense by default, tied weights, non-float weights and layers whose
+    sizes are not multiples of ``m`` are left dense. The new layers share the old ones' Parameters.
 
     Args:
         model: any module whose Linear children are swapped.
@@ -257,7 +176,8 @@ def srste_sparsify(
         decay: λ of the sparse-refined term (see :class:`SRSTELinear`).
         include: fnmatch patterns on qualified layer names; if given, only matching layers
             are considered, and a matching layer that cannot be converted is an error.
-        exclude: patterns of layers left dense (default: LM heads and embeddings).
+        exclude: patterns of layers left dense (None: LM heads and embeddings,
+            :data:`~slope_lightning.sparse.DEFAULT_EXCLUDE`).
 
     Returns:
         The qualified names of the converted layers.
@@ -271,22 +191,19 @@ def srste_sparsify(
         >>> srste_sparsify(model)
         ['0', '2']
     """
-    check_nm(n, m)
-    if isinstance(model, nn.Linear):
-        raise ValueError(
-            "srste_sparsify() swaps layers inside a model; for a single layer use "
-            "SRSTELinear.from_linear(linear)"
-        )
-    converted: list[str] = []
-    for name, parent, attr, child, reason in linear_candidates(
-        model, include, exclude, m, f"made SR-STE {n}:{m}", f"m={m}"
-    ):
-        if reason is not None:
-            logger.info("%s: left as it is (%s)", name, reason)
-            continue
-        assert isinstance(child, nn.Linear)  # a SparseLinear child always has a reason
-        setattr(parent, attr, SRSTELinear.from_linear(child, n, m, decay, name=name))
-        converted.append(name)
+    rules = LayerRules(
+        n=n,
+        m=m,
+        include=include,
+        exclude=exclude,
+        conv1d=False,
+        method="srste_sparsify",
+        action="made SR-STE",
+        single_layer="SRSTELinear.from_linear(linear)",
+    )
+    converted = convert_linears(
+        model, rules, lambda linear, name: SRSTELinear.from_linear(linear, n, m, decay, name=name)
+    )
     logger.info(
         "srste_sparsify: %d layers converted (%d:%d, decay=%g)", len(converted), n, m, decay
     )

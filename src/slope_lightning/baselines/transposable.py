@@ -35,20 +35,21 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
-from functools import cache
-from typing import Any, Literal, cast
+from functools import cache, partial
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slope_lightning.baselines.layers import (
-    init_like_linear,
+    DenseWeightLinear,
+    convert_linears,
     linear_holding,
-    register_linear_parameters,
     replace_with_linear,
+    straight_through_linear,
 )
-from slope_lightning.sparse.backends import OperandCache
+from slope_lightning.sparse.backends import BackendName, OperandCache
 from slope_lightning.sparse.backends.ops import (
     SemiStructuredOps,
     apply_tile_mask,
@@ -56,12 +57,38 @@ from slope_lightning.sparse.backends.ops import (
     tile_prune,
 )
 from slope_lightning.sparse.function import compute_dtype_of
-from slope_lightning.sparse.sparsify import DEFAULT_EXCLUDE, linear_candidates
+from slope_lightning.sparse.layout import check_divisible
+from slope_lightning.sparse.selection import LayerRules
 
 logger = logging.getLogger(__name__)
 
+#: The backends of :data:`~slope_lightning.sparse.BackendName` this baseline runs on.
+TRANSPOSABLE_BACKENDS: tuple[BackendName, ...] = (
+    BackendName.reference,
+    BackendName.cutlass,
+    BackendName.cusparselt,
+    BackendName.auto,
+)
+# compat: remove once the callbacks use the plan (method_callbacks.TransposableSparse)
+BACKENDS = tuple(b.value for b in TRANSPOSABLE_BACKENDS)
 TransposableBackend = Literal["reference", "cutlass", "cusparselt", "auto"]
-BACKENDS: tuple[str, ...] = ("reference", "cutlass", "cusparselt", "auto")
+
+
+def transposable_backend(value: str | BackendName, where: str = "") -> str:
+    """The name of ``value`` if this baseline runs on it, else a ValueError naming the allowed
+    ones (``where`` prefixes the message, e.g. the layer)."""
+    try:
+        backend: BackendName | None = BackendName.parse(value)
+    except ValueError:
+        backend = None
+    if backend not in TRANSPOSABLE_BACKENDS:
+        raise ValueError(
+            f"{where}unknown backend {value!r} for the transposable baseline; choose one of "
+            f"{', '.join(b.value for b in TRANSPOSABLE_BACKENDS)}"
+        )
+    assert backend is not None
+    return backend.value
+
 
 #: Tiles scored per chunk in :func:`transposable_mask` (bounds its (tiles, 90) score matrix).
 _TILES_PER_CHUNK = 1 << 16
@@ -209,7 +236,7 @@ def _build_operands(backend: str, weight: Tensor, compute_dtype: torch.dtype) ->
 
 def _sparse_mm(
     backend: str, operands: tuple[Tensor, ...], dense: Tensor, rows: int, transposed: bool
-) -> Tensor:
+) -> Tensor:  # a SparseMatmul once the backend is bound
     """dense @ W_sᵀ (``transposed=False``) or dense @ W_s (``transposed=True``), 2-D.
 
     The sparse operand A is the packed W_s (d_out, d_in) or W_sᵀ (d_in, d_out), with ``rows``
@@ -226,70 +253,10 @@ def _sparse_mm(
     return _ops(backend).matmul(operand, padded, rows)[:tokens]  # (T, rows)
 
 
-class _TransposableLinearFunction(torch.autograd.Function):
-    """Y = X W_sᵀ + b; dX = dY W_s (the same transposable W_s); dW = dYᵀ X dense (STE)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        backend: str,
-        operands: tuple[Tensor, ...],
-    ) -> Tensor:
-        d_out, d_in = weight.shape
-        compute_dtype = compute_dtype_of(x)
-        lead = x.shape[:-1]
-        x2d = x.reshape(-1, d_in).to(compute_dtype)  # (T, d_in)
-        with torch.autocast(x.device.type, enabled=False):
-            if backend == "reference":
-                w_s = weight.to(compute_dtype) * operands[0]  # (d_out, d_in), transient
-                y2d = x2d @ w_s.t()  # (T, d_out)
-            else:
-                y2d = _sparse_mm(backend, operands, x2d, d_out, transposed=False)  # (T, d_out)
-            if bias is not None:
-                y2d = y2d + bias.to(compute_dtype)
-        # The W_s of this forward (mask or compressed operands) is saved like an activation:
-        # it lives until the backward and counts in the step's peak memory.
-        ctx.save_for_backward(x2d, weight, *operands)
-        ctx.backend = backend
-        ctx.compute_dtype = compute_dtype
-        ctx.x_dtype = x.dtype
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y2d.reshape(*lead, d_out)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x2d, weight, *operands = ctx.saved_tensors
-        d_out = weight.shape[0]
-        dy = grad_out.reshape(-1, d_out).to(ctx.compute_dtype)  # (T, d_out)
-        grad_x = grad_weight = grad_bias = None
-        with torch.autocast(dy.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                if ctx.backend == "reference":
-                    w_s = weight.to(ctx.compute_dtype) * operands[0]  # (d_out, d_in)
-                    grad_x = dy @ w_s  # (T, d_in)
-                else:
-                    d_in = weight.shape[1]
-                    grad_x = _sparse_mm(ctx.backend, tuple(operands), dy, d_in, transposed=True)
-                grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
-            if ctx.needs_input_grad[1]:
-                # Dense and straight through to the master weight: pruned entries get their
-                # gradient too, so they can grow back into the mask.
-                grad_weight = (dy.t() @ x2d).to(weight.dtype)  # (d_out, d_in)
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = dy.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias, None, None
-
-
 # ---------------------------------------------------------------------------- the layer
 
 
-class TransposableSparseLinear(nn.Module):
+class TransposableSparseLinear(DenseWeightLinear):
     """A drop-in nn.Linear trained with a dynamic transposable 2:4 weight (the FST baseline).
 
     Holds a dense master ``weight`` (d_out, d_in) Parameter. Every forward uses
@@ -314,71 +281,39 @@ class TransposableSparseLinear(nn.Module):
         torch.Size([8, 32])
     """
 
-    weight: nn.Parameter
-    bias: nn.Parameter | None
-
     def __init__(
         self,
         in_features: int,
         out_features: int,
         bias: bool = True,
         *,
-        backend: TransposableBackend = "auto",
+        backend: str | BackendName = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         name: str = "TransposableSparseLinear",
     ) -> None:
-        super().__init__()
-        self.name = name
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"layer {name!r}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
-            )
-        for label, size in (
-            ("in_features (d_in)", in_features),
-            ("out_features (d_out)", out_features),
-        ):
-            if size % 4:
-                raise ValueError(
-                    f"layer {name!r}: {label}={size} is not divisible by 4; a transposable "
-                    "2:4 mask needs whole 4×4 tiles (exclude this layer)"
-                )
-        self.in_features = in_features
-        self.out_features = out_features
-        self.backend = backend
-        register_linear_parameters(self, in_features, out_features, bias, device, dtype)
+        chosen = transposable_backend(backend, f"layer {name!r}: ")
+        sizes = {"in_features (d_in)": in_features, "out_features (d_out)": out_features}
+        fix = "a transposable 2:4 mask needs whole 4×4 tiles (exclude this layer)"
+        check_divisible(name, sizes, 4, "4", fix)
+        super().__init__(in_features, out_features, bias, device, dtype, name)
+        self.backend = chosen
         self.reset_parameters()
         self._operands = OperandCache()  # mask or compressed W_s / W_sᵀ, per weight version
         self._chosen: dict[tuple[torch.device, torch.dtype], str] = {}
-
-    def reset_parameters(self) -> None:
-        """nn.Linear's initialisation (kaiming_uniform_(a=sqrt(5)) and a uniform bias)."""
-        init_like_linear(self.weight, self.bias)
 
     @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
-        backend: TransposableBackend = "auto",
+        backend: str | BackendName = "auto",
         name: str = "TransposableSparseLinear",
     ) -> TransposableSparseLinear:
         """Wrap ``linear``'s own weight and bias Parameters (shared, not copied).
 
         Sharing keeps an optimizer that already holds them valid and costs no memory.
         """
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            backend=backend,
-            device="meta",  # placeholders, replaced by linear's parameters below
-            dtype=linear.weight.dtype,
-            name=name,
-        )
-        layer.weight = cast(nn.Parameter, linear.weight)  # nn.Linear's Parameters, shared
-        layer.bias = cast("nn.Parameter | None", linear.bias)
-        layer.train(linear.training)
-        return layer
+        return cls.wrapping(linear, backend=backend, name=name)
 
     # ------------------------------------------------------------------ backends and cache
 
@@ -497,11 +432,7 @@ class TransposableSparseLinear(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"layer {self.name!r}: input has {x.shape[-1]} features, "
-                f"expected {self.in_features}"
-            )
+        self.check_input(x)
         compute_dtype = compute_dtype_of(x)
         backend = self.backend_for(x.device, compute_dtype)
         if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
@@ -515,13 +446,11 @@ class TransposableSparseLinear(nn.Module):
             )
         else:
             operands = self._current_operands(backend, compute_dtype)
-        return _TransposableLinearFunction.apply(x, self.weight, self.bias, backend, operands)
+        sparse_mm = None if backend == "reference" else partial(_sparse_mm, backend)
+        return straight_through_linear(x, self.weight, self.bias, operands, sparse_mm)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, backend={self.backend!r}"
-        )
+        return f"{super().extra_repr()}, backend={self.backend!r}"
 
 
 # ---------------------------------------------------------------------------- the model
@@ -530,21 +459,24 @@ class TransposableSparseLinear(nn.Module):
 def transposable_sparsify(
     model: nn.Module,
     include: Sequence[str] | None = None,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
-    backend: TransposableBackend = "auto",
+    exclude: Sequence[str] | None = None,
+    backend: str | BackendName = "auto",
 ) -> list[str]:
     """Replace ``model``'s nn.Linear layers by TransposableSparseLinear layers, in place.
 
-    Selects layers as :func:`slope_lightning.sparse.sparsify` does: LM heads and embeddings
-    stay dense by default, tied weights and layers whose sizes are not multiples of 4 are
-    left dense, and SLoPe SparseLinear layers are left alone.
+    Selects layers as :func:`slope_lightning.sparse.sparsify` does (the one plan of
+    :func:`~slope_lightning.sparse.selection.plan_layers`, nn.Linear layers only, 2:4): LM
+    heads and embeddings stay dense by default, tied weights and layers whose sizes are not
+    multiples of 4 are left dense, and SLoPe SparseLinear layers are left alone.
 
     Args:
         model: any module whose Linear children are swapped.
         include: fnmatch patterns on qualified layer names; if given, only matching layers
             are considered, and a matching layer that cannot be converted is an error.
-        exclude: patterns of layers left dense (default: LM heads and embeddings).
-        backend: the backend of every converted layer (see :class:`TransposableSparseLinear`).
+        exclude: patterns of layers left dense (None: LM heads and embeddings,
+            :data:`~slope_lightning.sparse.DEFAULT_EXCLUDE`).
+        backend: the backend of every converted layer, one of :data:`TRANSPOSABLE_BACKENDS`
+            (see :class:`TransposableSparseLinear`).
 
     Returns:
         The qualified names of the converted layers.
@@ -553,24 +485,23 @@ def transposable_sparsify(
         ValueError: unknown backend, ``model`` is itself a Linear, or an included layer cannot
             be converted.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if isinstance(model, nn.Linear):
-        raise ValueError(
-            "transposable_sparsify() swaps layers inside a model; for a single layer use "
-            "TransposableSparseLinear.from_linear(linear)"
-        )
-    converted: list[str] = []
-    for name, parent, attr, child, reason in linear_candidates(
-        model, include, exclude, 4, "made transposable 2:4"
-    ):
-        if reason is not None:
-            logger.info("%s: left as it is (%s)", name, reason)
-            continue
-        assert isinstance(child, nn.Linear)  # a SparseLinear child always has a reason
-        setattr(parent, attr, TransposableSparseLinear.from_linear(child, backend, name=name))
-        converted.append(name)
-    logger.info("transposable_sparsify: %d layers converted (backend=%s)", len(converted), backend)
+    name = transposable_backend(backend)
+    rules = LayerRules(
+        n=2,
+        m=4,
+        include=include,
+        exclude=exclude,
+        conv1d=False,
+        method="transposable_sparsify",
+        action="made transposable",
+        single_layer="TransposableSparseLinear.from_linear(linear)",
+    )
+    converted = convert_linears(
+        model,
+        rules,
+        lambda linear, layer: TransposableSparseLinear.from_linear(linear, name, name=layer),
+    )
+    logger.info("transposable_sparsify: %d layers converted (backend=%s)", len(converted), name)
     return converted
 
 

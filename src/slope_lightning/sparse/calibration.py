@@ -33,28 +33,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from slope_lightning.sparse.backends import BackendName, SparseBackend
-from slope_lightning.sparse.config import SparsityConfig
+from slope_lightning.sparse.config import SparsityConfig, config_from_call, keyword_default
+from slope_lightning.sparse.conv1d import dense_weight, is_conv1d
 from slope_lightning.sparse.linear import SparseLinear
-from slope_lightning.sparse.masks import check_nm, nm_positions, positions_to_mask
-from slope_lightning.sparse.sparsify import (
+from slope_lightning.sparse.masks import MASK_METHODS, MaskMethod, nm_positions, positions_to_mask
+from slope_lightning.sparse.selection import (
     DEFAULT_EXCLUDE,
     LayerDecision,
+    LayerRules,
     SparsifyReport,
-    is_conv1d,
-    linear_like_candidates,
+    plan_layers,
+    swap_layers,
 )
 
 logger = logging.getLogger(__name__)
 
-#: How a row mask is chosen: by |W| (the paper), at random, or by Wanda's |W|·‖X‖.
-MaskSelection = Literal["magnitude", "random", "wanda"]
-MASK_SELECTIONS: tuple[str, ...] = ("magnitude", "random", "wanda")
+MaskSelection = MaskMethod  # compat: remove once the callbacks use the plan
+MASK_SELECTIONS = MASK_METHODS  # compat: remove once the callbacks use the plan
 
 #: Runs a model on one calibration batch (the return value is ignored).
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -161,11 +162,19 @@ def collect_input_norms(
 
 
 def wanda_scores(weight: Tensor, input_norm: Tensor) -> Tensor:
-    """Wanda's importance |W_ij|·‖X_j‖₂, (d_out, d_in) float32 (a transient tensor)."""
+    """Wanda's importance |W_ij|·‖X_j‖₂, (d_out, d_in) float32 (a transient tensor).
+
+    The one Wanda score of the library (``wanda_sparsify``, the SLoPe callback and the
+    one-shot baseline): computed in float32 whatever the weight's dtype, so that a bfloat16
+    or float16 weight is ranked as its float32 twin, not by a product rounded to 8 bits.
+
+    Raises:
+        ValueError: ``input_norm`` is not one norm per input feature, (d_in,).
+    """
     if input_norm.shape != (weight.shape[-1],):
         raise ValueError(
             f"input norms of shape {tuple(input_norm.shape)} do not match a weight with "
-            f"d_in={weight.shape[-1]}"
+            f"d_in={weight.shape[-1]}: give one norm per input feature of the layer"
         )
     return weight.detach().float().abs() * input_norm.to(weight.device, torch.float32)
 
@@ -177,44 +186,35 @@ def wanda_mask(weight: Tensor, input_norm: Tensor, n: int = 2, m: int = 4) -> Te
     return positions_to_mask(nm_positions(scores, n, m), m)
 
 
-def _dense_weight(layer: nn.Module) -> Tensor:
-    """The weight of an ``nn.Linear`` or ``Conv1D`` as (d_out, d_in), detached (a Conv1D's
-    (d_in, d_out) weight transposed, as a view)."""
-    weight = layer.get_parameter("weight").detach()
-    return weight.t() if is_conv1d(layer) else weight
-
-
 def _wanda_layer(
-    linear: nn.Module,
+    decision: LayerDecision,
     input_norm: Tensor,
-    n: int,
-    m: int,
+    config: SparsityConfig,
     backend: BackendName | SparseBackend,
-    transpose_mask_interval: int | None,
-    name: str,
 ) -> SparseLinear:
-    """A SparseLinear of ``linear`` (an ``nn.Linear`` or a transformers ``Conv1D``) whose row
-    mask keeps the best |W|·‖X‖ of each group and whose values are ``linear``'s weights at
-    those positions, exactly."""
+    """A SparseLinear of the planned layer (an ``nn.Linear`` or a transformers ``Conv1D``)
+    whose row mask keeps the best |W|·‖X‖ of each group and whose values are the layer's
+    weights at those positions, exactly."""
+    linear = decision.module
+    assert linear is not None
     source = linear.get_parameter("weight")
-    weight = _dense_weight(linear)  # (d_out, d_in)
+    weight = dense_weight(linear)  # (d_out, d_in)
     d_out, d_in = weight.shape
     bias = getattr(linear, "bias", None)
-    norm = input_norm.to(weight.device, torch.float32)  # (d_in,)
-    # The layer prunes by magnitude: |W_ij · s_j| = |W_ij| · s_j for s_j >= 0, so pruning the
-    # column-scaled weight selects exactly Wanda's mask. The scaled values are then replaced
-    # by the original ones at the kept positions (no division, so nothing is rounded).
+    # The layer prunes by magnitude, so pruning the scores selects exactly Wanda's mask. The
+    # scores are then replaced by the original values at the kept positions (nothing is
+    # divided back, so nothing is rounded).
     layer = SparseLinear(
         d_in,
         d_out,
         bias=isinstance(bias, Tensor),
-        n=n,
-        m=m,
+        n=config.n,
+        m=config.m,
         backend=backend,
-        transpose_mask_interval=transpose_mask_interval,
-        weight=weight.float() * norm,  # (d_out, d_in), transient
+        transpose_mask_interval=config.transpose_mask_interval,
+        weight=wanda_scores(weight, input_norm),  # (d_out, d_in), transient
         dtype=weight.dtype,
-        name=name,
+        name=decision.name,
     )
     with torch.no_grad():
         columns = layer.layout.columns(layer.row_index)  # (d_out, d_in·N/M)
@@ -233,22 +233,23 @@ def wanda_sparsify(
     model: nn.Module,
     norms: Mapping[str, Tensor],
     n: int | SparsityConfig = 2,
-    m: int = 4,
+    # keyword_default() marks a default so a config plus a keyword is caught (B008: on purpose)
+    m: int = keyword_default(4),
     *,
-    backend: str | BackendName | SparseBackend = "reference",
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
-    max_aspect_ratio: float | None = None,
-    transpose_mask_interval: int | None = 1,
+    backend: str | BackendName | SparseBackend = keyword_default("reference"),  # noqa: B008
+    include: Sequence[str] | None = keyword_default(None),
+    exclude: Sequence[str] = keyword_default(DEFAULT_EXCLUDE),
+    max_aspect_ratio: float | None = keyword_default(None),
+    transpose_mask_interval: int | None = keyword_default(1),
 ) -> SparsifyReport:
     """Like :func:`~slope_lightning.sparse.sparsify`, with Wanda row masks from ``norms``.
 
-    Layers are selected by the same rules as ``sparsify`` (the settings come from a
-    :class:`SparsityConfig` or from the keywords; its ``mask_method`` is not read: the mask
-    is Wanda's here): ``nn.Linear`` layers and transformers' ``Conv1D`` (scored as the
-    equivalent linear, W transposed). Every converted layer keeps, in each group of M
-    consecutive weights of a row, the N with the largest |W_ij|·‖X_j‖₂, and its original
-    values at those positions.
+    Layers are selected by the same plan as ``sparsify`` (the settings come from a
+    :class:`SparsityConfig` or from the keywords, never both; its ``mask_method`` is not
+    read: the mask is Wanda's here): ``nn.Linear`` layers and transformers' ``Conv1D``
+    (scored as the equivalent linear, W transposed). Every converted layer keeps, in each
+    group of M consecutive weights of a row, the N with the largest |W_ij|·‖X_j‖₂
+    (:func:`wanda_scores`), and its original values at those positions.
 
     Args:
         model: the dense model, converted in place.
@@ -261,6 +262,7 @@ def wanda_sparsify(
         (``"converted (wanda, Conv1D)"`` for a Conv1D).
 
     Raises:
+        TypeError: a SparsityConfig and a setting keyword are both given.
         ValueError: bad n/m, a config with ``sparse=False``, an included layer that cannot
             be converted, or a layer to convert without calibration norms (it never ran in
             the calibration forward: exclude it or feed batches that reach it).
@@ -271,58 +273,17 @@ def wanda_sparsify(
         >>> len(wanda_sparsify(model, norms).converted)
         2
     """
-    if isinstance(n, SparsityConfig):
-        config = n
-        if not config.sparse:
-            raise ValueError("wanda_sparsify(model, norms, config): the config has sparse=False")
-        n, m = config.n, config.m
-        backend, include = config.backend, config.include
-        exclude = tuple(config.exclude) if config.exclude is not None else DEFAULT_EXCLUDE
-        max_aspect_ratio = config.max_aspect_ratio
-        transpose_mask_interval = config.transpose_mask_interval
-    check_nm(n, m)
-    if isinstance(backend, str):
-        backend = BackendName.parse(backend)
-    if max_aspect_ratio is not None and max_aspect_ratio < 1:
-        raise ValueError(f"max_aspect_ratio must be >= 1, got {max_aspect_ratio}")
-    report = SparsifyReport(
-        n=n, m=m, backend=backend.value if isinstance(backend, BackendName) else backend.name
-    )
-    # nn.Linear and Conv1D children get no reason (transposed=True); every other linear-like
-    # layer is reported with its reason, as sparsify reports it.
-    plan: list[tuple[str, nn.Module, str, nn.Module, int, int]] = []
-    for name, parent, attr, child, d_out, d_in, reason in linear_like_candidates(
-        model, include, exclude, m, f"sparsified {n}:{m}", f"m={m}", transposed=True
-    ):
-        if reason is None and max_aspect_ratio is not None:
-            ratio = max(d_out, d_in) / min(d_out, d_in)
-            if ratio > max_aspect_ratio:
-                reason = f"aspect ratio {ratio:.2f} > max_aspect_ratio {max_aspect_ratio}"
-        if reason is not None:
-            converted = isinstance(child, SparseLinear)
-            report.layers.append(LayerDecision(name, d_out, d_in, converted, reason))
-            continue
-        plan.append((name, parent, attr, child, d_out, d_in))
-    missing = [name for name, *_ in plan if name not in norms]
-    if missing:
-        raise ValueError(
-            f"wanda_sparsify: no calibration input reached {len(missing)} layer(s) to convert "
-            f"(e.g. {missing[0]!r}); feed calibration batches that run them, or exclude them"
-        )
-    # Validate every layer before converting any, so a bad norm leaves the model unchanged.
-    for name, _, _, _, _, d_in in plan:
-        if norms[name].shape != (d_in,):
-            raise ValueError(
-                f"wanda_sparsify: layer {name!r} has d_in={d_in} but its "
-                f"calibration norms have shape {tuple(norms[name].shape)}"
-            )
-    for name, parent, attr, child, d_out, d_in in plan:
-        layer = _wanda_layer(child, norms[name], n, m, backend, transpose_mask_interval, name)
-        setattr(parent, attr, layer)
-        how = "converted (wanda, Conv1D)" if is_conv1d(child) else "converted (wanda)"
-        report.layers.append(LayerDecision(name, d_out, d_in, True, how))
-    logger.info("%s", report)
-    return report
+    keywords = {
+        "m": m,
+        "backend": backend,
+        "include": include,
+        "exclude": exclude,
+        "max_aspect_ratio": max_aspect_ratio,
+        "transpose_mask_interval": transpose_mask_interval,
+    }
+    config, instance = config_from_call("wanda_sparsify", n, keywords)
+    plan = _plan(model, config, instance)
+    return _convert(model, plan, norms, config, instance)
 
 
 def calibrate_and_sparsify(
@@ -332,7 +293,8 @@ def calibrate_and_sparsify(
     forward: ForwardFn | None = None,
     **settings: Any,
 ) -> SparsifyReport:
-    """:func:`collect_input_norms` on ``batches``, then :func:`wanda_sparsify`: one call.
+    """:func:`collect_input_norms` on ``batches``, then :func:`wanda_sparsify`: one call,
+    one plan.
 
     Only the layers that will be converted are observed. ``settings`` are the keywords of
     :func:`wanda_sparsify` (not with ``config``).
@@ -344,21 +306,41 @@ def calibrate_and_sparsify(
         raise TypeError(
             f"calibrate_and_sparsify: give a SparsityConfig or keywords, not both ({settings})"
         )
-    include = config.include if config is not None else settings.get("include")
-    if config is not None:
-        exclude = tuple(config.exclude) if config.exclude is not None else DEFAULT_EXCLUDE
-        m = config.m
-    else:
-        exclude = tuple(settings.get("exclude", DEFAULT_EXCLUDE))
-        m = int(settings.get("m", 4))
-    names = [
-        candidate.name
-        for candidate in linear_like_candidates(
-            model, include, exclude, m, "calibrated", f"m={m}", transposed=True
+    first = config if config is not None else settings.pop("n", 2)
+    config, instance = config_from_call("calibrate_and_sparsify", first, settings)
+    plan = _plan(model, config, instance)
+    norms = collect_input_norms(model, batches, forward, layers=[d.name for d in plan.planned])
+    return _convert(model, plan, norms, config, instance)
+
+
+def _plan(model: nn.Module, config: SparsityConfig, instance: object | None) -> SparsifyReport:
+    backend = instance if isinstance(instance, SparseBackend) else config.backend
+    name = backend.value if isinstance(backend, BackendName) else backend.name
+    return plan_layers(model, LayerRules.from_config(config, "wanda_sparsify"), backend=name)
+
+
+def _convert(
+    model: nn.Module,
+    plan: SparsifyReport,
+    norms: Mapping[str, Tensor],
+    config: SparsityConfig,
+    instance: object | None,
+) -> SparsifyReport:
+    """Swap the planned layers for their Wanda SparseLinear, after checking every norm."""
+    missing = [d.name for d in plan.planned if d.name not in norms]
+    if missing:
+        raise ValueError(
+            f"wanda_sparsify: no calibration input reached {len(missing)} layer(s) to convert "
+            f"(e.g. {missing[0]!r}); feed calibration batches that run them, or exclude them"
         )
-        if candidate.reason is None  # an nn.Linear or a Conv1D to convert
-    ]
-    norms = collect_input_norms(model, batches, forward, layers=names)
-    if config is not None:
-        return wanda_sparsify(model, norms, config)
-    return wanda_sparsify(model, norms, **settings)
+    # Validate every layer before converting any, so a bad norm leaves the model unchanged.
+    for d in plan.planned:
+        if norms[d.name].shape != (d.in_features,):
+            raise ValueError(
+                f"wanda_sparsify: layer {d.name!r} has d_in={d.in_features} but its "
+                f"calibration norms have shape {tuple(norms[d.name].shape)}"
+            )
+    backend = instance if isinstance(instance, SparseBackend) else config.backend
+    swap_layers(model, plan, lambda d: _wanda_layer(d, norms[d.name], config, backend), tag="wanda")
+    logger.info("%s", plan)
+    return plan

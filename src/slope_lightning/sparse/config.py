@@ -14,11 +14,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from slope_lightning.sparse.backends.names import BackendName
-from slope_lightning.sparse.masks import MaskMethod, check_nm
+from slope_lightning.sparse.masks import MASK_METHODS, MaskMethod, check_nm
 
 T = TypeVar("T")
-
-_MASK_METHODS: tuple[str, ...] = ("magnitude", "random")
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,8 @@ class SparsityConfig:
         max_aspect_ratio: leave layers with max(d_out/d_in, d_in/d_out) above this dense.
         transpose_mask_interval: optimizer steps between re-derivations of M_C when no
             MaskScheduler callback owns the schedule (None: only when asked).
-        mask_method: row mask by ``"magnitude"`` (the paper) or ``"random"``.
+        mask_method: row mask by ``"magnitude"`` (the paper) or ``"random"`` (``"wanda"``
+            needs calibration batches: :func:`~slope_lightning.sparse.calibrate_and_sparsify`).
 
     Example:
         >>> SparsityConfig(n=2, m=4, backend="reference").to_dict()["backend"]
@@ -66,7 +65,8 @@ class SparsityConfig:
             ValueError: ``backend`` is not a known backend name (the message lists them).
             ValueError: ``include``/``exclude`` is a bare string or holds a non-string.
             ValueError: ``max_aspect_ratio`` < 1, or ``transpose_mask_interval`` < 1.
-            ValueError: ``mask_method`` is not "magnitude" or "random".
+            ValueError: ``mask_method`` is not "magnitude" or "random" ("wanda" needs
+                calibration batches).
         """
         if not isinstance(self.sparse, bool):
             raise ValueError(f"sparsity.sparse must be true or false, got {self.sparse!r}")
@@ -97,9 +97,15 @@ class SparsityConfig:
                 "sparsity.transpose_mask_interval must be a positive number of optimizer steps "
                 f"(or null: refresh only when asked), got {interval!r}"
             )
-        if self.mask_method not in _MASK_METHODS:
+        if self.mask_method not in MASK_METHODS:
             raise ValueError(
-                f"sparsity.mask_method must be one of {_MASK_METHODS}, got {self.mask_method!r}"
+                f"sparsity.mask_method must be one of {MASK_METHODS}, got {self.mask_method!r}"
+            )
+        if self.mask_method == "wanda":
+            raise ValueError(
+                "sparsity.mask_method='wanda' needs calibration batches, which a config cannot "
+                "hold: keep 'magnitude' here and call calibrate_and_sparsify(model, batches, "
+                "config), or use the SLoPe callback's mask_method='wanda'"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,3 +178,51 @@ def keyword_default(value: T) -> T:
 def given_or_default(value: T) -> T:
     """The caller's value, or the marked default's own value."""
     return cast(T, value.value) if isinstance(value, KeywordDefault) else value
+
+
+def config_from_call(
+    caller: str, first: int | SparsityConfig, keywords: Mapping[str, object]
+) -> tuple[SparsityConfig, object | None]:
+    """The settings of a call that takes either a SparsityConfig or keywords, never both: the
+    one rule of ``sparsify(model, config)`` / ``sparsify(model, n=2, m=4, ...)`` and of
+    :func:`~slope_lightning.sparse.wanda_sparsify`.
+
+    Args:
+        caller: the function's name, for messages.
+        first: the config, or ``n`` of the keyword form.
+        keywords: the call's setting keywords; those left at their :func:`keyword_default`
+            count as not given. A ``backend`` that is not a name (a SparseBackend instance)
+            is returned apart: a config holds backend names only.
+
+    Returns:
+        (the config, the backend instance or None).
+
+    Raises:
+        TypeError: a config and a setting keyword are both given.
+        ValueError: a config with ``sparse=False``, or a bad keyword value (named).
+    """
+    if isinstance(first, SparsityConfig):
+        given = [key for key, value in keywords.items() if not isinstance(value, KeywordDefault)]
+        if given:
+            raise TypeError(
+                f"{caller}(model, config) takes every setting from the SparsityConfig, but "
+                f"these keywords were given too: {', '.join(given)}; put them in the config "
+                "(dataclasses.replace(config, ...)) or pass keywords only"
+            )
+        if not first.sparse:
+            raise ValueError(
+                f"{caller}(model, config) got a config with sparse=False (the dense baseline); "
+                "check config.sparse before calling, or set sparse=True"
+            )
+        return first, None
+    settings = {key: given_or_default(value) for key, value in keywords.items()}
+    backend = settings.get("backend")
+    instance = None
+    if backend is not None and not isinstance(backend, str):  # str: names and BackendName
+        instance = backend
+        settings["backend"] = BackendName.reference  # unused: the instance runs the layers
+    for name in ("include", "exclude"):
+        value = settings.get(name)
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            settings[name] = list(value)
+    return SparsityConfig(n=first, **cast(dict[str, Any], settings)), instance

@@ -28,6 +28,14 @@ from slope_lightning.sparse.packing import (
 )
 
 
+def check_divisible(name: str, sizes: dict[str, int], m: int, by: str, fix: str) -> None:
+    """Raise a ValueError naming layer ``name`` unless ``m`` divides every one of ``sizes``
+    (label -> size; ``by`` names m in the message, ``fix`` says what to do)."""
+    for label, size in sizes.items():
+        if size % m:
+            raise ValueError(f"layer {name!r}: {label}={size} is not divisible by {by}; {fix}")
+
+
 @dataclass(frozen=True)
 class NMLayout:
     """Shape and N:M pattern of a (rows, cols) weight pruned along cols."""

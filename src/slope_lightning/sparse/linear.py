@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Hashable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeGuard
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -24,88 +22,24 @@ from slope_lightning.sparse.backends import (
     BackendName,
     OperandCache,
     SparseBackend,
-    SparseWeight,
     resolve_backend,
 )
-from slope_lightning.sparse.function import compute_dtype_of, sparse_linear
+from slope_lightning.sparse.conv1d import dense_weight, is_conv1d
+from slope_lightning.sparse.dtensor import is_dtensor, local_part
+from slope_lightning.sparse.function import (
+    compute_dtype_of,
+    sparse_linear,
+    sparse_linear_inference,
+)
 from slope_lightning.sparse.kernel_ops import derive_col_index
-from slope_lightning.sparse.layout import NMLayout
+from slope_lightning.sparse.layout import NMLayout, check_divisible
 from slope_lightning.sparse.masks import MaskMethod
 from slope_lightning.sparse.merged import FusedOperand, build_fused, merged_forward
-from slope_lightning.sparse.packing import bits_per_offset, packed_width
-
-if TYPE_CHECKING:
-    from torch.distributed import ProcessGroup
-    from torch.distributed.tensor import DTensor
+from slope_lightning.sparse.readonly import ASSIGNING_WEIGHT, read_only, warn_dense_read
+from slope_lightning.sparse.sharded import TransposeMaskRefresh, refresh_col_index
+from slope_lightning.sparse.state import check_index, read_extra_state
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TransposeMaskRefresh:
-    """What one re-derivation of M_C changed.
-
-    Attributes:
-        flipped: entries of M_C that were not kept before and are now (= those dropped).
-        kept: nonzeros of W_RC, the double-pruned weight.
-        total: kept entries of W_R (its number of values).
-    """
-
-    flipped: int
-    kept: int
-    total: int
-
-
-#: In-place tensor methods that change no values, allowed on :class:`_ReadOnlyWeight`.
-_HARMLESS_INPLACE = frozenset({"requires_grad_", "share_memory_"})
-
-
-class _ReadOnlyWeight(Tensor):
-    """What :attr:`SparseLinear.weight` returns: a dense copy of W_R that refuses writes.
-
-    Reads and computations behave as on a plain tensor (their results are plain tensors); an
-    in-place method, ``.data`` assignment, item assignment or ``out=`` into it raises,
-    because writing into a copy would silently change nothing in the layer.
-    """
-
-    layer_name: str = "SparseLinear"
-
-    @classmethod
-    def __torch_function__(
-        cls,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        attribute = getattr(getattr(func, "__self__", None), "__name__", None)
-        out = kwargs.get("out")
-        outs = out if isinstance(out, tuple | list) else (out,)
-        writes = (
-            (name.endswith("_") and not name.startswith("_") and name not in _HARMLESS_INPLACE)
-            or name == "__setitem__"
-            or (name == "__set__" and attribute == "data")
-            or any(isinstance(o, cls) for o in outs)
-        )
-        mine = [a for a in (*args, *kwargs.values()) if isinstance(a, cls)]
-        if writes:
-            layer = mine[0].layer_name if mine else cls.layer_name
-            raise RuntimeError(
-                f"layer {layer!r}: SparseLinear.weight is a read-only dense copy of W_R, built "
-                f"at each read; writing into it ({name}) would change nothing in the layer. "
-                "Write the kept entries to layer.values, prune a dense weight in with "
-                "slope_lightning.sparse.sparsify.load_dense_state_dict, or take a writable "
-                "copy with layer.to_dense()"
-            )
-        with torch._C.DisableTorchFunctionSubclass():
-            result = func(*args, **kwargs)
-        if name == "__get__" and attribute == "data" and isinstance(result, Tensor):
-            data = result.as_subclass(cls)  # .data must refuse writes too (PEFT's merge)
-            data.layer_name = mine[0].layer_name if mine else cls.layer_name
-            return data
-        return result
 
 
 class SparseLinear(nn.Module):
@@ -161,16 +95,9 @@ class SparseLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.name = name
-        for label, size in (
-            ("in_features (d_in)", in_features),
-            ("out_features (d_out)", out_features),
-        ):
-            if size % m != 0:
-                raise ValueError(
-                    f"layer {name!r}: {label}={size} is not divisible by m={m}; N:M pruning "
-                    f"needs whole groups along both dimensions (exclude this layer or pick "
-                    f"another M)"
-                )
+        sizes = {"in_features (d_in)": in_features, "out_features (d_out)": out_features}
+        fix = "N:M pruning needs whole groups along both dimensions (exclude this layer or pick "
+        check_divisible(name, sizes, m, f"m={m}", fix + "another M)")
         if transpose_mask_interval is not None and transpose_mask_interval < 1:
             raise ValueError(
                 f"layer {name!r}: transpose_mask_interval must be a positive number of "
@@ -246,23 +173,8 @@ class SparseLinear(nn.Module):
                 "convolutions and other layers are not supported (sparsify() lists every "
                 "layer it skipped and why)"
             )
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            n=n,
-            m=m,
-            backend=backend,
-            transpose_mask_interval=transpose_mask_interval,
-            weight=linear.weight.detach(),
-            mask_method=mask_method,
-            generator=generator,
-            name=name,
-        )
-        if linear.bias is not None and layer.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(linear.bias)
-        return layer
+        settings = (backend, transpose_mask_interval, mask_method, generator, name)
+        return cls._wrap(linear, n, m, *settings)
 
     @classmethod
     def from_conv1d(
@@ -288,38 +200,42 @@ class SparseLinear(nn.Module):
         Raises:
             TypeError: ``conv1d`` is not a Conv1D-like module.
         """
-        weight = getattr(conv1d, "weight", None)
-        nf = getattr(conv1d, "nf", None)
-        if not (
-            type(conv1d).__name__ == "Conv1D"
-            and isinstance(nf, int)
-            and isinstance(weight, Tensor)
-            and weight.dim() == 2
-            and weight.shape[1] == nf
-        ):
+        if not is_conv1d(conv1d):
             raise TypeError(
                 f"SparseLinear.from_conv1d takes a transformers Conv1D (an int nf and a weight "
                 f"of shape (d_in, nf)), got {type(conv1d).__name__}; for an nn.Linear use "
                 "SparseLinear.from_linear"
             )
-        bias = getattr(conv1d, "bias", None)
+        settings = (backend, transpose_mask_interval, mask_method, generator, name)
+        return cls._wrap(conv1d, n, m, *settings)
+
+    @classmethod
+    def _wrap(cls, dense: nn.Module, n: int, m: int, *settings: Any) -> SparseLinear:
+        """A layer of the pruned weight and the bias of ``dense`` (an nn.Linear or a Conv1D,
+        whose layout it remembers); ``settings`` are :meth:`from_linear`'s (backend,
+        transpose_mask_interval, mask_method, generator, name)."""
+        backend, interval, method, generator, name = settings
+        weight = dense_weight(dense)  # (d_out, d_in); a view of a Conv1D's (d_in, d_out)
+        bias = getattr(dense, "bias", None)
+        d_out, d_in = weight.shape
         layer = cls(
-            int(weight.shape[0]),
-            nf,
+            d_in,
+            d_out,
             bias=isinstance(bias, Tensor),
             n=n,
             m=m,
             backend=backend,
-            transpose_mask_interval=transpose_mask_interval,
-            weight=weight.detach().t(),  # (d_out, d_in), a view
-            mask_method=mask_method,
+            transpose_mask_interval=interval,
+            weight=weight,
+            mask_method=method,
             generator=generator,
             name=name,
         )
         if isinstance(bias, Tensor) and layer.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(bias)
-        layer.weight_layout = "conv1d"
+        if is_conv1d(dense):
+            layer.weight_layout = "conv1d"
         return layer
 
     def to_dense(self, include_adapter: bool = False) -> Tensor:
@@ -360,27 +276,14 @@ class SparseLinear(nn.Module):
         """
         if not getattr(self, "_weight_read_warned", False):
             self._weight_read_warned = True
-            warnings.warn(
-                f"layer {self.name!r}: reading SparseLinear.weight builds a dense "
-                f"({self.out_features}, {self.in_features}) copy of W_R at every read (N/M of "
-                "it zeros, read-only, no gradient); keep such reads out of the training loop "
-                "and use layer.to_dense() or layer.values where you can",
-                stacklevel=2,
-            )
+            warn_dense_read(self.name, (self.out_features, self.in_features))
         with torch.no_grad():
             dense = self.layout.to_dense(self.values.detach(), self.row_index)  # (d_out, d_in)
-        view = dense.as_subclass(_ReadOnlyWeight)
-        view.layer_name = self.name
-        return view
+        return read_only(dense, self.name)
 
     @weight.setter
     def weight(self, value: Tensor) -> None:
-        raise AttributeError(
-            f"layer {self.name!r}: SparseLinear.weight is a read-only dense copy of W_R; write "
-            "the kept entries to layer.values, prune a dense weight in with "
-            "slope_lightning.sparse.sparsify.load_dense_state_dict, or build a new layer with "
-            "SparseLinear.from_linear"
-        )
+        raise AttributeError(ASSIGNING_WEIGHT.format(name=self.name))
 
     # ------------------------------------------------------------------ masks
 
@@ -404,110 +307,16 @@ class SparseLinear(nn.Module):
         W_R has not changed is harmless. Under FSDP2 (values sharded between steps) it is a
         collective: every rank of the mesh must call it, as the MaskScheduler callback and
         :func:`~slope_lightning.sparse.follow_optimizer`'s hook do, and the ranks end with
-        the M_C an unsharded layer would derive, bit for bit (see :meth:`_refresh_sharded`).
+        the M_C an unsharded layer would derive, bit for bit (see
+        :func:`~slope_lightning.sparse.sharded.refresh_sharded`).
         The statistics cost three transient masks; skip them on steps that do not log.
         """
-        if _is_dtensor(self.values):
-            return self._refresh_sharded(with_stats)
-        old = self.col_index
-        new = self._derive_col_index()
-        if "col_index" in self._parameters:  # held as a parameter: written in place
-            old = old.clone() if with_stats else old
-            with torch.no_grad():
-                self.col_index.copy_(new)
-        else:
-            self.col_index = new
-        self._after_refresh()
-        if not with_stats:
-            return None
-        t_layout = self.layout.transposed()
-        with torch.no_grad():
-            new_mask = t_layout.mask(new)  # (d_in, d_out), transient
-            flipped = int((new_mask & ~t_layout.mask(old)).sum())
-            w_r_mask = self.layout.mask(self.row_index).t()  # (d_in, d_out)
-            kept = int((new_mask & w_r_mask).sum())
-        return TransposeMaskRefresh(flipped=flipped, kept=kept, total=self.values.numel())
+        return refresh_col_index(self, with_stats)
 
     def _after_refresh(self) -> None:
         self._mask_generation += 1
         self._updates_since_refresh = 0
         self._seen_version = self.values._version
-
-    def _refresh_sharded(self, with_stats: bool) -> TransposeMaskRefresh | None:
-        """:meth:`refresh_transpose_mask` for values that FSDP2 shards by rows (d_out).
-
-        M_C's groups run along d_out, so each rank derives the columns of M_C that its own
-        rows cover, from its own shard of the values and of M_R, and the ranks all-gather
-        those packed bytes (2 bits per kept value for 2:4; the whole M_C, transiently): no
-        value is gathered. Each rank then keeps its shard of M_C (by rows, d_in) if M_C is
-        sharded (see :meth:`hold_masks_as_parameters`), or all of it if it is a replicated
-        buffer.
-
-        Every rank takes the same branch, which depends only on global sizes: where a rank's
-        rows do not fill whole bytes of M_C (2:4: a multiple of 8 rows per rank), the
-        values are gathered instead (N/M of a dense weight, what a forward gathers anyway).
-        """
-        values = self.values
-        assert _is_dtensor(values)
-        shard = _row_shard(values)
-        if shard is None:
-            raise RuntimeError(
-                f"layer {self.name!r}: its values are a DTensor placed {values.placements}; "
-                "SparseLinear supports FSDP2/HSDP sharding by rows (Shard(0) on one mesh "
-                "dimension, Replicate on the others)"
-            )
-        group, chunk, index = shard
-        layout, t_layout = self.layout, self.layout.transposed()
-        per_byte = 8 // bits_per_offset(layout.m)
-        aligned = chunk % layout.m == 0 and (chunk // layout.m * layout.n) % per_byte == 0
-        if aligned:
-            local = _local(values)  # (rows here, d_in·N/M)
-            rows = local.shape[0]
-            if _is_dtensor(self.row_index):
-                my_row_index = _local(self.row_index)  # sharded like the values
-            else:
-                my_row_index = self.row_index[index * chunk : index * chunk + rows]
-            assert my_row_index.shape[0] == rows, "M_R must be sharded like the values"
-            if rows:
-                local_layout = NMLayout(rows, layout.cols, layout.n, layout.m)
-                impl = self._backend.kernels.transpose_index
-                part = derive_col_index(local, my_row_index, local_layout, impl)
-            else:  # torch.chunk leaves trailing ranks empty when the rows run out
-                part = my_row_index.new_zeros(layout.cols, 0)
-            width = packed_width(t_layout.kept_per_row, layout.m)
-            new = _all_gather_columns(part, group, width)  # (d_in, packed d_out): a collective
-        else:
-            full_values = values.full_tensor()  # a collective
-            full_rows = _full(self.row_index)
-            impl = self._backend.kernels.transpose_index
-            new = derive_col_index(full_values, full_rows, layout, impl)
-        # This rank's rows (d_in) of M_C: all of them if M_C is a replicated buffer.
-        if _is_dtensor(self.col_index):
-            target = _local(self.col_index)
-            start = index * -(-layout.cols // group.size())  # torch.chunk's rows, as FSDP2
-            mine = new[start : start + target.shape[0]]
-            old = target.clone() if with_stats else target
-            with torch.no_grad():
-                target.copy_(mine)
-            reduce = True
-        else:
-            start, mine, old = 0, new, self.col_index
-            self.col_index = new
-            reduce = False
-        self._after_refresh()
-        if not with_stats:
-            return None
-        rows_here = mine.shape[0]
-        mine_layout = NMLayout(rows_here, t_layout.cols, layout.n, layout.m)
-        with torch.no_grad():
-            new_mask = mine_layout.mask(mine)  # (d_in here, d_out), transient
-            flipped = (new_mask & ~mine_layout.mask(old)).sum()
-            w_r_mask = layout.mask(_full(self.row_index))[:, start : start + rows_here].t()
-            counts = torch.stack([flipped, (new_mask & w_r_mask).sum()])
-            if reduce:  # each rank counted its own rows of M_C
-                torch.distributed.all_reduce(counts, group=group)  # a collective
-        flipped_total, kept = (int(c) for c in counts.tolist())
-        return TransposeMaskRefresh(flipped=flipped_total, kept=kept, total=values.numel())
 
     def hold_masks_as_parameters(self) -> None:
         """Hold M_R and M_C as frozen parameters (``requires_grad=False``), not buffers.
@@ -539,7 +348,7 @@ class SparseLinear(nn.Module):
         # FSDP2: the forward sees a gathered copy that is freed after it, where a refreshed
         # M_C would not last; refresh between steps instead (the same mask: the same W_R).
         due = interval is not None and self._updates_since_refresh >= interval
-        if due and _is_dtensor(self.values):
+        if due and is_dtensor(self.values):
             self.refresh_transpose_mask(with_stats=False)
 
     def _refresh_transpose_mask_if_due(self) -> None:
@@ -580,45 +389,13 @@ class SparseLinear(nn.Module):
             ValueError: the state was saved from another N:M pattern, or the loaded packed
                 masks are not a valid N:M pattern.
         """
-        if isinstance(state, dict):  # checkpoints written before the tensor form
-            updates, pattern = int(state.get("updates_since_refresh", 0)), None
-        elif not isinstance(state, Tensor | list | tuple):
-            # torch.distributed.checkpoint's placeholder for an extra state absent from a
-            # partial load (Lightning loads a full checkpoint into an FSDP2 model one tensor
-            # at a time): nothing to restore here; the masks are still checked.
-            updates, pattern = self._updates_since_refresh, None
-        else:
-            values = [int(v) for v in torch.as_tensor(state).flatten().tolist()]
-            if len(values) != 3:
-                raise ValueError(
-                    f"layer {self.name!r}: extra state {values} is not (updates, N, M); the "
-                    "checkpoint was not written by this version of slope-lightning"
-                )
-            updates, pattern = values[0], (values[1], values[2])
-        if pattern is not None and pattern != (self.n, self.m):
-            raise ValueError(
-                f"layer {self.name!r}: the checkpoint holds a {pattern[0]}:{pattern[1]} sparse "
-                f"weight, this model is {self.n}:{self.m}; build the model with "
-                f"n={pattern[0]}, m={pattern[1]} (model.sparsity.n / .m) to load it"
-            )
-        self._check_index(_local(self.row_index), self.layout, "row_index (M_R)")
-        self._check_index(_local(self.col_index), self.layout.transposed(), "col_index (M_C)")
+        updates = read_extra_state(state, self._updates_since_refresh, self.layout, self.name)
+        check_index(local_part(self.row_index), self.layout, "row_index (M_R)", self.name)
+        t_layout = self.layout.transposed()
+        check_index(local_part(self.col_index), t_layout, "col_index (M_C)", self.name)
         self._updates_since_refresh = updates
         self._seen_version = self.values._version
         self._operands.clear()
-
-    def _check_index(self, index: Tensor, layout: NMLayout, label: str) -> None:
-        """Raise unless ``index`` decodes to N strictly increasing offsets < M per group
-        (``index`` may be a shard of rows, e.g. this rank's under FSDP2)."""
-        layout = NMLayout(index.shape[0], layout.cols, layout.n, layout.m)
-        positions = layout.positions(index)  # (rows, G, n)
-        ok = bool((positions < layout.m).all()) and bool((positions.diff(dim=-1) > 0).all())
-        if not ok:
-            raise ValueError(
-                f"layer {self.name!r}: the loaded {label} is not a valid {layout.n}:{layout.m} "
-                "pattern (offsets out of range or repeated within a group); the checkpoint is "
-                "corrupt or from another pattern: load an earlier checkpoint or re-export"
-            )
 
     def _load_from_state_dict(
         self,
@@ -752,6 +529,7 @@ class SparseLinear(nn.Module):
                 f"layer {self.name!r}: input dtype {x.dtype} is not floating point; feed "
                 "activations (e.g. embeddings), not token ids, and cast with x.float()"
             )
+        self._check_backend(x)
         training_step = torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad)
         if training_step:
             if self.merged:
@@ -760,7 +538,6 @@ class SparseLinear(nn.Module):
             # The optimizer is about to change the values: inference copies would go stale.
             self._operands.clear()
             self._refresh_transpose_mask_if_due()
-            self._check_backend(x)
             y = sparse_linear(
                 x,
                 self.values,
@@ -771,35 +548,18 @@ class SparseLinear(nn.Module):
                 self._backend,
             )
         elif self.merged:
-            self._check_backend(x)
             if self._fused is None or self._fused.key != self.weight_key():
                 self._fused = self.fused_operand()  # parameters changed since merge()
             return merged_forward(
                 x, self._fused, self.bias, self._backend, self._operands, self.out_features
             )
         else:
-            self._check_backend(x)
-            y = self._inference_forward(x)
+            key = (self.weight_key(), compute_dtype_of(x))  # kernel-side operands reused
+            weight = (self.values, self.bias, self.row_index, self.layout)
+            y = sparse_linear_inference(x, *weight, self._backend, self._operands, key)
         if self.adapter is not None:
             y = y + self.adapter(x).to(y.dtype)
         return y
-
-    def _inference_forward(self, x: Tensor) -> Tensor:
-        """Y = X W_Rᵀ + b without autograd, reusing kernel-side operands across calls."""
-        compute_dtype = compute_dtype_of(x)
-        lead = x.shape[:-1]
-        x2d = x.reshape(-1, self.in_features).to(compute_dtype)  # (T, d_in)
-        bias = self.bias.to(compute_dtype) if self.bias is not None else None
-        weight = SparseWeight(
-            self.values,
-            self.row_index,
-            self.layout,
-            compute_dtype,
-            key=(self.weight_key(), compute_dtype),
-        )
-        with torch.autocast(x.device.type, enabled=False):
-            y2d = self._backend.forward(x2d, weight, bias, self._operands)  # (T, d_out)
-        return y2d.reshape(*lead, self.out_features)
 
     @property
     def backend(self) -> SparseBackend:
@@ -832,61 +592,3 @@ class SparseLinear(nn.Module):
             f"transpose_mask_interval={self.transpose_mask_interval}"
             + (", merged" if self.merged else "")
         )
-
-
-# ---------------------------------------------------------------------- FSDP2 (sharded values)
-#
-# Under FSDP2 (``fully_shard``) the values are a DTensor sharded by rows (d_out) between steps,
-# and FSDP's gathered plain tensor inside the forward and backward. The packed masks shard
-# with them once held as frozen parameters (:meth:`SparseLinear.hold_masks_as_parameters`):
-# M_R by rows like the values, M_C by its own rows (d_in). The one place the shards meet is
-# M_C's re-derivation between steps (:meth:`SparseLinear._refresh_sharded`).
-
-
-def _is_dtensor(tensor: Tensor | None) -> TypeGuard[DTensor]:
-    """Whether ``tensor`` is a DTensor (torch.distributed may be missing from the build)."""
-    if tensor is None or not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """This process's part of ``tensor``: a DTensor's local shard, any other tensor itself."""
-    return tensor.to_local() if _is_dtensor(tensor) else tensor
-
-
-def _full(tensor: Tensor) -> Tensor:
-    """All of ``tensor``: a DTensor gathered (a collective), any other tensor itself."""
-    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
-
-
-def _row_shard(values: DTensor) -> tuple[ProcessGroup, int, int] | None:
-    """(process group, rows per rank, this rank's index) of a DTensor sharded by rows on one
-    mesh dimension and replicated on the others (FSDP2, HSDP); None for other placements."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    placements = tuple(values.placements)
-    shard_dims = [i for i, p in enumerate(placements) if isinstance(p, Shard)]
-    if len(shard_dims) != 1 or placements[shard_dims[0]] != Shard(0):
-        return None
-    dim = shard_dims[0]
-    if not all(isinstance(p, Replicate) for i, p in enumerate(placements) if i != dim):
-        return None
-    mesh = values.device_mesh
-    chunk = -(-values.shape[0] // mesh.size(dim))  # torch.chunk's rows per rank, as FSDP2
-    return mesh.get_group(dim), chunk, mesh.get_local_rank(dim)
-
-
-def _all_gather_columns(part: Tensor, group: ProcessGroup, width: int) -> Tensor:
-    """Concatenate every rank's ``part`` (rows, its columns) along the columns, in rank
-    order, trimmed to ``width`` columns: torch.chunk's layout, the last parts may be short."""
-    world = torch.distributed.get_world_size(group)
-    chunk = -(-width // world)
-    padded = part.new_zeros(part.shape[0], chunk)
-    padded[:, : part.shape[1]] = part
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(gathered, padded.contiguous(), group=group)
-    sizes = [max(0, min(chunk, width - r * chunk)) for r in range(world)]
-    return torch.cat([g[:, :size] for g, size in zip(gathered, sizes, strict=True)], dim=1)

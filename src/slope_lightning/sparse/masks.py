@@ -13,7 +13,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-MaskMethod = Literal["magnitude", "random"]
+#: How the kept entries of each group are chosen: the one vocabulary of every conversion.
+#: ``magnitude``: the largest |w| (the paper); ``random``: uniformly; ``wanda``: the largest
+#: |w|·‖X‖ (Sun et al. 2023), which needs calibration batches (``sparse.calibration``).
+#: A conversion that takes fewer says so with a check naming the ones it takes.
+MaskMethod = Literal["magnitude", "random", "wanda"]
+MASK_METHODS: tuple[MaskMethod, ...] = ("magnitude", "random", "wanda")
 
 
 def check_nm(n: int, m: int) -> None:
@@ -42,7 +47,8 @@ def nm_positions(
             largest absolute value are kept; ties go to the lower offset, so the choice is
             deterministic.
         n, m: the N:M pattern.
-        method: "magnitude" or "random" (uniform choice of N offsets per group).
+        method: "magnitude" or "random" (uniform choice of N offsets per group); for
+            "wanda", give Wanda's scores with "magnitude".
         generator: random source for ``method="random"``.
 
     Returns:
@@ -57,8 +63,13 @@ def nm_positions(
         keys = groups.detach()
     elif method == "random":
         keys = torch.rand(groups.shape, generator=generator, device="cpu").to(groups.device)
+    elif method == "wanda":
+        raise ValueError(
+            "mask method 'wanda' scores weights by calibration inputs: pass the scores "
+            "(sparse.calibration.wanda_scores) with method='magnitude'"
+        )
     else:
-        raise ValueError(f"unknown mask method {method!r}; choose 'magnitude' or 'random'")
+        raise ValueError(f"unknown mask method {method!r}; choose one of {MASK_METHODS}")
     if m <= _PAIRWISE_MAX_M:
         return _select_pairwise(keys, n, m, magnitude=method == "magnitude")
     return _select_sorted(keys, n, magnitude=method == "magnitude")

@@ -8,12 +8,15 @@ tensor counts its local shard.
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+__all__ = ["CATEGORIES", "MemoryReport", "local_part", "memory_report"]
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from slope_lightning.sparse.adapters import LowRankAdapter
+from slope_lightning.sparse.dtensor import local_part
 from slope_lightning.sparse.linear import SparseLinear
 
 CATEGORIES: tuple[str, ...] = (
@@ -69,15 +72,15 @@ class _Counter:
         self.report.bytes[category] += tensor.numel() * tensor.element_size()
 
 
-def local_part(tensor: Tensor) -> Tensor:
-    """What this process holds of ``tensor``: a DTensor's local shard (FSDP2 parameters,
-    their gradients and optimizer state), any other tensor itself."""
-    if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
+def _persistent_buffers(model: nn.Module) -> set[int]:
+    """The ids of ``model``'s persistent buffers: those its state dict holds.
 
-        if isinstance(tensor, DTensor):
-            return tensor.to_local()
-    return tensor
+    Read through the public ``state_dict(keep_vars=True)``, which returns the buffers
+    themselves (no copy) and leaves out the non-persistent ones; a buffer it does not hold
+    is a cache. Not a collective under FSDP2, whose state dict holds the DTensor shards.
+    """
+    state = model.state_dict(keep_vars=True)
+    return {id(value) for value in state.values() if isinstance(value, Tensor)}
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterable[Tensor]:
@@ -119,10 +122,10 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     if optimizer is not None:
         for tensor in _optimizer_tensors(optimizer):
             counter.add("optimizer state", tensor)
+    persistent = _persistent_buffers(model)
     for module in model.modules():
-        for name, buffer in module.named_buffers(recurse=False):
-            persistent = name not in module._non_persistent_buffers_set
-            counter.add("buffers" if persistent else "caches", buffer)
+        for buffer in module.buffers(recurse=False):
+            counter.add("buffers" if id(buffer) in persistent else "caches", buffer)
         cached_tensors = getattr(module, "cached_tensors", None)
         if callable(cached_tensors):  # SparseLinear, TransposableSparseLinear
             for tensor in cached_tensors():

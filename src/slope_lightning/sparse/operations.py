@@ -1,0 +1,261 @@
+"""Model-level operations on a sparsified model: find its SparseLinear layers, undo the
+conversion, add adapters, merge them for inference, follow an optimizer's steps, and load a
+dense checkpoint into it.
+
+All of them act in place on any ``nn.Module`` by visiting (or, for :func:`densify`,
+swapping) its SparseLinear children; nothing is monkey-patched and nothing is registered
+globally. The conversion itself is :func:`~slope_lightning.sparse.sparsify`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from slope_lightning.sparse.adapters import AdapterInit
+from slope_lightning.sparse.backends import DecisionStore
+from slope_lightning.sparse.kernel_ops import derive_col_index
+from slope_lightning.sparse.linear import SparseLinear
+from slope_lightning.sparse.masks import MaskMethod
+from slope_lightning.sparse.selection import replace_children
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:
+    """Every SparseLinear in ``model`` with its qualified name."""
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SparseLinear)]
+
+
+def prune_dense_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, Any],
+    *,
+    mask_method: MaskMethod = "magnitude",
+    generator: torch.Generator | None = None,
+) -> dict[str, Any]:
+    """``state_dict`` with every dense weight of a sparsified layer pruned into packed form.
+
+    For each SparseLinear of ``model`` whose dense ``<layer>.weight`` the state dict holds
+    (a dense checkpoint: ``nn.Linear`` layout (d_out, d_in), or transformers' Conv1D layout
+    (d_in, d_out) for a layer made by ``SparseLinear.from_conv1d``), the weight is cast to the
+    layer's dtype and pruned N:M as ``sparsify`` prunes (M_R by ``mask_method``, then M_C
+    from W_R), and replaced by ``values``, ``row_index``, ``col_index`` and the layer's extra
+    state. Every other entry (biases, norms, embeddings, packed layers) is kept as it is. So
+    loading the result gives exactly the model that loading the dense checkpoint into the
+    dense model and then calling :func:`sparsify` would give.
+
+    Raises:
+        ValueError: a dense weight has the wrong shape for its layer, or a layer has both a
+            dense weight and packed values in ``state_dict``.
+    """
+    pruned = dict(state_dict)
+    for name, layer in sparse_layers(model):
+        prefix = f"{name}." if name else ""
+        dense = pruned.pop(f"{prefix}weight", None)
+        if dense is None:
+            continue
+        if f"{prefix}values" in pruned:
+            raise ValueError(
+                f"layer {name!r}: the state dict holds both a dense {prefix}weight and packed "
+                f"{prefix}values; keep one of them"
+            )
+        expected = (layer.out_features, layer.in_features)
+        conv1d = layer.weight_layout == "conv1d"
+        if not isinstance(dense, Tensor) or tuple(dense.t().shape if conv1d else dense.shape) != (
+            expected
+        ):
+            found = tuple(dense.shape) if isinstance(dense, Tensor) else type(dense).__name__
+            layout = "(d_in, d_out) = " + str(expected[::-1]) if conv1d else str(expected)
+            raise ValueError(
+                f"layer {name!r}: the dense weight {prefix}weight has shape {found}, the layer "
+                f"needs {layout}; load a checkpoint of this architecture"
+            )
+        weight = (dense.t() if conv1d else dense).detach()
+        weight = weight.to(device=layer.row_index.device, dtype=layer.values.dtype)
+        with torch.no_grad():
+            values, row_index = layer.layout.prune(weight, mask_method, generator)
+            col_index = derive_col_index(values, row_index, layer.layout, "torch")
+        pruned[f"{prefix}values"] = values
+        pruned[f"{prefix}row_index"] = row_index
+        pruned[f"{prefix}col_index"] = col_index
+        # No optimizer step since M_C was derived, and the layer's N:M (see get_extra_state).
+        pruned[f"{prefix}_extra_state"] = torch.tensor([0, layer.n, layer.m])
+    return pruned
+
+
+def load_dense_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    mask_method: MaskMethod = "magnitude",
+    generator: torch.Generator | None = None,
+) -> Any:
+    """Load a dense checkpoint's state dict into a sparsified ``model``: the supported way to
+    start SLoPe from a dense model (sparse continued pretraining).
+
+    Each dense weight of a SparseLinear is pruned N:M into it (see
+    :func:`prune_dense_state_dict`); everything else loads as ``model.load_state_dict`` loads
+    it. The result equals loading the checkpoint into the dense model, then sparsifying.
+
+    Args:
+        model: the sparsified model (or the LightningModule holding it: the keys are
+            qualified names from ``model``).
+        state_dict: e.g. ``torch.load(path, weights_only=True)["state_dict"]`` of a dense
+            Lightning checkpoint, or a transformers model's ``state_dict()``.
+        strict: as in ``load_state_dict``: every key must match.
+        mask_method: how M_R is chosen from the dense weights (as in :func:`sparsify`).
+        generator: random source for ``mask_method="random"``.
+
+    Returns:
+        ``load_state_dict``'s named tuple of missing and unexpected keys.
+
+    Raises:
+        ValueError: a dense weight does not fit its layer (see :func:`prune_dense_state_dict`).
+        RuntimeError: ``strict`` and keys that do not match (``load_state_dict``'s error).
+
+    Example:
+        >>> dense = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        >>> from slope_lightning.sparse import sparsify
+        >>> _ = sparsify(model)
+        >>> load_dense_state_dict(model, dense.state_dict())
+        <All keys matched successfully>
+    """
+    sparse_state = prune_dense_state_dict(
+        model, state_dict, mask_method=mask_method, generator=generator
+    )
+    return model.load_state_dict(sparse_state, strict=strict)
+
+
+def backend_report(model: nn.Module) -> str:
+    """A table of every SparseLinear's backend and, for ``auto``, its choice and why, and which
+    steps run as Triton kernels (only where measured faster than torch).
+
+    ``auto`` decides at a layer's first forward, so call this after one step.
+    """
+    layers = sparse_layers(model)
+    width = max([len("layer"), *(len(name) for name, _ in layers)])
+    lines = [f"{'layer':<{width}}  {'shape (out x in)':>17}  backend"]
+    for name, layer in layers:
+        shape = f"{layer.out_features} x {layer.in_features}"
+        lines.append(f"{name:<{width}}  {shape:>17}  {layer.backend.describe()}")
+    return "\n".join(lines)
+
+
+def follow_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+    """Tell every SparseLinear of ``model`` whose values ``optimizer`` updates about each step.
+
+    Layers re-derive M_C every ``transpose_mask_interval`` optimizer updates. Without this
+    they detect an update through their values' version counter, which fused optimizers
+    (``AdamW(fused=True)``, the default of many trainers on CUDA) do not move; with it,
+    every optimizer counts, fused, foreach or plain. Call it once per optimizer (the
+    Lightning module does). Returns the hook's handle (``handle.remove()`` detaches it).
+    """
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    layers = [layer for _, layer in sparse_layers(model) if id(layer.values) in owned]
+
+    def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for layer in layers:
+            layer.note_optimizer_step()
+
+    return optimizer.register_step_post_hook(after_step)
+
+
+def use_decision_store(model: nn.Module, path: str | Path | None) -> DecisionStore:
+    """Keep the measured decisions of every ``auto`` layer of ``model`` in one store.
+
+    Which GEMM ``auto`` runs is then read from, and written to, ``path`` (JSON; None keeps
+    them in memory): a file the run owns, such as one inside its log directory, rather than
+    one shared by every run of the machine. Layers with other backends are unaffected.
+    """
+    store = DecisionStore(path)
+    for _, layer in sparse_layers(model):
+        layer.backend.use_decision_store(store)
+    return store
+
+
+def densify(model: nn.Module) -> list[str]:
+    """Undo :func:`~slope_lightning.sparse.sparsify`: swap every SparseLinear for an
+    equivalent nn.Linear.
+
+    Adapters are folded into the dense weight. Returns the names of the swapped layers.
+    """
+    return replace_children(model, SparseLinear, _to_linear)
+
+
+def _to_linear(layer: nn.Module) -> nn.Module:
+    assert isinstance(layer, SparseLinear)
+    return layer.to_linear()
+
+
+def add_adapters(
+    model: nn.Module,
+    rank: int | float,
+    *,
+    init: AdapterInit = "slope",
+    alpha: float | None = None,
+    seed: int | None = None,
+) -> list[nn.Parameter]:
+    """Attach lazy low-rank adapters to every SparseLinear in ``model``.
+
+    Args:
+        rank: an int, or a float in (0, 1) read as a fraction of each layer's d_in
+            (the paper's 1.56% is ``0.0156``).
+        init: "slope" (L ~ N(0,1), R = 0, s = 1/r) or "peft" (Kaiming L, R = 0, s = alpha/r).
+        alpha: scale numerator for ``init="peft"`` (default: r, i.e. s = 1).
+        seed: seed for L's initialisation.
+
+    Returns:
+        The new parameters, to be added to a running optimizer
+        (``optimizer.add_param_group({"params": params})``).
+
+    Raises:
+        ValueError: no SparseLinear in the model, or a bad rank for some layer.
+        RuntimeError: some layer already has an adapter.
+    """
+    layers = sparse_layers(model)
+    if not layers:
+        raise ValueError(
+            "add_adapters(): the model has no SparseLinear layer; call sparsify() first"
+        )
+    if any(layer.adapter is not None for _, layer in layers):
+        raise RuntimeError("add_adapters(): the model already has adapters")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    params: list[nn.Parameter] = []
+    for _, layer in layers:
+        params += layer.add_adapter(rank, init=init, alpha=alpha, generator=generator)
+    return params
+
+
+def merge_for_inference(model: nn.Module) -> int:
+    """Switch every SparseLinear to the fused sparse + low-rank inference path.
+
+    Run the merged model under ``torch.no_grad()`` or ``torch.inference_mode()``: a forward
+    with gradients enabled unmerges the layer (merged weights are not trained). Returns the
+    number of layers merged.
+    """
+    layers = [layer for _, layer in sparse_layers(model)]
+    already = [layer.name for layer in layers if layer.merged]
+    if already:
+        raise RuntimeError(
+            f"{len(already)} layer(s) already merged (e.g. {already[0]!r}); call unmerge(model) "
+            "first"
+        )
+    # Validate every layer before merging any: a NaN in a late layer leaves nothing merged.
+    fused = [layer.fused_operand() for layer in layers]
+    for layer, operand in zip(layers, fused, strict=True):
+        layer.merge(operand)
+    return len(layers)
+
+
+def unmerge(model: nn.Module) -> int:
+    """Undo :func:`merge_for_inference` on every merged SparseLinear; returns how many."""
+    merged = [layer for _, layer in sparse_layers(model) if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    return len(merged)
