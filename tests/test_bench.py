@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slope_lightning.bench import common, inference, layers, memory, step
+from slope_lightning.bench import common, inference, layers, memory, methods, step
 from slope_lightning.bench.__main__ import main
 
 SMALL = {"n_layer": 1, "d_model": 64, "n_head": 2, "n_kv_head": 1, "seq_len": 32, "vocab_size": 128}
@@ -230,3 +230,31 @@ def test_the_gpu_check_script_only_uses_options_and_names_that_exist():
             TransformerConfig.from_name(preset)
         for backend in args.backends.split(","):
             BackendName.parse(backend)  # the one list of backend names
+
+
+def test_bf16_mixed_trains_fp32_master_values_under_bf16_autocast():
+    """The step and memory benchmarks train as the configs do (precision: bf16-mixed)."""
+    model, config = methods.build_model("micro", "slope", "emulated", precision="bf16-mixed")
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}
+    idx = torch.randint(0, config.vocab_size, (2, 8))
+    logits, loss = model(idx, idx)
+    assert logits.dtype == torch.bfloat16  # the forward ran under bf16 autocast
+    loss.backward()
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.step()
+    assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())
+    rows = step.step_rows("micro", batch=1, repeats=1, precision="bf16-mixed")
+    assert {row["precision"] for row in rows} == {"bf16-mixed"}
+
+
+def test_the_benchmarks_have_a_model_at_the_widths_where_2_4_gemms_pay():
+    config = methods.bench_config("llama-8b-4l")
+    assert (config.d_model, config.mlp_hidden, config.n_kv_head) == (4096, 14336, 8)
+    assert max(shape[1] for shape in layers.shapes_of(["llama-3-8b"])) == 14336
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        methods.precision_dtypes("fp8")
+
+
+def test_the_inference_benchmark_refuses_a_prompt_that_leaves_no_room_to_decode():
+    with pytest.raises(ValueError, match="prompt 30 \\+ new_tokens 4 exceeds .* seq_len 32"):
+        inference.inference_rows("tiny", prompt=30, new_tokens=4, repeats=1, **SMALL)

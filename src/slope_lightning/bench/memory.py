@@ -221,10 +221,11 @@ def _training_peak(
     dtype: torch.dtype,
     device: torch.device,
     overrides: dict[str, Any],
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """One warm-up AdamW step (counted exactly) and, on CUDA, one step under the peak counter."""
     model, config = build_model(
-        preset, method, backend=backend, dtype=dtype, device=device, **overrides
+        preset, method, backend, dtype, device, precision=precision, **overrides
     )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -271,10 +272,11 @@ def _inference_peak(
     dtype: torch.dtype,
     device: torch.device,
     overrides: dict[str, Any],
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """One prefill forward in eval mode (SLoPe merged), after one warm-up forward."""
     model, config = build_model(
-        preset, method, backend=backend, dtype=dtype, device=device, **overrides
+        preset, method, backend, dtype, device, precision=precision, **overrides
     )
     model.eval()
     if method == "slope":
@@ -307,6 +309,7 @@ def peak_rows(
     device: str | torch.device | None = None,
     backend: str = "reference",
     on_row: RowSink | None = None,
+    precision: str | None = None,
     **overrides: Any,
 ) -> list[Row]:
     """Peak training and inference memory of each method, with ratios vs dense (same run).
@@ -329,6 +332,8 @@ def peak_rows(
         device: where to measure; None picks CUDA when available.
         backend: SparseLinear backend for ``slope`` (the ``kernels`` column says what ran).
         on_row: called with each row as soon as it is measured, so a timeout keeps it.
+        precision: train as the configs do (e.g. ``bf16-mixed``, see
+            :data:`~slope_lightning.bench.methods.PRECISIONS`); replaces ``dtype``.
         overrides: TransformerConfig fields to change (e.g. ``n_layer=1``).
 
     Raises:
@@ -353,14 +358,14 @@ def peak_rows(
             dense_mib = None
             for method in ordered:
                 _release(dev)
-                measured = measure(preset, method, batch, backend, dtype, dev, overrides)
+                measured = measure(preset, method, batch, backend, dtype, dev, overrides, precision)
                 dense_mib = dense_mib or measured["memory_MiB"]
                 row: Row = {
                     "preset": preset,
                     "phase": phase,
                     "method": method,
                     "device": dev.type,
-                    "dtype": str(dtype).removeprefix("torch."),
+                    "dtype": precision or str(dtype).removeprefix("torch."),
                     **measured,
                     "vs_dense": measured["memory_MiB"] / dense_mib,
                 }
