@@ -4,8 +4,6 @@ except exact memory counts)."""
 from __future__ import annotations
 
 import json
-import shlex
-from pathlib import Path
 
 import pytest
 import torch
@@ -159,77 +157,6 @@ def test_kernel_benchmark_reports_which_implementation_is_used(monkeypatch):
         ("lowrank_add", "triton", 2.0),
         ("bias_add", "torch", 1 / 3),
     ]
-
-
-GPU_CHECK = Path(__file__).parents[1] / "scripts" / "gpu_check.sh"
-BENCH_MODULE = "python -m slope_lightning.bench"
-
-
-def gpu_check_commands() -> list[list[str]]:
-    """The benchmark command lines of scripts/gpu_check.sh (continuation lines joined), and
-    the second-call commands it lists for leftover device time."""
-    script = GPU_CHECK.read_text()
-    commands = []
-    for line in script.replace("\\\n", " ").splitlines():
-        if line.startswith(BENCH_MODULE):  # a second-call line
-            line = line.replace(BENCH_MODULE, "$BENCH", 1)
-        words = shlex.split(line, comments=True)
-        if "$BENCH" in words:
-            commands.append(words[words.index("$BENCH") + 1 :])
-    return commands
-
-
-def gpu_check_parts() -> list[tuple[str, int]]:
-    """``part NAME BUDGET ...`` lines of scripts/gpu_check.sh, in order: (name, budget_s)."""
-    parts = []
-    for line in GPU_CHECK.read_text().splitlines():
-        words = line.split()
-        if len(words) >= 3 and words[0] == "part" and words[2].isdigit():
-            parts.append((words[1], int(words[2])))
-    return parts
-
-
-def test_the_gpu_check_runs_its_parts_by_value_within_seven_minutes():
-    """Facts, smoke, gpu tests, kernels, layers, step, inference, memory, compiled step last;
-    every part under its own budget, the fixed ones leaving time for the last."""
-    parts = gpu_check_parts()
-    assert [name for name, _ in parts] == [
-        "facts",
-        "smoke",
-        "pytest-gpu",
-        "kernels",
-        "layers",
-        "step",
-        "inference",
-        "memory",
-        "step-compiled",
-    ]
-    script = GPU_CHECK.read_text()
-    assert "WALL=${GPU_CHECK_WALL_S:-420}" in script
-    assert sum(budget for _, budget in parts[:-1]) + 15 + 5 * len(parts) < 420
-    assert script.count("--no-plot") >= len(gpu_check_commands())  # no PNG on the device
-    assert "scripts/gpu_smoke.py" in script and (GPU_CHECK.parent / "gpu_smoke.py").is_file()
-
-
-def test_the_gpu_check_script_only_uses_options_and_names_that_exist():
-    """The GPU machine is lent for minutes: a typo there would waste the whole run."""
-    from slope_lightning.bench.__main__ import build_parser
-    from slope_lightning.models import TransformerConfig
-    from slope_lightning.sparse.backends import BackendName
-
-    commands = gpu_check_commands()
-    assert {c[0] for c in commands} == {"kernels", "layers", "step", "inference", "memory"}
-    assert len(commands) == 6 + 4  # 6 benchmark parts, 4 second-call commands
-    for argv in commands:
-        assert "--no-plot" in argv
-        args = build_parser().parse_args([word.replace("$OUT", "out") for word in argv])
-        assert isinstance(getattr(torch, args.dtype), torch.dtype)
-        if args.models:
-            layers.shapes_of(args.models.split(","))
-        for preset in {args.preset, *args.presets.split(",")}:
-            TransformerConfig.from_name(preset)
-        for backend in args.backends.split(","):
-            BackendName.parse(backend)  # the one list of backend names
 
 
 def test_bf16_mixed_trains_fp32_master_values_under_bf16_autocast():
