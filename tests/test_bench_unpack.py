@@ -66,7 +66,7 @@ def test_unpack_puts_the_check_in_results_and_renders_it(tmp_path, capsys):
     assert (target / "logs" / "layers.log").is_file()
     index = (target / "index.md").read_text()
     for words in ("gpu: NVIDIA H200", "| layers | timed out |", "skipped (no time left)",
-                  "| fused_adamw_bumps_version | FAIL |", "[step](step.md): 2 rows",
+                  "| fused_adamw_bumps_version | FACT |", "[step](step.md): 2 rows",
                   "[layers](layers.md): 1 rows (incomplete: timed out)"):  # fmt: skip
         assert words in index, words
     assert "autotune" not in index
@@ -126,3 +126,22 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_the_second_calls_archive_unpacks_next_to_the_first_not_over_it(tmp_path):
+    first = fake_check(tmp_path / "a" / "check")
+    second_dir = tmp_path / "b" / "check"
+    second = fake_check(second_dir)
+    machine = {"gpu": "NVIDIA H200", "call": 2}
+    (second_dir / "machine.json").write_text(json.dumps(machine))
+    (second_dir / "parts.tsv").write_text(
+        "part\trc\tseconds\tbudget_s\tlimit_s\tnote\n"
+        "step-compiled\tskipped\t0\t120\t0\tno C compiler or Python.h\n"
+    )
+    with tarfile.open(second, "w:gz") as tar:
+        tar.add(second_dir, arcname=".")
+    out = tmp_path / "results"
+    assert archive.unpack(first, out, plot=False).name == "gpu-h200"
+    target = archive.unpack(second, out, plot=False)
+    assert target.name == "gpu-h200-call2" and (out / "gpu-h200").is_dir()
+    assert "skipped (no C compiler or Python.h)" in (target / "index.md").read_text()
