@@ -4,13 +4,11 @@ except exact memory counts)."""
 from __future__ import annotations
 
 import json
-import shlex
-from pathlib import Path
 
 import pytest
 import torch
 
-from slope_lightning.bench import common, inference, layers, memory, step
+from slope_lightning.bench import common, inference, layers, memory, methods, step
 from slope_lightning.bench.__main__ import main
 from slope_lightning.utils import machine_info
 
@@ -162,72 +160,29 @@ def test_kernel_benchmark_reports_which_implementation_is_used(monkeypatch):
     ]
 
 
-GPU_CHECK = Path(__file__).parents[1] / "scripts" / "gpu_check.sh"
-BENCH_MODULE = "python -m slope_lightning.bench"
+def test_bf16_mixed_trains_fp32_master_values_under_bf16_autocast():
+    """The step and memory benchmarks train as the configs do (precision: bf16-mixed)."""
+    model, config = methods.method_model("micro", "slope", "emulated", precision="bf16-mixed")
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}
+    idx = torch.randint(0, config.vocab_size, (2, 8))
+    logits, loss = model(idx, idx)
+    assert logits.dtype == torch.bfloat16  # the forward ran under bf16 autocast
+    loss.backward()
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.step()
+    assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())
+    rows = step.step_rows("micro", batch=1, repeats=1, precision="bf16-mixed")
+    assert {row["precision"] for row in rows} == {"bf16-mixed"}
 
 
-def gpu_check_commands() -> list[list[str]]:
-    """The benchmark command lines of scripts/gpu_check.sh (continuation lines joined), and
-    the second-call commands it lists for leftover device time."""
-    script = GPU_CHECK.read_text()
-    commands = []
-    for line in script.replace("\\\n", " ").splitlines():
-        if line.startswith(BENCH_MODULE):  # a second-call line
-            line = line.replace(BENCH_MODULE, "$BENCH", 1)
-        words = shlex.split(line, comments=True)
-        if "$BENCH" in words:
-            commands.append(words[words.index("$BENCH") + 1 :])
-    return commands
+def test_the_benchmarks_have_a_model_at_the_widths_where_2_4_gemms_pay():
+    config = methods.bench_config("llama-8b-4l")
+    assert (config.d_model, config.mlp_hidden, config.n_kv_head) == (4096, 14336, 8)
+    assert max(shape[1] for shape in layers.shapes_of(["llama-3-8b"])) == 14336
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        methods.precision_dtypes("fp8")
 
 
-def gpu_check_parts() -> list[tuple[str, int]]:
-    """``part NAME BUDGET ...`` lines of scripts/gpu_check.sh, in order: (name, budget_s)."""
-    parts = []
-    for line in GPU_CHECK.read_text().splitlines():
-        words = line.split()
-        if len(words) >= 3 and words[0] == "part" and words[2].isdigit():
-            parts.append((words[1], int(words[2])))
-    return parts
-
-
-def test_the_gpu_check_runs_its_parts_by_value_within_seven_minutes():
-    """Facts, smoke, gpu tests, kernels, layers, step, inference, memory, compiled step last;
-    every part under its own budget, the fixed ones leaving time for the last."""
-    parts = gpu_check_parts()
-    assert [name for name, _ in parts] == [
-        "facts",
-        "smoke",
-        "pytest-gpu",
-        "kernels",
-        "layers",
-        "step",
-        "inference",
-        "memory",
-        "step-compiled",
-    ]
-    script = GPU_CHECK.read_text()
-    assert "WALL=${GPU_CHECK_WALL_S:-420}" in script
-    assert sum(budget for _, budget in parts[:-1]) + 15 + 5 * len(parts) < 420
-    assert script.count("--no-plot") >= len(gpu_check_commands())  # no PNG on the device
-    assert "scripts/gpu_smoke.py" in script and (GPU_CHECK.parent / "gpu_smoke.py").is_file()
-
-
-def test_the_gpu_check_script_only_uses_options_and_names_that_exist():
-    """The GPU machine is lent for minutes: a typo there would waste the whole run."""
-    from slope_lightning.bench.__main__ import build_parser
-    from slope_lightning.models import TransformerConfig
-    from slope_lightning.sparse.backends import BackendName
-
-    commands = gpu_check_commands()
-    assert {c[0] for c in commands} == {"kernels", "layers", "step", "inference", "memory"}
-    assert len(commands) == 6 + 4  # 6 benchmark parts, 4 second-call commands
-    for argv in commands:
-        assert "--no-plot" in argv
-        args = build_parser().parse_args([word.replace("$OUT", "out") for word in argv])
-        assert isinstance(getattr(torch, args.dtype), torch.dtype)
-        if args.models:
-            layers.shapes_of(args.models.split(","))
-        for preset in {args.preset, *args.presets.split(",")}:
-            TransformerConfig.from_name(preset)
-        for backend in args.backends.split(","):
-            BackendName.parse(backend)  # the one list of backend names
+def test_the_inference_benchmark_refuses_a_prompt_that_leaves_no_room_to_decode():
+    with pytest.raises(ValueError, match="prompt 30 \\+ new_tokens 4 exceeds .* seq_len 32"):
+        inference.inference_rows("tiny", prompt=30, new_tokens=4, repeats=1, **SMALL)

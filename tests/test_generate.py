@@ -49,6 +49,37 @@ def test_cached_greedy_generation_equals_uncached_token_for_token(style: str) ->
     assert torch.equal(cached, uncached)
 
 
+def positions_per_step(model: Transformer) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    """Token positions fed to the model at each forward (the token embedding's input width)."""
+    seen: list[int] = []
+    handle = model.tok_embed.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    return seen, handle
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_a_prompt_filling_the_context_is_encoded_once_then_one_token_per_step(style: str) -> None:
+    """A prompt of seq_len tokens (the GPU check's decode) does not re-encode the context at
+    every step: it is cropped once to leave room for the new tokens, then read from the cache."""
+    model = model_of(style)
+    prompt = tokens(2, 16)  # = seq_len
+    seen, handle = positions_per_step(model)
+    cached = model.generate(prompt, max_new_tokens=4, temperature=0.0)
+    handle.remove()
+    assert seen == [13, 1, 1, 1]  # 13 + 3 fed-back tokens = 16 positions: one cache
+    assert cached.shape == (2, 20) and torch.equal(cached[:, :16], prompt)
+    uncached = model.generate(prompt, max_new_tokens=4, temperature=0.0, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_a_prompt_with_room_for_the_new_tokens_is_not_cropped(style: str) -> None:
+    model = model_of(style)
+    seen, handle = positions_per_step(model)
+    model.generate(tokens(1, 12), max_new_tokens=5, temperature=0.0)
+    handle.remove()
+    assert seen == [12, 1, 1, 1, 1]
+
+
 @pytest.mark.parametrize("style", STYLES)
 def test_generation_projects_only_the_last_position_through_the_lm_head(style: str) -> None:
     model = model_of(style)

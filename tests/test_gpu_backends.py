@@ -20,6 +20,7 @@ from slope_lightning.sparse import (
 from slope_lightning.sparse.backends import (
     AutoBackend,
     BackendName,
+    Decision,
     DecisionStore,
     ReferenceBackend,
     SemiStructuredBackend,
@@ -29,9 +30,12 @@ from slope_lightning.sparse.backends import (
 )
 from slope_lightning.sparse.backends.ops import (
     ALGORITHM_IDS,
+    DEFAULT_ALGORITHM,
+    AlgorithmChoice,
     CuSparseLtOps,
     CutlassOps,
     EmulatedOps,
+    sparse_mm_arguments,
 )
 
 
@@ -295,19 +299,21 @@ def test_auto_decides_again_for_another_token_bucket_or_operand_shape(tmp_path):
         x = torch.randn(tokens, 32, dtype=torch.float64, requires_grad=True)
         layer(x).sum().backward()
         torch.testing.assert_close(layer(x), reference(x))
-    picked = {key[-1]: backend.name for key, backend in auto.choices.items()}
+    picked = {key.bucket: backend.name for key, backend in auto.choices.items()}
     assert picked == {64: "emulated", 1: "reference", 2: "reference"}
+    assert {key.phase for key in auto.choices} == {"training"}  # the no-grad calls came after
     assert len(measured) == 6  # two candidates for each of three buckets
     with torch.no_grad():
         add_adapters(nn.Sequential(layer), rank=4)
         merge_for_inference(nn.Sequential(layer))
         layer(torch.randn(64, 32, dtype=torch.float64))
-    assert (96, 32, torch.float64, 64) in auto.choices  # [W_R; Lᵀ; padding]: its own decision
-    assert "T<=64" in (tmp_path / "a.json").read_text()
-    assert "64x32 T<=1: reference" in backend_report(nn.Sequential(layer))
+    # [W_R; Lᵀ; padding]: its own decision
+    assert Decision(96, 32, torch.float64, 64, "inference") in auto.choices
+    assert "T<=64|training" in (tmp_path / "a.json").read_text()
+    assert "64x32 T<=1 training: reference" in backend_report(nn.Sequential(layer))
     layer.unmerge()
     layer(torch.randn(64, 32, dtype=torch.float64)).sum().backward()  # training again
-    assert auto.choice is auto.choices[(64, 32, torch.float64, 64)]  # the running decision
+    assert auto.choice is auto.choices[Decision(64, 32, torch.float64, 64, "training")]
     assert auto.running is auto.choice
     assert "auto -> emulated" in backend_report(nn.Sequential(layer))
 
@@ -318,6 +324,65 @@ def test_auto_falls_back_to_the_dense_gemm_with_the_reason():
     layer(torch.randn(4, 32))
     assert isinstance(auto.choice, ReferenceBackend)
     assert "runs 2:4 only" in auto.reason
+
+
+class FailingBackend(SemiStructuredBackend):
+    """A candidate that supports every layer on paper and fails when it runs, as cuSPARSELt
+    does for some shapes on some GPUs."""
+
+    def __init__(self) -> None:
+        super().__init__(EmulatedOps())
+        self.name = "failing"
+
+    def forward(self, x, weight, bias, cache):
+        raise RuntimeError(
+            "cuSPARSELt: CUSPARSE_STATUS_NOT_SUPPORTED (operation not supported)\nmore"
+        )
+
+
+def test_auto_skips_a_candidate_that_fails_and_records_why():
+    auto = AutoBackend([FailingBackend()])
+    reference, layer = twin_layers(32, 32, auto)
+    x = torch.randn(8, 32, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    layer(x).sum().backward()
+    reference(x_ref).sum().backward()
+    assert auto.choice.name == "reference"
+    assert "failing failed: RuntimeError: cuSPARSELt: CUSPARSE_STATUS_NOT_SUPPORTED" in auto.reason
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    with torch.no_grad():  # and for inference, its own decision, the same fallback
+        torch.testing.assert_close(layer(x), reference(x))
+    assert {key.phase: chosen.name for key, chosen in auto.choices.items()} == {
+        "training": "reference",
+        "inference": "reference",
+    }
+
+
+def test_a_first_no_grad_forward_does_not_decide_for_training():
+    """bench/layers times the inference forward first: the training step must still be
+    decided with its per-step rebuild (compress W_R and W_RCᵀ, every call)."""
+    ops = EmulatedOps()
+    timed: list[tuple[str, int]] = []
+
+    def timer(fn, device):
+        before = len(ops.compressed_shapes)
+        fn()
+        name = next(
+            c.cell_contents.name for c in fn.__closure__ if hasattr(c.cell_contents, "unsupported")
+        )
+        timed.append((name, len(ops.compressed_shapes) - before))
+        return 1.0 if name == "emulated" else 2.0
+
+    auto = AutoBackend([SemiStructuredBackend(ops)], timer=timer)
+    _, layer = twin_layers(32, 32, auto)
+    x = torch.randn(8, 32, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        layer(x)
+    assert [key.phase for key in auto.choices] == ["inference"]
+    assert dict(timed) == {"emulated": 1, "reference": 0}  # W_R only, cached between calls
+    layer(x).sum().backward()
+    assert [key.phase for key in auto.choices] == ["inference", "training"]
+    assert dict(timed[2:]) == {"emulated": 2, "reference": 0}  # W_R and W_RCᵀ, rebuilt
 
 
 def test_auto_measures_for_real_on_cpu_and_reports_its_choice():
@@ -342,34 +407,119 @@ def test_each_kernel_library_names_the_gpus_it_cannot_run_on(monkeypatch):
     assert "no cuSPARSELt" in CuSparseLtOps().unsupported_gpu((9, 0))
 
 
-def test_cusparselt_searches_an_algorithm_once_per_shape_for_all_layers(monkeypatch):
-    calls = []
+def bind_to_schema(schema, args, kwargs):
+    """The arguments of a call by name, as torch binds them against ``schema``; a TypeError
+    for a keyword the operator does not have or a missing positional argument."""
+    names = [argument.name for argument in schema.arguments]
+    unknown = set(kwargs) - set(names)
+    if unknown:
+        raise TypeError(f"{schema.name} has no argument(s) {sorted(unknown)}")
+    bound = dict(zip(names, args, strict=False))
+    if set(bound) & set(kwargs):
+        raise TypeError(f"{schema.name}: {sorted(set(bound) & set(kwargs))} given twice")
+    bound |= kwargs
+    required = [a.name for a in schema.arguments if not a.has_default_value()]
+    if missing := [name for name in required if name not in bound]:
+        raise TypeError(f"{schema.name}: missing {missing}")
+    return bound
 
-    def search(packed, dense, transpose_result):
-        calls.append(tuple(dense.shape))
-        assert transpose_result and not dense.is_contiguous()  # x.t(): column-major (k, T)
-        return 3
 
-    def sparse_mm(packed, dense, bias, transpose_result, alg_id):
-        assert alg_id == 3 and bias is None
-        return (packed @ dense).t().contiguous()  # (T, rows), as cuSPARSELt returns it
+class FakeCuSparseLt:
+    """Stands in for torch's cuSPARSELt entry points on CPU: ``mm_search`` with the binding's
+    positional signature, ``_cslt_sparse_mm`` checked against the installed schema."""
 
-    monkeypatch.setattr(ALGORITHM_IDS, "ids", {})
-    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", search)
-    monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm)
-    weight, x = torch.randn(32, 16), torch.randn(8, 16)
-    for _ in range(2):  # two layers of one shape: two instances, one search
+    def __init__(self, found=(3, 2, 1, 7)):
+        self.found = found
+        self.searches: list[tuple[int, ...]] = []
+        self.calls: list[dict] = []
+
+    def mm_search(self, *args):
+        assert len(args) == 6, "mm_search takes (A, B, bias, alpha, out_dtype, transpose_result)"
+        _packed, dense, bias, alpha, out_dtype, transpose_result = args
+        assert transpose_result is True and bias is None and alpha is None and out_dtype is None
+        assert not dense.is_contiguous()  # x.t(): column-major (k, T)
+        self.searches.append(tuple(dense.shape))
+        return self.found
+
+    def sparse_mm(self, *args, **kwargs):
+        bound = bind_to_schema(torch.ops.aten._cslt_sparse_mm.default._schema, args, kwargs)
+        self.calls.append({k: v for k, v in bound.items() if not isinstance(v, torch.Tensor)})
+        return (bound["compressed_A"] @ bound["dense_B"]).t().contiguous()  # (T, rows)
+
+
+@pytest.fixture
+def fake_cusparselt(monkeypatch):
+    fake = FakeCuSparseLt()
+    monkeypatch.setattr(ALGORITHM_IDS, "choices", {})
+    monkeypatch.setattr(torch._C, "_cusparselt", fake, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", fake.sparse_mm)
+    return fake
+
+
+def test_cusparselt_searches_once_per_shape_and_token_bucket_for_all_layers(fake_cusparselt):
+    weight = torch.randn(32, 16)
+    for tokens in (8, 8, 6, 1504, 2000, 2048):  # two layers of one shape share each search
+        x = torch.randn(tokens, 16)
         torch.testing.assert_close(CuSparseLtOps().matmul(weight, x, 32), x @ weight.t())
-    assert calls == [(16, 8)]
+    # buckets 8, 8, 8, 2048, 2048, 2048: a new prompt length does not search again
+    assert fake_cusparselt.searches == [(16, 8), (16, 1504)]
+    assert ALGORITHM_IDS.searches == 2
 
-    def failing_search(*args, **kwargs):
+
+def test_cusparselt_runs_the_searched_algorithm_with_its_split_k_settings(fake_cusparselt):
+    """torch._C._cusparselt.mm_search, not the deprecated torch._cslt_sparse_mm_search: its
+    split-k findings reach the GEMM, through keywords the installed schema has."""
+    CuSparseLtOps().matmul(torch.randn(32, 16), torch.randn(8, 16), 32, bias=torch.randn(32))
+    call = fake_cusparselt.calls[-1]
+    assert (call["alg_id"], call["split_k"], call["split_k_mode"]) == (3, 2, 1)
+    assert call["transpose_result"] is True
+
+
+def test_the_sparse_mm_keywords_exist_in_torchs_schema():
+    schema = torch.ops.aten._cslt_sparse_mm.default._schema
+    names = {argument.name for argument in schema.arguments}
+    choice = AlgorithmChoice(alg_id=5, split_k=4, split_k_mode=0)
+    arguments = sparse_mm_arguments(choice)
+    assert set(arguments) <= names and arguments["alg_id"] == 5
+    assert {"bias", "transpose_result"} <= names
+    if {"split_k", "split_k_mode"} <= names:  # torch 2.11 and 2.13 have them
+        assert (arguments["split_k"], arguments["split_k_mode"]) == (4, 0)
+
+
+def test_without_mm_search_the_old_search_gives_the_algorithm_alone(monkeypatch, fake_cusparselt):
+    monkeypatch.setattr(torch._C, "_cusparselt", object())  # no mm_search attribute
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda p, d, transpose_result: 6)
+    CuSparseLtOps().matmul(torch.randn(32, 16), torch.randn(8, 16), 32)
+    assert fake_cusparselt.calls[-1]["alg_id"] == 6
+    assert fake_cusparselt.calls[-1].get("split_k", 1) == 1
+
+
+def test_a_failing_search_or_searched_algorithm_falls_back_to_the_default(
+    monkeypatch, fake_cusparselt
+):
+    def failing_search(*args):
         raise RuntimeError("CUSPARSE_STATUS_NOT_SUPPORTED")
 
-    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", failing_search)
-    monkeypatch.setattr(
-        torch, "_cslt_sparse_mm", lambda p, d, bias, transpose_result, alg_id: alg_id
-    )
-    assert CuSparseLtOps().matmul(weight, torch.randn(16, 16), 32) == 0  # default algorithm
+    monkeypatch.setattr(fake_cusparselt, "mm_search", failing_search)
+    CuSparseLtOps().matmul(torch.randn(32, 16), torch.randn(16, 16), 32)
+    assert fake_cusparselt.calls[-1]["alg_id"] == 0  # cuSPARSELt's default algorithm
+
+    fake = FakeCuSparseLt(found=(9, 1, -1, 9))
+    real_sparse_mm = fake.sparse_mm
+
+    def refuses_algorithm_9(*args, **kwargs):
+        if kwargs.get("alg_id") == 9 and args[1].shape[1] > 8:  # only at 16 tokens
+            raise RuntimeError("CUSPARSE_STATUS_INVALID_VALUE")
+        return real_sparse_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch._C, "_cusparselt", fake)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", refuses_algorithm_9)
+    weight = torch.randn(32, 32)
+    CuSparseLtOps().matmul(weight, torch.randn(8, 32), 32)  # searched at 8 tokens: bucket 8
+    x = torch.randn(16, 32)  # bucket 16: searched again (9), which fails here: default
+    torch.testing.assert_close(CuSparseLtOps().matmul(weight, x, 32), x @ weight.t())
+    assert [call["alg_id"] for call in fake.calls] == [9, 0]
+    assert ALGORITHM_IDS.choices[ALGORITHM_IDS.key(x, 32)] == DEFAULT_ALGORITHM
 
 
 def test_backend_names_are_one_enum_that_parses_values_and_old_spellings():

@@ -260,7 +260,7 @@ def test_step_benchmark_measures_dense_slope_and_transposable_side_by_side():
 
 
 def test_step_benchmark_records_a_failed_compile_instead_of_crashing(monkeypatch):
-    def broken_compile(model):
+    def broken_compile(model, **options):
         def forward(*args):
             raise RuntimeError("backend exploded\nlong traceback")
 

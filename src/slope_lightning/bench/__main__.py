@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from slope_lightning.bench import common
+from slope_lightning.bench.layers import PHASES
+from slope_lightning.bench.methods import BENCH_PRESETS, PRECISIONS
 from slope_lightning.utils import machine_info
 
 SUITES = ("memory", "layers", "kernels", "step", "inference", "runs", "unpack")
@@ -69,8 +71,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backends", default="reference", help="comma-separated SparseLinear backends (layers)"
     )
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (layers)")
-    parser.add_argument("--preset", default="tiny", help="transformer preset (step, inference)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="parameter dtype: float32, bfloat16 or float16 (layers, inference; step and "
+        "memory when --precision is not given)",
+    )
+    parser.add_argument(
+        "--precision",
+        default=None,
+        choices=list(PRECISIONS),
+        help="train as the configs do (step, memory): bf16-mixed keeps fp32 master values "
+        "and AdamW state and runs the forward under bf16 autocast (default: --dtype's "
+        "'true' precision, e.g. bf16-true for bfloat16)",
+    )
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"layers: comma-separated phases from {', '.join(PHASES)}",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (step --compile): inductor, or eager to trace without "
+        "generating code (the CPU dry run)",
+    )
+    parser.add_argument(
+        "--preset",
+        default="tiny",
+        help=f"transformer preset (step, inference), or a bench preset: {', '.join(BENCH_PRESETS)}",
+    )
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (step, memory)")
     parser.add_argument(
         "--seq-len", type=int, default=None, help="tokens per sequence (memory; default: preset's)"
@@ -114,10 +144,24 @@ def _shapes(args: argparse.Namespace) -> list[tuple[int, int]]:
     return shapes or list(layers.DEFAULT_SHAPES)
 
 
+def _true_precision(dtype: torch.dtype) -> str:
+    """The precision that trains in ``dtype`` throughout (what --dtype alone asks for)."""
+    return {torch.bfloat16: "bf16-true", torch.float16: "16-true"}.get(dtype, "32-true")
+
+
+def _phases(text: str, parser: argparse.ArgumentParser) -> tuple[str, ...]:
+    phases = tuple(filter(None, text.split(",")))
+    unknown = [phase for phase in phases if phase not in PHASES]
+    if unknown or not phases:
+        parser.error(f"--phases {text!r}: choose from {', '.join(PHASES)}")
+    return phases
+
+
 def run_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     """Run one benchmark suite, writing its rows as they come; return its markdown."""
     info = machine_info("python -m slope_lightning.bench " + shlex.join(sys.argv[1:]))
     dtype = getattr(torch, args.dtype)
+    precision = args.precision or _true_precision(dtype)
     backend = args.backends.split(",")[0]
     name = _table_name(args.suite, info, args.compile)
     if args.suite == "memory":
@@ -126,7 +170,8 @@ def run_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
         presets = tuple(args.presets.split(","))
         table = common.ResultsTable(name, args.out, info, memory.COLUMNS, "ratio")
         memory.layer_rows(on_row=table.add)
-        memory.transformer_rows(presets, on_row=table.add)
+        model_presets = [preset for preset in presets if preset not in BENCH_PRESETS]
+        memory.transformer_rows(model_presets, on_row=table.add)
         text = table.close(plot=args.plot)
         peak_name = "memory-peak" if info["device"] != "cpu" else "memory-peak-cpu-count"
         peaks = common.ResultsTable(peak_name, args.out, info, peak.PEAK_COLUMNS, "vs_dense")
@@ -134,9 +179,9 @@ def run_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
             presets,
             batch=args.batch,
             seq_len=args.seq_len,
-            dtype=dtype,
             backend=backend,
             on_row=peaks.add,
+            precision=precision,
         )
         return text + "\n" + peaks.close(plot=args.plot)
     if args.suite == "step":
@@ -145,7 +190,14 @@ def run_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
         table = common.ResultsTable(name, args.out, info, step.STEP_COLUMNS, "speedup_vs_dense")
         compile_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
         step.step_rows(
-            args.preset, args.batch, backend, dtype, args.repeats, compile_modes, table.add
+            args.preset,
+            args.batch,
+            backend,
+            precision,
+            args.repeats,
+            compile_modes,
+            table.add,
+            compile_backend=args.compile_backend,
         )
         return table.close(plot=args.plot)
     if args.suite == "inference":
@@ -192,6 +244,7 @@ def run_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
         repeats=args.repeats,
         dtype=dtype,
         backends=tuple(args.backends.split(",")),
+        phases=_phases(args.phases, parser),
         on_row=table.add,
     )
     return table.close(plot=args.plot)

@@ -10,12 +10,16 @@ time is done here, afterwards::
 What the archive holds (each part of the check adds its files as it finishes):
 
 - ``machine.json``: GPU, driver, torch, CUDA, cuSPARSELt and Triton versions;
-- ``parts.tsv``: one line per part: name, exit code (124/137: timed out), seconds, budget
-  and the limit it ran under (the budget clamped to the time left);
+- ``parts.tsv``: one line per part: name, exit code (124/137: timed out), seconds, budget,
+  the limit it ran under (the budget clamped to the time left) and why it was skipped;
 - ``smoke.json``: the torch-primitive smoke checks (``scripts/gpu_smoke.py``);
 - ``<table>.json`` / ``<table>.md``: the benchmark tables
   (:class:`~slope_lightning.bench.common.ResultsTable`), possibly incomplete after a timeout;
-- ``logs/<part>.log``, ``pytest-gpu.xml``, and whatever else a part wrote.
+- ``summary.txt``: the call's summary (also left next to the archives under ``$OUT``);
+- ``logs/<part>.log``, ``pytest/<test file>.xml`` (junit), and whatever else a part wrote.
+
+The check runs in two calls (``scripts/gpu_check.sh --call 1|2``), each with its own
+archive, ``gpu-check-call<N>.tar.gz``; unpack each (the second goes to ``gpu-<device>-call2``).
 """
 
 from __future__ import annotations
@@ -75,11 +79,14 @@ def _slug(text: str) -> str:
 
 
 def default_tag(directory: Path, archive: Path) -> str:
-    """``gpu-<device>`` from the archive's ``machine.json`` (e.g. ``gpu-nvidia-h200``), else
-    the archive's name: one directory per machine, which a newer check of it replaces."""
+    """``gpu-<device>`` from the archive's ``machine.json`` (e.g. ``gpu-nvidia-h200``), with
+    ``-call2`` for the check's second call, else the archive's name: one directory per
+    machine and call, which a newer check of them replaces."""
     facts = _read_json(directory / "machine.json")
     if isinstance(facts, dict) and facts.get("gpu"):
-        return "gpu-" + _slug(str(facts["gpu"]).removeprefix("NVIDIA "))
+        call = facts.get("call", 1)
+        suffix = f"-call{call}" if call != 1 else ""
+        return "gpu-" + _slug(str(facts["gpu"]).removeprefix("NVIDIA ")) + suffix
     return _slug(archive.name.split(".")[0])
 
 
@@ -132,23 +139,25 @@ def how_it_ended(rc: str) -> str:
 
 
 def _parts(directory: Path) -> list[dict[str, Any]]:
-    """``parts.tsv`` as rows: part, how it ended, seconds, budget and the limit it ran under."""
+    """``parts.tsv`` as rows: part, how it ended, seconds, budget, the limit it ran under and
+    a note (why a part was skipped)."""
     path = directory / "parts.tsv"
     if not path.is_file():
         return []
     rows = []
     for line in path.read_text().splitlines():
-        fields = [*line.split("\t"), "", ""]  # missing trailing fields read as ""
+        fields = [*line.split("\t"), "", "", ""]  # missing trailing fields read as ""
         if not fields[0] or fields[0] == "part":
             continue
-        part, rc, seconds, budget, limit = fields[:5]
+        part, rc, seconds, budget, limit, note = fields[:6]
         rows.append(
             {
                 "part": part,
-                "ended": how_it_ended(rc),
+                "ended": f"skipped ({note})" if rc == "skipped" and note else how_it_ended(rc),
                 "seconds": seconds,
                 "budget_s": budget,
                 "limit_s": limit,
+                "note": note,
             }
         )
     return rows
@@ -179,7 +188,7 @@ def render_index(directory: Path, tables: list[str]) -> Path:
         lines += [f"- {key}: {value}" for key, value in facts.items()] + [""]
     parts = _parts(directory)
     if parts:
-        columns = ["part", "ended", "seconds", "budget_s", "limit_s"]
+        columns = ["part", "ended", "seconds", "budget_s", "limit_s", "note"]
         lines += ["## Parts", "", markdown_table(parts, columns), ""]
     smoke = _smoke_rows(directory)
     if smoke:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from slope_lightning.bench.common import Row, RowSink
-from slope_lightning.bench.methods import method_model
+from slope_lightning.bench.methods import bench_config, method_model
 from slope_lightning.models import Transformer
 from slope_lightning.sparse import add_adapters, merge_for_inference
 from slope_lightning.utils import median_ms
@@ -36,8 +36,11 @@ def inference_rows(
     """Prefill latency and decode tokens/s: dense vs SLoPe merged, at adapter ranks r/d.
 
     Args:
-        preset, overrides: the transformer (:meth:`TransformerConfig.from_name`).
-        prompt: prompt tokens of the one sequence (batch 1) that is prefilled.
+        preset, overrides: the transformer (a model preset or a bench preset, see
+            :func:`~slope_lightning.bench.methods.bench_config`).
+        prompt: prompt tokens of the one sequence (batch 1) that is prefilled; with
+            ``new_tokens`` at most the model's ``seq_len``, so that the decode times the KV
+            cache path (one position per token).
         new_tokens: tokens decoded greedily after the prompt.
         backend: SparseLinear backend of the SLoPe rows.
         dtype: parameter dtype.
@@ -48,8 +51,18 @@ def inference_rows(
     Returns:
         The dense row first, then one SLoPe row per rank; ``prefill_speedup`` is relative to
         the dense row.
+
+    Raises:
+        ValueError: ``prompt + new_tokens`` exceeds the model's ``seq_len``.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    seq_len = bench_config(preset, **overrides).seq_len
+    if prompt + new_tokens > seq_len:
+        raise ValueError(
+            f"prompt {prompt} + new_tokens {new_tokens} exceeds the model's seq_len {seq_len}: "
+            "generate would crop the prompt, and the prefill would not time the prompt asked "
+            f"for; use --prompt {seq_len - new_tokens} or less"
+        )
     rows: list[Row] = []
     dense_prefill: float | None = None
     for method, rank in [("dense", 0.0)] + [("slope", r) for r in ranks]:

@@ -107,11 +107,12 @@ def _peak(
     dtype: torch.dtype,
     device: torch.device,
     overrides: dict[str, Any],
+    precision: str | None = None,
 ) -> Row:
     """One phase's row for one method: the exact counts everywhere, the allocator's peak over
     the phase's step on CUDA."""
     model, config = method_model(
-        preset, method, backend=backend, dtype=dtype, device=device, **overrides
+        preset, method, backend, dtype, device, precision=precision, **overrides
     )
     idx = torch.randint(0, config.vocab_size, (batch, config.seq_len), device=device)  # (B, T)
     row, step = phase(model, idx)
@@ -132,6 +133,7 @@ def peak_rows(
     device: str | torch.device | None = None,
     backend: str = "reference",
     on_row: RowSink | None = None,
+    precision: str | None = None,
     **overrides: Any,
 ) -> list[Row]:
     """Peak training and inference memory of each method, with ratios vs dense (same run).
@@ -154,6 +156,8 @@ def peak_rows(
         device: where to measure; None picks CUDA when available.
         backend: SparseLinear backend for ``slope`` (the ``kernels`` column says what ran).
         on_row: called with each row as soon as it is measured, so a timeout keeps it.
+        precision: train as the configs do (e.g. ``bf16-mixed``, see
+            :data:`~slope_lightning.bench.methods.PRECISIONS`); replaces ``dtype``.
         overrides: TransformerConfig fields to change (e.g. ``n_layer=1``).
 
     Raises:
@@ -178,14 +182,16 @@ def peak_rows(
             dense_mib = None
             for method in ordered:
                 _release(dev)
-                measured = _peak(measure, preset, method, batch, backend, dtype, dev, overrides)
+                measured = _peak(
+                    measure, preset, method, batch, backend, dtype, dev, overrides, precision
+                )
                 dense_mib = dense_mib or measured["memory_MiB"]
                 row: Row = {
                     "preset": preset,
                     "phase": phase,
                     "method": method,
                     "device": dev.type,
-                    "dtype": str(dtype).removeprefix("torch."),
+                    "dtype": precision or str(dtype).removeprefix("torch."),
                     **measured,
                     "vs_dense": measured["memory_MiB"] / dense_mib,
                 }

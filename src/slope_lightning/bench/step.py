@@ -40,21 +40,27 @@ def step_rows(
     preset: str = "tiny",
     batch: int = 8,
     backend: str = "reference",
-    dtype: torch.dtype = torch.float32,
+    precision: str = "32-true",
     repeats: int = 5,
     compile_modes: tuple[bool, ...] = (False,),
     on_row: RowSink | None = None,
+    compile_backend: str = "inductor",
     **overrides: Any,
 ) -> list[Row]:
     """Median time of forward + backward + AdamW step for every method and compile mode.
 
     Args:
-        preset, overrides: the transformer (:meth:`TransformerConfig.from_name`).
+        preset, overrides: the transformer (a model preset or a bench preset, see
+            :func:`~slope_lightning.bench.methods.bench_config`).
         batch: sequences per step.
         backend: SparseLinear backend of the SLoPe rows.
-        dtype: parameter dtype of every model.
+        precision: how every model trains (:data:`~slope_lightning.bench.methods.PRECISIONS`):
+            ``bf16-mixed`` is what the configs run on a GPU (fp32 master values and AdamW
+            state, bf16 autocast forward).
         repeats: timed steps per row (after 2 warm-up steps, which also compile).
         compile_modes: run each method eager (False) and/or under ``torch.compile`` (True).
+        compile_backend: ``torch.compile``'s backend ("inductor"; "eager" traces the graphs
+            without generating code, for the CPU dry run of the GPU check).
         on_row: called with each row as soon as it is measured (e.g.
             :meth:`~slope_lightning.bench.common.ResultsTable.add`), so a timeout keeps it.
 
@@ -72,10 +78,12 @@ def step_rows(
         for method in METHODS:
             if compiled:
                 torch._dynamo.reset()  # fresh caches: earlier models do not count against limits
-            model, config = method_model(preset, method, backend, dtype, device, **overrides)
+            model, config = method_model(
+                preset, method, backend, device=device, precision=precision, **overrides
+            )
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             idx = torch.randint(0, config.vocab_size, (batch, config.seq_len), device=device)
-            forward = torch.compile(model) if compiled else model
+            forward = torch.compile(model, backend=compile_backend) if compiled else model
 
             def step(
                 forward: Callable[..., Any] = forward,
@@ -104,7 +112,7 @@ def step_rows(
                 "preset": preset,
                 "method": _method_label(method, backend, model),
                 "device": device,
-                "dtype": str(dtype).removeprefix("torch."),
+                "precision": precision,
                 "compiled": compiled,
                 "tokens/step": tokens,
                 "step_ms": ms,
@@ -124,7 +132,7 @@ STEP_COLUMNS = [
     "preset",
     "method",
     "device",
-    "dtype",
+    "precision",
     "compiled",
     "tokens/step",
     "step_ms",

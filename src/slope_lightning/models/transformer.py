@@ -476,10 +476,15 @@ class Transformer(nn.Module):
 
         With ``use_cache`` (the default) the prompt is encoded once into a :class:`KVCache`
         and each new token costs one position's forward; only the last position goes
-        through the LM head. Once the sequence is longer than ``config.seq_len``, every step
-        re-encodes the last ``seq_len`` tokens (the positions of a cropped context shift by
-        one each step, so cached keys would sit at the wrong positions): the same tokens as
-        ``use_cache=False``, which re-encodes the cropped context at every step. Call
+        through the LM head. A prompt that leaves no room for the new tokens in
+        ``config.seq_len`` positions is cropped at its start, once, to its last
+        ``seq_len - max_new_tokens + 1`` tokens, so that the whole generation still runs
+        from one cache (a prompt of ``seq_len`` tokens is not re-encoded at every step).
+        Only when ``max_new_tokens`` alone exceeds ``seq_len`` does the context slide: once
+        the cache is full, every step re-encodes the last ``seq_len`` tokens (the positions
+        of a sliding context shift by one each step, so cached keys would sit at the wrong
+        positions). ``use_cache=False`` crops the same way and re-encodes the context at
+        every step: the same tokens, more slowly. Call
         ``model.eval()`` first if the config has dropout; merge sparse layers
         (:func:`~slope_lightning.sparse.merge_for_inference`) for their fused path.
 
@@ -505,6 +510,14 @@ class Transformer(nn.Module):
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k={top_k} must be >= 1 or None")
         seq_len = self.config.seq_len
+        # Positions the generation needs: the prompt and every new token but the last one
+        # (the last is sampled, never fed back). Crop the prompt so that they fit.
+        keep = seq_len - max_new_tokens + 1
+        prompt_len = idx.size(1)
+        if max_new_tokens > 0 and prompt_len > keep >= 1:
+            out_prefix, idx = idx[:, : prompt_len - keep], idx[:, prompt_len - keep :]
+        else:
+            out_prefix = idx[:, :0]
         cache: KVCache | None = None
         for _ in range(max_new_tokens):
             if use_cache and cache is not None and cache.length < seq_len:
@@ -525,4 +538,4 @@ class Transformer(nn.Module):
                 probs = F.softmax(logits, dim=-1)  # (B, vocab)
                 next_id = torch.multinomial(probs, num_samples=1)  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)  # (B, T+1)
-        return idx
+        return torch.cat((out_prefix, idx), dim=1) if out_prefix.size(1) else idx

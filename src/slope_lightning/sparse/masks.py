@@ -8,6 +8,7 @@ storage keeps (see ``packing.py``); a dense boolean mask is only ever built tran
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -119,17 +120,26 @@ def _select_pairwise(groups: Tensor, n: int, m: int, magnitude: bool) -> Tensor:
     bits = beats.view(torch.uint8) if len(pairs) <= 8 else beats.to(torch.int16)
     shifts = torch.arange(len(pairs), dtype=bits.dtype, device=keys.device)[:, None]
     code = (bits << shifts).sum(0, dtype=torch.int32)  # (P,)
-    table = _pairwise_table(n, m, pairs).to(keys.device)  # (2**pairs, n)
+    table = pairwise_table(n, m, keys.device)  # (2**pairs, n)
     return torch.index_select(table, 0, code).view(*lead, n)  # (..., G, n)
 
 
-def _pairwise_table(n: int, m: int, pairs: list[tuple[int, int]]) -> Tensor:
+@lru_cache(maxsize=64)
+def pairwise_table(n: int, m: int, device: torch.device) -> Tensor:
     """Kept offsets (ascending) for every outcome of the pairwise comparisons, (2**P, n).
 
     Offset a's rank is the number of offsets that beat it; the n of rank < n are kept.
-    Outcomes that no keys produce (cycles) get some row; they are never looked up. Built per
-    call in plain Python: 64 rows for m=4, well under a millisecond.
+    Outcomes that no keys produce (cycles) get some row; they are never looked up.
+
+    The one cache of the tables, per (n, m, device), for the process (like
+    ``layout.byte_tables``): built once in plain Python and copied to a device once, so an
+    M_C refresh, which runs in every training step, pays no host-to-device copy (on CUDA a
+    copy from pageable host memory synchronises the host with the GPU). Tables are a pure
+    function of (n, m); callers must not write to them.
     """
+    if device.type != "cpu":
+        return pairwise_table(n, m, torch.device("cpu")).to(device)
+    pairs = [(a, b) for a in range(m) for b in range(a + 1, m)]
     rows = []
     for code in range(1 << len(pairs)):
         beaten = [0] * m

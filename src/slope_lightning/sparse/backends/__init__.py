@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from slope_lightning.sparse.backends.auto import AutoBackend, token_bucket
+from slope_lightning.sparse.backends.auto import AutoBackend, Decision
 from slope_lightning.sparse.backends.base import OperandCache, SparseBackend, SparseWeight
 from slope_lightning.sparse.backends.names import BackendName
-from slope_lightning.sparse.backends.ops import make_ops
+from slope_lightning.sparse.backends.ops import make_ops, token_bucket
 from slope_lightning.sparse.backends.reference import ReferenceBackend
 from slope_lightning.sparse.backends.semi_structured import SemiStructuredBackend, row_tiles
 from slope_lightning.sparse.backends.store import DecisionStore
@@ -25,6 +25,7 @@ from slope_lightning.sparse.backends.store import DecisionStore
 __all__ = [
     "AutoBackend",
     "BackendName",
+    "Decision",
     "DecisionStore",
     "OperandCache",
     "ReferenceBackend",

@@ -13,13 +13,14 @@ import copy
 import logging
 from collections.abc import Callable
 from dataclasses import fields
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from slope_lightning.sparse.backends.base import OperandCache, SparseBackend, SparseWeight
+from slope_lightning.sparse.backends.ops import token_bucket
 from slope_lightning.sparse.backends.reference import ReferenceBackend
 from slope_lightning.sparse.backends.store import DecisionStore
 from slope_lightning.sparse.kernel_ops import (
@@ -36,12 +37,24 @@ logger = logging.getLogger(__name__)
 #: ``timer(fn, device) -> ms``: how a candidate is timed (injectable for tests).
 Timer = Callable[[Callable[[], object], torch.device], float]
 
+#: What a decision is for: a training step (forward, input gradient and the per-step rebuild
+#: of every operand) or an inference forward (operands cached between calls).
+Phase = Literal["training", "inference"]
 
-def token_bucket(tokens: int) -> int:
-    """The power of two at or above ``tokens``: ``auto`` decides once per bucket, so a batch
-    of 2000 tokens reuses the measurement made at 1500, while decoding one token at a time
-    (where a dense GEMM usually wins) gets its own."""
-    return 1 << max(0, tokens - 1).bit_length()
+
+class Decision(NamedTuple):
+    """What one ``auto`` decision covers."""
+
+    rows: int
+    cols: int
+    dtype: torch.dtype
+    bucket: int  # token_bucket of the token count
+    phase: Phase
+
+
+def phase_of(weight: SparseWeight) -> Phase:
+    """A training operand carries no cache key (rebuilt every call); an inference one does."""
+    return "training" if weight.key is None else "inference"
 
 
 def _time_default(fn: Callable[[], object], device: torch.device) -> float:
@@ -64,9 +77,14 @@ class AutoBackend(SparseBackend):
     (``kernel_ops.measure_kernels``).
 
     A decision is made at the first call for each operand shape (the training weight, or the
-    merged [W_R; Lᵀ] of inference), dtype and token bucket (:func:`token_bucket`).
-    ``choices`` holds every decision; :attr:`running`, ``kernels`` and ``reason`` describe
-    the latest.
+    merged [W_R; Lᵀ] of inference), dtype, token bucket (:func:`token_bucket`) and phase
+    (:class:`Decision`): a no-grad forward never decides for training, whose per-step
+    rebuild can change the winner. ``choices`` holds every decision; :attr:`running`,
+    ``kernels`` and ``reason`` describe the latest.
+
+    A candidate that raises while it is timed (e.g. cuSPARSELt's "operation not supported"
+    for a shape on some GPU) is skipped with its error in ``reason``; the dense GEMM on the
+    masked weight (``reference``) is always a candidate, so a layer always runs.
 
     Args:
         candidates: the 2:4 backends to consider.
@@ -86,7 +104,7 @@ class AutoBackend(SparseBackend):
         self.candidates = candidates
         self.store = store if store is not None else DecisionStore()
         self.timer = timer
-        self.choices: dict[tuple[int, int, torch.dtype, int], SparseBackend] = {}
+        self.choices: dict[Decision, SparseBackend] = {}
         self.choice: SparseBackend | None = None
         self.reason = "not chosen yet (decided at the first forward)"
         self.kernel_reason = "not chosen yet"
@@ -107,21 +125,21 @@ class AutoBackend(SparseBackend):
         text = f"auto -> {self.choice.name if self.choice is not None else '?'} ({self.reason})"
         if len(self.choices) > 1:  # per operand shape and token bucket
             text += "; all: " + ", ".join(
-                f"{rows}x{cols} T<={bucket}: {chosen.name}"
-                for (rows, cols, _, bucket), chosen in self.choices.items()
+                f"{key.rows}x{key.cols} T<={key.bucket} {key.phase}: {chosen.name}"
+                for key, chosen in self.choices.items()
             )
         return text + f"; kernels {self.kernels.describe()} ({self.kernel_reason})"
 
     @staticmethod
-    def _decision(layout: NMLayout, x: Tensor) -> tuple[int, int, torch.dtype, int]:
-        """What one decision covers: operand shape, dtype and token bucket."""
-        return (layout.rows, layout.cols, x.dtype, token_bucket(x.shape[0]))
+    def _decision(layout: NMLayout, x: Tensor, phase: Phase) -> Decision:
+        """What one decision covers: operand shape, dtype, token bucket and phase."""
+        return Decision(layout.rows, layout.cols, x.dtype, token_bucket(x.shape[0]), phase)
 
-    def _key(self, layout: NMLayout, x: Tensor) -> str:
+    def _key(self, layout: NMLayout, x: Tensor, phase: Phase) -> str:
         device = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
         shape = f"{layout.rows}x{layout.cols}"
         bucket = token_bucket(x.shape[0])
-        return f"{device}|torch {torch.__version__}|{shape}|{x.dtype}|T<={bucket}"
+        return f"{device}|torch {torch.__version__}|{shape}|{x.dtype}|T<={bucket}|{phase}"
 
     def _time(self, backend: SparseBackend, x: Tensor, weight: SparseWeight, grad: Tensor) -> float:
         cache = OperandCache()
@@ -138,7 +156,7 @@ class AutoBackend(SparseBackend):
         why_not = kernels_unavailable(x.device)
         if why_not is not None:
             return KernelChoices(), f"torch everywhere: {why_not}"
-        key = self._key(layout, x) + "|kernels"
+        key = self._key(layout, x, "training") + "|kernels"
         cached = self.store.get(key)
         known = {field.name for field in fields(KernelChoices)}
         if (
@@ -159,7 +177,7 @@ class AutoBackend(SparseBackend):
         self, x: Tensor, weight: SparseWeight, usable: dict[str, SparseBackend], skipped: list[str]
     ) -> dict[str, Any]:
         """This process's decision: backend name, kernel choices and the reasons."""
-        key = self._key(weight.layout, x)
+        key = self._key(weight.layout, x, phase_of(weight))
         stored = self.store.get(key)
         if stored in usable:
             best, reason = stored, f"stored measurement ({self.store.describe()})"
@@ -172,12 +190,20 @@ class AutoBackend(SparseBackend):
             grad = torch.randn(
                 x.shape[0], weight.layout.rows, dtype=x.dtype, device=x.device, generator=generator
             )
-            times = {
-                name: self._time(backend, x.detach(), weight, grad)
-                for name, backend in usable.items()
-            }
+            times: dict[str, float] = {}
+            failed: list[str] = []
+            for name, backend in usable.items():
+                try:
+                    times[name] = self._time(backend, x.detach(), weight, grad)
+                except Exception as error:  # e.g. cuSPARSELt "operation not supported"
+                    if name == "reference":  # the fallback itself: nothing left to run
+                        raise
+                    failed.append(f"{name} failed: {_first_line(error)}")
+                    logger.warning("auto: candidate %s failed, skipped: %s", name, failed[-1])
             best = min(times, key=times.__getitem__)
             reason = "measured " + ", ".join(f"{n} {t:.3f} ms" for n, t in times.items())
+            if failed:
+                reason += "; " + "; ".join(failed)
             self.store.put(key, best)
         kernels, kernel_reason = self._choose_kernels(weight.layout, x)
         return {
@@ -224,7 +250,7 @@ class AutoBackend(SparseBackend):
     def forward(
         self, x: Tensor, weight: SparseWeight, bias: Tensor | None, cache: OperandCache | None
     ) -> Tensor:
-        decision = self._decision(weight.layout, x)
+        decision = self._decision(weight.layout, x, phase_of(weight))
         chosen = self.choices.get(decision)
         if chosen is None:
             col_index = weight.col_index
@@ -257,11 +283,17 @@ class AutoBackend(SparseBackend):
         )
 
     def _decided(self, layout: NMLayout, grad_out: Tensor, what: str) -> SparseBackend:
-        """The decision the forward of this operand and token count made."""
-        chosen = self.choices.get(self._decision(layout, grad_out))
+        """The decision the training forward of this operand and token count made."""
+        chosen = self.choices.get(self._decision(layout, grad_out, "training"))
         if chosen is None:
             raise RuntimeError(
                 f"auto backend: {what} for {grad_out.shape[0]} tokens of a "
                 f"{layout.rows}x{layout.cols} operand before any forward of that size"
             )
         return chosen
+
+
+def _first_line(error: BaseException) -> str:
+    """``Type: first line of the message``, for a failed candidate's reason."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"

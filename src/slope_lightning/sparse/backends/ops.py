@@ -64,32 +64,99 @@ class SemiStructuredOps(Protocol):
         ...
 
 
+def token_bucket(tokens: int) -> int:
+    """The power of two at or above ``tokens``: a measurement made for one token count is
+    reused for every count of its bucket (a batch of 2000 tokens reuses the one made at
+    1500), while decoding one token at a time gets its own."""
+    return 1 << max(0, tokens - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class AlgorithmChoice:
+    """What cuSPARSELt's algorithm search returns: the algorithm and its split-k settings."""
+
+    alg_id: int = 0
+    split_k: int = 1
+    split_k_mode: int = -1
+
+
+#: cuSPARSELt's own choice (what ``_cslt_sparse_mm`` runs without search results).
+DEFAULT_ALGORITHM = AlgorithmChoice()
+
+
+def search_algorithm(packed: Any, dense: Tensor) -> AlgorithmChoice:
+    """cuSPARSELt's fastest algorithm for ``packed @ dense`` with ``transpose_result=True``.
+
+    Uses ``torch._C._cusparselt.mm_search`` (torch >= 2.6; 2.11 and 2.13 included), which
+    returns (alg_id, split_k, split_k_mode, max_alg_id) and takes its arguments by position
+    only: (compressed_A, dense_B, bias, alpha, out_dtype, transpose_result). Without it, the
+    deprecated ``torch._cslt_sparse_mm_search``, which returns the algorithm id alone.
+    """
+    binding = getattr(torch._C, "_cusparselt", None)
+    mm_search = getattr(binding, "mm_search", None)
+    if mm_search is None:
+        return AlgorithmChoice(
+            int(torch._cslt_sparse_mm_search(packed, dense, transpose_result=True))
+        )
+    alg_id, split_k, split_k_mode, *_ = mm_search(packed, dense, None, None, None, True)
+    return AlgorithmChoice(int(alg_id), int(split_k), int(split_k_mode))
+
+
+def sparse_mm_arguments(choice: AlgorithmChoice) -> dict[str, Any]:
+    """The keyword arguments of ``torch._cslt_sparse_mm`` that run ``choice``.
+
+    Read against the installed schema: the split-k arguments are passed only where it has
+    them (a torch without them runs the algorithm with cuSPARSELt's default split-k).
+    """
+    names = {argument.name for argument in torch.ops.aten._cslt_sparse_mm.default._schema.arguments}
+    arguments: dict[str, Any] = {"alg_id": choice.alg_id}
+    if {"split_k", "split_k_mode"} <= names:
+        arguments |= {"split_k": choice.split_k, "split_k_mode": choice.split_k_mode}
+    return arguments
+
+
 @dataclass
 class AlgorithmCache:
-    """cuSPARSELt algorithm ids, searched once per (device, rows, cols, tokens, dtype).
+    """cuSPARSELt algorithm choices, searched once per (device, rows, cols, dtype, token bucket).
 
     A search runs dozens of GEMMs, and every layer of one shape shares its result, so the one
     instance, :data:`ALGORITHM_IDS`, lives for the process: a memo of a pure measurement, not
-    state that changes results (every algorithm computes the same product).
+    state that changes results (every algorithm computes the same product). The token count
+    is bucketed (:func:`token_bucket`), so a new prompt length reuses its bucket's search.
     """
 
-    ids: dict[tuple[Hashable, ...], int] = field(default_factory=dict)
+    choices: dict[tuple[Hashable, ...], AlgorithmChoice] = field(default_factory=dict)
     searches: int = 0
 
-    def get(self, packed: Any, x: Tensor, rows: int) -> int:
-        key = (str(x.device), rows, x.shape[1], x.shape[0], x.dtype)
-        alg_id = self.ids.get(key)
-        if alg_id is None:
+    @staticmethod
+    def key(x: Tensor, rows: int) -> tuple[Hashable, ...]:
+        return (str(x.device), rows, x.shape[1], x.dtype, token_bucket(x.shape[0]))
+
+    def get(self, packed: Any, x: Tensor, rows: int) -> AlgorithmChoice:
+        """The bucket's choice for ``packed @ x.t()``, searched now if it has none."""
+        key = self.key(x, rows)
+        choice = self.choices.get(key)
+        if choice is None:
             self.searches += 1
-            # torch 2.11-2.14 return an int (deprecated in favour of
-            # torch._C._cusparselt.mm_search, which also returns split-k settings).
             try:
-                alg_id = int(torch._cslt_sparse_mm_search(packed, x.t(), transpose_result=True))
+                choice = search_algorithm(packed, x.t())
             except RuntimeError as error:  # keep cuSPARSELt's default algorithm
                 logger.warning("cusparselt algorithm search failed for %s: %s", key, error)
-                alg_id = 0
-            self.ids[key] = alg_id
-        return alg_id
+                choice = DEFAULT_ALGORITHM
+            self.choices[key] = choice
+        return choice
+
+    def demote(self, x: Tensor, rows: int, error: Exception) -> None:
+        """Use the default algorithm for this bucket from now on: its searched choice failed
+        at another token count of the bucket."""
+        key = self.key(x, rows)
+        logger.warning(
+            "cusparselt: the searched algorithm %s failed for %s (%s); using the default",
+            self.choices.get(key),
+            key,
+            error,
+        )
+        self.choices[key] = DEFAULT_ALGORITHM
 
 
 #: The process-wide algorithm memo (see :class:`AlgorithmCache`).
@@ -117,9 +184,20 @@ class CuSparseLtOps:
         return torch._cslt_compress(dense.contiguous())
 
     def matmul(self, packed: Any, x: Tensor, rows: int, bias: Tensor | None = None) -> Tensor:
-        alg_id = ALGORITHM_IDS.get(packed, x, rows)
+        choice = ALGORITHM_IDS.get(packed, x, rows)
+        try:
+            return self._sparse_mm(packed, x, bias, choice)
+        except RuntimeError as error:  # a choice searched at another count of the bucket
+            if choice == DEFAULT_ALGORITHM:
+                raise
+            ALGORITHM_IDS.demote(x, rows, error)
+            return self._sparse_mm(packed, x, bias, DEFAULT_ALGORITHM)
+
+    @staticmethod
+    def _sparse_mm(packed: Any, x: Tensor, bias: Tensor | None, choice: AlgorithmChoice) -> Tensor:
         # The bias is added per row of W x = per output feature, in the GEMM's epilogue.
-        return torch._cslt_sparse_mm(packed, x.t(), bias=bias, transpose_result=True, alg_id=alg_id)
+        arguments = {"bias": bias, "transpose_result": True, **sparse_mm_arguments(choice)}
+        return torch._cslt_sparse_mm(packed, x.t(), **arguments)
 
 
 class CutlassOps:
