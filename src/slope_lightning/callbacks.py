@@ -40,7 +40,7 @@ from slope_lightning.models.pretrained import (
     held_out_perplexity,
     load_pretrained,
 )
-from slope_lightning.optim import add_param_group_following_schedule, check_schedule_extendable
+from slope_lightning.optim import check_adapter_placement, param_group_named, place_adapter_params
 from slope_lightning.sparse import (
     DEFAULT_EXCLUDE,
     SparseLinear,
@@ -552,8 +552,11 @@ class LazyLoRA(Callback):
     """Switch SLoPe's low-rank adapters on late in training (the paper: the last 1%).
 
     At the start step, adds an adapter to every SparseLinear (Lᵀ kept N:M sparse, so the
-    merged inference path stays exact) and puts the new parameters into the running optimizer
-    as a param group named ``"adapters"`` that follows the LR schedule (see
+    merged inference path stays exact) and puts the new parameters into the running optimizer's
+    param group named ``"adapters"``: the empty one that
+    :func:`~slope_lightning.optim.adapter_param_group` declared in ``configure_optimizers``
+    (any torch scheduler, SequentialLR and ReduceLROnPlateau included: it has scheduled that
+    group from the first step), else a new group that follows the LR schedule (see
     :func:`~slope_lightning.optim.add_param_group_following_schedule` for the rule and the
     supported schedulers). Under DDP, adapters start identical on every rank (seeded) and
     their gradients are averaged across ranks by this callback (DDP's reducer was built before
@@ -576,7 +579,9 @@ class LazyLoRA(Callback):
     among the sparse layers (see :func:`hidden_size_of`). The resolved rank and its source
     are logged when training starts.
 
-    **Learning rate.** ``lr`` is the adapters' *base* (peak) learning rate, like the
+    **Learning rate.** With a declared ``"adapters"`` group, that group's settings are used
+    (``lr`` and a non-zero ``weight_decay``, if given, must equal them: checked at fit start).
+    Otherwise ``lr`` is the adapters' *base* (peak) learning rate, like the
     optimizer's own ``lr``: the group follows the schedule as if it had been there from step
     0 (the rule of :func:`~slope_lightning.optim.add_param_group_following_schedule`), so at
     every step its learning rate is ``lr`` times the factor the schedule applies to param
@@ -782,8 +787,11 @@ class LazyLoRA(Callback):
         if not trainer.optimizers:
             raise RuntimeError("LazyLoRA: the trainer has no optimizer to add adapters to")
         try:
-            check_schedule_extendable(
-                trainer.optimizers[0], [c.scheduler for c in trainer.lr_scheduler_configs]
+            check_adapter_placement(
+                trainer.optimizers[0],
+                [c.scheduler for c in trainer.lr_scheduler_configs],
+                lr=self.lr,
+                weight_decay=self.weight_decay or None,  # 0, the default: the group's own
             )
         except ValueError as error:
             raise ValueError(
@@ -868,7 +876,8 @@ class LazyLoRA(Callback):
     def _add_optimizer_group(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.optimizers:
             raise RuntimeError("LazyLoRA: the trainer has no optimizer to add adapters to")
-        group = add_param_group_following_schedule(
+        declared = param_group_named(trainer.optimizers[0], "adapters") is not None
+        group = place_adapter_params(
             trainer.optimizers[0],
             [config.scheduler for config in trainer.lr_scheduler_configs],
             self._adapter_parameters(pl_module),
@@ -876,13 +885,17 @@ class LazyLoRA(Callback):
             lr=self.lr,
             weight_decay=self.weight_decay,
         )
-        base, now = float(group["initial_lr"]), float(group["lr"])
+        base, now = float(group.get("initial_lr", group["lr"])), float(group["lr"])
         _info(
             "LazyLoRA: param group 'adapters' at step %d: base lr %.4g (%s) x the schedule's "
             "factor %.4g now = lr %.4g",
             trainer.global_step,
             base,
-            "LazyLoRA(lr)" if self.lr is not None else "group 0's base lr",
+            "declared in configure_optimizers"
+            if declared
+            else "LazyLoRA(lr)"
+            if self.lr is not None
+            else "group 0's base lr",
             now / base,
             now,
         )
