@@ -40,7 +40,13 @@ from slope_lightning.models.pretrained import (
     held_out_perplexity,
     load_pretrained,
 )
-from slope_lightning.optim import check_adapter_placement, param_group_named, place_adapter_params
+from slope_lightning.optim import (
+    check_adapter_placement,
+    param_group_named,
+    place_adapter_params,
+    put_back_group,
+    set_aside_empty_group,
+)
 from slope_lightning.sparse import (
     DEFAULT_EXCLUDE,
     SparseLinear,
@@ -677,6 +683,7 @@ class LazyLoRA(Callback):
         self._resumed_active = False
         self._total_steps: int | None = None  # the run's optimizer steps, read at train start
         self._rank: int | None = None  # the resolved rank, read at fit start
+        self._set_aside: tuple[int, dict[str, Any]] | None = None  # see on_fit_start
 
     def total_steps(self, trainer: pl.Trainer) -> int:
         """The run's optimizer steps (``trainer.estimated_stepping_batches``), once per run.
@@ -725,6 +732,7 @@ class LazyLoRA(Callback):
         self._resumed_active = False  # set by load_state_dict if a checkpoint follows
         self._total_steps = None  # this run's length, read at train start
         self._rank = None
+        self._set_aside = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -753,6 +761,10 @@ class LazyLoRA(Callback):
                 "call or the callback"
             )
         self._validate_before_training(trainer, pl_module, layers)
+        if trainer.strategy.restore_checkpoint_after_setup:
+            # FSDP2: a checkpoint may load next, and torch's loader refuses an empty declared
+            # group when the checkpoint's holds adapters; it is put back at train start.
+            self._set_aside = set_aside_empty_group(trainer.optimizers[0], "adapters")
 
     def _validate_before_training(
         self,
@@ -803,6 +815,11 @@ class LazyLoRA(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the training data is set up (a max_epochs run's length is known) and before
         # the first step; a run resumed with adapters on has nothing left to check.
+        if self._set_aside is not None:
+            put_back_group(trainer.optimizers[0], self._set_aside)
+            self._set_aside = None
+            if trainer.ckpt_path is not None and not self._resumed_active:
+                self._reload_checkpoint(trainer, pl_module)  # the group's scheduled settings
         if self.idle or self.active:
             return
         start = self.start_step(trainer)
@@ -837,19 +854,7 @@ class LazyLoRA(Callback):
             self._add_optimizer_group(trainer, pl_module)
             for schedule, state in zip(schedules, restored, strict=True):
                 schedule.load_state_dict(state)  # the checkpoint's base lrs, one lambda more
-            # No trained weight has changed since the first load, but state a callback updates
-            # between steps may have (an M_C refreshed at this step by a callback that ran
-            # first): buffers and frozen parameters keep their current values.
-            kept = [
-                (tensor, tensor.detach().clone())
-                for tensor in [*pl_module.buffers(), *pl_module.parameters()]
-                if not tensor.requires_grad
-            ]
-            trainer.optimizers[0].state.clear()  # rebuilt for every parameter by the load
-            trainer.strategy.load_checkpoint(trainer.ckpt_path)  # type: ignore[arg-type]
-            with torch.no_grad():
-                for tensor, value in kept:
-                    tensor.copy_(value)
+            self._reload_checkpoint(trainer, pl_module)
             self.active = True
             _info("LazyLoRA: resumed with adapters on (switched on at step %s)", self.started_at)
             return
@@ -864,6 +869,23 @@ class LazyLoRA(Callback):
         self.active = True
         self.started_at = trainer.global_step
         _info("LazyLoRA: adapters switched on at step %d", trainer.global_step)
+
+    def _reload_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Load the run's checkpoint again, weights and optimizer state, into the optimizer's
+        complete structure (a collective: every rank runs it)."""
+        # No trained weight has changed since the first load, but state a callback updates
+        # between steps may have (an M_C refreshed at this step by a callback that ran
+        # first): buffers and frozen parameters keep their current values.
+        kept = [
+            (tensor, tensor.detach().clone())
+            for tensor in [*pl_module.buffers(), *pl_module.parameters()]
+            if not tensor.requires_grad
+        ]
+        trainer.optimizers[0].state.clear()  # rebuilt for every parameter by the load
+        trainer.strategy.load_checkpoint(trainer.ckpt_path)  # type: ignore[arg-type]
+        with torch.no_grad():
+            for tensor, value in kept:
+                tensor.copy_(value)
 
     def _adapter_parameters(self, pl_module: pl.LightningModule) -> list[nn.Parameter]:
         return [

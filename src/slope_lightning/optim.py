@@ -583,3 +583,28 @@ def place_adapter_params(
     held = {id(p) for p in group["params"]}
     group["params"].extend(p for p in params if id(p) not in held)
     return group
+
+
+def set_aside_empty_group(optimizer: Optimizer, name: str) -> tuple[int, dict[str, Any]] | None:
+    """Take the empty param group ``name`` out of ``optimizer`` for a while; give the result to
+    :func:`put_back_group`. None (nothing changed) if there is no such group or it has
+    parameters.
+
+    Why: torch's distributed-checkpoint loader (``set_optimizer_state_dict``, which FSDP2's
+    strategy uses) refuses an optimizer with an empty group unless the checkpoint has exactly
+    one empty group too, which a checkpoint taken after the adapters' start has not. With the
+    group set aside, the checkpoint's adapters' group is skipped as if the group did not
+    exist; it loads once the adapters and their group are back.
+    """
+    group = param_group_named(optimizer, name)
+    if group is None or group["params"]:
+        return None
+    index = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
+    optimizer.param_groups.pop(index)
+    return index, group
+
+
+def put_back_group(optimizer: Optimizer, aside: tuple[int, dict[str, Any]]) -> None:
+    """Put a group taken out by :func:`set_aside_empty_group` back at its place."""
+    index, group = aside
+    optimizer.param_groups.insert(index, group)
