@@ -21,6 +21,8 @@ from slope_lightning.optim import (
     decay_groups,
     param_group_named,
     place_adapter_params,
+    put_back_group,
+    set_aside_empty_group,
 )
 
 MakeScheduler = Callable[[torch.optim.Optimizer, list[float]], object]
@@ -355,3 +357,25 @@ def test_two_groups_with_the_adapters_name_are_refused():
     assert param_group_named(optimizer, "missing") is None
     with pytest.raises(ValueError, match="2 param groups named 'adapters'"):
         place_adapter_params(optimizer, [], [model.bias])
+
+
+def test_the_declared_group_must_be_the_last_one():
+    model = nn.Linear(4, 4)
+    groups = [adapter_param_group(), {"params": model.parameters()}]
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    with pytest.raises(ValueError, match=r"must be its last param group \(it is group 0 of 2\)"):
+        check_adapter_placement(optimizer, [])
+
+
+def test_an_empty_declared_group_set_aside_goes_back_to_its_place():
+    model = nn.Linear(4, 4)
+    groups = [{"params": [model.weight]}, {"params": [model.bias]}, adapter_param_group()]
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    before = list(optimizer.param_groups)
+    aside = set_aside_empty_group(optimizer, "adapters")
+    assert aside is not None and len(optimizer.param_groups) == 2
+    assert set_aside_empty_group(optimizer, "adapters") is None  # none left to set aside
+    put_back_group(optimizer, aside)
+    assert all(a is b for a, b in zip(optimizer.param_groups, before, strict=True))
+    optimizer.param_groups[2]["params"].append(nn.Parameter(torch.zeros(2)))
+    assert set_aside_empty_group(optimizer, "adapters") is None  # a filled group stays

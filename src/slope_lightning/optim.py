@@ -414,6 +414,9 @@ def adapter_param_group(lr: float | None = None, weight_decay: float = 0.0) -> d
     ``SequentialLR`` and ``ReduceLROnPlateau`` included, and the group's learning rate is at
     every step what the scheduler gives it, exactly.
 
+    Put it last in the list of groups (checked before training): torch's distributed
+    checkpoint loader, which FSDP2 uses, maps an empty group to the checkpoint's last one.
+
     Args:
         lr: the group's base learning rate (None: the optimizer's ``lr``). Schedulers that
             set per-group bounds themselves (CyclicLR, OneCycleLR) take them from their own
@@ -480,7 +483,8 @@ def check_adapter_placement(
         weight_decay: the weight decay the caller wants (None: likewise).
 
     Raises:
-        ValueError: the declared group is not empty, or its base lr or weight decay differs
+        ValueError: the declared group is not empty or not the last group, or its base lr
+            or weight decay differs
             from ``lr`` / ``weight_decay`` (the message names both values); or, with no
             declared group, a scheduler the new group cannot follow (the message shows the
             one line that declares the group).
@@ -492,6 +496,15 @@ def check_adapter_placement(
         except ValueError as error:
             raise ValueError(f"{error}. Or, for any scheduler: {_DECLARE}") from None
         return
+    index = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
+    if index != len(optimizer.param_groups) - 1:
+        # torch's distributed-checkpoint loader (FSDP2) maps an optimizer's empty group to
+        # the checkpoint's last group, whichever group is empty there.
+        raise ValueError(
+            f"the optimizer's param group {name!r} must be its last param group (it is group "
+            f"{index} of {len(optimizer.param_groups)}): put "
+            "adapter_param_group() at the end of the list of groups"
+        )
     if group["params"]:
         raise ValueError(
             f"the optimizer's param group {name!r} must be empty before training (its "
