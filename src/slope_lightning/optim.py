@@ -405,27 +405,19 @@ _DECLARE = (
 def adapter_param_group(lr: float | None = None, weight_decay: float = 0.0) -> dict[str, Any]:
     """An empty param group named ``"adapters"``, to put in an optimizer when it is built.
 
-    Adapters that are switched on late (:class:`~slope_lightning.callbacks.LazyLoRA`) have
-    no parameters when ``configure_optimizers`` runs. Declaring their group now, empty, lets
-    every learning-rate scheduler see it from its construction: the group gets its base lr,
-    its place in ``base_lrs``, lambdas, cycle bounds or plateau state like any other, and
-    nothing has to be edited when the parameters arrive (:func:`place_adapter_params` appends
-    them to ``group["params"]``). So every scheduler in ``torch.optim.lr_scheduler`` works,
-    ``SequentialLR`` and ``ReduceLROnPlateau`` included, and the group's learning rate is at
-    every step what the scheduler gives it, exactly.
-
-    Put it last in the list of groups (checked before training): torch's distributed
-    checkpoint loader, which FSDP2 uses, maps an empty group to the checkpoint's last one.
+    Adapters switched on late (:class:`~slope_lightning.callbacks.LazyLoRA`) have no
+    parameters when ``configure_optimizers`` runs. Declared now, empty, their group is seen by
+    every scheduler from its construction like any other group, and nothing is edited when
+    the parameters arrive (:func:`place_adapter_params` appends them): every scheduler in
+    ``torch.optim.lr_scheduler`` works, SequentialLR and ReduceLROnPlateau included. Put it
+    last (checked before training): torch's distributed checkpoint loader (FSDP2) maps an
+    empty group to the checkpoint's last one.
 
     Args:
         lr: the group's base learning rate (None: the optimizer's ``lr``). Schedulers that
             set per-group bounds themselves (CyclicLR, OneCycleLR) take them from their own
             arguments, as for any group.
         weight_decay: the group's weight decay (adapters are usually not decayed).
-
-    Returns:
-        ``{"params": [], "name": "adapters", "weight_decay": weight_decay}``, plus ``"lr"``
-        when given.
 
     Raises:
         ValueError: a non-positive ``lr`` or a negative ``weight_decay``.
@@ -458,11 +450,6 @@ def param_group_named(optimizer: Optimizer, name: str) -> dict[str, Any] | None:
     return found[0] if found else None
 
 
-def _base_lr(group: Mapping[str, Any]) -> float:
-    """A group's base lr: the ``initial_lr`` a scheduler recorded, else its ``lr``."""
-    return float(group.get("initial_lr", group["lr"]))
-
-
 def check_adapter_placement(
     optimizer: Optimizer,
     schedulers: Iterable[object],
@@ -471,23 +458,15 @@ def check_adapter_placement(
     lr: float | None = None,
     weight_decay: float | None = None,
 ) -> None:
-    """Raise now, before training, what :func:`place_adapter_params` would raise later, and
-    check that the settings a caller asks for agree with a declared group's.
-
-    Call it before the first step (LazyLoRA does, at fit start), when the declared group is
-    still empty and its learning rate is still the base one.
-
-    Args:
-        optimizer, schedulers, name: as for :func:`place_adapter_params`.
-        lr: the base lr the caller wants (None: whatever the group has, or gets).
-        weight_decay: the weight decay the caller wants (None: likewise).
+    """Raise before the first step what :func:`place_adapter_params` would raise later, and
+    check that ``lr`` / ``weight_decay`` (None: not asked for) agree with a declared group's
+    (its base lr: the ``initial_lr`` a scheduler recorded, else its ``lr``).
 
     Raises:
         ValueError: the declared group is not empty or not the last group, or its base lr
-            or weight decay differs
-            from ``lr`` / ``weight_decay`` (the message names both values); or, with no
-            declared group, a scheduler the new group cannot follow (the message shows the
-            one line that declares the group).
+            or weight decay differs from ``lr`` / ``weight_decay`` (the message names both);
+            or, with no declared group, a scheduler the new group cannot follow (the
+            message shows the one line that declares the group).
     """
     group = param_group_named(optimizer, name)
     if group is None:
@@ -511,7 +490,7 @@ def check_adapter_placement(
             f"parameters are added when the adapters are switched on), but it holds "
             f"{len(group['params'])} tensor(s); declare it with adapter_param_group()"
         )
-    base = _base_lr(group)
+    base = float(group.get("initial_lr", group["lr"]))
     if lr is not None and base != lr:
         raise ValueError(
             f"the optimizer's param group {name!r} has base lr {base}, but lr={lr} was asked "
@@ -537,27 +516,16 @@ def place_adapter_params(
 ) -> dict[str, Any]:
     """Put parameters that join a running optimizer (adapters) into their own param group.
 
-    - If the optimizer has a group called ``name`` (declared with
-      :func:`adapter_param_group` when it was built), the parameters are appended to it.
-      Every scheduler has followed that group since its construction, so nothing else
-      changes, whatever the scheduler; the group keeps its own lr and weight decay (check
-      ``lr`` / ``weight_decay`` against them before training with
-      :func:`check_adapter_placement`).
-    - Otherwise a new group is added that follows the schedule, with base lr ``lr`` (None:
+    - If the optimizer has a group called ``name`` (:func:`adapter_param_group`), the
+      parameters are appended to it: every scheduler has followed it since its construction,
+      so nothing else changes, and it keeps its own lr and weight decay.
+    - Otherwise a new group that follows the schedule is added, with base lr ``lr`` (None:
       group 0's) and ``weight_decay`` (None: 0), by
-      :func:`add_param_group_following_schedule`: only the schedulers it supports.
+      :func:`add_param_group_following_schedule` (only the schedulers it supports).
 
     Either way the parameters are first taken out of any other group (a resumed run whose
     ``configure_optimizers`` saw restored adapters), so the layout equals the uninterrupted
     run's and a checkpoint's optimizer state loads onto it.
-
-    Args:
-        optimizer: the running optimizer (a torch Optimizer, not Lightning's wrapper).
-        schedulers: the run's LR schedulers.
-        params: the parameters to place.
-        name: the group's ``"name"``.
-        lr: the base lr of a new group (a declared group keeps its own).
-        weight_decay: the weight decay of a new group (a declared group keeps its own).
 
     Returns:
         The group now holding ``params``.
@@ -599,15 +567,12 @@ def place_adapter_params(
 
 
 def set_aside_empty_group(optimizer: Optimizer, name: str) -> tuple[int, dict[str, Any]] | None:
-    """Take the empty param group ``name`` out of ``optimizer`` for a while; give the result to
-    :func:`put_back_group`. None (nothing changed) if there is no such group or it has
-    parameters.
+    """Take the empty param group ``name`` out of ``optimizer`` until :func:`put_back_group`
+    (None, nothing changed: no such group, or not empty).
 
-    Why: torch's distributed-checkpoint loader (``set_optimizer_state_dict``, which FSDP2's
-    strategy uses) refuses an optimizer with an empty group unless the checkpoint has exactly
-    one empty group too, which a checkpoint taken after the adapters' start has not. With the
-    group set aside, the checkpoint's adapters' group is skipped as if the group did not
-    exist; it loads once the adapters and their group are back.
+    Why: torch's distributed-checkpoint loader (FSDP2) refuses an optimizer's empty group
+    unless the checkpoint has one empty group too, which one taken after the adapters' start
+    has not. Set aside, the group is skipped as if absent; load again once it is back.
     """
     group = param_group_named(optimizer, name)
     if group is None or group["params"]:
