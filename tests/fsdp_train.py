@@ -100,7 +100,37 @@ def train(args: argparse.Namespace) -> None:
     from slope_lightning.callbacks import LazyLoRA, MaskScheduler
     from slope_lightning.data import TextDataModule
     from slope_lightning.module import OptimizerConfig, SLoPeModule
-    from slope_lightning.sparse import memory_report
+    from slope_lightning.optim import adapter_param_group, decay_groups
+    from slope_lightning.sparse import follow_optimizer, memory_report
+
+    class WarmupCosine(SLoPeModule):
+        """A user's own optimizer: AdamW with the adapters' group declared (empty), and
+        SequentialLR warmup then cosine, which LazyLoRA could not extend mid-run."""
+
+        def configure_optimizers(self) -> Any:
+            decay, no_decay = decay_groups(self.model)
+            groups = [
+                {"params": decay, "weight_decay": 0.1},
+                {"params": no_decay, "weight_decay": 0.0},
+                adapter_param_group(),
+            ]
+            optimizer = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95))
+            follow_optimizer(self.model, optimizer)
+            warmup_steps = 2
+            scheduler = torch.optim.lr_scheduler.SequentialLR(
+                optimizer,
+                [
+                    torch.optim.lr_scheduler.LinearLR(optimizer, 0.5, total_iters=warmup_steps),
+                    torch.optim.lr_scheduler.CosineAnnealingLR(
+                        optimizer, T_max=self.trainer.max_steps - warmup_steps, eta_min=3e-4
+                    ),
+                ],
+                milestones=[warmup_steps],
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+            }
 
     class MemoryRecorder(pl.Callback):
         """Per-rank model-state bytes after the last step (optimizer state included)."""
@@ -120,7 +150,8 @@ def train(args: argparse.Namespace) -> None:
         seq_len=32,
         batch_size=args.batch_size,
     )
-    module = SLoPeModule(
+    module_class = WarmupCosine if args.scheduler == "sequential" else SLoPeModule
+    module = module_class(
         preset="tiny",
         vocab_size=300,
         seq_len=32,
@@ -187,6 +218,12 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument(
+        "--scheduler",
+        choices=["own", "sequential"],
+        default="own",
+        help="sequential: the module's own AdamW with adapter_param_group() and SequentialLR",
+    )
     parser.add_argument("--check-masks", type=int, default=0, help="N processes: check_masks")
     parser.add_argument("--port", type=int, default=0, help="--check-masks: MASTER_PORT")
     args = parser.parse_args()

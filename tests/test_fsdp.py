@@ -1,6 +1,7 @@
 """FSDP2 (Lightning's ModelParallelStrategy) on 2 CPU processes (gloo) trains like 1 process
 with the same global batch, adapters switched on mid-run included; resumes exactly from its
-sharded and its consolidated checkpoints; refreshes M_C from sharded values bit for bit; and
+sharded and its consolidated checkpoints (a module with its own SequentialLR and a declared
+adapters group included); refreshes M_C from sharded values bit for bit; and
 keeps compiled and activation-checkpointed training equal to eager.
 
 The multi-process tests run tests/fsdp_train.py (Lightning re-launches it for rank 1) and
@@ -297,6 +298,32 @@ def test_fsdp2_resume_continues_the_same_trajectory(runs, fsdp_run, checkpoint, 
     # Bit for bit: the resumed steps' losses and the final weights, adapters, masks and
     # refresh counters equal the uninterrupted run's.
     assert_same_run(fsdp_run, resumed, STEPS[stop_at:])
+
+
+@pytest.fixture(scope="module")
+def sequential_run(runs: Runs) -> Path:
+    """The uninterrupted 2-process FSDP2 run of a module with its own optimizer: the adapters'
+    group declared empty (adapter_param_group) and SequentialLR warmup then cosine."""
+    return runs.train("sequential", "--scheduler=sequential")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_at", [3, 6], ids=["before-adapters", "after-adapters"])
+def test_fsdp2_resume_with_sequential_lr_and_a_declared_adapters_group(
+    runs, sequential_run, stop_at
+):
+    # torch's distributed-checkpoint loader refuses an empty group against a checkpoint whose
+    # adapters' group is filled: LazyLoRA keeps the declared group out while the checkpoint
+    # loads, then loads it again into the whole structure. Both sides of the start, bit for bit.
+    name = f"sequential-{stop_at}"
+    path = runs.root / f"{name}.ckpt"
+    runs.train(
+        f"{name}-first", "--scheduler=sequential", f"--stop-at={stop_at}", f"--save-ckpt={path}"
+    )
+    resumed = runs.train(f"{name}-resumed", "--scheduler=sequential", f"--ckpt-path={path}")
+    assert sorted(Runs.losses(resumed), key=int) == STEPS[stop_at:]
+    assert any(".adapter.up" in key for key in Runs.state(resumed))
+    assert_same_run(sequential_run, resumed, STEPS[stop_at:])
 
 
 # --------------------------------------------------------------------------------------------

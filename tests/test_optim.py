@@ -1,4 +1,5 @@
-"""optim.py: AdamW groups, the schedule, and a param group that follows a running schedule."""
+"""optim.py: AdamW groups, the schedule, a param group that follows a running schedule, and the
+adapters' group declared empty with the optimizer and filled later."""
 
 from __future__ import annotations
 
@@ -12,10 +13,16 @@ from torch.optim import lr_scheduler as sched
 from slope_lightning.optim import (
     SUPPORTED_SCHEDULERS,
     OptimizerConfig,
+    adapter_param_group,
     add_param_group_following_schedule,
     build_adamw,
+    check_adapter_placement,
     check_schedule_extendable,
     decay_groups,
+    param_group_named,
+    place_adapter_params,
+    put_back_group,
+    set_aside_empty_group,
 )
 
 MakeScheduler = Callable[[torch.optim.Optimizer, list[float]], object]
@@ -233,3 +240,142 @@ def test_build_adamw_names_its_groups_and_decays_matrices_only():
     with pytest.raises(ValueError, match="positive number of steps"):
         build_adamw(model, OptimizerConfig(), total_steps=0)
     assert isinstance(scheduler, sched.LambdaLR)
+
+
+# ------------------------------------------------------------- the adapters' declared group
+
+
+def test_adapter_param_group_is_an_empty_named_group_with_its_own_settings():
+    assert adapter_param_group() == {"params": [], "name": "adapters", "weight_decay": 0.0}
+    assert adapter_param_group(lr=2e-3, weight_decay=0.1)["lr"] == 2e-3
+    with pytest.raises(ValueError, match=r"adapter_param_group\(lr=0\.0\): .*positive"):
+        adapter_param_group(lr=0.0)
+    with pytest.raises(ValueError, match=r"adapter_param_group\(weight_decay=-1\): must be >= 0"):
+        adapter_param_group(weight_decay=-1)
+
+
+def _declared(kind: str) -> tuple[torch.optim.Optimizer, nn.Linear]:
+    model = nn.Linear(4, 4)
+    groups = [{"params": model.parameters()}, adapter_param_group()]
+    fused, foreach = kind == "fused", kind == "foreach"
+    return torch.optim.AdamW(groups, lr=1e-2, fused=fused, foreach=foreach), model
+
+
+@pytest.mark.parametrize("kind", ["fused", "foreach", "for-loop"])
+def test_parameters_placed_in_the_declared_group_train_at_its_scheduled_lr(kind):
+    optimizer, model = _declared(kind)
+    schedule = sched.SequentialLR(  # what SequentialLR cannot do when a group is added late
+        optimizer,
+        [sched.LinearLR(optimizer, 0.1, total_iters=2), sched.CosineAnnealingLR(optimizer, 4)],
+        milestones=[2],
+    )
+    adapter = nn.Parameter(torch.ones(3))
+    for step in range(6):
+        if step == 3:
+            group = place_adapter_params(optimizer, [schedule], [adapter])
+            assert group is optimizer.param_groups[1] and group["params"] == [adapter]
+        loss = model(torch.ones(4)).sum() + (adapter.sum() if step >= 3 else 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        assert optimizer.param_groups[0]["lr"] == optimizer.param_groups[1]["lr"]
+    assert not torch.equal(adapter.detach(), torch.ones(3))
+    assert len(schedule.get_last_lr()) == 2  # the scheduler was never edited
+
+
+def test_placing_takes_the_parameters_out_of_other_groups_and_never_twice():
+    model, adapter = nn.Linear(4, 4), nn.Linear(4, 2, bias=False)
+    everything = [*model.parameters(), *adapter.parameters()]  # a resume: adapters restored
+    optimizer = torch.optim.AdamW([{"params": everything}, adapter_param_group()], lr=1e-3)
+    place_adapter_params(optimizer, [], adapter.parameters())
+    place_adapter_params(optimizer, [], adapter.parameters())
+    assert optimizer.param_groups[0]["params"] == list(model.parameters())
+    assert optimizer.param_groups[1]["params"] == [adapter.weight]
+
+
+def test_without_a_declared_group_placing_adds_a_group_that_follows_the_schedule():
+    model, extra = nn.Linear(4, 4), nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = sched.LambdaLR(optimizer, lambda step: 0.5)
+    group = place_adapter_params(optimizer, [schedule], [extra], lr=2e-3, weight_decay=0.1)
+    assert (group["name"], group["initial_lr"], group["lr"]) == ("adapters", 2e-3, 1e-3)
+    assert group["weight_decay"] == 0.1 and len(schedule.base_lrs) == 2
+
+
+@pytest.mark.parametrize("place", [True, False], ids=["place", "check"])
+def test_without_a_declared_group_an_unsupported_scheduler_error_shows_the_declaring_line(place):
+    model, extra = nn.Linear(4, 4), nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    plateau = sched.ReduceLROnPlateau(optimizer)
+    line = 'torch.optim.AdamW([{"params": self.parameters()}, adapter_param_group()], lr=...)'
+    with pytest.raises(ValueError, match="follows ReduceLROnPlateau") as error:
+        if place:
+            place_adapter_params(optimizer, [plateau], [extra])
+        else:
+            check_adapter_placement(optimizer, [plateau])
+    assert line in str(error.value)
+    assert len(optimizer.param_groups) == 1
+
+
+def test_any_scheduler_passes_the_check_once_the_group_is_declared():
+    optimizer, _ = _declared("foreach")
+    inner = [sched.ConstantLR(optimizer, 0.5), sched.ExponentialLR(optimizer, 0.9)]
+    for schedule in (sched.ReduceLROnPlateau(optimizer), sched.ChainedScheduler(inner)):
+        check_adapter_placement(optimizer, [schedule])
+
+
+@pytest.mark.parametrize(
+    ("group", "kwargs", "match"),
+    [
+        (adapter_param_group(lr=2e-3), {"lr": 5e-3}, r"base lr 0\.002, but lr=0\.005"),
+        (adapter_param_group(), {"weight_decay": 0.1}, r"weight_decay 0\.0, but weight_decay=0\.1"),
+        ({**adapter_param_group(), "params": [nn.Parameter(torch.zeros(1))]}, {}, "must be empty"),
+    ],
+    ids=["lr", "weight_decay", "not-empty"],
+)
+def test_a_declared_group_that_disagrees_with_the_caller_is_a_clear_error(group, kwargs, match):
+    model = nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW([{"params": model.parameters()}, group], lr=1e-2)
+    with pytest.raises(ValueError, match=match):
+        check_adapter_placement(optimizer, [sched.StepLR(optimizer, 2)], **kwargs)
+
+
+def test_a_declared_group_s_base_lr_is_the_one_its_scheduler_recorded():
+    model = nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(
+        [{"params": model.parameters()}, adapter_param_group(lr=2e-3)], lr=1e-2
+    )
+    sched.LinearLR(optimizer, start_factor=0.1)  # lr is now 2e-4; the base stays 2e-3
+    check_adapter_placement(optimizer, [], lr=2e-3)
+
+
+def test_two_groups_with_the_adapters_name_are_refused():
+    model = nn.Linear(4, 4)
+    groups = [{"params": [model.weight]}, adapter_param_group(), adapter_param_group()]
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    assert param_group_named(optimizer, "missing") is None
+    with pytest.raises(ValueError, match="2 param groups named 'adapters'"):
+        place_adapter_params(optimizer, [], [model.bias])
+
+
+def test_the_declared_group_must_be_the_last_one():
+    model = nn.Linear(4, 4)
+    groups = [adapter_param_group(), {"params": model.parameters()}]
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    with pytest.raises(ValueError, match=r"must be its last param group \(it is group 0 of 2\)"):
+        check_adapter_placement(optimizer, [])
+
+
+def test_an_empty_declared_group_set_aside_goes_back_to_its_place():
+    model = nn.Linear(4, 4)
+    groups = [{"params": [model.weight]}, {"params": [model.bias]}, adapter_param_group()]
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    before = list(optimizer.param_groups)
+    aside = set_aside_empty_group(optimizer, "adapters")
+    assert aside is not None and len(optimizer.param_groups) == 2
+    assert set_aside_empty_group(optimizer, "adapters") is None  # none left to set aside
+    put_back_group(optimizer, aside)
+    assert all(a is b for a, b in zip(optimizer.param_groups, before, strict=True))
+    optimizer.param_groups[2]["params"].append(nn.Parameter(torch.zeros(2)))
+    assert set_aside_empty_group(optimizer, "adapters") is None  # a filled group stays

@@ -1,9 +1,12 @@
 """The optimizer side of training: AdamW with nanoGPT's weight-decay rule, the warmup-then-decay
-schedule, and the one function that adds a param group to a running optimizer.
+schedule, and where parameters that join a running optimizer (LazyLoRA's adapters) go.
 
 Plain torch (no Lightning): :class:`~slope_lightning.module.SLoPeModule` builds its optimizer
-with :func:`build_adamw`, and :class:`~slope_lightning.callbacks.LazyLoRA` adds the adapters'
-group with :func:`add_param_group_following_schedule`; any training loop can do the same.
+with :func:`build_adamw`, and :class:`~slope_lightning.callbacks.LazyLoRA` puts the adapters'
+parameters into the optimizer with :func:`place_adapter_params`: into the empty group that
+:func:`adapter_param_group` declared when the optimizer was built (any scheduler), else into a
+new group that follows the schedule (:func:`add_param_group_following_schedule`); any training
+loop can do the same.
 """
 
 from __future__ import annotations
@@ -196,8 +199,10 @@ SUPPORTED_SCHEDULERS: tuple[str, ...] = tuple(
 """Names of the torch schedulers :func:`add_param_group_following_schedule` can extend."""
 
 _FIX = (
-    "write the schedule as one LambdaLR (lr_lambda = the multiplier as a function of the "
-    "step), which any number of param groups can follow"
+    "create the group (empty) when the optimizer is built, so the scheduler sees it from "
+    "its construction (see adapter_param_group), or write the schedule as one LambdaLR "
+    "(lr_lambda = the multiplier as a function of the step), which any number of param "
+    "groups can follow"
 )
 
 
@@ -382,3 +387,202 @@ def add_param_group_following_schedule(
         if isinstance(scheduler, sched.LambdaLR | sched.MultiplicativeLR):
             scheduler.lr_lambdas.append(scheduler.lr_lambdas[reference_group])
     return optimizer.param_groups[-1]
+
+
+# ------------------------------------------------------------- the adapters' declared group
+
+ADAPTER_GROUP = "adapters"
+"""The ``"name"`` of the adapters' param group (LearningRateMonitor logs ``lr-<opt>/adapters``)."""
+
+_DECLARE = (
+    "declare the adapters' param group (empty) where the optimizer is built, and every "
+    "torch scheduler follows it from its construction: "
+    'torch.optim.AdamW([{"params": self.parameters()}, adapter_param_group()], lr=...) '
+    "(from slope_lightning.optim import adapter_param_group)"
+)
+
+
+def adapter_param_group(lr: float | None = None, weight_decay: float = 0.0) -> dict[str, Any]:
+    """An empty param group named ``"adapters"``, to put in an optimizer when it is built.
+
+    Adapters switched on late (:class:`~slope_lightning.callbacks.LazyLoRA`) have no
+    parameters when ``configure_optimizers`` runs. Declared now, empty, their group is seen by
+    every scheduler from its construction like any other group, and nothing is edited when
+    the parameters arrive (:func:`place_adapter_params` appends them): every scheduler in
+    ``torch.optim.lr_scheduler`` works, SequentialLR and ReduceLROnPlateau included. Put it
+    last (checked before training): torch's distributed checkpoint loader (FSDP2) maps an
+    empty group to the checkpoint's last one.
+
+    Args:
+        lr: the group's base learning rate (None: the optimizer's ``lr``). Schedulers that
+            set per-group bounds themselves (CyclicLR, OneCycleLR) take them from their own
+            arguments, as for any group.
+        weight_decay: the group's weight decay (adapters are usually not decayed).
+
+    Raises:
+        ValueError: a non-positive ``lr`` or a negative ``weight_decay``.
+
+    Example:
+        >>> model = nn.Linear(4, 4)
+        >>> opt = torch.optim.AdamW([{"params": model.parameters()}, adapter_param_group()])
+        >>> [len(group["params"]) for group in opt.param_groups], opt.param_groups[1]["name"]
+        ([2, 0], 'adapters')
+    """
+    if lr is not None and not lr > 0:
+        raise ValueError(f"adapter_param_group(lr={lr}): the learning rate must be positive")
+    if weight_decay < 0:
+        raise ValueError(f"adapter_param_group(weight_decay={weight_decay}): must be >= 0")
+    group: dict[str, Any] = {"params": [], "name": ADAPTER_GROUP, "weight_decay": weight_decay}
+    if lr is not None:
+        group["lr"] = lr
+    return group
+
+
+def param_group_named(optimizer: Optimizer, name: str) -> dict[str, Any] | None:
+    """The param group of ``optimizer`` whose ``"name"`` is ``name`` (None if there is none).
+
+    Raises:
+        ValueError: several groups have that name.
+    """
+    found = [group for group in optimizer.param_groups if group.get("name") == name]
+    if len(found) > 1:
+        raise ValueError(f"the optimizer has {len(found)} param groups named {name!r}; keep one")
+    return found[0] if found else None
+
+
+def check_adapter_placement(
+    optimizer: Optimizer,
+    schedulers: Iterable[object],
+    *,
+    name: str = ADAPTER_GROUP,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+) -> None:
+    """Raise before the first step what :func:`place_adapter_params` would raise later, and
+    check that ``lr`` / ``weight_decay`` (None: not asked for) agree with a declared group's
+    (its base lr: the ``initial_lr`` a scheduler recorded, else its ``lr``).
+
+    Raises:
+        ValueError: the declared group is not empty or not the last group, or its base lr
+            or weight decay differs from ``lr`` / ``weight_decay`` (the message names both);
+            or, with no declared group, a scheduler the new group cannot follow (the
+            message shows the one line that declares the group).
+    """
+    group = param_group_named(optimizer, name)
+    if group is None:
+        try:
+            check_schedule_extendable(optimizer, schedulers)
+        except ValueError as error:
+            raise ValueError(f"{error}. Or, for any scheduler: {_DECLARE}") from None
+        return
+    index = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
+    if index != len(optimizer.param_groups) - 1:
+        # torch's distributed-checkpoint loader (FSDP2) maps an optimizer's empty group to
+        # the checkpoint's last group, whichever group is empty there.
+        raise ValueError(
+            f"the optimizer's param group {name!r} must be its last param group (it is group "
+            f"{index} of {len(optimizer.param_groups)}): put "
+            "adapter_param_group() at the end of the list of groups"
+        )
+    if group["params"]:
+        raise ValueError(
+            f"the optimizer's param group {name!r} must be empty before training (its "
+            f"parameters are added when the adapters are switched on), but it holds "
+            f"{len(group['params'])} tensor(s); declare it with adapter_param_group()"
+        )
+    base = float(group.get("initial_lr", group["lr"]))
+    if lr is not None and base != lr:
+        raise ValueError(
+            f"the optimizer's param group {name!r} has base lr {base}, but lr={lr} was asked "
+            f"for; the declared group's settings are the ones used: give the same value to "
+            f"both (adapter_param_group(lr={lr})), or leave lr unset"
+        )
+    if weight_decay is not None and group["weight_decay"] != weight_decay:
+        raise ValueError(
+            f"the optimizer's param group {name!r} has weight_decay {group['weight_decay']}, "
+            f"but weight_decay={weight_decay} was asked for; give the same value to both "
+            f"(adapter_param_group(weight_decay={weight_decay})), or leave it unset"
+        )
+
+
+def place_adapter_params(
+    optimizer: Optimizer,
+    schedulers: Iterable[object],
+    params: Iterable[Tensor],
+    *,
+    name: str = ADAPTER_GROUP,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+) -> dict[str, Any]:
+    """Put parameters that join a running optimizer (adapters) into their own param group.
+
+    - If the optimizer has a group called ``name`` (:func:`adapter_param_group`), the
+      parameters are appended to it: every scheduler has followed it since its construction,
+      so nothing else changes, and it keeps its own lr and weight decay.
+    - Otherwise a new group that follows the schedule is added, with base lr ``lr`` (None:
+      group 0's) and ``weight_decay`` (None: 0), by
+      :func:`add_param_group_following_schedule` (only the schedulers it supports).
+
+    Either way the parameters are first taken out of any other group (a resumed run whose
+    ``configure_optimizers`` saw restored adapters), so the layout equals the uninterrupted
+    run's and a checkpoint's optimizer state loads onto it.
+
+    Returns:
+        The group now holding ``params``.
+
+    Raises:
+        ValueError: no parameters, or (no declared group) a scheduler the new group cannot
+            follow; the message shows the one line that declares the group.
+
+    Example:
+        >>> model, adapter = nn.Linear(4, 4), nn.Linear(4, 4, bias=False)
+        >>> opt = torch.optim.AdamW([{"params": model.parameters()}, adapter_param_group()])
+        >>> plateau = sched.ReduceLROnPlateau(opt)
+        >>> group = place_adapter_params(opt, [plateau], adapter.parameters())
+        >>> group is opt.param_groups[1], len(group["params"])
+        (True, 1)
+    """
+    params = list(params)
+    if not params:
+        raise ValueError(f"place_adapter_params({name!r}): no parameters given")
+    schedulers = list(schedulers)
+    group = param_group_named(optimizer, name)
+    if group is None:
+        check_adapter_placement(optimizer, schedulers, name=name)  # shows the declaring line
+        return add_param_group_following_schedule(
+            optimizer,
+            schedulers,
+            params,
+            name=name,
+            lr=lr,
+            weight_decay=0.0 if weight_decay is None else weight_decay,
+        )
+    ids = {id(p) for p in params}
+    for other in optimizer.param_groups:
+        if other is not group and any(id(p) in ids for p in other["params"]):
+            other["params"] = [p for p in other["params"] if id(p) not in ids]
+    held = {id(p) for p in group["params"]}
+    group["params"].extend(p for p in params if id(p) not in held)
+    return group
+
+
+def set_aside_empty_group(optimizer: Optimizer, name: str) -> tuple[int, dict[str, Any]] | None:
+    """Take the empty param group ``name`` out of ``optimizer`` until :func:`put_back_group`
+    (None, nothing changed: no such group, or not empty).
+
+    Why: torch's distributed-checkpoint loader (FSDP2) refuses an optimizer's empty group
+    unless the checkpoint has one empty group too, which one taken after the adapters' start
+    has not. Set aside, the group is skipped as if absent; load again once it is back.
+    """
+    group = param_group_named(optimizer, name)
+    if group is None or group["params"]:
+        return None
+    index = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
+    optimizer.param_groups.pop(index)
+    return index, group
+
+
+def put_back_group(optimizer: Optimizer, aside: tuple[int, dict[str, Any]]) -> None:
+    """Put a group taken out by :func:`set_aside_empty_group` back at its place."""
+    index, group = aside
+    optimizer.param_groups.insert(index, group)

@@ -18,7 +18,13 @@ from typing_extensions import override
 
 from slope_lightning.callbacks.lightning_internals import reload_checkpoint
 from slope_lightning.callbacks.shared import info, log_interval, sparse_layers_after_conversion
-from slope_lightning.optim import add_param_group_following_schedule, check_schedule_extendable
+from slope_lightning.optim import (
+    check_adapter_placement,
+    param_group_named,
+    place_adapter_params,
+    put_back_group,
+    set_aside_empty_group,
+)
 from slope_lightning.sparse import SparseLinear, sparse_layers
 from slope_lightning.sparse.adapters import AdapterInit, resolve_rank
 
@@ -59,8 +65,11 @@ class LazyLoRA(Callback):
     """Switch SLoPe's low-rank adapters on late in training (the paper: the last 1%).
 
     At the start step, adds an adapter to every SparseLinear (Lᵀ kept N:M sparse, so the
-    merged inference path stays exact) and puts the new parameters into the running optimizer
-    as a param group named ``"adapters"`` that follows the LR schedule (see
+    merged inference path stays exact) and puts the new parameters into the running optimizer's
+    param group named ``"adapters"``: the empty one that
+    :func:`~slope_lightning.optim.adapter_param_group` declared in ``configure_optimizers``
+    (any torch scheduler, SequentialLR and ReduceLROnPlateau included: it has scheduled that
+    group from the first step), else a new group that follows the LR schedule (see
     :func:`~slope_lightning.optim.add_param_group_following_schedule` for the rule and the
     supported schedulers). Under DDP, adapters start identical on every rank (seeded) and
     their gradients are averaged across ranks by this callback (DDP's reducer was built before
@@ -83,7 +92,9 @@ class LazyLoRA(Callback):
     among the sparse layers (see :func:`hidden_size_of`). The resolved rank and its source
     are logged when training starts.
 
-    **Learning rate.** ``lr`` is the adapters' *base* (peak) learning rate, like the
+    **Learning rate.** With a declared ``"adapters"`` group, that group's settings are used
+    (``lr`` and a non-zero ``weight_decay``, if given, must equal them: checked at fit start).
+    Otherwise ``lr`` is the adapters' *base* (peak) learning rate, like the
     optimizer's own ``lr``: the group follows the schedule as if it had been there from step
     0 (the rule of :func:`~slope_lightning.optim.add_param_group_following_schedule`), so at
     every step its learning rate is ``lr`` times the factor the schedule applies to param
@@ -179,6 +190,7 @@ class LazyLoRA(Callback):
         self._resumed_active = False
         self._total_steps: int | None = None  # the run's optimizer steps, read at train start
         self._rank: int | None = None  # the resolved rank, read at fit start
+        self._set_aside: tuple[int, dict[str, Any]] | None = None  # see on_fit_start
 
     def total_steps(self, trainer: pl.Trainer) -> int:
         """The run's optimizer steps (``trainer.estimated_stepping_batches``), once per run.
@@ -227,6 +239,7 @@ class LazyLoRA(Callback):
         self._resumed_active = False  # set by load_state_dict if a checkpoint follows
         self._total_steps = None  # this run's length, read at train start
         self._rank = None
+        self._set_aside = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -259,6 +272,10 @@ class LazyLoRA(Callback):
                 "call or the callback"
             )
         self._validate_before_training(trainer, pl_module, layers)
+        if trainer.strategy.restore_checkpoint_after_setup:
+            # FSDP2: a checkpoint may load next, and torch's loader refuses an empty declared
+            # group when the checkpoint's holds adapters; it is put back at train start.
+            self._set_aside = set_aside_empty_group(trainer.optimizers[0], "adapters")
 
     def _validate_before_training(
         self,
@@ -294,8 +311,11 @@ class LazyLoRA(Callback):
         if not trainer.optimizers:
             raise RuntimeError("LazyLoRA: the trainer has no optimizer to add adapters to")
         try:
-            check_schedule_extendable(
-                trainer.optimizers[0], [c.scheduler for c in trainer.lr_scheduler_configs]
+            check_adapter_placement(
+                trainer.optimizers[0],
+                [c.scheduler for c in trainer.lr_scheduler_configs],
+                lr=self.lr,
+                weight_decay=self.weight_decay or None,  # 0, the default: the group's own
             )
         except ValueError as error:
             raise ValueError(
@@ -307,6 +327,11 @@ class LazyLoRA(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the training data is set up (a max_epochs run's length is known) and before
         # the first step; a run resumed with adapters on has nothing left to check.
+        if self._set_aside is not None:
+            put_back_group(trainer.optimizers[0], self._set_aside)
+            self._set_aside = None
+            if trainer.ckpt_path is not None and not self._resumed_active:
+                self._reload_checkpoint(trainer, pl_module)  # the group's scheduled settings
         if self.idle or self.active:
             return
         start = self.start_step(trainer)
@@ -339,18 +364,7 @@ class LazyLoRA(Callback):
             self._add_optimizer_group(trainer, pl_module)
             for schedule, state in zip(schedules, restored, strict=True):
                 schedule.load_state_dict(state)  # the checkpoint's base lrs, one lambda more
-            # No trained weight has changed since the first load, but state a callback updates
-            # between steps may have (an M_C refreshed at this step by a callback that ran
-            # first): buffers and frozen parameters keep their current values.
-            kept = [
-                (tensor, tensor.detach().clone())
-                for tensor in [*pl_module.buffers(), *pl_module.parameters()]
-                if not tensor.requires_grad
-            ]
-            reload_checkpoint(trainer)  # optimizer state cleared, rebuilt by the load
-            with torch.no_grad():
-                for tensor, value in kept:
-                    tensor.copy_(value)
+            self._reload_checkpoint(trainer, pl_module)
             self.active = True
             info(
                 logger,
@@ -370,6 +384,22 @@ class LazyLoRA(Callback):
         self.started_at = trainer.global_step
         info(logger, "LazyLoRA: adapters switched on at step %d", trainer.global_step)
 
+    def _reload_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Load the run's checkpoint again, weights and optimizer state, into the optimizer's
+        complete structure (a collective: every rank runs it)."""
+        # No trained weight has changed since the first load, but state a callback updates
+        # between steps may have (an M_C refreshed at this step by a callback that ran
+        # first): buffers and frozen parameters keep their current values.
+        kept = [
+            (tensor, tensor.detach().clone())
+            for tensor in [*pl_module.buffers(), *pl_module.parameters()]
+            if not tensor.requires_grad
+        ]
+        reload_checkpoint(trainer)  # optimizer state cleared, rebuilt by the load
+        with torch.no_grad():
+            for tensor, value in kept:
+                tensor.copy_(value)
+
     def _adapter_parameters(self, pl_module: pl.LightningModule) -> list[nn.Parameter]:
         return [
             param
@@ -381,7 +411,8 @@ class LazyLoRA(Callback):
     def _add_optimizer_group(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.optimizers:
             raise RuntimeError("LazyLoRA: the trainer has no optimizer to add adapters to")
-        group = add_param_group_following_schedule(
+        declared = param_group_named(trainer.optimizers[0], "adapters") is not None
+        group = place_adapter_params(
             trainer.optimizers[0],
             [config.scheduler for config in trainer.lr_scheduler_configs],
             self._adapter_parameters(pl_module),
@@ -389,14 +420,18 @@ class LazyLoRA(Callback):
             lr=self.lr,
             weight_decay=self.weight_decay,
         )
-        base, now = float(group["initial_lr"]), float(group["lr"])
+        base, now = float(group.get("initial_lr", group["lr"])), float(group["lr"])
         info(
             logger,
             "LazyLoRA: param group 'adapters' at step %d: base lr %.4g (%s) x the schedule's "
             "factor %.4g now = lr %.4g",
             trainer.global_step,
             base,
-            "LazyLoRA(lr)" if self.lr is not None else "group 0's base lr",
+            "declared in configure_optimizers"
+            if declared
+            else "LazyLoRA(lr)"
+            if self.lr is not None
+            else "group 0's base lr",
             now / base,
             now,
         )
