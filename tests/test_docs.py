@@ -43,15 +43,6 @@ FENCE = re.compile(r"^(?P<indent>\s*)```(?P<language>[\w-]*)\s*$")
 PRINT_CONFIG = ("fit", "validate", "test")
 #: Subcommands with an option that plans without running.
 DRY_RUN = {"study": "--dry-run"}
-#: Subcommands of the target command tree (issue 19) that this branch's CLI may not have yet:
-#: their examples are expected to fail until the CLI gains them, and strictly so, so that the
-#: day the subcommand lands this list must shrink.
-PENDING = frozenset({"test", "bench", "download"})
-
-# Until the CLI stops passing both sys.argv and args (issue 19), LightningCLI warns on every
-# in-process call; the warning says nothing about the examples.
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
-
 #: A path the examples may read: a trained model's export, as ``fit`` writes it.
 EXPORT = "runs/tiny/version_0/export"
 
@@ -313,18 +304,7 @@ def _shell_cases() -> list:
     cases = []
     for example in SHELL:
         for command in shell_commands(example):
-            args = slope_lightning_args(command)
-            marks = []
-            if args and args[0] in PENDING:
-                marks.append(
-                    pytest.mark.xfail(
-                        strict=True,
-                        reason=f"issue 19: the `{args[0]}` subcommand lands with the CLI work",
-                    )
-                )
-            cases.append(
-                pytest.param(example, command, id=f"{example}:{shlex.join(command)}", marks=marks)
-            )
+            cases.append(pytest.param(example, command, id=f"{example}:{shlex.join(command)}"))
     return cases
 
 
