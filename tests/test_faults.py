@@ -328,18 +328,63 @@ def test_guard_arguments_are_validated(kwargs, needle):
     assert "stop, skip" in message or "int >= 0" in message  # the allowed values
 
 
-def test_a_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     model = Toy(nan_loss_at=(3,))
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
     trainer = _trainer(tmp_path, [NonFiniteGuard(), checkpoints])
     with pytest.raises(NonFiniteError) as info:
         trainer.fit(model, _loader())
     message = str(info.value)
+    # Stop mode reads its device-side flag lazily; the next checkpoint save is refused.
+    assert "refusing to write a checkpoint at global step 4" in message
     assert "non-finite loss at global step 3" in message
     assert "last.ckpt" in message and "lr" in message  # the last good state and the fix
     last = load_checkpoint_file(tmp_path / "ckpt" / "last.ckpt")
     assert last["global_step"] == 3
     assert torch.isfinite(last["state_dict"]["layer.weight"]).all()
+    assert not model.exported
+
+
+def test_stop_mode_finds_a_nan_on_the_next_logging_step(tmp_path):
+    model = Toy(nan_loss_at=(3,))
+    trainer = _trainer(tmp_path, [NonFiniteGuard()], max_steps=12, log_every_n_steps=5)
+    with pytest.raises(NonFiniteError) as info:
+        trainer.fit(model, _loader())
+    assert trainer.global_step == 5  # steps 4 and 5 ran; read at the end of step 5
+    assert "NonFiniteGuard at global step 5: non-finite loss at global step 3" in str(info.value)
+    assert not model.exported
+
+
+def test_a_nan_before_the_end_of_training_is_found_before_the_export(tmp_path):
+    model = Toy(nan_loss_at=(4,))
+    trainer = _trainer(tmp_path, [NonFiniteGuard()], log_every_n_steps=50)
+    with pytest.raises(NonFiniteError, match="training ended at global step 6: non-finite loss"):
+        trainer.fit(model, _loader())
+    assert not model.exported
+
+
+def test_no_checkpoint_is_written_once_a_non_finite_step_was_found(tmp_path):
+    crash = CrashCheckpoint(dirpath=str(tmp_path / "crash"))
+    model = Toy(inf_grad_at=(2,))
+    trainer = _trainer(tmp_path, [NonFiniteGuard(), crash], max_steps=12, log_every_n_steps=4)
+    with pytest.raises(NonFiniteError, match="gradient of layer.weight at global step 2"):
+        trainer.fit(model, _loader())
+    assert not (tmp_path / "crash" / "on_exception.ckpt").exists()
+    # Any later save is refused, naming the original cause (not only the weights it left).
+    with pytest.raises(NonFiniteError, match="refusing .* gradient of layer.weight at global"):
+        trainer.save_checkpoint(tmp_path / "later.ckpt")
+    assert not (tmp_path / "later.ckpt").exists()
+
+
+def test_skip_mode_with_no_skips_stops_before_the_update_is_applied(tmp_path):
+    model = Toy(nan_loss_at=(3,))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+    trainer = _trainer(tmp_path, [NonFiniteGuard("skip", max_skips=0), checkpoints])
+    with pytest.raises(NonFiniteError, match="non-finite loss at global step 3") as info:
+        trainer.fit(model, _loader())
+    assert "The update was not applied" in str(info.value)
+    last = load_checkpoint_file(tmp_path / "ckpt" / "last.ckpt")
+    assert last["global_step"] == 3
     # The bad update was never applied: the weights in memory are last.ckpt's.
     assert torch.equal(model.layer.weight.detach(), last["state_dict"]["layer.weight"])
     assert not model.exported
