@@ -168,6 +168,8 @@ def test_a_pickle_payload_is_refused_and_never_runs(tmp_path):
     message = str(info.value)
     assert str(path) in message and "refusing" in message
     assert "tensors and plain containers" in message and "trust" in message  # why, and the fix
+    assert "pickled builtins.open object" in message  # what it holds
+    assert "weights_only=False" not in message  # torch's advice is never passed on
     assert not marker.exists()
 
 
