@@ -223,7 +223,7 @@ def test_a_sharded_checkpoint_with_a_shard_missing_names_the_folder_and_the_file
     assert "__0_0.distcp is missing" in message
 
 
-def test_a_sharded_checkpoint_with_a_truncated_shard_or_no_index_is_refused(tmp_path):
+def test_a_sharded_checkpoint_with_a_truncated_shard_or_a_bad_index_is_refused(tmp_path):
     path = _sharded_checkpoint(tmp_path / "truncated.ckpt")
     shard = path / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:64])
@@ -232,6 +232,10 @@ def test_a_sharded_checkpoint_with_a_truncated_shard_or_no_index_is_refused(tmp_
     path = _sharded_checkpoint(tmp_path / "no-index.ckpt")
     (path / ".metadata").unlink()
     with pytest.raises(CheckpointError, match=r"incomplete: it has no \.metadata"):
+        checkpoint_step(path)
+    path = _sharded_checkpoint(tmp_path / "bad-index.ckpt")
+    (path / ".metadata").write_bytes(b"not an index")
+    with pytest.raises(CheckpointError, match=r"cannot read .*\.metadata: it is truncated"):
         checkpoint_step(path)
 
 

@@ -113,7 +113,7 @@ def _unsafe_content(error: pickle.UnpicklingError) -> str:
     """What ``torch.load(weights_only=True)`` refused, in a few words: the class it met (torch's
     own message goes on to suggest ``weights_only=False``, which we never do)."""
     found = _UNSUPPORTED_GLOBAL.search(str(error))
-    return f"a pickled {found.group(1)} object" if found else "pickled objects"
+    return f"a pickled {found.group(1)}" if found else "pickled objects"
 
 
 def load_safetensors_file(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
@@ -179,7 +179,11 @@ class _ShardIndexUnpickler(pickle.Unpickler):
             found = super().find_class(module, name)
             if module in ("torch", "torch.serialization") or isinstance(found, type):
                 return found
-        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+        raise _RefusedGlobal(f"Unsupported global: GLOBAL {module}.{name}")
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """:class:`_ShardIndexUnpickler` met something other than index entries."""
 
 
 _INDEX_GLOBALS = {
@@ -223,13 +227,21 @@ def check_sharded_checkpoint(path: str | Path) -> None:
     try:
         with index_path.open("rb") as stream:
             index = _ShardIndexUnpickler(stream).load()
-    except pickle.UnpicklingError as error:
+    except _RefusedGlobal as error:
         raise CheckpointError(
             f"refusing to load sharded checkpoint {path}: its {SHARD_INDEX} holds "
             f"{_unsafe_content(error)}, not only torch.distributed.checkpoint's index; delete "
             "it, or use a checkpoint you trust"
         ) from error
-    except (EOFError, ValueError, TypeError, AttributeError, ImportError, OSError) as error:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        OSError,
+    ) as error:
         raise CheckpointError(
             f"cannot read {index_path}: it is truncated or corrupt ({first_line(error)}); {advice}"
         ) from error
