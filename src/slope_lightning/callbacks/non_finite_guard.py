@@ -194,7 +194,11 @@ class NonFiniteGuard(Callback):
         if self._failure is not None:
             raise NonFiniteError(f"{when}: {self._failure}")
         if self._first_bad is None:
-            return
+            if trainer.world_size == 1:
+                return  # nothing recorded since the last reading
+            # Every rank takes part in the reduction, whatever it recorded.
+            device = trainer.strategy.root_device
+            self._first_bad = torch.full((3,), _NONE, dtype=torch.int64, device=device)
         first = _agree(trainer, self._first_bad, dist.ReduceOp.MIN)
         if not bool((first != _NONE).any().item()):  # a sync point (see the class docstring)
             self._first_bad = None  # all good so far: start a new record
