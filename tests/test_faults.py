@@ -10,12 +10,14 @@ import errno
 import logging
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
@@ -168,6 +170,8 @@ def test_a_pickle_payload_is_refused_and_never_runs(tmp_path):
     message = str(info.value)
     assert str(path) in message and "refusing" in message
     assert "tensors and plain containers" in message and "trust" in message  # why, and the fix
+    assert "a pickled io.open" in message  # what it holds
+    assert "weights_only=False" not in message  # torch's advice is never passed on
     assert not marker.exists()
 
 
@@ -226,9 +230,9 @@ def test_a_checkpoint_without_global_step_is_refused(tmp_path):
 
 def _sharded(path: Path, step: int) -> Path:
     """What ModelParallelStrategy writes: a directory of shards and rank 0's ``meta.pt``."""
-    path.mkdir(parents=True)
-    (path / ".metadata").write_bytes(b"shards index")
-    (path / "__0_0.distcp").write_bytes(b"shard")
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"state_dict": {"w": torch.ones(2)}}, checkpoint_id=path)  # .metadata, shards
     torch.save({"global_step": step, "epoch": 0}, path / "meta.pt")
     return path
 
@@ -328,18 +332,63 @@ def test_guard_arguments_are_validated(kwargs, needle):
     assert "stop, skip" in message or "int >= 0" in message  # the allowed values
 
 
-def test_a_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     model = Toy(nan_loss_at=(3,))
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
     trainer = _trainer(tmp_path, [NonFiniteGuard(), checkpoints])
     with pytest.raises(NonFiniteError) as info:
         trainer.fit(model, _loader())
     message = str(info.value)
+    # Stop mode reads its device-side flag lazily; the next checkpoint save is refused.
+    assert "refusing to write a checkpoint at global step 4" in message
     assert "non-finite loss at global step 3" in message
     assert "last.ckpt" in message and "lr" in message  # the last good state and the fix
     last = load_checkpoint_file(tmp_path / "ckpt" / "last.ckpt")
     assert last["global_step"] == 3
     assert torch.isfinite(last["state_dict"]["layer.weight"]).all()
+    assert not model.exported
+
+
+def test_stop_mode_finds_a_nan_on_the_next_logging_step(tmp_path):
+    model = Toy(nan_loss_at=(3,))
+    trainer = _trainer(tmp_path, [NonFiniteGuard()], max_steps=12, log_every_n_steps=5)
+    with pytest.raises(NonFiniteError) as info:
+        trainer.fit(model, _loader())
+    assert trainer.global_step == 5  # steps 4 and 5 ran; read at the end of step 5
+    assert "NonFiniteGuard at global step 5: non-finite loss at global step 3" in str(info.value)
+    assert not model.exported
+
+
+def test_a_nan_before_the_end_of_training_is_found_before_the_export(tmp_path):
+    model = Toy(nan_loss_at=(4,))
+    trainer = _trainer(tmp_path, [NonFiniteGuard()], log_every_n_steps=50)
+    with pytest.raises(NonFiniteError, match="training ended at global step 6: non-finite loss"):
+        trainer.fit(model, _loader())
+    assert not model.exported
+
+
+def test_no_checkpoint_is_written_once_a_non_finite_step_was_found(tmp_path):
+    crash = CrashCheckpoint(dirpath=str(tmp_path / "crash"))
+    model = Toy(inf_grad_at=(2,))
+    trainer = _trainer(tmp_path, [NonFiniteGuard(), crash], max_steps=12, log_every_n_steps=4)
+    with pytest.raises(NonFiniteError, match="gradient of layer.weight at global step 2"):
+        trainer.fit(model, _loader())
+    assert not (tmp_path / "crash" / "on_exception.ckpt").exists()
+    # Any later save is refused, naming the original cause (not only the weights it left).
+    with pytest.raises(NonFiniteError, match="refusing .* gradient of layer.weight at global"):
+        trainer.save_checkpoint(tmp_path / "later.ckpt")
+    assert not (tmp_path / "later.ckpt").exists()
+
+
+def test_skip_mode_with_no_skips_stops_before_the_update_is_applied(tmp_path):
+    model = Toy(nan_loss_at=(3,))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+    trainer = _trainer(tmp_path, [NonFiniteGuard("skip", max_skips=0), checkpoints])
+    with pytest.raises(NonFiniteError, match="non-finite loss at global step 3") as info:
+        trainer.fit(model, _loader())
+    assert "The update was not applied" in str(info.value)
+    last = load_checkpoint_file(tmp_path / "ckpt" / "last.ckpt")
+    assert last["global_step"] == 3
     # The bad update was never applied: the weights in memory are last.ckpt's.
     assert torch.equal(model.layer.weight.detach(), last["state_dict"]["layer.weight"])
     assert not model.exported

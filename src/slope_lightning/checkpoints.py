@@ -27,6 +27,9 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, Checkpoint
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
 from typing_extensions import override
 
 from slope_lightning.utils import atomic_path
@@ -83,10 +86,10 @@ def load_checkpoint_file(
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"refusing to load checkpoint {path}: it holds objects other than tensors and "
-            f"plain containers ({first_line(error)}). Checkpoints written by slope-lightning "
-            "never do, so this file is not one of ours or was tampered with; delete it, or "
-            "resume from a checkpoint you trust"
+            f"refusing to load checkpoint {path}: it holds {_unsafe_content(error)}, not only "
+            "tensors and plain containers. Checkpoints written by slope-lightning never do, so "
+            "this file is not one of ours or was tampered with; delete it, or use a checkpoint "
+            "you trust"
         ) from error
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as error:
         raise CheckpointError(
@@ -103,6 +106,47 @@ def load_checkpoint_file(
     return checkpoint
 
 
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _unsafe_content(error: pickle.UnpicklingError) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in a few words: the class it met (torch's
+    own message goes on to suggest ``weights_only=False``, which we never do)."""
+    found = _UNSUPPORTED_GLOBAL.search(str(error))
+    return f"a pickled {found.group(1)}" if found else "pickled objects"
+
+
+def load_safetensors_file(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
+    """Read a ``.safetensors`` file of tensors, reporting a missing or unreadable file by name.
+
+    Safetensors holds no code, so any file is safe to read; one that is truncated (an
+    interrupted download or copy) or not safetensors at all fails here with a
+    :class:`CheckpointError` instead of safetensors' own error.
+
+    Args:
+        path: a local ``.safetensors`` file.
+        device: where the tensors are placed (default: CPU).
+
+    Returns:
+        The tensors by name.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        CheckpointError: the file is truncated, corrupt or not safetensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist; pass an existing file")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(
+            f"cannot read weights file {path}: it is not a complete .safetensors file "
+            f"({first_line(error)}); it may be truncated (an interrupted download or copy): "
+            "fetch or save it again"
+        ) from error
+
+
 #: The file of a sharded (distributed) Lightning checkpoint directory that holds everything
 #: but the tensors, ``global_step`` included; rank 0 writes it after the shards.
 SHARDED_METADATA = "meta.pt"
@@ -114,6 +158,119 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / SHARDED_METADATA).is_file()
 
 
+#: torch.distributed.checkpoint's index of a sharded checkpoint: every tensor's chunks and the
+#: shard file (and byte range) that holds each.
+SHARD_INDEX = ".metadata"
+
+
+class _ShardIndexUnpickler(pickle.Unpickler):
+    """Unpickles a ``.metadata`` index and nothing else: torch.distributed.checkpoint's own
+    classes, torch's dtypes, ``torch.Size`` and layouts, and paths. Anything else (code, in a
+    crafted file) is refused, where torch.distributed.checkpoint would unpickle it all."""
+
+    @override
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (
+            module.startswith("torch.distributed.checkpoint.")
+            or (module, name) in _INDEX_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if allowed:
+            found = super().find_class(module, name)
+            if module in ("torch", "torch.serialization") or isinstance(found, type):
+                return found
+        raise _RefusedGlobal(f"Unsupported global: GLOBAL {module}.{name}")
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """:class:`_ShardIndexUnpickler` met something other than index entries."""
+
+
+_INDEX_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+def check_sharded_checkpoint(path: str | Path) -> None:
+    """Check that a sharded checkpoint directory is complete, before anything loads it.
+
+    Its ``.metadata`` (torch.distributed.checkpoint's index, read with an unpickler that
+    accepts nothing but index entries) names the shard file and byte range of every tensor;
+    each file must be there and long enough. Without this check a missing shard fails deep
+    inside ``torch.distributed.checkpoint.load`` with a ``CheckpointException`` (a
+    ``BaseException``: a traceback per rank, no message of ours).
+
+    Args:
+        path: a sharded checkpoint directory (see :func:`is_sharded_checkpoint`).
+
+    Raises:
+        CheckpointError: the index is missing, unreadable or holds other objects, or a shard
+            file it names is missing or shorter than the index says.
+    """
+    path = Path(path)
+    index_path = path / SHARD_INDEX
+    advice = (
+        "copy the complete directory again, or resume from another checkpoint of the run "
+        "(e.g. its crash/ or checkpoints/ directory)"
+    )
+    if not index_path.is_file():
+        raise CheckpointError(
+            f"sharded checkpoint {path} is incomplete: it has no {SHARD_INDEX} (the index "
+            f"torch.distributed.checkpoint writes last); {advice}"
+        )
+    try:
+        with index_path.open("rb") as stream:
+            index = _ShardIndexUnpickler(stream).load()
+    except _RefusedGlobal as error:
+        raise CheckpointError(
+            f"refusing to load sharded checkpoint {path}: its {SHARD_INDEX} holds "
+            f"{_unsafe_content(error)}, not only torch.distributed.checkpoint's index; delete "
+            "it, or use a checkpoint you trust"
+        ) from error
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        OSError,
+    ) as error:
+        raise CheckpointError(
+            f"cannot read {index_path}: it is truncated or corrupt ({first_line(error)}); {advice}"
+        ) from error
+    storage = getattr(index, "storage_data", None)
+    if not isinstance(storage, dict):
+        raise CheckpointError(
+            f"{index_path} is not a torch.distributed.checkpoint index (it holds a "
+            f"{type(index).__name__}); pass a checkpoint directory written by the Trainer"
+        )
+    needed: dict[str, int] = {}  # shard file -> bytes it must have
+    for entry in storage.values():
+        name = str(getattr(entry, "relative_path", ""))
+        end = int(getattr(entry, "offset", 0) or 0) + int(getattr(entry, "length", 0) or 0)
+        needed[name] = max(needed.get(name, 0), end)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            raise CheckpointError(
+                f"sharded checkpoint {path} is incomplete: shard file {name} is missing "
+                f"({len(needed)} shard files are named by its {SHARD_INDEX}); {advice}"
+            )
+        if shard.stat().st_size < size:
+            raise CheckpointError(
+                f"sharded checkpoint {path} is incomplete: shard file {name} has "
+                f"{shard.stat().st_size} bytes, its {SHARD_INDEX} needs {size} (truncated); "
+                f"{advice}"
+            )
+
+
 def _checkpoint_mtime(path: Path) -> float:
     """When a checkpoint was completed: a file's mtime, a sharded directory's ``meta.pt``'s."""
     return (path / SHARDED_METADATA if path.is_dir() else path).stat().st_mtime
@@ -123,7 +280,8 @@ def checkpoint_step(path: str | Path) -> int:
     """The ``global_step`` recorded in a Lightning checkpoint, read safely and cheaply.
 
     The file is memory-mapped (``weights_only=True``), so large checkpoints are not read. A
-    sharded checkpoint (a directory, from FSDP2) is read from its ``meta.pt`` alone.
+    sharded checkpoint (a directory, from FSDP2) is checked complete
+    (:func:`check_sharded_checkpoint`) and read from its ``meta.pt``.
 
     Args:
         path: a checkpoint file, or a sharded checkpoint directory.
@@ -134,7 +292,8 @@ def checkpoint_step(path: str | Path) -> int:
     Raises:
         FileNotFoundError: ``path`` does not exist, or is a directory that is not a sharded
             checkpoint.
-        CheckpointError: the file is unsafe, corrupt, or has no integer ``global_step``.
+        CheckpointError: the file is unsafe, corrupt, or has no integer ``global_step``; a
+            sharded checkpoint is incomplete.
     """
     path = Path(path)
     if path.is_dir():
@@ -144,6 +303,7 @@ def checkpoint_step(path: str | Path) -> int:
                 f"has no {SHARDED_METADATA}); pass a .ckpt file, the directory a sharded save "
                 "wrote (e.g. checkpoints/last.ckpt/ under FSDP2), or `last`"
             )
+        check_sharded_checkpoint(path)
         path = path / SHARDED_METADATA
     checkpoint = load_checkpoint_file(path, mmap=True)
     step = checkpoint.get("global_step")

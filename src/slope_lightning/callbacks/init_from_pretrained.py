@@ -9,14 +9,13 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from typing_extensions import override
 
-from slope_lightning.callbacks.shared import info
+from slope_lightning.callbacks.shared import first_non_finite, info
+from slope_lightning.checkpoints import CheckpointError, load_checkpoint_file, load_safetensors_file
 from slope_lightning.models import TransformerConfig
 from slope_lightning.models.pretrained import (
     DEFAULT_CACHE_DIR,
@@ -64,7 +63,12 @@ class InitFromPretrained(Callback):
 
     Raises:
         ValueError: a bad argument; at setup, weights that do not fit the model (the message
-            names the keys or shapes), or layers of different N:M patterns.
+            names the keys, or the first key of another shape with both shapes), or layers
+            of different N:M patterns.
+        FileNotFoundError: at setup, ``source`` names a missing file.
+        CheckpointError: at setup, a file that is truncated or corrupt, a ``.ckpt`` that
+            holds pickled objects (refused, never run) or no ``state_dict`` under
+            ``<attribute>.``, or weights with NaN/inf (the message names the key).
     """
 
     def __init__(
@@ -116,14 +120,42 @@ class InitFromPretrained(Callback):
                 )
             return pretrained.state_dict()
         if self.source.endswith(".safetensors"):
-            return load_file(self.source)
-        checkpoint = torch.load(self.source, map_location="cpu", weights_only=True)
+            return load_safetensors_file(self.source)  # FileNotFoundError / CheckpointError
+        checkpoint = load_checkpoint_file(self.source)  # weights_only; refuses pickled objects
+        state = checkpoint.get("state_dict")
         prefix = f"{self.attribute}."
+        if not isinstance(state, dict) or not any(str(k).startswith(prefix) for k in state):
+            found = sorted(state)[:3] if isinstance(state, dict) else None
+            raise CheckpointError(
+                f"InitFromPretrained(source={self.source!r}): the checkpoint has no weights "
+                f"under {prefix!r} in its state_dict (found {found}); pass a Lightning .ckpt "
+                "of a dense run of this module, or set attribute= to where its model lives"
+            )
         return {
             key[len(prefix) :]: value
-            for key, value in checkpoint["state_dict"].items()
-            if key.startswith(prefix)
+            for key, value in state.items()
+            if key.startswith(prefix) and isinstance(value, Tensor)
         }
+
+    def _check_weights(self, state: Mapping[str, Tensor], twin: nn.Module) -> None:
+        """Refuse weights with NaN/inf (as every save path does) and weights whose shapes
+        are not the model's, naming the first such key."""
+        bad = first_non_finite(state.items())
+        if bad is not None:
+            raise CheckpointError(
+                f"InitFromPretrained(source={self.source!r}): refusing non-finite weights: "
+                f"{bad}; use a checkpoint saved before training diverged"
+            )
+        expected = twin.state_dict()
+        for key, value in state.items():
+            target = expected.get(key)
+            if isinstance(target, Tensor) and target.shape != value.shape:
+                raise ValueError(
+                    f"InitFromPretrained(source={self.source!r}) does not fit "
+                    f"{self.attribute}: {key} is {tuple(value.shape)} in the file but "
+                    f"{tuple(target.shape)} in the model; pass weights of this model's shape "
+                    "(its preset and model_overrides)"
+                )
 
     def _batches(self, trainer: pl.Trainer, which: str, count: int) -> list[Any]:
         datamodule = getattr(trainer, "datamodule", None)
@@ -143,6 +175,7 @@ class InitFromPretrained(Callback):
         state = _in_linear_layout(self._dense_state(model), layers)
         twin = copy.deepcopy(model)
         densify(twin)  # every SparseLinear an nn.Linear, Conv1D-made ones included
+        self._check_weights(state, twin)
         missing, unexpected = twin.load_state_dict(state, strict=False)
         # A tied head is stored once (safetensors keeps no aliases): missing, but loaded.
         params = dict(twin.named_parameters(remove_duplicate=False))

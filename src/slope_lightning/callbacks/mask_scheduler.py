@@ -10,6 +10,8 @@ import logging
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from torch import Tensor
 from typing_extensions import override
 
 from slope_lightning.callbacks.shared import (
@@ -18,7 +20,7 @@ from slope_lightning.callbacks.shared import (
     log_interval,
     sparse_layers_after_conversion,
 )
-from slope_lightning.sparse import sparse_layers
+from slope_lightning.sparse import SparseLinear, sparse_layers
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,10 @@ class MaskScheduler(MaskScheduleOwner):
     ``wrc_kept_fraction`` (nonzeros of W_RC over those of W_R), ``backward_dropped_fraction``
     (its complement) and ``mc_flipped`` (entries of M_C that changed since the previous
     refresh, all layers). Idle, with one warning, on a module without sparse layers.
+
+    No host sync: the statistics are counted and summed over the layers on the device and
+    logged as tensors, which Lightning converts when it writes the logs. (Under FSDP2 the
+    layers' own statistics are used: one sync per layer, on logging steps only.)
 
     Args:
         every: refresh every this many optimizer steps (default 1, as the paper's accuracy
@@ -78,23 +84,26 @@ class MaskScheduler(MaskScheduleOwner):
         if self.idle or step == self.last_refresh_step or not self._due(step):
             return
         log_now = step % log_interval(trainer) == 0
-        kept = total = flipped = 0
+        counts: Tensor | None = None  # (kept, flipped), summed over the layers on the device
+        total = 0
         for _, layer in sparse_layers(pl_module):
-            refresh = layer.refresh_transpose_mask(with_stats=log_now)
-            if refresh is not None:
-                kept, total, flipped = (
-                    kept + refresh.kept,
-                    total + refresh.total,
-                    flipped + refresh.flipped,
-                )
+            if not log_now:
+                layer.refresh_transpose_mask(with_stats=False)
+                continue
+            layer_counts = _refresh_with_counts(layer)
+            counts = layer_counts if counts is None else counts + layer_counts
+            total += layer.values.numel()
         self.last_refresh_step = step
         self.refreshes += 1
-        if log_now and total:
+        if counts is not None and total:
+            # Logged as device tensors: no host sync here. Lightning converts them when it
+            # writes the step's logs (the sync it makes for every logged metric anyway).
+            kept = counts[0].to(torch.float32) / total  # float32, as Lightning logs floats
             pl_module.log_dict(
                 {
-                    "sparsity/wrc_kept_fraction": kept / total,
-                    "sparsity/backward_dropped_fraction": 1.0 - kept / total,
-                    "sparsity/mc_flipped": float(flipped),
+                    "sparsity/wrc_kept_fraction": kept,
+                    "sparsity/backward_dropped_fraction": 1.0 - kept,
+                    "sparsity/mc_flipped": counts[1].to(torch.float32),
                 },
                 on_step=True,
                 on_epoch=False,
@@ -108,3 +117,28 @@ class MaskScheduler(MaskScheduleOwner):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_refresh_step = int(state_dict["last_refresh_step"])
         self.refreshes = int(state_dict["refreshes"])
+
+
+def _refresh_with_counts(layer: SparseLinear) -> Tensor:
+    """Refresh ``layer``'s M_C and count, on the device, what the refresh gives: the
+    nonzeros of W_RC (kept) and the entries of M_C that were not kept before (flipped), as an
+    int64 tensor ``(kept, flipped)``; no host sync.
+
+    A layer whose values FSDP2 shards (DTensor) counts through its own
+    :meth:`~slope_lightning.sparse.SparseLinear.refresh_transpose_mask` statistics (a
+    collective, and a sync point, on logging steps only); returned then on the values' device.
+    """
+    to_local = getattr(layer.values, "to_local", None)  # a DTensor's
+    if callable(to_local):
+        refresh = layer.refresh_transpose_mask(with_stats=True)  # a sync point (FSDP2 only)
+        assert refresh is not None  # with_stats=True always reports
+        device = to_local().device
+        return torch.tensor([refresh.kept, refresh.flipped], dtype=torch.int64, device=device)
+    old = layer.col_index.detach().clone()  # packed: a fraction of the values' size
+    layer.refresh_transpose_mask(with_stats=False)
+    t_layout = layer.layout.transposed()
+    with torch.no_grad():
+        new_mask = t_layout.mask(layer.col_index)  # (d_in, d_out), transient
+        flipped = (new_mask & ~t_layout.mask(old)).sum()
+        kept = (new_mask & layer.layout.mask(layer.row_index).t()).sum()
+    return torch.stack([kept, flipped])

@@ -1,32 +1,142 @@
-"""TokenThroughput: Lightning's ThroughputMonitor counting tokens of (input, target) batches."""
+"""TokenThroughput: tokens per second of training, measured on logging steps only."""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections import deque
+from typing import Any, NamedTuple
 
-from lightning.pytorch.callbacks import ThroughputMonitor
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from typing_extensions import override
 
 
-class TokenThroughput(ThroughputMonitor):
-    """Lightning's ThroughputMonitor for (input, target) token batches: logs tokens/s.
+class _Measurement(NamedTuple):
+    """Totals at one measurement: training seconds, batches, samples and tokens."""
 
-    Metrics: ``train/items_per_sec`` (tokens per second, all devices; multi-device runs),
-    ``train/device/items_per_sec`` (per device), ``train/batches_per_sec``,
-    ``train/samples_per_sec``.
+    time: float
+    batches: int
+    samples: int
+    tokens: int
+
+
+class TokenThroughput(Callback):
+    """Tokens per second of training with (input, target) token batches, without a host sync
+    per batch.
+
+    Each training batch's samples and tokens are counted on the host, from its shape. At the
+    end of every logging step (each ``log_every_n_steps`` optimizer steps) the callback waits
+    once for the device's queued work (:meth:`synchronize`, a sync point) and reads the
+    clock; a rate covers the last ``window_size - 1`` logging intervals. Validation time is
+    left out (the clock stops at its start and restarts at its end, a sync point each).
+    Lightning's ``ThroughputMonitor``, which this replaces with the same metric names,
+    synchronised the device after every batch, micro-batches of gradient accumulation
+    included, and measured validation and FLOPs too.
+
+    Metrics (on logging steps, once ``window_size`` measurements were taken):
+    ``train/device/items_per_sec`` (tokens per second per device),
+    ``train/device/samples_per_sec``, ``train/device/batches_per_sec``, and with several
+    devices the same for all of them: ``train/items_per_sec``, ``train/samples_per_sec``,
+    ``train/batches_per_sec``.
 
     Args:
-        window_size: batches averaged per rate; rates appear once this many have run.
+        window_size: measurements (one per logging step) per rate, at least 2 (default 2:
+            each rate covers the last logging interval; the first one appears at the second
+            logging step).
+
+    Raises:
+        ValueError: ``window_size`` is not an int >= 2.
+
+    Example:
+        >>> trainer = pl.Trainer(callbacks=[TokenThroughput()])  # doctest: +SKIP
     """
 
-    def __init__(self, window_size: int = 5) -> None:
-        super().__init__(
-            batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size
+    def __init__(self, window_size: int = 2) -> None:
+        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 2:
+            raise ValueError(
+                f"TokenThroughput(window_size={window_size!r}): give an int >= 2 (measurements, "
+                "one per logging step, that a rate spans)"
+            )
+        self.window_size = window_size
+        self._window: deque[_Measurement] = deque(maxlen=window_size)
+        self._batches = self._samples = self._tokens = 0
+        self._train_time = 0.0  # training seconds measured up to self._since
+        self._since: float | None = None  # when the running stretch of training began
+        self._started = False  # the first measurement was taken
+        self._measured_step = -1
+
+    def synchronize(self, device: torch.device) -> None:
+        """Wait until the work queued on ``device`` is done, so that the clock reads the
+        time the device took (a sync point). CUDA: ``torch.cuda.synchronize``; other
+        devices: nothing. Override it for another accelerator."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def _clock(self, trainer: pl.Trainer) -> float:
+        self.synchronize(trainer.strategy.root_device)
+        return time.perf_counter()
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._window.clear()
+        self._batches = self._samples = self._tokens = 0
+        self._train_time, self._since, self._started = 0.0, None, False
+        self._measured_step = -1
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._batches += 1
+        self._samples += int(batch[0].shape[0])  # shapes: no sync
+        self._tokens += int(batch[0].numel())
+        step = trainer.global_step
+        interval = int(getattr(trainer, "log_every_n_steps", 1))  # 0: Lightning never logs
+        if not interval or step % interval or step == self._measured_step:
+            return  # not the end of a logging step (or it was measured already)
+        self._measured_step = step
+        now = self._clock(trainer)  # a sync point, once per logging step
+        if self._started and self._since is not None:
+            self._train_time += now - self._since
+        self._since, self._started = now, True
+        self._window.append(
+            _Measurement(self._train_time, self._batches, self._samples, self._tokens)
         )
+        if len(self._window) < self.window_size:
+            return
+        first, last = self._window[0], self._window[-1]
+        elapsed = last.time - first.time
+        if elapsed <= 0:
+            return
+        metrics: dict[str, float] = {}
+        for name, done in (
+            ("items", last.tokens - first.tokens),
+            ("samples", last.samples - first.samples),
+            ("batches", last.batches - first.batches),
+        ):
+            metrics[f"train/device/{name}_per_sec"] = done / elapsed
+            if trainer.world_size > 1:
+                metrics[f"train/{name}_per_sec"] = done / elapsed * trainer.world_size
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fitting(trainer) and self._since is not None:
+            self._train_time += self._clock(trainer) - self._since  # a sync point
+            self._since = None
 
-def _batch_size(batch: Any) -> int:
-    return int(batch[0].shape[0])
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fitting(trainer) and self._started:
+            self._since = self._clock(trainer)  # a sync point: validation's work is not timed
 
-
-def _batch_tokens(batch: Any) -> int:
-    return int(batch[0].numel())
+    @staticmethod
+    def _fitting(trainer: pl.Trainer) -> bool:
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
