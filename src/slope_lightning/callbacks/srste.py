@@ -25,9 +25,11 @@ from slope_lightning.baselines.srste import (
     DEFAULT_DECAY,
     SRSTELinear,
     srste_finalize,
+    srste_rules,
     srste_sparsify,
 )
 from slope_lightning.callbacks.shared import ConvertedAtStart, check_nm_pattern
+from slope_lightning.sparse import LayerRules
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +81,18 @@ class SRSTE(ConvertedAtStart):
                 f"SRSTE(decay={decay!r}): give a number >= 0 (the paper's λ_W is 2e-4; 0 is "
                 "the plain straight-through estimator)"
             )
-        super().__init__(include, exclude, multiple=m)
+        super().__init__(include, exclude)
         self.n = n
         self.m = m
         self.decay = float(decay)
 
     @override
+    def rules(self) -> LayerRules:
+        return srste_rules(self.n, self.m, self.include, self.exclude)
+
+    @override
     def _convert(self, pl_module: pl.LightningModule) -> list[str]:
-        exclude = self._exclude()
-        return srste_sparsify(pl_module, self.n, self.m, self.decay, self.include, exclude)
+        return srste_sparsify(pl_module, self.n, self.m, self.decay, self.include, self.exclude)
 
     @override
     def _finalize(self, pl_module: pl.LightningModule) -> list[str]:
