@@ -11,18 +11,15 @@ and never imported by it.
 """
 
 from slope_lightning.baselines.oneshot import (
-    ONESHOT_METHODS,
     FixedMaskLinear,
     oneshot_finalize,
     oneshot_prune,
-    oneshot_rules,
     wanda_input_norms,
 )
 from slope_lightning.baselines.srste import (
     SRSTELinear,
     srste_finalize,
     srste_mask,
-    srste_rules,
     srste_sparsify,
 )
 from slope_lightning.baselines.transposable import (
@@ -30,7 +27,6 @@ from slope_lightning.baselines.transposable import (
     TransposableSparseLinear,
     transposable_finalize,
     transposable_mask,
-    transposable_rules,
     transposable_sparsify,
 )
 
@@ -38,21 +34,17 @@ from slope_lightning.baselines.transposable import (
 from slope_lightning.sparse.calibration import wanda_scores
 
 __all__ = [
-    "ONESHOT_METHODS",
     "TRANSPOSABLE_BACKENDS",
     "FixedMaskLinear",
     "SRSTELinear",
     "TransposableSparseLinear",
     "oneshot_finalize",
     "oneshot_prune",
-    "oneshot_rules",
     "srste_finalize",
     "srste_mask",
-    "srste_rules",
     "srste_sparsify",
     "transposable_finalize",
     "transposable_mask",
-    "transposable_rules",
     "transposable_sparsify",
     "wanda_input_norms",
     "wanda_scores",

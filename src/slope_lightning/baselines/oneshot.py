@@ -30,6 +30,7 @@ from slope_lightning.baselines.layers import (
     check_layer_pattern,
     convert_linears,
     linear_holding,
+    linear_rules,
     replace_with_linear,
 )
 from slope_lightning.sparse.calibration import collect_input_norms, wanda_scores
@@ -166,16 +167,7 @@ def oneshot_rules(
 ) -> LayerRules:
     """The layer selection of :func:`oneshot_prune` (and of its calibration): ``nn.Linear``
     layers whose sizes are multiples of ``m``, by ``include`` / ``exclude``."""
-    return LayerRules(
-        n=n,
-        m=m,
-        include=include,
-        exclude=exclude,
-        conv1d=False,
-        method="oneshot_prune",
-        action="pruned",
-        single_layer="FixedMaskLinear.from_linear(linear)",
-    )
+    return linear_rules("oneshot_prune", "pruned", FixedMaskLinear, n, m, include, exclude)
 
 
 def _call(model: nn.Module, batch: Any) -> object:

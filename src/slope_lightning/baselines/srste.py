@@ -38,6 +38,7 @@ from slope_lightning.baselines.layers import (
     check_layer_pattern,
     convert_linears,
     linear_holding,
+    linear_rules,
     replace_with_linear,
     straight_through_linear,
 )
@@ -163,16 +164,7 @@ def srste_rules(
 ) -> LayerRules:
     """The layer selection of :func:`srste_sparsify`: ``nn.Linear`` layers whose sizes are
     multiples of ``m``, by ``include`` / ``exclude``."""
-    return LayerRules(
-        n=n,
-        m=m,
-        include=include,
-        exclude=exclude,
-        conv1d=False,
-        method="srste_sparsify",
-        action="made SR-STE",
-        single_layer="SRSTELinear.from_linear(linear)",
-    )
+    return linear_rules("srste_sparsify", "made SR-STE", SRSTELinear, n, m, include, exclude)
 
 
 def srste_sparsify(

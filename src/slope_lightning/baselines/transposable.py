@@ -46,6 +46,7 @@ from slope_lightning.baselines.layers import (
     DenseWeightLinear,
     convert_linears,
     linear_holding,
+    linear_rules,
     replace_with_linear,
     straight_through_linear,
 )
@@ -458,15 +459,14 @@ def transposable_rules(
 ) -> LayerRules:
     """The layer selection of :func:`transposable_sparsify`: ``nn.Linear`` layers whose
     sizes are multiples of 4, by ``include`` / ``exclude``."""
-    return LayerRules(
-        n=2,
-        m=4,
-        include=include,
-        exclude=exclude,
-        conv1d=False,
-        method="transposable_sparsify",
-        action="made transposable",
-        single_layer="TransposableSparseLinear.from_linear(linear)",
+    return linear_rules(
+        "transposable_sparsify",
+        "made transposable",
+        TransposableSparseLinear,
+        2,
+        4,
+        include,
+        exclude,
     )
 
 

@@ -1,8 +1,5 @@
 """OneShotPrune: train dense, prune N:M once (magnitude or Wanda) at a chosen step, then
 fine-tune with the mask fixed.
-
-One training method per run, one device or DDP (see
-:class:`~slope_lightning.callbacks.shared.BaselineMethod`).
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ from typing_extensions import override
 from slope_lightning.baselines.oneshot import (
     ONESHOT_METHODS,
     FixedMaskLinear,
-    oneshot_finalize,
     oneshot_prune,
     oneshot_rules,
     wanda_input_norms,
@@ -282,7 +278,7 @@ class OneShotPrune(BaselineMethod):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.pruned:
             self._prune(trainer, pl_module)
-        replaced = oneshot_finalize(pl_module)
+        replaced = self.finalize(pl_module)
         info(
             logger,
             "OneShotPrune: %d layers turned into nn.Linear layers holding their pruned weights",

@@ -37,6 +37,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
+from slope_lightning.baselines.layers import replace_with_linear
 from slope_lightning.baselines.oneshot import FixedMaskLinear
 from slope_lightning.baselines.srste import SRSTELinear
 from slope_lightning.baselines.transposable import TransposableSparseLinear
@@ -268,6 +269,16 @@ class BaselineMethod(TrainingMethod):
     def plan(self, module: nn.Module) -> SparsifyReport:
         return plan_layers(module, self.rules())
 
+    @property
+    def messages(self) -> logging.Logger:
+        """The logger of the method's own module (its console messages name it)."""
+        return logging.getLogger(type(self).__module__)
+
+    def finalize(self, module: nn.Module) -> list[str]:
+        """Turn this method's layers into the ``nn.Linear`` layers of their trained (pruned)
+        weights, in place, for evaluation or export; returns their names."""
+        return replace_with_linear(module, self.layer_type)
+
     def method_layers(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
         """The (name, layer) pairs of this method's layer type in ``module``."""
         return [(name, sub) for name, sub in module.named_modules() if type(sub) is self.layer_type]
@@ -341,19 +352,12 @@ class ConvertedAtStart(BaselineMethod):
     taken mid-run resumes with ``ckpt_path`` and holds the dense master weights.
     """
 
-    #: The logger of the subclass's module (its messages name it).
-    messages: ClassVar[logging.Logger] = logging.getLogger(__name__)
-
     def __init__(self, include: Sequence[str] | None, exclude: Sequence[str] | None) -> None:
         super().__init__(include, exclude)
         self.converted: list[str] = []  # layers converted in this run
 
     def _convert(self, pl_module: pl.LightningModule) -> list[str]:
         """Convert the candidate layers in place; returns their names."""
-        raise NotImplementedError
-
-    def _finalize(self, pl_module: pl.LightningModule) -> list[str]:
-        """Turn this method's layers into ``nn.Linear`` layers in place; returns their names."""
         raise NotImplementedError
 
     def _ensure_converted(self, pl_module: pl.LightningModule, last_chance: bool) -> None:
@@ -409,7 +413,7 @@ class ConvertedAtStart(BaselineMethod):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        replaced = self._finalize(pl_module)
+        replaced = self.finalize(pl_module)
         if replaced:  # none after a dense tail: the layers are nn.Linear already
             info(
                 self.messages,

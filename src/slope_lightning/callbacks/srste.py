@@ -7,16 +7,11 @@ In a config::
       callbacks:
         - class_path: slope_lightning.callbacks.SRSTE
           init_args: {decay: 2.0e-4}
-
-One training method per run, one device or DDP (see
-:class:`~slope_lightning.callbacks.shared.BaselineMethod`).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from typing import ClassVar
 
 import lightning.pytorch as pl
 from typing_extensions import override
@@ -24,14 +19,11 @@ from typing_extensions import override
 from slope_lightning.baselines.srste import (
     DEFAULT_DECAY,
     SRSTELinear,
-    srste_finalize,
     srste_rules,
     srste_sparsify,
 )
 from slope_lightning.callbacks.shared import ConvertedAtStart, check_nm_pattern
 from slope_lightning.sparse import LayerRules
-
-logger = logging.getLogger(__name__)
 
 
 class SRSTE(ConvertedAtStart):
@@ -60,7 +52,6 @@ class SRSTE(ConvertedAtStart):
     """
 
     layer_type = SRSTELinear
-    messages: ClassVar[logging.Logger] = logger
 
     def __init__(
         self,
@@ -93,7 +84,3 @@ class SRSTE(ConvertedAtStart):
     @override
     def _convert(self, pl_module: pl.LightningModule) -> list[str]:
         return srste_sparsify(pl_module, self.n, self.m, self.decay, self.include, self.exclude)
-
-    @override
-    def _finalize(self, pl_module: pl.LightningModule) -> list[str]:
-        return srste_finalize(pl_module)

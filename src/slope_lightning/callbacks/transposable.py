@@ -1,14 +1,11 @@
 """TransposableSparse: dynamic transposable 2:4 (FST, Hu et al. 2024), optionally ending with
 a dense fine-tuning tail.
-
-One training method per run, one device or DDP (see
-:class:`~slope_lightning.callbacks.shared.BaselineMethod`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import Any
 
 import lightning.pytorch as pl
 from torch import nn
@@ -17,7 +14,6 @@ from typing_extensions import override
 from slope_lightning.baselines.transposable import (
     TransposableSparseLinear,
     transposable_backend,
-    transposable_finalize,
     transposable_rules,
     transposable_sparsify,
 )
@@ -65,7 +61,6 @@ class TransposableSparse(ConvertedAtStart):
     """
 
     layer_type = TransposableSparseLinear
-    messages: ClassVar[logging.Logger] = logger
 
     def __init__(
         self,
@@ -88,10 +83,6 @@ class TransposableSparse(ConvertedAtStart):
     @override
     def _convert(self, pl_module: pl.LightningModule) -> list[str]:
         return transposable_sparsify(pl_module, self.include, self.exclude, self.backend)
-
-    @override
-    def _finalize(self, pl_module: pl.LightningModule) -> list[str]:
-        return transposable_finalize(pl_module)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -27,11 +27,11 @@ from slope_lightning.sparse.masks import MaskMethod
 
 # Re-exported for the modules that import them from here (hf.py, cli.py).
 from slope_lightning.sparse.operations import sparse_layers  # noqa: F401
-from slope_lightning.sparse.selection import (  # noqa: F401  (NothingSparsifiedError: cli.py)
+from slope_lightning.sparse.selection import (
     DEFAULT_EXCLUDE,
     LayerDecision,
     LayerRules,
-    NothingSparsifiedError,
+    NothingSparsifiedError,  # noqa: F401  (cli.py)
     SparsifyReport,
     plan_layers,
     swap_layers,
