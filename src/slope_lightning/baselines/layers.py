@@ -63,15 +63,9 @@ def linear_rules(
     """The layer selection of a baseline conversion ``method`` (its function's name) that
     turns ``nn.Linear`` layers (not ``Conv1D``) into ``layer`` layers, N:M, by ``include`` /
     ``exclude``; ``action`` says what it does to a layer in messages ("made SR-STE")."""
+    single = f"{layer.__name__}.from_linear(linear)"
     return LayerRules(
-        n=n,
-        m=m,
-        include=include,
-        exclude=exclude,
-        conv1d=False,
-        method=method,
-        action=action,
-        single_layer=f"{layer.__name__}.from_linear(linear)",
+        n, m, include, exclude, conv1d=False, method=method, action=action, single_layer=single
     )
 
 
