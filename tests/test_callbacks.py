@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -18,6 +21,7 @@ from slope_lightning.callbacks import LazyLoRA, MaskScheduler, SLoPe, hidden_siz
 from slope_lightning.models import Transformer, TransformerConfig
 from slope_lightning.sparse import SparseLinear, SparsityConfig, nm_mask, sparse_layers
 from slope_lightning.sparse.calibration import collect_input_norms, wanda_sparsify
+from slope_lightning.sparse.selection import plan_layers, swap_layers
 
 
 class ForeignModule(pl.LightningModule):
@@ -637,6 +641,48 @@ def test_slope_wanda_uses_the_calibration_batches_like_calibrate_and_sparsify():
     ):
         assert torch.equal(ours.row_index, theirs.row_index), name
     assert [d.reason for d in slope.report.converted] == ["converted (wanda)"] * 2
+
+
+def spy_everywhere(monkeypatch: pytest.MonkeyPatch, function: Callable[..., Any]) -> list[str]:
+    """Record each call of ``function`` (the model's class name) through every module of the
+    package that imported it; monkeypatch puts the originals back after the test."""
+    calls: list[str] = []
+
+    def spy(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        calls.append(type(model).__name__)
+        return function(model, *args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if (
+            name.startswith("slope_lightning")
+            and getattr(module, function.__name__, None) is function
+        ):
+            monkeypatch.setattr(module, function.__name__, spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "make, mask_method",
+    [
+        (Plain, "magnitude"),
+        (Plain, "wanda"),
+        (lambda: BuiltInConfigureModel(sparsify_itself=False), "magnitude"),
+    ],
+    ids=["init", "init-wanda", "configure-model"],
+)
+def test_slope_plans_the_layers_once_and_swaps_them_once(make, mask_method, monkeypatch):
+    plans = spy_everywhere(monkeypatch, plan_layers)
+    swaps = spy_everywhere(monkeypatch, swap_layers)
+    module = make()
+    batches = [(torch.randn(8, 16), None)]
+    slope = SLoPe(mask_method=mask_method, calibration_data=batches)
+    # MaskScheduler and LazyLoRA ask SLoPe to convert first: it still converts once.
+    trainer([MaskScheduler(), LazyLoRA(start=1, rank=2), slope], max_steps=2).fit(module, loader())
+    assert plans == [type(module).__name__] and swaps == [type(module).__name__]
+    assert slope.report is not None and [d.name for d in slope.report.converted] == [
+        "net.0",
+        "net.2",
+    ]
 
 
 class WithDataModule(pl.LightningDataModule):

@@ -472,9 +472,9 @@ def test_small_layers_are_converted_on_one_thread_and_the_thread_count_restored(
 @pytest.mark.parametrize(
     ("name", "home"),
     [
-        ("load_dense_state_dict", "slope_lightning.sparse.sparsify"),
-        ("prune_dense_state_dict", "slope_lightning.sparse.sparsify"),
-        ("NothingSparsifiedError", "slope_lightning.sparse.sparsify"),
+        ("load_dense_state_dict", "slope_lightning.sparse.operations"),
+        ("prune_dense_state_dict", "slope_lightning.sparse.operations"),
+        ("NothingSparsifiedError", "slope_lightning.sparse.selection"),
         ("wanda_sparsify", "slope_lightning.sparse.calibration"),
         ("collect_input_norms", "slope_lightning.sparse.calibration"),
         ("calibrate_and_sparsify", "slope_lightning.sparse.calibration"),

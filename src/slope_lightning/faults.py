@@ -9,9 +9,7 @@ finding a run's checkpoints to :mod:`slope_lightning.checkpoints`.
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import Any
+from slope_lightning.utils import deprecated_module_getattr
 
 #: Each old name and the module that holds it now.
 MOVED: dict[str, str] = {
@@ -36,15 +34,4 @@ MOVED: dict[str, str] = {
     },
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name not in MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    new = f"{MOVED[name]}.{name}"
-    warnings.warn(
-        f"{__name__}.{name} moved to {new}; the old path goes away in the next release: "
-        f"import (or give class_path) {new}",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return getattr(importlib.import_module(MOVED[name]), name)
+__getattr__ = deprecated_module_getattr(__name__, MOVED)

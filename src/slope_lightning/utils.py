@@ -4,13 +4,15 @@ the machine a measurement ran on.
 A leaf module: it imports only the standard library, torch and safetensors, so every layer
 (the torch-only ``sparse/`` included) can use it. One of each: no other module hashes files,
 writes files atomically, dedupes a state dict's tensors, reads safetensors, times code or
-describes the machine on its own.
+describes the machine on its own; one way to keep an old import path working for a release
+(:func:`deprecated_module_getattr`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import os
 import platform
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from importlib import metadata
@@ -342,3 +345,30 @@ def machine_footnote(info: dict[str, Any]) -> str:
         f"{key} {info[key]}" for key in ("device", "processor", "torch", "date") if key in info
     ]
     return " | ".join(parts)
+
+
+def deprecated_module_getattr(old: str, moved: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module-level ``__getattr__`` for the deprecated module ``old``, whose names moved to
+    the modules ``moved`` maps them to (name -> new module).
+
+    ``old.X`` (in Python and in a YAML ``class_path``) still works for one release: it warns
+    with a DeprecationWarning naming the new path and returns the object from its new home
+    (imported only then). A name that did not move is an AttributeError, as usual.
+
+    Example:
+        In the old module: ``__getattr__ = deprecated_module_getattr(__name__, MOVED)``.
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name not in moved:
+            raise AttributeError(f"module {old!r} has no attribute {name!r}")
+        new = f"{moved[name]}.{name}"
+        warnings.warn(
+            f"{old}.{name} moved to {new}; the old path goes away in the next release: "
+            f"import (or give class_path) {new}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(moved[name]), name)
+
+    return __getattr__

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
 import torch
@@ -49,6 +49,24 @@ def convert_linears(
         return build(decision.module, decision.name)
 
     return swap_layers(model, plan, make)
+
+
+def linear_rules(
+    method: str,
+    action: str,
+    layer: type[nn.Module],
+    n: int,
+    m: int,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+) -> LayerRules:
+    """The layer selection of a baseline conversion ``method`` (its function's name) that
+    turns ``nn.Linear`` layers (not ``Conv1D``) into ``layer`` layers, N:M, by ``include`` /
+    ``exclude``; ``action`` says what it does to a layer in messages ("made SR-STE")."""
+    single = f"{layer.__name__}.from_linear(linear)"
+    return LayerRules(
+        n, m, include, exclude, conv1d=False, method=method, action=action, single_layer=single
+    )
 
 
 class ToLinear(Protocol):

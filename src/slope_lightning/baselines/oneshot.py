@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from slope_lightning.baselines.layers import (
     check_layer_pattern,
     convert_linears,
     linear_holding,
+    linear_rules,
     replace_with_linear,
 )
 from slope_lightning.sparse.calibration import collect_input_norms, wanda_scores
@@ -41,9 +42,6 @@ logger = logging.getLogger(__name__)
 #: The mask methods of :data:`~slope_lightning.sparse.MaskMethod` a one-shot prune takes
 #: (a random one-shot mask is no baseline worth training).
 ONESHOT_METHODS: tuple[MaskMethod, ...] = ("magnitude", "wanda")
-# compat: remove once the callbacks use the plan (method_callbacks.OneShotPrune)
-METHODS: tuple[str, ...] = ONESHOT_METHODS
-OneShotMethod = Literal["magnitude", "wanda"]
 
 
 class FixedMaskLinear(DenseWeightLinear):
@@ -161,20 +159,15 @@ class FixedMaskLinear(DenseWeightLinear):
         return f"{super().extra_repr()}, n={self.n}, m={self.m}"
 
 
-def _rules(
-    n: int, m: int, include: Sequence[str] | None, exclude: Sequence[str] | None
+def oneshot_rules(
+    n: int = 2,
+    m: int = 4,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
 ) -> LayerRules:
-    """The layer selection of a one-shot prune (and of its calibration)."""
-    return LayerRules(
-        n=n,
-        m=m,
-        include=include,
-        exclude=exclude,
-        conv1d=False,
-        method="oneshot_prune",
-        action="pruned",
-        single_layer="FixedMaskLinear.from_linear(linear)",
-    )
+    """The layer selection of :func:`oneshot_prune` (and of its calibration): ``nn.Linear``
+    layers whose sizes are multiples of ``m``, by ``include`` / ``exclude``."""
+    return linear_rules("oneshot_prune", "pruned", FixedMaskLinear, n, m, include, exclude)
 
 
 def _call(model: nn.Module, batch: Any) -> object:
@@ -207,7 +200,7 @@ def wanda_input_norms(
     Raises:
         ValueError: no calibration token reached some layer.
     """
-    plan = plan_layers(model, _rules(n, m, include, exclude))
+    plan = plan_layers(model, oneshot_rules(n, m, include, exclude))
     names = [d.name for d in plan.planned]
     norms = collect_input_norms(model, batches, forward or _call, layers=names)
     for name in names:
@@ -254,7 +247,7 @@ def oneshot_prune(
         raise ValueError(
             f"unknown one-shot method {method!r}; choose one of {', '.join(ONESHOT_METHODS)}"
         )
-    rules = _rules(n, m, include, exclude)
+    rules = oneshot_rules(n, m, include, exclude)
     if method == "wanda":
         plan = plan_layers(model, rules)  # checked before anything is swapped
         missing = [d.name for d in plan.planned if input_norms is None or d.name not in input_norms]

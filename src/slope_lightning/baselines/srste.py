@@ -38,6 +38,7 @@ from slope_lightning.baselines.layers import (
     check_layer_pattern,
     convert_linears,
     linear_holding,
+    linear_rules,
     replace_with_linear,
     straight_through_linear,
 )
@@ -155,6 +156,17 @@ class SRSTELinear(DenseWeightLinear):
         return f"{super().extra_repr()}, n={self.n}, m={self.m}, decay={self.decay:g}"
 
 
+def srste_rules(
+    n: int = 2,
+    m: int = 4,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> LayerRules:
+    """The layer selection of :func:`srste_sparsify`: ``nn.Linear`` layers whose sizes are
+    multiples of ``m``, by ``include`` / ``exclude``."""
+    return linear_rules("srste_sparsify", "made SR-STE", SRSTELinear, n, m, include, exclude)
+
+
 def srste_sparsify(
     model: nn.Module,
     n: int = 2,
@@ -191,18 +203,10 @@ def srste_sparsify(
         >>> srste_sparsify(model)
         ['0', '2']
     """
-    rules = LayerRules(
-        n=n,
-        m=m,
-        include=include,
-        exclude=exclude,
-        conv1d=False,
-        method="srste_sparsify",
-        action="made SR-STE",
-        single_layer="SRSTELinear.from_linear(linear)",
-    )
     converted = convert_linears(
-        model, rules, lambda linear, name: SRSTELinear.from_linear(linear, n, m, decay, name=name)
+        model,
+        srste_rules(n, m, include, exclude),
+        lambda linear, name: SRSTELinear.from_linear(linear, n, m, decay, name=name),
     )
     logger.info(
         "srste_sparsify: %d layers converted (%d:%d, decay=%g)", len(converted), n, m, decay

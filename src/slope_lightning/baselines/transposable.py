@@ -36,7 +36,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 from functools import cache, partial
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ from slope_lightning.baselines.layers import (
     DenseWeightLinear,
     convert_linears,
     linear_holding,
+    linear_rules,
     replace_with_linear,
     straight_through_linear,
 )
@@ -69,9 +70,6 @@ TRANSPOSABLE_BACKENDS: tuple[BackendName, ...] = (
     BackendName.cusparselt,
     BackendName.auto,
 )
-# compat: remove once the callbacks use the plan (method_callbacks.TransposableSparse)
-BACKENDS = tuple(b.value for b in TRANSPOSABLE_BACKENDS)
-TransposableBackend = Literal["reference", "cutlass", "cusparselt", "auto"]
 
 
 def transposable_backend(value: str | BackendName, where: str = "") -> str:
@@ -456,6 +454,22 @@ class TransposableSparseLinear(DenseWeightLinear):
 # ---------------------------------------------------------------------------- the model
 
 
+def transposable_rules(
+    include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> LayerRules:
+    """The layer selection of :func:`transposable_sparsify`: ``nn.Linear`` layers whose
+    sizes are multiples of 4, by ``include`` / ``exclude``."""
+    return linear_rules(
+        "transposable_sparsify",
+        "made transposable",
+        TransposableSparseLinear,
+        2,
+        4,
+        include,
+        exclude,
+    )
+
+
 def transposable_sparsify(
     model: nn.Module,
     include: Sequence[str] | None = None,
@@ -486,19 +500,9 @@ def transposable_sparsify(
             be converted.
     """
     name = transposable_backend(backend)
-    rules = LayerRules(
-        n=2,
-        m=4,
-        include=include,
-        exclude=exclude,
-        conv1d=False,
-        method="transposable_sparsify",
-        action="made transposable",
-        single_layer="TransposableSparseLinear.from_linear(linear)",
-    )
     converted = convert_linears(
         model,
-        rules,
+        transposable_rules(include, exclude),
         lambda linear, layer: TransposableSparseLinear.from_linear(linear, name, name=layer),
     )
     logger.info("transposable_sparsify: %d layers converted (backend=%s)", len(converted), name)

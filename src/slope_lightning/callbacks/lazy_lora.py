@@ -17,7 +17,12 @@ from torch import nn
 from typing_extensions import override
 
 from slope_lightning.callbacks.lightning_internals import reload_checkpoint
-from slope_lightning.callbacks.shared import info, log_interval, sparse_layers_after_conversion
+from slope_lightning.callbacks.shared import (
+    info,
+    log_interval,
+    run_length,
+    sparse_layers_after_conversion,
+)
 from slope_lightning.optim import (
     check_adapter_placement,
     param_group_named,
@@ -199,15 +204,11 @@ class LazyLoRA(Callback):
             ValueError: the run's length is unknown (infinite or of unknown size).
         """
         if self._total_steps is None:
-            estimate = trainer.estimated_stepping_batches
-            if not math.isfinite(estimate) or estimate < 1:
-                raise ValueError(
-                    f"LazyLoRA(start={self.start}) is a fraction of the run's optimizer steps, "
-                    f"but the run has no known length (max_steps={trainer.max_steps}, "
-                    f"max_epochs={trainer.max_epochs}, or a dataloader without a length); "
-                    "set trainer.max_steps or give start as a step number"
-                )
-            self._total_steps = int(estimate)
+            self._total_steps = run_length(
+                trainer,
+                f"LazyLoRA(start={self.start})",
+                "set trainer.max_steps or give start as a step number",
+            )
         return self._total_steps
 
     def start_step(self, trainer: pl.Trainer) -> int:

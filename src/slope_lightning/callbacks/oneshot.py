@@ -1,8 +1,5 @@
 """OneShotPrune: train dense, prune N:M once (magnitude or Wanda) at a chosen step, then
 fine-tune with the mask fixed.
-
-One training method per run, one device or DDP (see
-:class:`~slope_lightning.callbacks.shared.BaselineMethod`).
 """
 
 from __future__ import annotations
@@ -19,20 +16,21 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from slope_lightning.baselines.oneshot import (
-    METHODS,
+    ONESHOT_METHODS,
     FixedMaskLinear,
-    OneShotMethod,
-    oneshot_finalize,
     oneshot_prune,
+    oneshot_rules,
     wanda_input_norms,
 )
 from slope_lightning.callbacks.shared import (
     BaselineMethod,
+    check_count,
     check_fraction,
     check_nm_pattern,
     info,
     round_half_up,
 )
+from slope_lightning.sparse import LayerRules, MaskMethod
 from slope_lightning.sparse.calibration import default_forward
 
 logger = logging.getLogger(__name__)
@@ -91,7 +89,7 @@ class OneShotPrune(BaselineMethod):
     def __init__(
         self,
         at: float = 1.0,
-        method: OneShotMethod = "magnitude",
+        method: MaskMethod = "magnitude",
         n: int = 2,
         m: int = 4,
         calibration_batches: int = 8,
@@ -99,21 +97,15 @@ class OneShotPrune(BaselineMethod):
         exclude: list[str] | None = None,
     ) -> None:
         check_fraction("OneShotPrune", "at", at, closed_above=True)
-        if method not in METHODS:
-            raise ValueError(f"OneShotPrune(method={method!r}): choose one of {', '.join(METHODS)}")
-        check_nm_pattern("OneShotPrune", n, m)
-        if (
-            isinstance(calibration_batches, bool)
-            or not isinstance(calibration_batches, int)
-            or calibration_batches < 1
-        ):
+        if method not in ONESHOT_METHODS:  # a random one-shot mask is no baseline
             raise ValueError(
-                f"OneShotPrune(calibration_batches={calibration_batches!r}): give a positive "
-                "number of batches"
+                f"OneShotPrune(method={method!r}): choose one of {', '.join(ONESHOT_METHODS)}"
             )
-        super().__init__(include, exclude, multiple=m)
+        check_nm_pattern("OneShotPrune", n, m)
+        check_count("OneShotPrune", "calibration_batches", calibration_batches, "batches")
+        super().__init__(include, exclude)
         self.at = float(at)
-        self.method: OneShotMethod = method
+        self.method: MaskMethod = method
         self.n = n
         self.m = m
         self.calibration_batches = calibration_batches
@@ -123,6 +115,10 @@ class OneShotPrune(BaselineMethod):
         self.prune_step: int | None = None  # None: at on_train_end
         self._inputs: collections.deque[Any] = collections.deque(maxlen=calibration_batches)
         self._load_hook: RemovableHandle | None = None
+
+    @override
+    def rules(self) -> LayerRules:
+        return oneshot_rules(self.n, self.m, self.include, self.exclude)
 
     # ------------------------------------------------------------------ pruning
 
@@ -146,7 +142,8 @@ class OneShotPrune(BaselineMethod):
                 forward=default_forward,
                 m=self.m,
                 include=self.include,
-                exclude=self._exclude(),
+                exclude=self.exclude,
+                n=self.n,
             )
             if trainer.world_size > 1:  # the same mask on every rank: norms over all tokens
                 norms = {
@@ -154,7 +151,7 @@ class OneShotPrune(BaselineMethod):
                     for name, norm in norms.items()
                 }
         layers = oneshot_prune(
-            pl_module, self.n, self.m, self.method, norms, self.include, self._exclude()
+            pl_module, self.n, self.m, self.method, norms, self.include, self.exclude
         )
         if not layers:
             raise self._nothing_to_convert(pl_module)
@@ -179,7 +176,7 @@ class OneShotPrune(BaselineMethod):
         """Give the selected layers FixedMaskLinear's structure (their masks and weights are
         about to be replaced by a checkpoint's)."""
         layers = oneshot_prune(
-            pl_module, self.n, self.m, "magnitude", None, self.include, self._exclude()
+            pl_module, self.n, self.m, "magnitude", None, self.include, self.exclude
         )
         info(
             logger,
@@ -242,8 +239,9 @@ class OneShotPrune(BaselineMethod):
             )
         if not self.pruned:
             self._refuse_conflicts(trainer, pl_module)  # configure_model may have added some
-            if not self.candidates(pl_module):
-                raise self._nothing_to_convert(pl_module)
+            plan = self.plan(pl_module)
+            if not plan.planned:
+                raise self._nothing_to_convert(pl_module, plan)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -280,7 +278,7 @@ class OneShotPrune(BaselineMethod):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.pruned:
             self._prune(trainer, pl_module)
-        replaced = oneshot_finalize(pl_module)
+        replaced = self.finalize(pl_module)
         info(
             logger,
             "OneShotPrune: %d layers turned into nn.Linear layers holding their pruned weights",

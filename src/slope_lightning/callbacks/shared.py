@@ -37,12 +37,19 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
+from slope_lightning.baselines.layers import replace_with_linear
 from slope_lightning.baselines.oneshot import FixedMaskLinear
 from slope_lightning.baselines.srste import SRSTELinear
 from slope_lightning.baselines.transposable import TransposableSparseLinear
-from slope_lightning.sparse import DEFAULT_EXCLUDE, SparseLinear, sparse_layers
+from slope_lightning.sparse import (
+    LayerRules,
+    SparseLinear,
+    SparsifyReport,
+    local_part,
+    plan_layers,
+    sparse_layers,
+)
 from slope_lightning.sparse.masks import check_nm
-from slope_lightning.sparse.sparsify import linear_candidates
 
 #: A schedule argument: every this many optimizer steps, or a callable ``step -> bool``.
 Schedule = int | Callable[[int], bool]
@@ -101,6 +108,32 @@ def check_fraction(owner: str, name: str, value: float, closed_above: bool) -> N
         raise ValueError(f"{owner}({name}={value!r}): give a fraction of the run in [0, {upper}")
 
 
+def check_count(owner: str, name: str, value: int, what: str) -> None:
+    """Raises a ValueError unless ``value`` is a positive int (``what`` counts it in the
+    message, e.g. ``"batches"``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}({name}={value!r}): give a positive number of {what}")
+
+
+def run_length(trainer: pl.Trainer, setting: str, fix: str = "set trainer.max_steps") -> int:
+    """The run's optimizer steps: ``trainer.estimated_stepping_batches`` (max_steps, or the
+    steps of max_epochs when they end the run first), for a ``setting`` that is a fraction
+    of the run (named in the message, e.g. ``"LazyLoRA(start=0.5)"``).
+
+    Raises:
+        ValueError: the run's length is unknown (no max_steps and an infinite or unsized
+            dataloader); the message ends with ``fix``.
+    """
+    estimate = trainer.estimated_stepping_batches
+    if not math.isfinite(estimate) or estimate < 1:
+        raise ValueError(
+            f"{setting} is a fraction of the run's optimizer steps, but the run has no known "
+            f"length (max_steps={trainer.max_steps}, max_epochs={trainer.max_epochs}, or a "
+            f"dataloader without a length); {fix}"
+        )
+    return int(estimate)
+
+
 def round_half_up(value: float) -> int:
     """``value`` rounded to the nearest integer, halves up (Python's round() goes to even)."""
     return math.floor(value + 0.5)
@@ -140,6 +173,16 @@ class TrainingMethod(Callback):
                 f"{self.label} cannot train beside {others[0]}: each is a different 2:4 "
                 "training method; keep one of them in trainer.callbacks"
             )
+
+    def plan(self, module: nn.Module) -> SparsifyReport:
+        """The layer-selection plan of this method for ``module`` as it is now (built by
+        :func:`~slope_lightning.sparse.plan_layers`, nothing swapped): every linear layer,
+        with what the method would do with it and why.
+
+        Raises:
+            ValueError: a layer named by ``include`` that the method cannot convert.
+        """
+        raise NotImplementedError(f"{self.label} defines no layer-selection plan")
 
     def ensure_converted(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Convert the module now if this method converts it at fit start and has not yet
@@ -201,28 +244,40 @@ SHARDING_STRATEGIES: tuple[type, ...] = (FSDPStrategy, ModelParallelStrategy, De
 
 
 class BaselineMethod(TrainingMethod):
-    """What the three baseline methods share: the layer selection, the checks before
-    converting, the run's length, and the final swap back to ``nn.Linear``.
+    """What the three baseline methods share: the layer selection (the plan of the
+    baseline's :meth:`rules`), the checks before converting, the run's length, and the final
+    swap back to ``nn.Linear``.
 
     Args:
         include: fnmatch patterns of layer names to convert (None: every candidate).
         exclude: patterns left dense (None: LM heads and embeddings,
             :data:`~slope_lightning.sparse.DEFAULT_EXCLUDE`).
-        multiple: what d_in must be a multiple of for a layer to be converted.
     """
 
     #: The layer type this method trains with.
     layer_type: ClassVar[type[nn.Module]] = nn.Module
 
-    def __init__(
-        self, include: Sequence[str] | None, exclude: Sequence[str] | None, multiple: int
-    ) -> None:
+    def __init__(self, include: Sequence[str] | None, exclude: Sequence[str] | None) -> None:
         self.include = check_patterns(include, f"{self.label}(include")
         self.exclude = check_patterns(exclude, f"{self.label}(exclude")
-        self.multiple = multiple
 
-    def _exclude(self) -> tuple[str, ...]:
-        return self.exclude if self.exclude is not None else DEFAULT_EXCLUDE
+    def rules(self) -> LayerRules:
+        """The layer selection of the method's conversion (its baseline's ``*_rules``)."""
+        raise NotImplementedError(f"{self.label} defines no layer rules")
+
+    @override
+    def plan(self, module: nn.Module) -> SparsifyReport:
+        return plan_layers(module, self.rules())
+
+    @property
+    def messages(self) -> logging.Logger:
+        """The logger of the method's own module (its console messages name it)."""
+        return logging.getLogger(type(self).__module__)
+
+    def finalize(self, module: nn.Module) -> list[str]:
+        """Turn this method's layers into the ``nn.Linear`` layers of their trained (pruned)
+        weights, in place, for evaluation or export; returns their names."""
+        return replace_with_linear(module, self.layer_type)
 
     def method_layers(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
         """The (name, layer) pairs of this method's layer type in ``module``."""
@@ -230,30 +285,20 @@ class BaselineMethod(TrainingMethod):
 
     def candidates(self, module: nn.Module) -> list[str]:
         """Names of the ``nn.Linear`` layers of ``module`` this method would convert now."""
-        return [
-            name
-            for name, _, _, child, reason in linear_candidates(
-                module, self.include, self._exclude(), self.multiple, "converted"
-            )
-            if reason is None and isinstance(child, nn.Linear)
-        ]
+        return [decision.name for decision in self.plan(module).planned]
 
-    def _nothing_to_convert(self, module: nn.Module) -> ValueError:
-        """The error for a module in which no layer can be converted, with every reason."""
-        reasons = sorted(
-            {
-                reason
-                for *_, reason in linear_candidates(
-                    module, self.include, self._exclude(), self.multiple, "converted"
-                )
-                if reason is not None
-            }
-        ) or ["it has no nn.Linear layer"]
+    def _nothing_to_convert(
+        self, module: nn.Module, plan: SparsifyReport | None = None
+    ) -> ValueError:
+        """The error for a module in which no layer can be converted, with every reason
+        (from ``plan``, the module's plan if already built)."""
+        plan = plan if plan is not None else self.plan(module)
+        reasons = plan.reasons_left_dense() or ["it has no nn.Linear layer"]
         return ValueError(
             f"{self.label}: no layer of {type(module).__name__} can be converted "
             f"({'; '.join(reasons)}); adjust {self.label}(include=..., exclude=...) "
             f"(include={list(self.include) if self.include is not None else None}, "
-            f"exclude={list(self._exclude())})"
+            f"exclude={list(self.rules().excluded)})"
         )
 
     def _refuse_conflicts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -292,22 +337,8 @@ class BaselineMethod(TrainingMethod):
             )
 
     def _total_steps(self, trainer: pl.Trainer, setting: str) -> int:
-        """The run's optimizer steps: ``trainer.estimated_stepping_batches`` (max_steps, or
-        the steps of max_epochs when they end the run first).
-
-        Raises:
-            ValueError: the run's length is unknown (no max_steps and an infinite or unsized
-                dataloader).
-        """
-        estimate = trainer.estimated_stepping_batches
-        if not math.isfinite(estimate) or estimate < 1:
-            raise ValueError(
-                f"{self.label}({setting}) is a fraction of the run's optimizer steps, but the "
-                f"run has no known length (max_steps={trainer.max_steps}, "
-                f"max_epochs={trainer.max_epochs}, or a dataloader without a length); set "
-                "trainer.max_steps"
-            )
-        return int(estimate)
+        """The run's optimizer steps (:func:`run_length`; ``setting``: e.g. ``"at=0.5"``)."""
+        return run_length(trainer, f"{self.label}({setting})")
 
 
 class ConvertedAtStart(BaselineMethod):
@@ -321,21 +352,12 @@ class ConvertedAtStart(BaselineMethod):
     taken mid-run resumes with ``ckpt_path`` and holds the dense master weights.
     """
 
-    #: The logger of the subclass's module (its messages name it).
-    messages: ClassVar[logging.Logger] = logging.getLogger(__name__)
-
-    def __init__(
-        self, include: Sequence[str] | None, exclude: Sequence[str] | None, multiple: int
-    ) -> None:
-        super().__init__(include, exclude, multiple)
+    def __init__(self, include: Sequence[str] | None, exclude: Sequence[str] | None) -> None:
+        super().__init__(include, exclude)
         self.converted: list[str] = []  # layers converted in this run
 
     def _convert(self, pl_module: pl.LightningModule) -> list[str]:
         """Convert the candidate layers in place; returns their names."""
-        raise NotImplementedError
-
-    def _finalize(self, pl_module: pl.LightningModule) -> list[str]:
-        """Turn this method's layers into ``nn.Linear`` layers in place; returns their names."""
         raise NotImplementedError
 
     def _ensure_converted(self, pl_module: pl.LightningModule, last_chance: bool) -> None:
@@ -358,9 +380,10 @@ class ConvertedAtStart(BaselineMethod):
             )
             self.converted = [name for name, _ in existing]
             return
-        if not self.candidates(pl_module):
+        plan = self.plan(pl_module)
+        if not plan.planned:
             if last_chance:
-                raise self._nothing_to_convert(pl_module)
+                raise self._nothing_to_convert(pl_module, plan)
             return  # built in configure_model: converted at on_fit_start
         self.converted = self._convert(pl_module)
         info(
@@ -390,7 +413,7 @@ class ConvertedAtStart(BaselineMethod):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        replaced = self._finalize(pl_module)
+        replaced = self.finalize(pl_module)
         if replaced:  # none after a dense tail: the layers are nn.Linear already
             info(
                 self.messages,
@@ -405,16 +428,10 @@ class ConvertedAtStart(BaselineMethod):
 # --------------------------------------------------------------------------------------------
 
 
-def _local(tensor: Tensor) -> Tensor:
-    """A sharded tensor's (FSDP2 DTensor's) part on this rank; any other tensor itself."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
-
-
 def all_finite(tensors: list[Tensor]) -> bool:
     """True if every floating-point tensor is free of NaN/inf, on every rank when any tensor
     is sharded. One device sync (``.item``), plus one all-reduce for sharded tensors."""
-    local = [_local(t) for t in tensors]
+    local = [local_part(t) for t in tensors]
     flags = [t.isfinite().all() for t in local if t.is_floating_point() and t.numel()]
     ok = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
     sharded = any(t is not lt for t, lt in zip(tensors, local, strict=True))
@@ -430,7 +447,7 @@ def first_non_finite(named: Iterable[tuple[str, Tensor]]) -> str | None:
     """Name and content of the first tensor with NaN/inf (the slow path: after a failure);
     a sharded tensor is judged by this rank's part."""
     for name, full in named:
-        tensor = _local(full)
+        tensor = local_part(full)
         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
             nan = int(tensor.isnan().sum())
             inf = int(tensor.isinf().sum())

@@ -20,23 +20,25 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from slope_lightning.callbacks.lightning_internals import rebuild_optimizers
-from slope_lightning.callbacks.shared import TrainingMethod, info, mask_schedule_owned
+from slope_lightning.callbacks.shared import (
+    TrainingMethod,
+    check_count,
+    info,
+    mask_schedule_owned,
+)
 from slope_lightning.sparse import (
-    DEFAULT_EXCLUDE,
+    MASK_METHODS,
+    MaskMethod,
     SparsifyReport,
     SparsityConfig,
     follow_optimizer,
-    sparse_layers,
-    sparsify,
 )
 from slope_lightning.sparse.calibration import (
-    MASK_SELECTIONS,
     ForwardFn,
-    MaskSelection,
     collect_input_norms,
-    wanda_sparsify,
+    wanda_sparsify_planned,
 )
-from slope_lightning.sparse.sparsify import linear_like_candidates
+from slope_lightning.sparse.sparsify import plan_sparsify, sparsify_planned
 
 logger = logging.getLogger(__name__)
 
@@ -125,26 +127,18 @@ class SLoPe(TrainingMethod):
         backend: str = "reference",
         max_aspect_ratio: float | None = None,
         transpose_mask_interval: int | None = 1,
-        mask_method: MaskSelection = "magnitude",
+        mask_method: MaskMethod = "magnitude",
         calibration_batches: int = 8,
         config: SparsityConfig | None = None,
         calibration_data: Iterable[Any] | None = None,
         calibration_forward: ForwardFn | None = None,
         seed: int | None = None,
     ) -> None:
-        if mask_method not in MASK_SELECTIONS:
+        if mask_method not in MASK_METHODS:
             raise ValueError(
-                f"SLoPe(mask_method={mask_method!r}): choose one of {list(MASK_SELECTIONS)}"
+                f"SLoPe(mask_method={mask_method!r}): choose one of {list(MASK_METHODS)}"
             )
-        if (
-            isinstance(calibration_batches, bool)
-            or not isinstance(calibration_batches, int)
-            or calibration_batches < 1
-        ):
-            raise ValueError(
-                f"SLoPe(calibration_batches={calibration_batches!r}): give a positive number "
-                "of batches"
-            )
+        check_count("SLoPe", "calibration_batches", calibration_batches, "batches")
         settings: dict[str, Any] = {
             "n": n,
             "m": m,
@@ -174,7 +168,7 @@ class SLoPe(TrainingMethod):
             except ValueError as error:
                 raise ValueError(f"SLoPe: {error}") from None
         self.config = config
-        self.mask_method: MaskSelection = mask_method
+        self.mask_method: MaskMethod = mask_method
         self.calibration_batches = calibration_batches
         self.calibration_data = calibration_data
         self.calibration_forward = calibration_forward
@@ -187,30 +181,13 @@ class SLoPe(TrainingMethod):
 
     # ------------------------------------------------------------------ what to convert
 
-    def dense_candidates(self, pl_module: nn.Module) -> list[str]:
-        """Names of the ``nn.Linear`` and transformers ``Conv1D`` layers that conversion would
-        turn sparse now (the layers Wanda calibrates)."""
-        config = self.config
-        exclude = tuple(config.exclude) if config.exclude is not None else DEFAULT_EXCLUDE
-        ratio = config.max_aspect_ratio
-        return [
-            candidate.name
-            for candidate in linear_like_candidates(
-                pl_module,
-                config.include,
-                exclude,
-                config.m,
-                "sparsified",
-                f"m={config.m}",
-                transposed=True,  # Conv1D too: sparsify and wanda_sparsify convert it
-            )
-            if candidate.reason is None
-            and (
-                ratio is None
-                or max(candidate.in_features, candidate.out_features)
-                <= ratio * min(candidate.in_features, candidate.out_features)
-            )
-        ]
+    @override
+    def plan(self, module: nn.Module) -> SparsifyReport:
+        """The plan of converting ``module`` now (:func:`~slope_lightning.sparse.sparsify.
+        plan_sparsify` of the config: ``nn.Linear`` and transformers ``Conv1D`` layers; its
+        planned layers are those Wanda calibrates). Built once per conversion."""
+        method = "wanda_sparsify" if self.mask_method == "wanda" else "sparsify"
+        return plan_sparsify(module, self.config, method=method)
 
     def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         source: Iterable[Any] | None = self.calibration_data
@@ -231,16 +208,23 @@ class SLoPe(TrainingMethod):
             )
         return itertools.islice(source, self.calibration_batches)
 
-    def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule, calibrate: bool) -> bool:
-        """Convert the dense candidates now; True if any layer was converted."""
+    def _convert(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        calibrate: bool,
+        plan: SparsifyReport | None = None,
+    ) -> bool:
+        """Convert the layers of ``plan`` (the module's plan now, if None) now; True if any
+        layer was converted. The plan is built once and converted once."""
         self._done = True
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
-        names = self.dense_candidates(pl_module)
-        if not names and sparse_layers(pl_module):
+        plan = plan if plan is not None else self.plan(pl_module)
+        if not plan.planned and plan.converted:
             return False  # converted already (an earlier run of the same module)
-        if names and calibrate and self.mask_method == "wanda":
+        if plan.planned and calibrate and self.mask_method == "wanda":
             if self.calibration_forward is None and not is_overridden("forward", pl_module):
                 raise ValueError(
                     f"SLoPe(mask_method='wanda') feeds calibration batches to the module, but "
@@ -249,12 +233,13 @@ class SLoPe(TrainingMethod):
                 )
             pl_module.to(trainer.strategy.root_device)  # where the strategy puts it anyway
             batches = self._calibration_batches(trainer, pl_module)
+            names = [decision.name for decision in plan.planned]
             norms = collect_input_norms(pl_module, batches, self.calibration_forward, names)
-            report = wanda_sparsify(pl_module, norms, self.config)
+            report = wanda_sparsify_planned(pl_module, plan, norms, self.config)
         else:
             # Without calibration (a resume, whose checkpoint's masks replace them), Wanda's
             # layers are chosen by magnitude: the config's mask_method is magnitude or random.
-            report = sparsify(pl_module, self.config, seed=self.seed)
+            report = sparsify_planned(pl_module, plan, self.config, seed=self.seed)
         if not report.converted:
             reasons = sorted({d.reason for d in report.layers}) or [
                 "it has no nn.Linear or Conv1D layer"
@@ -306,7 +291,8 @@ class SLoPe(TrainingMethod):
             RuntimeError: the strategy has wrapped the dense model already.
         """
         if not self._done:
-            if self.dense_candidates(pl_module) and trainer.strategy.model is not pl_module:
+            plan = self.plan(pl_module)
+            if plan.planned and trainer.strategy.model is not pl_module:
                 raise RuntimeError(
                     f"SLoPe: {type(pl_module).__name__} builds its layers in configure_model, "
                     f"and {type(trainer.strategy).__name__} has already wrapped the dense "
@@ -314,7 +300,8 @@ class SLoPe(TrainingMethod):
                     "__init__ (SLoPe then converts them in setup), or call "
                     "slope_lightning.sparsify(...) at the end of configure_model"
                 )
-            if self._convert(trainer, pl_module, calibrate=True) and trainer.optimizers:
+            converted = self._convert(trainer, pl_module, calibrate=True, plan=plan)
+            if converted and trainer.optimizers:
                 # configure_optimizers saw the dense weights; no step has run yet.
                 rebuild_optimizers(trainer)
                 info(logger, "SLoPe: optimizers rebuilt over the sparse parameters")

@@ -7,16 +7,11 @@ In a config::
       callbacks:
         - class_path: slope_lightning.callbacks.SRSTE
           init_args: {decay: 2.0e-4}
-
-One training method per run, one device or DDP (see
-:class:`~slope_lightning.callbacks.shared.BaselineMethod`).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from typing import ClassVar
 
 import lightning.pytorch as pl
 from typing_extensions import override
@@ -24,12 +19,11 @@ from typing_extensions import override
 from slope_lightning.baselines.srste import (
     DEFAULT_DECAY,
     SRSTELinear,
-    srste_finalize,
+    srste_rules,
     srste_sparsify,
 )
 from slope_lightning.callbacks.shared import ConvertedAtStart, check_nm_pattern
-
-logger = logging.getLogger(__name__)
+from slope_lightning.sparse import LayerRules
 
 
 class SRSTE(ConvertedAtStart):
@@ -58,7 +52,6 @@ class SRSTE(ConvertedAtStart):
     """
 
     layer_type = SRSTELinear
-    messages: ClassVar[logging.Logger] = logger
 
     def __init__(
         self,
@@ -79,16 +72,15 @@ class SRSTE(ConvertedAtStart):
                 f"SRSTE(decay={decay!r}): give a number >= 0 (the paper's λ_W is 2e-4; 0 is "
                 "the plain straight-through estimator)"
             )
-        super().__init__(include, exclude, multiple=m)
+        super().__init__(include, exclude)
         self.n = n
         self.m = m
         self.decay = float(decay)
 
     @override
-    def _convert(self, pl_module: pl.LightningModule) -> list[str]:
-        exclude = self._exclude()
-        return srste_sparsify(pl_module, self.n, self.m, self.decay, self.include, exclude)
+    def rules(self) -> LayerRules:
+        return srste_rules(self.n, self.m, self.include, self.exclude)
 
     @override
-    def _finalize(self, pl_module: pl.LightningModule) -> list[str]:
-        return srste_finalize(pl_module)
+    def _convert(self, pl_module: pl.LightningModule) -> list[str]:
+        return srste_sparsify(pl_module, self.n, self.m, self.decay, self.include, self.exclude)

@@ -1,24 +1,20 @@
 """TransposableSparse: dynamic transposable 2:4 (FST, Hu et al. 2024), optionally ending with
 a dense fine-tuning tail.
-
-One training method per run, one device or DDP (see
-:class:`~slope_lightning.callbacks.shared.BaselineMethod`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import Any
 
 import lightning.pytorch as pl
 from torch import nn
 from typing_extensions import override
 
 from slope_lightning.baselines.transposable import (
-    BACKENDS,
-    TransposableBackend,
     TransposableSparseLinear,
-    transposable_finalize,
+    transposable_backend,
+    transposable_rules,
     transposable_sparsify,
 )
 from slope_lightning.callbacks.shared import (
@@ -27,6 +23,8 @@ from slope_lightning.callbacks.shared import (
     info,
     round_half_up,
 )
+from slope_lightning.sparse import LayerRules
+from slope_lightning.sparse.selection import replace_children
 
 logger = logging.getLogger(__name__)
 
@@ -63,34 +61,28 @@ class TransposableSparse(ConvertedAtStart):
     """
 
     layer_type = TransposableSparseLinear
-    messages: ClassVar[logging.Logger] = logger
 
     def __init__(
         self,
         dense_tail: float = 0.0,
-        backend: TransposableBackend = "auto",
+        backend: str = "auto",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
     ) -> None:
         check_fraction("TransposableSparse", "dense_tail", dense_tail, closed_above=False)
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"TransposableSparse(backend={backend!r}): choose one of {', '.join(BACKENDS)}"
-            )
-        super().__init__(include, exclude, multiple=4)
+        super().__init__(include, exclude)
         self.dense_tail = float(dense_tail)
-        self.backend: TransposableBackend = backend
+        self.backend = transposable_backend(backend, f"TransposableSparse(backend={backend!r}): ")
         self.dense_from: int | None = None  # the optimizer step the dense tail starts at
         self.densified_at: int | None = None
 
     @override
-    def _convert(self, pl_module: pl.LightningModule) -> list[str]:
-        exclude = self._exclude()
-        return transposable_sparsify(pl_module, self.include, exclude, self.backend)
+    def rules(self) -> LayerRules:
+        return transposable_rules(self.include, self.exclude)
 
     @override
-    def _finalize(self, pl_module: pl.LightningModule) -> list[str]:
-        return transposable_finalize(pl_module)
+    def _convert(self, pl_module: pl.LightningModule) -> list[str]:
+        return transposable_sparsify(pl_module, self.include, self.exclude, self.backend)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -145,20 +137,19 @@ class TransposableSparse(ConvertedAtStart):
 def _densify(model: nn.Module) -> list[str]:
     """Replace every TransposableSparseLinear of ``model`` by an nn.Linear holding its master
     weight and bias, unmasked and shared (the optimizer keeps them); returns their names."""
-    replaced: list[str] = []
-    for parent_name, parent in list(model.named_modules()):
-        for attr, child in list(parent.named_children()):
-            if isinstance(child, TransposableSparseLinear):
-                linear = nn.Linear(
-                    child.in_features,
-                    child.out_features,
-                    bias=child.bias is not None,
-                    device="meta",  # placeholders, replaced by the layer's Parameters below
-                    dtype=child.weight.dtype,
-                )
-                linear.weight = child.weight
-                linear.bias = child.bias  # type: ignore[assignment]
-                linear.train(child.training)
-                setattr(parent, attr, linear)
-                replaced.append(f"{parent_name}.{attr}" if parent_name else attr)
-    return replaced
+
+    def unmasked(layer: nn.Module) -> nn.Module:
+        assert isinstance(layer, TransposableSparseLinear)
+        linear = nn.Linear(
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias is not None,
+            device="meta",  # placeholders, replaced by the layer's Parameters below
+            dtype=layer.weight.dtype,
+        )
+        linear.weight = layer.weight
+        linear.bias = layer.bias  # type: ignore[assignment]
+        linear.train(layer.training)
+        return linear
+
+    return replace_children(model, TransposableSparseLinear, unmasked)

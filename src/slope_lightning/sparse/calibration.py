@@ -42,20 +42,16 @@ from slope_lightning.sparse.backends import BackendName, SparseBackend
 from slope_lightning.sparse.config import SparsityConfig, config_from_call, keyword_default
 from slope_lightning.sparse.conv1d import dense_weight, is_conv1d
 from slope_lightning.sparse.linear import SparseLinear
-from slope_lightning.sparse.masks import MASK_METHODS, MaskMethod, nm_positions, positions_to_mask
+from slope_lightning.sparse.masks import nm_positions, positions_to_mask
 from slope_lightning.sparse.selection import (
     DEFAULT_EXCLUDE,
     LayerDecision,
-    LayerRules,
     SparsifyReport,
-    plan_layers,
     swap_layers,
 )
+from slope_lightning.sparse.sparsify import plan_sparsify
 
 logger = logging.getLogger(__name__)
-
-MaskSelection = MaskMethod  # compat: remove once the callbacks use the plan
-MASK_SELECTIONS = MASK_METHODS  # compat: remove once the callbacks use the plan
 
 #: Runs a model on one calibration batch (the return value is ignored).
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -282,8 +278,9 @@ def wanda_sparsify(
         "transpose_mask_interval": transpose_mask_interval,
     }
     config, instance = config_from_call("wanda_sparsify", n, keywords)
-    plan = _plan(model, config, instance)
-    return _convert(model, plan, norms, config, instance)
+    assert instance is None or isinstance(instance, SparseBackend)
+    plan = plan_sparsify(model, config, instance, method="wanda_sparsify")
+    return wanda_sparsify_planned(model, plan, norms, config, backend=instance)
 
 
 def calibrate_and_sparsify(
@@ -308,25 +305,31 @@ def calibrate_and_sparsify(
         )
     first = config if config is not None else settings.pop("n", 2)
     config, instance = config_from_call("calibrate_and_sparsify", first, settings)
-    plan = _plan(model, config, instance)
+    assert instance is None or isinstance(instance, SparseBackend)
+    plan = plan_sparsify(model, config, instance, method="wanda_sparsify")
     norms = collect_input_norms(model, batches, forward, layers=[d.name for d in plan.planned])
-    return _convert(model, plan, norms, config, instance)
+    return wanda_sparsify_planned(model, plan, norms, config, backend=instance)
 
 
-def _plan(model: nn.Module, config: SparsityConfig, instance: object | None) -> SparsifyReport:
-    backend = instance if isinstance(instance, SparseBackend) else config.backend
-    name = backend.value if isinstance(backend, BackendName) else backend.name
-    return plan_layers(model, LayerRules.from_config(config, "wanda_sparsify"), backend=name)
-
-
-def _convert(
+def wanda_sparsify_planned(
     model: nn.Module,
     plan: SparsifyReport,
     norms: Mapping[str, Tensor],
     config: SparsityConfig,
-    instance: object | None,
+    *,
+    backend: SparseBackend | None = None,
 ) -> SparsifyReport:
-    """Swap the planned layers for their Wanda SparseLinear, after checking every norm."""
+    """Swap the layers ``plan`` converts for SparseLinear layers with Wanda row masks from
+    ``norms``, in place, after checking every norm; returns ``plan``, now the report.
+
+    The second half of :func:`wanda_sparsify`, for callers that built the plan already
+    (:func:`~slope_lightning.sparse.sparsify.plan_sparsify`) and collected the norms of its
+    planned layers: the SLoPe callback plans once and converts once.
+
+    Raises:
+        ValueError: a planned layer without norms, or with norms of the wrong size (nothing
+            is converted then).
+    """
     missing = [d.name for d in plan.planned if d.name not in norms]
     if missing:
         raise ValueError(
@@ -340,7 +343,9 @@ def _convert(
                 f"wanda_sparsify: layer {d.name!r} has d_in={d.in_features} but its "
                 f"calibration norms have shape {tuple(norms[d.name].shape)}"
             )
-    backend = instance if isinstance(instance, SparseBackend) else config.backend
-    swap_layers(model, plan, lambda d: _wanda_layer(d, norms[d.name], config, backend), tag="wanda")
+    layer_backend: BackendName | SparseBackend = backend or config.backend
+    swap_layers(
+        model, plan, lambda d: _wanda_layer(d, norms[d.name], config, layer_backend), tag="wanda"
+    )
     logger.info("%s", plan)
     return plan

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,10 +27,11 @@ from slope_lightning.sparse.masks import MaskMethod
 
 # Re-exported for the modules that import them from here (hf.py, cli.py).
 from slope_lightning.sparse.operations import sparse_layers  # noqa: F401
-from slope_lightning.sparse.selection import (  # noqa: F401  (NothingSparsifiedError: cli.py)
+from slope_lightning.sparse.selection import (
     DEFAULT_EXCLUDE,
+    LayerDecision,
     LayerRules,
-    NothingSparsifiedError,
+    NothingSparsifiedError,  # noqa: F401  (cli.py)
     SparsifyReport,
     plan_layers,
     swap_layers,
@@ -125,20 +126,78 @@ def _sparsify(
 ) -> SparsifyReport:
     """The conversion of ``model`` by ``config``: plan once, then swap the planned layers
     (``instance``: a backend shared by every layer instead of ``config.backend``)."""
-    backend: BackendName | SparseBackend = instance or config.backend
-    name = backend.value if isinstance(backend, BackendName) else backend.name
     # Every decision first: an include error leaves the model unchanged.
-    report = plan_layers(model, LayerRules.from_config(config), backend=name)
+    report = plan_sparsify(model, config, instance)
+    sparsify_planned(model, report, config, backend=instance, seed=seed)
+    if not report.converted:
+        reasons = report.reasons_left_dense() or ["the model has no nn.Linear or Conv1D layer"]
+        warnings.warn(
+            f"sparsify() converted no layer ({'; '.join(reasons)}); print the returned report "
+            "for every layer's reason",
+            stacklevel=3,
+        )
+    return report
+
+
+def plan_sparsify(
+    model: nn.Module,
+    config: SparsityConfig,
+    backend: SparseBackend | None = None,
+    method: str = "sparsify",
+) -> SparsifyReport:
+    """The plan of converting ``model`` by ``config`` (its n, m, include, exclude and aspect
+    ratio; ``nn.Linear`` and ``Conv1D`` layers), nothing swapped yet: what
+    :func:`sparsify_planned` (or Wanda's ``wanda_sparsify_planned``) then converts.
+
+    Args:
+        model: the model to plan for.
+        config: the sparsity settings.
+        backend: a backend instance shared by every layer, shown instead of
+            ``config.backend``.
+        method: the conversion's name in the report and messages.
+
+    Raises:
+        ValueError: ``model`` is itself a linear layer, or an included layer cannot be
+            converted.
+    """
+    name = backend.name if backend is not None else config.backend.value
+    return plan_layers(model, LayerRules.from_config(config, method), backend=name)
+
+
+def sparsify_planned(
+    model: nn.Module,
+    plan: SparsifyReport,
+    config: SparsityConfig,
+    *,
+    backend: SparseBackend | None = None,
+    seed: int | None = None,
+) -> SparsifyReport:
+    """Swap the layers ``plan`` converts for SparseLinear layers of ``config`` (its n, m,
+    backend, refresh interval and magnitude or random mask), in place, and return ``plan``,
+    now the report of what was done.
+
+    The second half of :func:`sparsify`, for callers that built the plan already
+    (:func:`plan_sparsify`) and looked at it: the SLoPe callback plans once and converts once.
+
+    Args:
+        model: the model ``plan`` was built of.
+        plan: from :func:`plan_sparsify` (or :func:`~slope_lightning.sparse.plan_layers`).
+        config: the layers' settings.
+        backend: a backend instance shared by every layer instead of ``config.backend``.
+        seed: seed of random masks.
+    """
+    layer_backend: BackendName | SparseBackend = backend or config.backend
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
-    def build(decision: Any) -> nn.Module:
-        dense = decision.module
+    def build(decision: LayerDecision) -> nn.Module:
+        dense: Any = decision.module  # an nn.Linear or a transformers Conv1D
+        assert dense is not None, "a planned layer carries its module"
         convert = SparseLinear.from_conv1d if is_conv1d(dense) else SparseLinear.from_linear
         sparse = convert(
             dense,
             config.n,
             config.m,
-            backend=backend,
+            backend=layer_backend,
             transpose_mask_interval=config.transpose_mask_interval,
             mask_method=config.mask_method,
             generator=generator,
@@ -148,18 +207,11 @@ def _sparsify(
         sparse.train(dense.training)
         return sparse
 
-    largest = max((d.out_features * d.in_features for d in report.planned), default=0)
+    largest = max((d.out_features * d.in_features for d in plan.planned), default=0)
     with _conversion_threads(largest):
-        swap_layers(model, report, build)
-    if not report.converted:
-        reasons = report.reasons_left_dense() or ["the model has no nn.Linear or Conv1D layer"]
-        warnings.warn(
-            f"sparsify() converted no layer ({'; '.join(reasons)}); print the returned report "
-            "for every layer's reason",
-            stacklevel=3,
-        )
-    logger.info("%s", report)
-    return report
+        swap_layers(model, plan, build)
+    logger.info("%s", plan)
+    return plan
 
 
 #: Layers up to this many weight entries are converted on one thread (see
@@ -189,65 +241,3 @@ def _conversion_threads(largest: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-# ---------------------------------------------------------------------- compat
-
-
-def linear_like_candidates(  # compat: remove once the callbacks use the plan
-    model: nn.Module,
-    include: Sequence[str] | None,
-    exclude: Sequence[str],
-    multiple: int,
-    what: str,
-    multiple_name: str = "",
-    *,
-    transposed: bool = False,
-    linear_only: bool = False,
-) -> Iterator[_Candidate]:
-    """The layers :func:`plan_layers` converts, as the old candidate tuples (name, parent,
-    attr, module, out_features, in_features, reason; reason None: to convert).
-
-    Only for ``callbacks.SLoPe.dense_candidates``; new code calls :func:`plan_layers`.
-    """
-    conv1d = transposed and not linear_only
-    rules = LayerRules(
-        n=1, m=multiple, include=include, exclude=tuple(exclude), conv1d=conv1d, action=what
-    )
-    for decision in plan_layers(model, rules).layers:
-        if linear_only and not isinstance(decision.module, nn.Linear | SparseLinear):
-            continue
-        parent_name, _, attr = decision.name.rpartition(".")
-        reason = None if decision.decision == "convert" else decision.reason
-        assert decision.module is not None
-        yield _Candidate(
-            decision.name,
-            model.get_submodule(parent_name),
-            attr,
-            decision.module,
-            decision.out_features,
-            decision.in_features,
-            reason,
-        )
-
-
-def linear_candidates(  # compat: remove once the callbacks use the plan
-    *args: Any,
-) -> Iterator[tuple[str, nn.Module, str, nn.Module, str | None]]:
-    """:func:`linear_like_candidates` (same arguments) of nn.Linear and SparseLinear children,
-    as (name, parent, attr, module, reason). Only for ``method_callbacks``; new code calls
-    :func:`plan_layers`."""
-    for found in linear_like_candidates(*args, linear_only=True):
-        yield found.name, found.parent, found.attr, found.module, found.reason
-
-
-class _Candidate(NamedTuple):  # compat: remove once the callbacks use the plan
-    """One layer of :func:`linear_like_candidates` (reason None: to convert)."""
-
-    name: str
-    parent: nn.Module
-    attr: str
-    module: nn.Module
-    out_features: int
-    in_features: int
-    reason: str | None
