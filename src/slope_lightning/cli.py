@@ -285,41 +285,17 @@ class SLoPeCLI(LightningCLI):
                 f"{_crash_checkpoint_note(self.trainer)}; resume with --ckpt_path last"
             ) from None
 
-    def validate(
-        self,
-        model: SLoPeModule,
-        datamodule: TextDataModule | None = None,
-        ckpt_path: str | None = None,
-        weights_only: bool | None = None,
-        verbose: bool = True,
-    ) -> None:
-        """``trainer.validate`` on the checked checkpoint, with ``weights_only=True``."""
-        self._evaluate(self.trainer.validate, model, datamodule, ckpt_path, verbose)
+    # validate and test get the Trainer method's keyword arguments from the config
+    # (datamodule, ckpt_path, verbose, weights_only); they only make weights_only True.
 
-    def test(
-        self,
-        model: SLoPeModule,
-        datamodule: TextDataModule | None = None,
-        ckpt_path: str | None = None,
-        weights_only: bool | None = None,
-        verbose: bool = True,
-    ) -> None:
+    def validate(self, model: SLoPeModule, **kwargs: Any) -> None:
+        """``trainer.validate`` on the checked checkpoint, with ``weights_only=True``."""
+        self.trainer.validate(model, **{**kwargs, **_WEIGHTS_ONLY})
+
+    def test(self, model: SLoPeModule, **kwargs: Any) -> None:
         """``trainer.test`` on the checked checkpoint and the held-out test split, with
         ``weights_only=True``; logs ``test/loss`` and ``test/ppl``."""
-        self._evaluate(self.trainer.test, model, datamodule, ckpt_path, verbose)
-
-    @staticmethod
-    def _evaluate(
-        evaluate: Any,
-        model: SLoPeModule,
-        datamodule: TextDataModule | None,
-        ckpt_path: str | None,
-        verbose: bool,
-    ) -> None:
-        """``trainer.validate`` or ``trainer.test`` (``evaluate``), with ``weights_only=True``."""
-        evaluate(
-            model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=verbose, **_WEIGHTS_ONLY
-        )
+        self.trainer.test(model, **{**kwargs, **_WEIGHTS_ONLY})
 
 
 def _crash_checkpoint_note(trainer: Any) -> str:
