@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import os
 import platform
@@ -342,3 +343,21 @@ def machine_footnote(info: dict[str, Any]) -> str:
         f"{key} {info[key]}" for key in ("device", "processor", "torch", "date") if key in info
     ]
     return " | ".join(parts)
+
+
+def lazy_attribute(
+    package: str, lazy: Mapping[str, str], name: str, namespace: dict[str, Any]
+) -> Any:
+    """The body of a package's PEP 562 ``__getattr__``: ``name`` imported from the module that
+    ``lazy`` names for it, on first access, and kept in ``namespace`` (the package's
+    ``globals()``) so later lookups skip the hook. How the packages keep Lightning out of a
+    plain-PyTorch import.
+
+    Raises:
+        AttributeError: ``name`` is not one of ``lazy``'s (the message names ``package``).
+    """
+    if name not in lazy:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(lazy[name]), name)
+    namespace[name] = value
+    return value
