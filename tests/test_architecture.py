@@ -238,6 +238,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "entry points",
         (
             "slope_lightning.cli",
+            "slope_lightning.cli_checks",
+            "slope_lightning.cli_commands",
+            "slope_lightning.cli_errors",
+            "slope_lightning.cli_runs",
             "slope_lightning.generate",
             "slope_lightning.study.*",
             "slope_lightning.bench.*",

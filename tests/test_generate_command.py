@@ -8,6 +8,7 @@ script itself runs as a subprocess for the main paths, the other cases go throug
 from __future__ import annotations
 
 import inspect
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,79 @@ def test_a_missing_checkpoint_fails_with_one_line_and_status_1(run):
     assert done.returncode == 1
     line = error_line(done.stderr)
     assert "gone.ckpt does not exist" in line and ".ckpt file" in line
+
+
+# --------------------------------------------------------------------------------------------
+# The sharded checkpoint of an FSDP2 run
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The working directory of a two-step `fit` with configs/tiny-fsdp.yaml on one process
+    (the console script, through ModelParallelStrategy's own sharded save):
+    ``runs/tiny-fsdp/version_0`` holds the sharded ``checkpoints/last.ckpt/`` and the export."""
+    root = tmp_path_factory.mktemp("generate-sharded")
+    write_corpus(root / "docs", documents=8, words=400)
+    done = console(
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "tiny-fsdp.yaml"),
+        "--data.sources=[docs/*.txt]",
+        "--data.cache_dir=cache",
+        "--data.vocab_size=300",
+        "--data.seq_len=16",
+        "--data.batch_size=2",
+        "--data.val_source_ids=false",
+        "--model.model_overrides={n_layer: 1, d_model: 32, n_head: 2, n_kv_head: 1}",
+        "--trainer.devices=1",
+        "--trainer.strategy.init_args.data_parallel_size=1",
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        cwd=root,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (root / "runs" / "tiny-fsdp" / "version_0" / "checkpoints" / "last.ckpt").is_dir()
+    return root
+
+
+@pytest.mark.slow
+def test_generate_takes_the_sharded_checkpoint_folder_that_fit_writes_under_fsdp2(sharded_run):
+    run_dir = sharded_run / "runs" / "tiny-fsdp" / "version_0"
+    folder = run_dir / "checkpoints" / "last.ckpt"
+    args = ["--prompt", PROMPT, "--max_new_tokens", "12", "--temperature", "0", "--device", "cpu"]
+    done = console("generate", str(folder.relative_to(sharded_run)), *args, cwd=sharded_run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The shards hold the final weights, as the export does: the same model, the same text.
+    model, recorded = load_checkpoint_model(folder)
+    assert recorded is not None and recorded["sources"] == ["docs/*.txt"]
+    exported = load_exported(run_dir / "export").state_dict()
+    loaded = model.state_dict()
+    assert loaded.keys() == exported.keys()
+    for key, tensor in exported.items():
+        assert torch.equal(loaded[key], tensor), key
+    tokenizer = load_tokenizer(run_dir / "export" / TOKENIZER)
+    expected = generate_text(model, tokenizer, PROMPT, 12, 0.0, None)
+    assert done.stdout.rstrip("\n") == expected
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_with_a_missing_shard_fails_with_one_line(sharded_run, tmp_path):
+    folder = sharded_run / "runs" / "tiny-fsdp" / "version_0" / "checkpoints" / "last.ckpt"
+    broken = tmp_path / "runs" / "x" / "version_0" / "checkpoints" / "last.ckpt"
+    shutil.copytree(folder, broken)
+    for shard in broken.glob("*.distcp"):
+        shard.unlink()
+    done = console(
+        "generate", str(broken), "--tokenizer", str(run_tokenizer(sharded_run)), cwd=tmp_path
+    )
+    assert done.returncode == 1
+    line = error_line(done.stderr)
+    assert f"cannot read sharded checkpoint {broken}" in line
+    assert "use another checkpoint of the run, or its export" in line
 
 
 # --------------------------------------------------------------------------------------------

@@ -193,6 +193,23 @@ def test_from_pretrained_refuses_what_it_cannot_rebuild(tmp_path):
         hf.from_pretrained(tmp_path / "sparse")
 
 
+def test_a_model_class_of_another_model_type_is_refused_naming_both(tmp_path):
+    model = llama()
+    sparsify(model)
+    hf.save_pretrained(model, tmp_path)
+    # GPT-2 reads config attributes a Llama config lacks: transformers itself would fail with
+    # a bare AttributeError.
+    with pytest.raises(
+        ValueError,
+        match=r"holds a 'llama' model \(LlamaForCausalLM\), but model_class=GPT2LMHeadModel "
+        r"builds 'gpt2' models; pass model_class=transformers\.LlamaForCausalLM",
+    ):
+        hf.from_pretrained(tmp_path, model_class=transformers.GPT2LMHeadModel)
+    # A class of the saved type is accepted.
+    rebuilt = hf.from_pretrained(tmp_path, model_class=transformers.LlamaForCausalLM)
+    assert isinstance(rebuilt, transformers.LlamaForCausalLM)
+
+
 def test_the_sparse_layers_must_exist_in_the_model_the_config_builds(tmp_path):
     model = llama()
     sparsify(model)

@@ -389,6 +389,22 @@ def test_a_dense_weight_of_the_wrong_shape_is_refused_naming_the_layer():
         load_dense_state_dict(target, state)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_dense_state_dict_holding_nan_or_inf_is_refused_naming_the_key(bad):
+    from slope_lightning.sparse import load_dense_state_dict as public_load
+
+    target = TinyLM(tie=False)
+    sparsify(target)
+    before = {key: value.clone() for key, value in target.state_dict().items()}
+    state = dict(TinyLM(tie=False).state_dict())
+    state["blocks.0.up.weight"] = state["blocks.0.up.weight"].clone()
+    state["blocks.0.up.weight"][3, 5] = bad
+    with pytest.raises(ValueError, match=r"refusing to load .*blocks\.0\.up\.weight.*NaN/inf"):
+        public_load(target, state)
+    after = target.state_dict()
+    assert all(torch.equal(after[key], before[key]) for key in before)  # nothing was loaded
+
+
 def test_strict_loading_still_reports_keys_the_checkpoint_lacks():
     target = TinyLM(tie=False)
     sparsify(target)

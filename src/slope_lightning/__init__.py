@@ -7,7 +7,6 @@ torch. The Lightning pieces (``SLoPeModule``, ``MaskScheduler``, ``LazyLoRA``,
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from slope_lightning.sparse import (
@@ -23,6 +22,7 @@ from slope_lightning.sparse import (
     sparsify,
     unmerge,
 )
+from slope_lightning.utils import lazy_attribute
 
 __version__ = "0.1.0"
 
@@ -52,6 +52,4 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'slope_lightning' has no attribute {name!r}")
+    return lazy_attribute(__name__, _LAZY, name, globals())

@@ -5,6 +5,8 @@
   is unsafe, truncated or not a checkpoint fails with an error naming the file and the fix;
   every local save is atomic.
 * :func:`checkpoint_step`, :func:`is_sharded_checkpoint`: what a checkpoint is, read cheaply.
+* :func:`load_sharded_state_dict`: the full weights of a sharded checkpoint (FSDP2's
+  ``last.ckpt/`` folder), read in one process without a process group.
 * :func:`run_checkpoints`, :func:`find_resume_checkpoint`, :func:`resume_point`,
   :func:`run_version`: the checkpoints of a run, and what ``--ckpt_path last`` (or a file)
   resumes; the CLI calls these and keeps no logic of its own about them.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -269,6 +272,57 @@ def check_sharded_checkpoint(path: str | Path) -> None:
                 f"{shard.stat().st_size} bytes, its {SHARD_INDEX} needs {size} (truncated); "
                 f"{advice}"
             )
+
+
+def load_sharded_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) ``state_dict`` of a sharded checkpoint, read in this one process.
+
+    ``ModelParallelStrategy`` writes the LightningModule's state dict with
+    ``torch.distributed.checkpoint`` (one shard per rank, keys ``state_dict.<name>``) beside
+    ``meta.pt``. Every tensor is allocated whole on the CPU from the checkpoint's metadata and
+    filled from all the shards, without a process group (``no_dist``); the optimizer state is
+    not read.
+
+    Args:
+        path: the sharded checkpoint directory (e.g. ``checkpoints/last.ckpt/``).
+
+    Returns:
+        The module's state dict (keys as in ``LightningModule.state_dict()``), on the CPU.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a sharded checkpoint directory.
+        CheckpointError: its metadata or a shard is missing or unreadable.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise FileNotFoundError(
+            f"{path} is not a sharded checkpoint (a directory with {SHARDED_METADATA}); pass "
+            "the directory a sharded save wrote (e.g. checkpoints/last.ckpt/ under FSDP2)"
+        )
+    check_sharded_checkpoint(path)  # its index read safely, every shard there and whole
+    prefix = "state_dict."
+    try:
+        reader = dcp.FileSystemReader(path)
+        entries = reader.read_metadata().state_dict_metadata
+        state = {
+            key: torch.empty(entry.size, dtype=entry.properties.dtype)
+            for key, entry in entries.items()
+            if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+        }
+        with warnings.catch_warnings():  # one process on purpose: torch warns that it assumes so
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, no_dist=True)
+    # CheckpointException derives from BaseException: named here so it never escapes
+    except (CheckpointException, RuntimeError, OSError, ValueError, EOFError) as error:
+        raise CheckpointError(
+            f"cannot read sharded checkpoint {path}: a shard or its metadata is missing or "
+            f"corrupt ({first_line(error)}); use another checkpoint of the run, or its export"
+        ) from error
+    return {key.removeprefix(prefix): tensor for key, tensor in state.items()}
 
 
 def _checkpoint_mtime(path: Path) -> float:

@@ -6,7 +6,8 @@
 
 The model is a checkpoint written by ``slope-lightning fit`` (a ``.ckpt`` file of
 :class:`~slope_lightning.module.SLoPeModule`, read with ``weights_only=True`` like every
-checkpoint this project loads) or an export directory
+checkpoint this project loads, or the sharded ``last.ckpt/`` folder ``fit`` writes under
+FSDP2, read whole in this one process) or an export directory
 (:func:`~slope_lightning.export.export_model`: ``model.safetensors`` and ``config.json``).
 
 The tokenizer is, in this order: ``--tokenizer``; the export's own ``tokenizer.json``; or the
@@ -38,7 +39,12 @@ import torch
 import yaml
 from tokenizers import Tokenizer
 
-from slope_lightning.checkpoints import load_checkpoint_file
+from slope_lightning.checkpoints import (
+    SHARDED_METADATA,
+    is_sharded_checkpoint,
+    load_checkpoint_file,
+    load_sharded_state_dict,
+)
 from slope_lightning.data.artifacts import CorruptCacheError
 from slope_lightning.data.prepare import find_tokenizer
 from slope_lightning.data.tokenizer import load_tokenizer, separator_id
@@ -97,11 +103,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="slope-lightning generate",
         description=(
-            "Generate text from a checkpoint of `slope-lightning fit` (.ckpt) or an export "
-            "directory (model.safetensors + config.json)."
+            "Generate text from a checkpoint of `slope-lightning fit` (a .ckpt file, or the "
+            "sharded last.ckpt/ folder of an FSDP2 run) or an export directory "
+            "(model.safetensors + config.json)."
         ),
     )
-    parser.add_argument("model", help="a .ckpt file written by fit, or an export directory")
+    parser.add_argument(
+        "model", help="a checkpoint written by fit (.ckpt file or sharded folder), or an export"
+    )
     parser.add_argument(
         "--prompt", default="", help="text to continue (default: empty, a new document)"
     )
@@ -138,7 +147,8 @@ def load_checkpoint_model(path: str | Path) -> tuple[Transformer, dict[str, Any]
     is a runtime choice, not part of the weights); adapters come back with the weights.
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file, or a sharded checkpoint directory (FSDP2's ``last.ckpt/``:
+            its shards are read whole in this one process).
 
     Returns:
         The model (on the CPU), and the data module's hyperparameters the checkpoint recorded
@@ -146,13 +156,16 @@ def load_checkpoint_model(path: str | Path) -> tuple[Transformer, dict[str, Any]
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        CheckpointError: the file is unsafe, truncated or not a checkpoint.
+        CheckpointError: the file is unsafe, truncated or not a checkpoint (for a sharded
+            one: a shard is missing or unreadable).
         ValueError: the checkpoint is not one of a SLoPeModule, or its weights do not fit the
             model its hyperparameters describe.
     """
-    checkpoint = load_checkpoint_file(path, mmap=True)  # the optimizer state is never read
+    sharded = is_sharded_checkpoint(path)
+    # The optimizer state is never read: memory-mapped, or left in the shards.
+    checkpoint = load_checkpoint_file(Path(path) / SHARDED_METADATA if sharded else path, mmap=True)
     hparams = checkpoint.get("hyper_parameters")
-    state = checkpoint.get("state_dict")
+    state = load_sharded_state_dict(path) if sharded else checkpoint.get("state_dict")
     if not isinstance(hparams, Mapping) or "preset" not in hparams or not isinstance(state, dict):
         raise ValueError(
             f"{path} is not a checkpoint of slope-lightning's SLoPeModule (it records no "
@@ -180,7 +193,7 @@ def load_checkpoint_model(path: str | Path) -> tuple[Transformer, dict[str, Any]
 def load_model(path: Path) -> tuple[Transformer, dict[str, Any] | None]:
     """The model at ``path`` (a checkpoint file or an export directory), on the CPU, and the
     data settings a checkpoint recorded (None for an export)."""
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         return load_exported(path), None
     return load_checkpoint_model(path)
 

@@ -181,13 +181,35 @@ def _read_section(directory: Path) -> dict[str, Any]:
     return section
 
 
-def _model_class(config: Any, model_class: type[nn.Module] | None) -> type[nn.Module]:
-    """The class to build: ``model_class``, else the config's first ``architectures`` entry."""
-    if model_class is not None:
-        return model_class
+def _model_class(
+    config: Any, model_class: type[nn.Module] | None, directory: Path
+) -> type[nn.Module]:
+    """The class to build: ``model_class``, else the config's first ``architectures`` entry.
+
+    A transformers ``model_class`` must build the saved model type: one of another type reads
+    config attributes the saved config does not have, and fails inside transformers with a
+    bare ``AttributeError``.
+
+    Raises:
+        ValueError: ``model_class`` builds another model type than the saved one, or the
+            config names an architecture transformers does not provide.
+    """
     import transformers
 
     names = getattr(config, "architectures", None) or []
+    if model_class is not None:
+        saved_type = getattr(config, "model_type", None)
+        class_type = getattr(getattr(model_class, "config_class", None), "model_type", None)
+        if saved_type and class_type and saved_type != class_type:
+            saved = f"transformers.{names[0]}" if names else f"a {saved_type!r} class"
+            architectures = ", ".join(names) or "no architectures entry"
+            raise ValueError(
+                f"{directory / CONFIG} holds a {saved_type!r} model ({architectures}), but "
+                f"model_class={model_class.__name__} builds "
+                f"{class_type!r} models; pass model_class={saved}, or leave model_class out "
+                "to build the class the config names"
+            )
+        return model_class
     found = getattr(transformers, names[0], None) if names else None
     if not isinstance(found, type) or not issubclass(found, nn.Module):
         raise ValueError(
@@ -253,7 +275,8 @@ def from_pretrained(
     Raises:
         FileNotFoundError: ``config.json`` or ``sparse_model.safetensors`` is missing.
         ValueError: the config has no valid ``slope_lightning`` section, names an unknown
-            architecture, or does not match the weights (the message names the keys).
+            architecture, is of another model type than ``model_class``, or does not match
+            the weights (the message names the keys).
     """
     import transformers
 
@@ -268,7 +291,7 @@ def from_pretrained(
     config = transformers.AutoConfig.from_pretrained(directory)
     if hasattr(config, SECTION):
         delattr(config, SECTION)  # the model's config holds the architecture only
-    model = _model_class(config, model_class)(config)
+    model = _model_class(config, model_class, directory)(config)
 
     layers: dict[str, dict[str, Any]] = section["layers"]
     groups: dict[tuple[int, int, int | None], list[str]] = defaultdict(list)

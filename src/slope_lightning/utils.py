@@ -372,3 +372,21 @@ def deprecated_module_getattr(old: str, moved: Mapping[str, str]) -> Callable[[s
         return getattr(importlib.import_module(moved[name]), name)
 
     return __getattr__
+
+
+def lazy_attribute(
+    package: str, lazy: Mapping[str, str], name: str, namespace: dict[str, Any]
+) -> Any:
+    """The body of a package's PEP 562 ``__getattr__``: ``name`` imported from the module that
+    ``lazy`` names for it, on first access, and kept in ``namespace`` (the package's
+    ``globals()``) so later lookups skip the hook. How the packages keep Lightning out of a
+    plain-PyTorch import.
+
+    Raises:
+        AttributeError: ``name`` is not one of ``lazy``'s (the message names ``package``).
+    """
+    if name not in lazy:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(lazy[name]), name)
+    namespace[name] = value
+    return value

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 from slope_lightning.data.artifacts import CorruptCacheError
@@ -34,6 +33,7 @@ from slope_lightning.data.streams import (
     source_metric_names,
 )
 from slope_lightning.data.tokenizer import EOT_TOKEN, load_tokenizer, train_tokenizer
+from slope_lightning.utils import lazy_attribute
 
 if TYPE_CHECKING:
     from slope_lightning.data.datamodule import TextDataModule
@@ -68,11 +68,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # later lookups skip this hook
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return lazy_attribute(__name__, _LAZY, name, globals())
 
 
 def __dir__() -> list[str]:

@@ -297,6 +297,22 @@ def load_documents(sources: Sequence[str | Path], text_key: str = "text") -> lis
 # ---------------------------------------------------------------------------------------------
 
 
+def check_split_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Refuse split shares that leave no training documents.
+
+    Raises:
+        ValueError: ``val_fraction`` outside (0, 1), or ``test_fraction`` outside
+            [0, 1 - val_fraction) (the message names the value and the range).
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+    if not 0.0 <= test_fraction < 1.0 - val_fraction:
+        raise ValueError(
+            f"test_fraction must be in [0, 1 - val_fraction) = [0, {1.0 - val_fraction:g}), "
+            f"got {test_fraction}."
+        )
+
+
 def split_documents(
     documents: Sequence[Document],
     val_fraction: float = 0.05,
@@ -355,13 +371,7 @@ def split_documents_with_test(
         ValueError: fewer than two documents (three with a test split), or a fraction out of
             range.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
-    if not 0.0 <= test_fraction < 1.0 - val_fraction:
-        raise ValueError(
-            f"test_fraction must be in [0, 1 - val_fraction) = [0, {1.0 - val_fraction:g}), "
-            f"got {test_fraction}."
-        )
+    check_split_fractions(val_fraction, test_fraction)
     n = len(documents)
     needed = 3 if test_fraction > 0 else 2
     if n < needed:

@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from slope_lightning.data.corpus import check_split_fractions
 from slope_lightning.data.prepare import PreparedTokens, prepare_tokens
 from slope_lightning.data.streams import (
     RandomWindows,
@@ -162,13 +163,7 @@ class TextDataModule(pl.LightningDataModule):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
-        if not 0.0 <= test_fraction < 1.0 - val_fraction:
-            raise ValueError(
-                f"test_fraction must be in [0, 1 - val_fraction) = [0, {1.0 - val_fraction:g}), "
-                f"got {test_fraction}."
-            )
+        check_split_fractions(val_fraction, test_fraction)
         if not text_key:
             raise ValueError("text_key must be a non-empty string.")
         if num_workers < 0:
@@ -429,14 +424,7 @@ class TextDataModule(pl.LightningDataModule):
     @override
     def val_dataloader(self) -> DataLoader:
         _, val = self._require_setup()
-        return DataLoader(
-            val,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return self._evaluation_loader(val)
 
     @override
     def test_dataloader(self) -> DataLoader:
@@ -445,11 +433,16 @@ class TextDataModule(pl.LightningDataModule):
             raise RuntimeError(
                 "Call `prepare_data()` and `setup('test')` before `test_dataloader`."
             )
+        return self._evaluation_loader(self.test_dataset)
+
+    def _evaluation_loader(self, dataset: ValidationWindows) -> DataLoader:
+        """The windows of an evaluation split (validation or test), in a fixed order."""
         return DataLoader(
-            self.test_dataset,
+            dataset,
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 

@@ -157,13 +157,8 @@ def prepare_tokens(
         FileNotFoundError: ``tokenizer_path`` or a text source does not exist.
     """
     cache_dir = Path(cache_dir)
-    if sources is None:
-        documents = load_default_corpus(cache_dir, download=build)
-    else:
-        documents = load_documents(sources, text_key=text_key)
-    # The default corpus mixes sources; validation should hold some of each.
-    train_docs, val_docs, test_docs = split_documents_with_test(
-        documents, val_fraction, test_fraction, seed, stratify=sources is None
+    train_docs, val_docs, test_docs = _split_corpus(
+        sources, cache_dir, text_key, val_fraction, test_fraction, seed, download=build
     )
     # The tokenizer is trained on the training split only: it never sees a test document.
     tokenizer_file, tokenizer_sha = _tokenizer(
@@ -234,16 +229,9 @@ def find_tokenizer(
         ValueError: the sources hold no text.
     """
     if tokenizer_path is not None:
-        tokenizer_file = Path(tokenizer_path)
-        if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"Tokenizer file {str(tokenizer_file)!r} does not exist.")
-        return tokenizer_file
-    if sources is None:
-        documents = load_default_corpus(cache_dir, download=False)
-    else:
-        documents = load_documents(sources, text_key=text_key)
-    train_docs, _, _ = split_documents_with_test(
-        documents, val_fraction, test_fraction, seed, stratify=sources is None
+        return _user_tokenizer(tokenizer_path)
+    train_docs, _, _ = _split_corpus(
+        sources, Path(cache_dir), text_key, val_fraction, test_fraction, seed, download=False
     )
     tokenizer_file = tokenizer_cache_path(train_docs, vocab_size, cache_dir)
     if cached_tokenizer_record(tokenizer_file) is None:
@@ -251,6 +239,36 @@ def find_tokenizer(
             f"No cached tokenizer at {tokenizer_file} for these data settings (its cache was "
             "deleted, or the text sources changed since the run)."
         )
+    return tokenizer_file
+
+
+def _split_corpus(
+    sources: Sequence[str | Path] | None,
+    cache_dir: Path,
+    text_key: str,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    *,
+    download: bool,
+) -> tuple[list[Document], list[Document], list[Document]]:
+    """The train, validation and test documents of the sources (None: the default corpus,
+    its archives fetched only with ``download``)."""
+    if sources is None:
+        documents = load_default_corpus(cache_dir, download=download)
+    else:
+        documents = load_documents(sources, text_key=text_key)
+    # The default corpus mixes sources; validation should hold some of each.
+    return split_documents_with_test(
+        documents, val_fraction, test_fraction, seed, stratify=sources is None
+    )
+
+
+def _user_tokenizer(tokenizer_path: str | Path) -> Path:
+    """A user's ``tokenizer.json``, which must exist."""
+    tokenizer_file = Path(tokenizer_path)
+    if not tokenizer_file.is_file():
+        raise FileNotFoundError(f"Tokenizer file {str(tokenizer_file)!r} does not exist.")
     return tokenizer_file
 
 
@@ -263,9 +281,7 @@ def _tokenizer(
 ) -> tuple[Path, str]:
     """The tokenizer file for this run and its sha256, training the BPE with ``build``."""
     if tokenizer_path is not None:
-        tokenizer_file = Path(tokenizer_path)
-        if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"Tokenizer file {str(tokenizer_file)!r} does not exist.")
+        tokenizer_file = _user_tokenizer(tokenizer_path)
         # A user's file has no record of ours: its digest keys the token cache, so token files
         # made from an earlier version of it are never reused.
         return tokenizer_file, sha256_file(tokenizer_file)

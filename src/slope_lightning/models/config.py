@@ -254,6 +254,8 @@ def _check_positive_int(name: str, value: object) -> None:
 _GPT2: Final[Mapping[str, Any]] = MappingProxyType(
     dict(style="gpt2", vocab_size=50304, seq_len=1024, bias=True, tie_embeddings=True)
 )
+# What the LLaMA-style presets share: no biases (the style's default), embeddings tied to the head.
+_LLAMA: Final[Mapping[str, Any]] = MappingProxyType(dict(style="llama", tie_embeddings=True))
 
 # Read-only so that no caller can change a preset for everyone else.
 _PRESETS: Final[Mapping[str, Mapping[str, Any]]] = MappingProxyType(
@@ -261,14 +263,7 @@ _PRESETS: Final[Mapping[str, Mapping[str, Any]]] = MappingProxyType(
         # A few million parameters: trains on a laptop CPU, exercises GQA and tied embeddings.
         "tiny": MappingProxyType(
             dict(
-                style="llama",
-                vocab_size=8192,
-                seq_len=256,
-                n_layer=4,
-                n_head=4,
-                n_kv_head=2,
-                d_model=256,
-                tie_embeddings=True,
+                _LLAMA, vocab_size=8192, seq_len=256, n_layer=4, n_head=4, n_kv_head=2, d_model=256
             )
         ),
         # GPT-2 124M.
@@ -279,7 +274,7 @@ _PRESETS: Final[Mapping[str, Mapping[str, Any]]] = MappingProxyType(
         # base is 100000; its context is 8192 tokens (the CLI links seq_len to the data).
         "smollm2-135m": MappingProxyType(
             dict(
-                style="llama",
+                _LLAMA,
                 vocab_size=49152,
                 seq_len=2048,
                 n_layer=30,
@@ -287,7 +282,6 @@ _PRESETS: Final[Mapping[str, Mapping[str, Any]]] = MappingProxyType(
                 n_kv_head=3,
                 d_model=576,
                 mlp_hidden=1536,
-                tie_embeddings=True,
                 rope_theta=100000.0,
                 norm_eps=1e-5,
             )
@@ -299,7 +293,7 @@ _PRESETS: Final[Mapping[str, Mapping[str, Any]]] = MappingProxyType(
         # embedding is 65M instead of 262M parameters: about 1.04B in total.
         "llama-1b": MappingProxyType(
             dict(
-                style="llama",
+                _LLAMA,
                 vocab_size=32000,
                 seq_len=2048,
                 n_layer=16,
@@ -307,7 +301,6 @@ _PRESETS: Final[Mapping[str, Mapping[str, Any]]] = MappingProxyType(
                 n_kv_head=8,
                 d_model=2048,
                 mlp_hidden=8192,
-                tie_embeddings=True,
             )
         ),
     }

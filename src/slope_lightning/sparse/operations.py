@@ -23,6 +23,7 @@ from slope_lightning.sparse.kernel_ops import derive_col_index
 from slope_lightning.sparse.linear import SparseLinear
 from slope_lightning.sparse.masks import MaskMethod
 from slope_lightning.sparse.selection import replace_children
+from slope_lightning.utils import require_finite
 
 
 def sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:
@@ -115,7 +116,8 @@ def load_dense_state_dict(
         ``load_state_dict``'s named tuple of missing and unexpected keys.
 
     Raises:
-        ValueError: a dense weight does not fit its layer (see :func:`prune_dense_state_dict`).
+        ValueError: a dense weight does not fit its layer (see :func:`prune_dense_state_dict`),
+            or a tensor holds NaN/inf (the message names it; nothing is loaded).
         RuntimeError: ``strict`` and keys that do not match (``load_state_dict``'s error).
 
     Example:
@@ -126,6 +128,8 @@ def load_dense_state_dict(
         >>> load_dense_state_dict(model, dense.state_dict())
         <All keys matched successfully>
     """
+    tensors = {key: value for key, value in state_dict.items() if isinstance(value, Tensor)}
+    require_finite(tensors, "load", "the dense state dict")  # as every save path refuses them
     sparse_state = prune_dense_state_dict(
         model, state_dict, mask_method=mask_method, generator=generator
     )
