@@ -261,3 +261,20 @@ def test_validate_on_a_sharded_checkpoint_with_a_shard_missing_is_one_error_line
     assert result.returncode == 1, result.stderr[-3000:]
     line = _error_line(result.stderr)
     assert str(path) in line and "__0_0.distcp is missing" in line
+
+
+def test_a_corrupt_shard_found_while_lightning_restores_is_one_error_line():
+    """torch.distributed.checkpoint's CheckpointException derives from BaseException; the CLI
+    still turns it into exit 1 and one line that says what to do."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from slope_lightning.cli_errors import describe_failure
+
+    error = CheckpointException("load", {0: (ValueError("bad bytes in __0_0.distcp"), None)})
+    failure = describe_failure(error, "fit")
+    assert failure is not None
+    status, message = failure
+    assert status == 1
+    assert "sharded checkpoint" in message and "another checkpoint" in message
+    assert "rank 0: ValueError: bad bytes in __0_0.distcp" in message
+    assert "\n" not in message

@@ -95,7 +95,7 @@ def describe_failure(error: BaseException, command: str) -> tuple[int, str] | No
         # torch.distributed.checkpoint's load failure derives from BaseException: a corrupt
         # shard of a sharded (FSDP2) checkpoint, found while Lightning restores it.
         return 1, (
-            f"cannot load the sharded checkpoint: {one_line(str(error))[:300]}; the "
+            f"cannot load the sharded checkpoint: {_checkpoint_failure(error)}; the "
             "checkpoint directory is corrupt: resume from another checkpoint of the run "
             f"(its crash/ or checkpoints/ directory)  [{DEBUG_ENV}=1 shows the traceback]"
         )
@@ -116,6 +116,15 @@ def _is_checkpoint_exception(error: BaseException) -> bool:
     except ImportError:  # a torch built without distributed
         return False
     return isinstance(error, CheckpointException)
+
+
+def _checkpoint_failure(error: BaseException) -> str:
+    """The first rank's failure inside a ``CheckpointException``, as one short line (its
+    ``str`` is every rank's traceback)."""
+    failures = getattr(error, "failures", None) or {}
+    for rank, (cause, _trace) in sorted(failures.items()):
+        return f"rank {rank}: {type(cause).__name__}: {one_line(str(cause))[:300]}"
+    return type(error).__name__
 
 
 def resume_advice(command: str) -> str:
