@@ -36,6 +36,12 @@ from slope_lightning.sparse.layout import NMLayout, check_divisible
 from slope_lightning.sparse.masks import MaskMethod
 from slope_lightning.sparse.merged import FusedOperand, build_fused, merged_forward
 from slope_lightning.sparse.readonly import ASSIGNING_WEIGHT, read_only, warn_dense_read
+from slope_lightning.sparse.refresh import (
+    RefreshCounter,
+    check_interval,
+    count_optimizer_step,
+    transpose_mask_for_training,
+)
 from slope_lightning.sparse.sharded import TransposeMaskRefresh, refresh_col_index
 from slope_lightning.sparse.state import check_index, read_extra_state
 
@@ -55,9 +61,11 @@ class SparseLinear(nn.Module):
             the reference backend).
         backend: name of the GEMM backend ("reference" runs everywhere; "cusparselt",
             "cutlass" and "auto" need a CUDA GPU), or a SparseBackend instance.
-        transpose_mask_interval: re-derive M_C from the current W_R after this many optimizer
-            updates of the values (detected automatically). None: only when
-            :meth:`refresh_transpose_mask` is called (e.g. by the MaskScheduler callback).
+        transpose_mask_interval: 1 (default): re-derive M_C from the current W_R at every
+            training forward, whatever the optimizer. k > 1: after every k optimizer steps,
+            which :func:`~slope_lightning.sparse.follow_optimizer` must report. None: only
+            when :meth:`refresh_transpose_mask` is called (e.g. by the MaskScheduler
+            callback). The rule: :mod:`slope_lightning.sparse.refresh`.
         weight: dense (d_out, d_in) weight to prune; None initialises like nn.Linear.
         mask_method: "magnitude" (keep the largest |w|) or "random".
         generator: random source for ``mask_method="random"`` and for the default init.
@@ -98,11 +106,7 @@ class SparseLinear(nn.Module):
         sizes = {"in_features (d_in)": in_features, "out_features (d_out)": out_features}
         fix = "N:M pruning needs whole groups along both dimensions (exclude this layer or pick "
         check_divisible(name, sizes, m, f"m={m}", fix + "another M)")
-        if transpose_mask_interval is not None and transpose_mask_interval < 1:
-            raise ValueError(
-                f"layer {name!r}: transpose_mask_interval must be a positive number of "
-                f"optimizer steps or None (manual), got {transpose_mask_interval}"
-            )
+        check_interval(transpose_mask_interval, name)
         self.in_features = in_features
         self.out_features = out_features
         self.layout = NMLayout(out_features, in_features, n, m)
@@ -141,9 +145,7 @@ class SparseLinear(nn.Module):
         self.merged = False
         self._fused: FusedOperand | None = None  # merged inference operand, built by merge()
         self._operands = OperandCache()  # kernel-side copies for inference (GPU backends)
-        self._seen_version = self.values._version
-        self._updates_since_refresh = 0
-        self._counts_optimizer_steps = False  # see note_optimizer_step
+        self.refresh_counter = RefreshCounter()  # optimizer steps, see sparse.refresh
         self._mask_generation = 0  # bumped whenever M_C changes
         self._checked: set[tuple[torch.dtype, torch.device]] = set()
 
@@ -315,8 +317,7 @@ class SparseLinear(nn.Module):
 
     def _after_refresh(self) -> None:
         self._mask_generation += 1
-        self._updates_since_refresh = 0
-        self._seen_version = self.values._version
+        self.refresh_counter.steps = 0
 
     def hold_masks_as_parameters(self) -> None:
         """Hold M_R and M_C as frozen parameters (``requires_grad=False``), not buffers.
@@ -336,50 +337,17 @@ class SparseLinear(nn.Module):
                 self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
 
     def note_optimizer_step(self) -> None:
-        """Count one optimizer update of the values (called by :func:`follow_optimizer`'s hook).
-
-        Once called, the layer counts updates only through it and ignores the values'
-        version counter, so an update is never counted twice.
-        """
-        self._counts_optimizer_steps = True
-        self._updates_since_refresh += 1
-        self._seen_version = self.values._version
-        interval = self.transpose_mask_interval
-        # FSDP2: the forward sees a gathered copy that is freed after it, where a refreshed
-        # M_C would not last; refresh between steps instead (the same mask: the same W_R).
-        due = interval is not None and self._updates_since_refresh >= interval
-        if due and is_dtensor(self.values):
-            self.refresh_transpose_mask(with_stats=False)
-
-    def _refresh_transpose_mask_if_due(self) -> None:
-        """Refresh M_C when ``transpose_mask_interval`` optimizer updates have happened.
-
-        Contract: called at every training forward. An update is counted either by
-        :meth:`note_optimizer_step` (an optimizer step hook, see
-        :func:`~slope_lightning.sparse.follow_optimizer`: works for every optimizer) or, for
-        a layer no hook reports to, as a move of the values' version counter since the
-        previous training forward (every in-place ``torch.optim`` update bumps it, but fused
-        optimizers such as ``AdamW(fused=True)`` do not).
-        """
-        if not self._counts_optimizer_steps:
-            version = self.values._version
-            if version != self._seen_version:
-                self._seen_version = version
-                self._updates_since_refresh += 1
-        interval = self.transpose_mask_interval
-        if interval is not None and self._updates_since_refresh >= interval:
-            self.refresh_transpose_mask(with_stats=False)
+        """Count one optimizer step of the values (called by :func:`follow_optimizer`'s hook);
+        under FSDP2, re-derive M_C from the shards when it is due (a collective)."""
+        count_optimizer_step(self)
 
     def get_extra_state(self) -> Tensor:
-        """(updates since the last M_C refresh, N, M) as one int64 tensor.
+        """(optimizer steps since the last M_C refresh, N, M) as one int64 tensor.
 
         A tensor, not a dict, so that ``state_dict()`` holds only tensors (safetensors,
         ``save_pretrained``); N and M let a load refuse a checkpoint of another pattern.
         """
-        pending = int(
-            not self._counts_optimizer_steps and self.values._version != self._seen_version
-        )
-        state = [self._updates_since_refresh + pending, self.n, self.m]
+        state = [self.refresh_counter.steps, self.n, self.m]
         return torch.tensor(state, dtype=torch.int64)
 
     def set_extra_state(self, state: Any) -> None:
@@ -389,12 +357,11 @@ class SparseLinear(nn.Module):
             ValueError: the state was saved from another N:M pattern, or the loaded packed
                 masks are not a valid N:M pattern.
         """
-        updates = read_extra_state(state, self._updates_since_refresh, self.layout, self.name)
+        updates = read_extra_state(state, self.refresh_counter.steps, self.layout, self.name)
         check_index(local_part(self.row_index), self.layout, "row_index (M_R)", self.name)
         t_layout = self.layout.transposed()
         check_index(local_part(self.col_index), t_layout, "col_index (M_C)", self.name)
-        self._updates_since_refresh = updates
-        self._seen_version = self.values._version
+        self.refresh_counter.steps = updates
         self._operands.clear()
 
     def _load_from_state_dict(
@@ -537,16 +504,9 @@ class SparseLinear(nn.Module):
                 self.unmerge()
             # The optimizer is about to change the values: inference copies would go stale.
             self._operands.clear()
-            self._refresh_transpose_mask_if_due()
-            y = sparse_linear(
-                x,
-                self.values,
-                self.bias,
-                self.row_index,
-                self.col_index,
-                self.layout,
-                self._backend,
-            )
+            col_index = transpose_mask_for_training(self)  # M_C for this backward
+            weight = (self.values, self.bias, self.row_index, col_index, self.layout)
+            y = sparse_linear(x, *weight, self._backend)
         elif self.merged:
             if self._fused is None or self._fused.key != self.weight_key():
                 self._fused = self.fused_operand()  # parameters changed since merge()
