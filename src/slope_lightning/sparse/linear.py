@@ -25,7 +25,7 @@ from slope_lightning.sparse.backends import (
     resolve_backend,
 )
 from slope_lightning.sparse.conv1d import dense_weight, is_conv1d
-from slope_lightning.sparse.dtensor import is_dtensor, local_part
+from slope_lightning.sparse.dtensor import local_part
 from slope_lightning.sparse.function import (
     compute_dtype_of,
     sparse_linear,
@@ -505,8 +505,9 @@ class SparseLinear(nn.Module):
             # The optimizer is about to change the values: inference copies would go stale.
             self._operands.clear()
             col_index = transpose_mask_for_training(self)  # M_C for this backward
-            weight = (self.values, self.bias, self.row_index, col_index, self.layout)
-            y = sparse_linear(x, *weight, self._backend)
+            y = sparse_linear(
+                x, self.values, self.bias, self.row_index, col_index, self.layout, self._backend
+            )
         elif self.merged:
             if self._fused is None or self._fused.key != self.weight_key():
                 self._fused = self.fused_operand()  # parameters changed since merge()
