@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Hashable
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from slope_lightning.sparse.adapters import AdapterInit, LowRankAdapter, resolve_rank
 from slope_lightning.sparse.backends import (
@@ -46,6 +47,17 @@ from slope_lightning.sparse.sharded import TransposeMaskRefresh, refresh_col_ind
 from slope_lightning.sparse.state import check_index, read_extra_state
 
 logger = logging.getLogger(__name__)
+
+
+class LayerSettings(TypedDict, total=False):
+    """Keywords of :class:`SparseLinear`'s constructor that :meth:`SparseLinear.from_linear`
+    and :meth:`SparseLinear.from_conv1d` pass on (the defaults are the constructor's)."""
+
+    backend: str | BackendName | SparseBackend
+    transpose_mask_interval: int | None
+    mask_method: MaskMethod
+    generator: torch.Generator | None
+    name: str
 
 
 class SparseLinear(nn.Module):
@@ -153,18 +165,12 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls,
-        linear: nn.Linear,
-        n: int = 2,
-        m: int = 4,
-        *,
-        backend: str | BackendName | SparseBackend = "reference",
-        transpose_mask_interval: int | None = 1,
-        mask_method: MaskMethod = "magnitude",
-        generator: torch.Generator | None = None,
-        name: str = "SparseLinear",
+        cls, linear: nn.Linear, n: int = 2, m: int = 4, **settings: Unpack[LayerSettings]
     ) -> SparseLinear:
         """Prune ``linear``'s weight N:M along d_in (by magnitude by default) and wrap it.
+
+        ``settings``: the constructor's ``backend``, ``transpose_mask_interval``,
+        ``mask_method``, ``generator`` and ``name`` (keywords, same defaults).
 
         Raises:
             TypeError: ``linear`` is not an ``nn.Linear``.
@@ -175,24 +181,15 @@ class SparseLinear(nn.Module):
                 "convolutions and other layers are not supported (sparsify() lists every "
                 "layer it skipped and why)"
             )
-        settings = (backend, transpose_mask_interval, mask_method, generator, name)
-        return cls._wrap(linear, n, m, *settings)
+        return cls._wrap(linear, n, m, settings)
 
     @classmethod
     def from_conv1d(
-        cls,
-        conv1d: nn.Module,
-        n: int = 2,
-        m: int = 4,
-        *,
-        backend: str | BackendName | SparseBackend = "reference",
-        transpose_mask_interval: int | None = 1,
-        mask_method: MaskMethod = "magnitude",
-        generator: torch.Generator | None = None,
-        name: str = "SparseLinear",
+        cls, conv1d: nn.Module, n: int = 2, m: int = 4, **settings: Unpack[LayerSettings]
     ) -> SparseLinear:
         """Prune a transformers ``Conv1D`` (GPT-2's transposed linear, ``y = x W + b`` with W
-        of shape (d_in, d_out)) N:M along d_in and wrap it.
+        of shape (d_in, d_out)) N:M along d_in and wrap it; ``settings`` as for
+        :meth:`from_linear`.
 
         The layer computes what the Conv1D computed, up to float rounding, and remembers the
         layout (``weight_layout == "conv1d"``) for dense exports. The Conv1D is recognised by
@@ -208,31 +205,16 @@ class SparseLinear(nn.Module):
                 f"of shape (d_in, nf)), got {type(conv1d).__name__}; for an nn.Linear use "
                 "SparseLinear.from_linear"
             )
-        settings = (backend, transpose_mask_interval, mask_method, generator, name)
-        return cls._wrap(conv1d, n, m, *settings)
+        return cls._wrap(conv1d, n, m, settings)
 
     @classmethod
-    def _wrap(cls, dense: nn.Module, n: int, m: int, *settings: Any) -> SparseLinear:
+    def _wrap(cls, dense: nn.Module, n: int, m: int, settings: LayerSettings) -> SparseLinear:
         """A layer of the pruned weight and the bias of ``dense`` (an nn.Linear or a Conv1D,
-        whose layout it remembers); ``settings`` are :meth:`from_linear`'s (backend,
-        transpose_mask_interval, mask_method, generator, name)."""
-        backend, interval, method, generator, name = settings
+        whose layout it remembers)."""
         weight = dense_weight(dense)  # (d_out, d_in); a view of a Conv1D's (d_in, d_out)
         bias = getattr(dense, "bias", None)
         d_out, d_in = weight.shape
-        layer = cls(
-            d_in,
-            d_out,
-            bias=isinstance(bias, Tensor),
-            n=n,
-            m=m,
-            backend=backend,
-            transpose_mask_interval=interval,
-            weight=weight,
-            mask_method=method,
-            generator=generator,
-            name=name,
-        )
+        layer = cls(d_in, d_out, bias=isinstance(bias, Tensor), n=n, m=m, weight=weight, **settings)
         if isinstance(bias, Tensor) and layer.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(bias)
