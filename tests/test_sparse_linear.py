@@ -150,22 +150,6 @@ def test_transpose_mask_is_rederived_after_each_update_by_default():
     assert torch.equal(layer.col_index, expected)
 
 
-def test_transpose_mask_interval_counts_optimizer_updates_not_forwards():
-    _, layer = make_layer(32, 32, dtype=torch.float32)
-    layer.transpose_mask_interval = 3
-    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
-    x = torch.randn(8, 32)
-    refreshed_at = []
-    for _ in range(7):
-        before = layer.col_index
-        for _ in range(2):  # gradient accumulation: two forwards per update
-            layer(x).square().sum().backward()
-        refreshed_at.append(layer.col_index is not before)
-        optimizer.step()
-        optimizer.zero_grad()
-    assert refreshed_at == [False, False, False, True, False, False, True]
-
-
 def test_manual_mode_never_refreshes_on_its_own():
     _, layer = make_layer(32, 32, dtype=torch.float32)
     layer.transpose_mask_interval = None

@@ -332,3 +332,124 @@ def test_gpu_auto_backend_trains_the_tiny_transformer_under_bf16_autocast():
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------------------- cuSPARSELt operands
+# The GPU run of this path is in test_gpu_kernels_match_the_dense_product_of_their_own_sparse_weight
+# and test_gpu_the_tile_pruners_cusparselt_packing_matches_this_cusparselt.
+
+
+def fake_tile_op(calls: list[dict[str, object]]):
+    """torch._sparse_semi_structured_tile on CPU: binds its call to this torch's schema of the
+    op (names and types), records it, and returns outputs of the real op's shapes."""
+    schema = torch.ops.aten._sparse_semi_structured_tile.default._schema
+    kinds = {"TensorType": torch.Tensor, "StringType": str, "BoolType": bool}
+
+    def tile(*args, **kwargs):
+        bound = dict(zip([a.name for a in schema.arguments], args, strict=False))
+        assert not set(bound) & set(kwargs), "an argument given twice"
+        bound.update(kwargs)
+        for argument in schema.arguments:
+            assert argument.name in bound or argument.default_value is not None, argument.name
+        for name, value in bound.items():
+            argument = next((a for a in schema.arguments if a.name == name), None)
+            assert argument is not None, f"{name!r} is not an argument of {schema}"
+            assert isinstance(value, kinds[argument.type.kind()]), (name, value)
+        calls.append(bound)
+        rows, cols = bound["input"].shape
+        size = rows * cols // 2 + rows * cols // 16  # kept values, then 1 bit per entry
+        like = bound["input"]
+        outputs = (like.new_empty(size), like.new_empty(0), like.new_empty(size), like.new_empty(0))
+        bitmask = torch.empty(rows // 4, cols // 4, 8, dtype=torch.uint8)
+        assert len(outputs) + 1 == len(schema.returns)
+        return (*outputs, bitmask)
+
+    return tile
+
+
+def test_cusparselt_operands_come_from_one_tile_call_that_fits_the_ops_schema(monkeypatch):
+    from slope_lightning.baselines import transposable
+    from slope_lightning.sparse.backends.ops import TILE_ALGORITHM, CuSparseLtOps
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(torch, "_sparse_semi_structured_tile", fake_tile_op(calls))
+    monkeypatch.setattr(transposable, "_tile_packing_checked", lambda device, dtype: True)
+
+    def no_compress(self, dense):
+        raise AssertionError("W_s is packed by the tile call, not compressed again")
+
+    monkeypatch.setattr(CuSparseLtOps, "compress", no_compress)
+    weight = torch.randn(256, 128)
+    packed, packed_t, bitmask = transposable._build_operands("cusparselt", weight, torch.float16)
+    assert len(calls) == 1
+    assert calls[0]["use_cutlass"] is False and calls[0]["algorithm"] == TILE_ALGORITHM
+    assert calls[0]["input"].dtype == torch.float16 and calls[0]["input"].is_contiguous()
+    assert packed.numel() == packed_t.numel() == 256 * 128 * 9 // 16
+    assert bitmask.dtype == torch.uint8
+
+
+def test_sizes_that_are_not_multiples_of_128_keep_the_separate_compressions(monkeypatch):
+    from slope_lightning.baselines import transposable
+
+    def unchecked(device, dtype):
+        raise AssertionError("no packing check for a size the tile packing cannot take")
+
+    monkeypatch.setattr(transposable, "_tile_packing_checked", unchecked)
+    assert not transposable._tile_packs_for_cusparselt(torch.empty(192, 64))
+    assert not transposable._tile_packs_for_cusparselt(torch.empty(128, 192))
+
+
+def emulated_tile_kernel(monkeypatch, ops, pack):
+    """The tile pruner and its dense apply on CPU: the exact transposable mask as the
+    bitmask, and ``pack(pruned)`` -> (packed, packed_t) as the packing."""
+    from slope_lightning.baselines import transposable
+
+    def tile_prune(weight, use_cutlass):
+        assert use_cutlass is False
+        mask = transposable_mask(weight)
+        packed, packed_t = pack(weight * mask)
+        return packed, None, packed_t, None, mask
+
+    monkeypatch.setattr(transposable, "tile_prune", tile_prune)
+    monkeypatch.setattr(transposable, "apply_tile_mask", lambda weight, mask: weight * mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_tile_packing_check_accepts_exactly_the_packing_the_library_reads(monkeypatch, dtype):
+    from slope_lightning.baselines.transposable import tile_packing_matches
+    from slope_lightning.sparse.backends.ops import EmulatedOps
+
+    ops, cpu = EmulatedOps(), torch.device("cpu")
+
+    def right(w):
+        return ops.compress(w), ops.compress(w.t().contiguous())
+
+    def swapped(w):
+        return ops.compress(w.t().contiguous()), ops.compress(w)
+
+    def other_values(w):  # the right positions, the values of another layout
+        return ops.compress(w.flip(0)), ops.compress(w.t().contiguous())
+
+    def failing(w):
+        raise RuntimeError("CUDA error: misaligned address")
+
+    emulated_tile_kernel(monkeypatch, ops, right)
+    assert tile_packing_matches(ops, cpu, dtype)
+    for wrong in (swapped, other_values, failing):
+        emulated_tile_kernel(monkeypatch, ops, wrong)
+        assert not tile_packing_matches(ops, cpu, dtype), wrong.__name__
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_the_tile_pruners_cusparselt_packing_matches_this_cusparselt():
+    # False means the baseline runs on the slower path (compress W_s and W_sᵀ separately).
+    from slope_lightning.baselines.transposable import _backend_problem, tile_packing_matches
+    from slope_lightning.sparse.backends.ops import make_ops
+
+    device = torch.device("cuda")
+    why = _backend_problem("cusparselt", 256, 256, torch.bfloat16, device)
+    if why is not None:
+        pytest.skip(why)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert tile_packing_matches(make_ops("cusparselt"), device, dtype), dtype

@@ -95,3 +95,18 @@ def check_rows_contiguous(name: str, **tensors: Tensor) -> None:
                 f"{name}: {label} {tuple(tensor.shape)} must be contiguous along its last "
                 f"dimension (stride 1), got strides {tensor.stride()}; call .contiguous()"
             )
+
+
+def check_operands(name: str, floats: tuple[str, ...] = (), **tensors: Tensor) -> None:
+    """The checks a wrapper runs before its launch, once shapes are known to be right: the
+    tensors named in ``floats`` are fp32/fp16/bf16, every tensor is contiguous along its last
+    dimension, and all are on one device the kernels can run on.
+
+    Raises:
+        ValueError: a dtype, a strided last dimension, or mixed devices.
+        RuntimeError: triton is missing or the device does not fit.
+    """
+    for label in floats:
+        check_dtype(name, label, tensors[label], FLOAT_DTYPES)
+    check_rows_contiguous(name, **tensors)
+    check_launchable(name, *tensors.values())

@@ -9,16 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from slope_kernels._triton import (
-    FLOAT_DTYPES,
-    block_size,
-    cdiv,
-    check_dtype,
-    check_launchable,
-    check_rows_contiguous,
-    jit,
-    tl,
-)
+from slope_kernels._triton import block_size, cdiv, check_operands, jit, tl
 
 
 @jit
@@ -59,10 +50,7 @@ def bias_add(y: Tensor, bias: Tensor, inplace: bool = False) -> Tensor:
             f"{name}: needs y (T, N) and bias (N,), got y {tuple(y.shape)} and bias "
             f"{tuple(bias.shape)}"
         )
-    check_dtype(name, "y", y, FLOAT_DTYPES)
-    check_dtype(name, "bias", bias, FLOAT_DTYPES)
-    check_rows_contiguous(name, y=y, bias=bias)
-    check_launchable(name, y, bias)
+    check_operands(name, floats=("y", "bias"), y=y, bias=bias)
     out = y if inplace else torch.empty_like(y, memory_format=torch.contiguous_format)
     t, n = y.shape
     if y.numel() == 0:

@@ -14,14 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from slope_kernels._triton import (
-    block_size,
-    cdiv,
-    check_launchable,
-    check_rows_contiguous,
-    jit,
-    tl,
-)
+from slope_kernels._triton import block_size, cdiv, check_operands, jit, tl
 from slope_kernels.packed_format import (
     bits_per_offset,
     check_pattern,
@@ -87,8 +80,7 @@ def gather_packed_grad(grad_dense: Tensor, index: Tensor, n: int = 2, m: int = 4
             f"{name}: index must be uint8 of shape ({rows}, {width}) for a ({rows}, {cols}) "
             f"gradient pruned {n}:{m}, got {index.dtype} {tuple(index.shape)}"
         )
-    check_rows_contiguous(name, grad_dense=grad_dense, index=index)
-    check_launchable(name, grad_dense, index)
+    check_operands(name, grad_dense=grad_dense, index=index)
     out = grad_dense.new_empty(rows, kept)  # (rows, cols·n/m)
     if out.numel() == 0:
         return out

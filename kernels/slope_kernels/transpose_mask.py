@@ -15,16 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from slope_kernels._triton import (
-    FLOAT_DTYPES,
-    block_size,
-    cdiv,
-    check_dtype,
-    check_launchable,
-    check_rows_contiguous,
-    jit,
-    tl,
-)
+from slope_kernels._triton import block_size, cdiv, check_operands, jit, tl
 from slope_kernels.packed_format import (
     bits_per_offset,
     check_pattern,
@@ -149,9 +140,8 @@ def derive_transpose_index(
             f"{name}: row_index must be uint8 ({d_out}, {width}) for {n}:{m} along d_in={d_in}, "
             f"got {row_index.dtype} {tuple(row_index.shape)}"
         )
-    check_dtype(name, "values", values, FLOAT_DTYPES)  # all compare exactly in fp32
-    check_rows_contiguous(name, values=values, row_index=row_index)
-    check_launchable(name, values, row_index)
+    # values of every float dtype compare exactly in fp32
+    check_operands(name, floats=("values",), values=values, row_index=row_index)
     out_kept = d_out // m * n
     bits = bits_per_offset(m)
     out = torch.empty(d_in, packed_width(out_kept, m), dtype=torch.uint8, device=values.device)

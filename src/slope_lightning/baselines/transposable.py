@@ -18,9 +18,12 @@ Backends (the GEMM libraries it runs on):
 - ``cutlass`` (CUDA, fp16/bf16, sm80-sm89): ``torch._sparse_semi_structured_tile`` prunes
   4×4 tiles greedily by |w| and packs W_s and W_sᵀ for CUTLASS in one backend;
   ``torch._sparse_semi_structured_mm`` runs both sparse GEMMs.
-- ``cusparselt`` (CUDA, fp16/bf16, cuSPARSELt available): the same tile pruning for the
-  mask; W_s and W_sᵀ compressed by ``torch._cslt_compress`` and multiplied by
-  ``torch._cslt_sparse_mm``.
+- ``cusparselt`` (CUDA, fp16/bf16, cuSPARSELt available): the same tile pruning, which packs
+  W_s and W_sᵀ for cuSPARSELt in the same call (``use_cutlass=False``, as torchao trains),
+  multiplied by ``torch._cslt_sparse_mm``. Where that packing cannot be used (sizes not
+  multiples of 128, or a cuSPARSELt whose layout it does not match: checked once per device
+  and dtype), W_s is applied densely and W_s and W_sᵀ are compressed by
+  ``torch._cslt_compress``.
 - ``auto``: per layer and compute dtype, at the forward: ``cutlass`` on sm8x, else
   ``cusparselt``, when dtype and shape allow; otherwise ``reference``.
 
@@ -93,6 +96,9 @@ _TILES_PER_CHUNK = 1 << 16
 #: Both dimensions of W must be multiples of this for the GPU kernels: the tile pruner packs
 #: 32×64 blocks of W and of Wᵀ, and reads and writes whole blocks without bounds checks.
 _GPU_MULTIPLE = 64
+#: Both dimensions of W must be multiples of this for the tile pruner's cuSPARSELt packing
+#: (its metadata comes in 128×128 blocks, of W and of Wᵀ).
+_CUSPARSELT_TILE_MULTIPLE = 128
 #: The dense operand's rows (tokens) are padded to a multiple of this for fp16/bf16 kernels.
 _TOKEN_MULTIPLE = 8
 
@@ -218,18 +224,70 @@ def _build_operands(backend: str, weight: Tensor, compute_dtype: torch.dtype) ->
         weight_c = weight.detach().to(compute_dtype).contiguous()  # (d_out, d_in)
         if backend == "cutlass":
             return tile_prune(weight_c, use_cutlass=True)
-        # cusparselt: the tile backend gives the mask (its CUTLASS packing is discarded);
-        # _cslt_compress packs W_s and W_sᵀ in whatever layout the installed cuSPARSELt
-        # expects, rather than trusting the tile backend's own cuSPARSELt packing, which
-        # torch only tests on sm8x.
+        if _tile_packs_for_cusparselt(weight_c):
+            # One kernel prunes and packs W_s (2:4 along d_in) and W_sᵀ (along d_out).
+            packed, _, packed_t, _, bitmask = tile_prune(weight_c, use_cutlass=False)
+            return packed, packed_t, bitmask
         ops = _ops("cusparselt")
-        bitmask = tile_prune(weight_c, use_cutlass=True)[4]
+        bitmask = tile_prune(weight_c, use_cutlass=True)[4]  # the mask; its packing unused
         pruned = apply_tile_mask(weight_c, bitmask)  # W_s dense
         return (
             ops.compress(pruned),  # W_s, 2:4 along d_in
             ops.compress(pruned.t().contiguous()),  # W_sᵀ, 2:4 along d_out
             bitmask,
         )
+
+
+def _tile_packs_for_cusparselt(weight: Tensor) -> bool:
+    """Whether the tile pruner's own cuSPARSELt packing can serve ``weight`` (d_out, d_in):
+    both sizes multiples of 128, and the packing checked on this device and dtype."""
+    rows, cols = weight.shape
+    if rows % _CUSPARSELT_TILE_MULTIPLE or cols % _CUSPARSELT_TILE_MULTIPLE:
+        return False
+    return _tile_packing_checked(weight.device, weight.dtype)
+
+
+@cache
+def _tile_packing_checked(device: torch.device, dtype: torch.dtype) -> bool:
+    """:func:`tile_packing_matches` for cuSPARSELt, once per device and dtype (a host sync)."""
+    agrees = tile_packing_matches(_ops("cusparselt"), device, dtype)
+    if not agrees:
+        logger.warning(
+            "transposable baseline on %s (%s): the tile pruner's cuSPARSELt packing does not "
+            "match this cuSPARSELt; W_s and W_sᵀ are compressed separately instead (slower)",
+            device,
+            dtype,
+        )
+    return agrees
+
+
+def tile_packing_matches(ops: SemiStructuredOps, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._sparse_semi_structured_tile(..., use_cutlass=False)`` packs W_s and W_sᵀ
+    as ``ops`` (the installed cuSPARSELt) reads them.
+
+    torch writes that layout from reverse-engineered knowledge and tests it on sm8x only, so
+    it is checked before use: on a 256×128 weight of ±1 and ±2, both GEMMs (of ±1 inputs, so
+    every product and sum is exact in fp16 and bf16) must give the dense products of the
+    kernel's own W_s. A packing of another size gives another shape; an error is a mismatch.
+    """
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def signs(*shape: int) -> Tensor:
+        sign = torch.randint(0, 2, shape, generator=generator, device=device) * 2 - 1
+        return sign.to(dtype)
+
+    scale = torch.randint(1, 3, (256, 128), generator=generator, device=device).to(dtype)
+    weight = signs(256, 128) * scale  # (d_out, d_in)
+    try:
+        packed, _, packed_t, _, bitmask = tile_prune(weight, use_cutlass=False)
+        pruned = apply_tile_mask(weight, bitmask).float()  # W_s, (256, 128)
+        x, dy = signs(16, 128), signs(16, 256)
+        y = ops.matmul(packed, x, 256).float()  # x @ W_sᵀ, (16, 256)
+        dx = ops.matmul(packed_t, dy, 128).float()  # dy @ W_s, (16, 128)
+        return torch.equal(y, x.float() @ pruned.t()) and torch.equal(dx, dy.float() @ pruned)
+    except (RuntimeError, ValueError) as error:  # a kernel's error, a shape the ops refuse
+        logger.warning("transposable baseline: the tile pruner's cuSPARSELt packing: %s", error)
+        return False
 
 
 def _sparse_mm(

@@ -6,7 +6,7 @@ d_out; values gradient (dYᵀ X) at M_R. After Mozaffari et al., "SLoPe", arXiv 
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -98,18 +98,11 @@ class _SparseLinearFunction(torch.autograd.Function):
         return grad_x, grad_values, grad_bias, None, None, None, None
 
 
-def sparse_linear(
-    x: Tensor,
-    values: Tensor,
-    bias: Tensor | None,
-    row_index: Tensor,
-    col_index: Tensor,
-    layout: NMLayout,
-    backend: SparseBackend,
-) -> Tensor:
-    """Y = X W_Rᵀ + b for x (..., d_in), differentiable with SLoPe's double-pruned backward."""
-    y: Tensor = _SparseLinearFunction.apply(x, values, bias, row_index, col_index, layout, backend)
-    return y
+#: Y = X W_Rᵀ + b for x (..., d_in), differentiable with SLoPe's double-pruned backward:
+#: ``sparse_linear(x, values, bias, row_index, col_index, layout, backend)``.
+sparse_linear: Callable[
+    [Tensor, Tensor, Tensor | None, Tensor, Tensor, NMLayout, SparseBackend], Tensor
+] = _SparseLinearFunction.apply
 
 
 def sparse_linear_inference(

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Hashable
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from slope_lightning.sparse.adapters import AdapterInit, LowRankAdapter, resolve_rank
 from slope_lightning.sparse.backends import (
@@ -25,7 +26,7 @@ from slope_lightning.sparse.backends import (
     resolve_backend,
 )
 from slope_lightning.sparse.conv1d import dense_weight, is_conv1d
-from slope_lightning.sparse.dtensor import is_dtensor, local_part
+from slope_lightning.sparse.dtensor import local_part
 from slope_lightning.sparse.function import (
     compute_dtype_of,
     sparse_linear,
@@ -36,10 +37,27 @@ from slope_lightning.sparse.layout import NMLayout, check_divisible
 from slope_lightning.sparse.masks import MaskMethod
 from slope_lightning.sparse.merged import FusedOperand, build_fused, merged_forward
 from slope_lightning.sparse.readonly import ASSIGNING_WEIGHT, read_only, warn_dense_read
+from slope_lightning.sparse.refresh import (
+    RefreshCounter,
+    check_interval,
+    count_optimizer_step,
+    transpose_mask_for_training,
+)
 from slope_lightning.sparse.sharded import TransposeMaskRefresh, refresh_col_index
 from slope_lightning.sparse.state import check_index, read_extra_state
 
 logger = logging.getLogger(__name__)
+
+
+class LayerSettings(TypedDict, total=False):
+    """Keywords of :class:`SparseLinear`'s constructor that :meth:`SparseLinear.from_linear`
+    and :meth:`SparseLinear.from_conv1d` pass on (the defaults are the constructor's)."""
+
+    backend: str | BackendName | SparseBackend
+    transpose_mask_interval: int | None
+    mask_method: MaskMethod
+    generator: torch.Generator | None
+    name: str
 
 
 class SparseLinear(nn.Module):
@@ -55,9 +73,11 @@ class SparseLinear(nn.Module):
             the reference backend).
         backend: name of the GEMM backend ("reference" runs everywhere; "cusparselt",
             "cutlass" and "auto" need a CUDA GPU), or a SparseBackend instance.
-        transpose_mask_interval: re-derive M_C from the current W_R after this many optimizer
-            updates of the values (detected automatically). None: only when
-            :meth:`refresh_transpose_mask` is called (e.g. by the MaskScheduler callback).
+        transpose_mask_interval: 1 (default): re-derive M_C from the current W_R at every
+            training forward, whatever the optimizer. k > 1: after every k optimizer steps,
+            which :func:`~slope_lightning.sparse.follow_optimizer` must report. None: only
+            when :meth:`refresh_transpose_mask` is called (e.g. by the MaskScheduler
+            callback). The rule: :mod:`slope_lightning.sparse.refresh`.
         weight: dense (d_out, d_in) weight to prune; None initialises like nn.Linear.
         mask_method: "magnitude" (keep the largest |w|) or "random".
         generator: random source for ``mask_method="random"`` and for the default init.
@@ -98,11 +118,7 @@ class SparseLinear(nn.Module):
         sizes = {"in_features (d_in)": in_features, "out_features (d_out)": out_features}
         fix = "N:M pruning needs whole groups along both dimensions (exclude this layer or pick "
         check_divisible(name, sizes, m, f"m={m}", fix + "another M)")
-        if transpose_mask_interval is not None and transpose_mask_interval < 1:
-            raise ValueError(
-                f"layer {name!r}: transpose_mask_interval must be a positive number of "
-                f"optimizer steps or None (manual), got {transpose_mask_interval}"
-            )
+        check_interval(transpose_mask_interval, name)
         self.in_features = in_features
         self.out_features = out_features
         self.layout = NMLayout(out_features, in_features, n, m)
@@ -141,9 +157,7 @@ class SparseLinear(nn.Module):
         self.merged = False
         self._fused: FusedOperand | None = None  # merged inference operand, built by merge()
         self._operands = OperandCache()  # kernel-side copies for inference (GPU backends)
-        self._seen_version = self.values._version
-        self._updates_since_refresh = 0
-        self._counts_optimizer_steps = False  # see note_optimizer_step
+        self.refresh_counter = RefreshCounter()  # optimizer steps, see sparse.refresh
         self._mask_generation = 0  # bumped whenever M_C changes
         self._checked: set[tuple[torch.dtype, torch.device]] = set()
 
@@ -151,18 +165,12 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls,
-        linear: nn.Linear,
-        n: int = 2,
-        m: int = 4,
-        *,
-        backend: str | BackendName | SparseBackend = "reference",
-        transpose_mask_interval: int | None = 1,
-        mask_method: MaskMethod = "magnitude",
-        generator: torch.Generator | None = None,
-        name: str = "SparseLinear",
+        cls, linear: nn.Linear, n: int = 2, m: int = 4, **settings: Unpack[LayerSettings]
     ) -> SparseLinear:
         """Prune ``linear``'s weight N:M along d_in (by magnitude by default) and wrap it.
+
+        ``settings``: the constructor's ``backend``, ``transpose_mask_interval``,
+        ``mask_method``, ``generator`` and ``name`` (keywords, same defaults).
 
         Raises:
             TypeError: ``linear`` is not an ``nn.Linear``.
@@ -173,24 +181,15 @@ class SparseLinear(nn.Module):
                 "convolutions and other layers are not supported (sparsify() lists every "
                 "layer it skipped and why)"
             )
-        settings = (backend, transpose_mask_interval, mask_method, generator, name)
-        return cls._wrap(linear, n, m, *settings)
+        return cls._wrap(linear, n, m, settings)
 
     @classmethod
     def from_conv1d(
-        cls,
-        conv1d: nn.Module,
-        n: int = 2,
-        m: int = 4,
-        *,
-        backend: str | BackendName | SparseBackend = "reference",
-        transpose_mask_interval: int | None = 1,
-        mask_method: MaskMethod = "magnitude",
-        generator: torch.Generator | None = None,
-        name: str = "SparseLinear",
+        cls, conv1d: nn.Module, n: int = 2, m: int = 4, **settings: Unpack[LayerSettings]
     ) -> SparseLinear:
         """Prune a transformers ``Conv1D`` (GPT-2's transposed linear, ``y = x W + b`` with W
-        of shape (d_in, d_out)) N:M along d_in and wrap it.
+        of shape (d_in, d_out)) N:M along d_in and wrap it; ``settings`` as for
+        :meth:`from_linear`.
 
         The layer computes what the Conv1D computed, up to float rounding, and remembers the
         layout (``weight_layout == "conv1d"``) for dense exports. The Conv1D is recognised by
@@ -206,31 +205,16 @@ class SparseLinear(nn.Module):
                 f"of shape (d_in, nf)), got {type(conv1d).__name__}; for an nn.Linear use "
                 "SparseLinear.from_linear"
             )
-        settings = (backend, transpose_mask_interval, mask_method, generator, name)
-        return cls._wrap(conv1d, n, m, *settings)
+        return cls._wrap(conv1d, n, m, settings)
 
     @classmethod
-    def _wrap(cls, dense: nn.Module, n: int, m: int, *settings: Any) -> SparseLinear:
+    def _wrap(cls, dense: nn.Module, n: int, m: int, settings: LayerSettings) -> SparseLinear:
         """A layer of the pruned weight and the bias of ``dense`` (an nn.Linear or a Conv1D,
-        whose layout it remembers); ``settings`` are :meth:`from_linear`'s (backend,
-        transpose_mask_interval, mask_method, generator, name)."""
-        backend, interval, method, generator, name = settings
+        whose layout it remembers)."""
         weight = dense_weight(dense)  # (d_out, d_in); a view of a Conv1D's (d_in, d_out)
         bias = getattr(dense, "bias", None)
         d_out, d_in = weight.shape
-        layer = cls(
-            d_in,
-            d_out,
-            bias=isinstance(bias, Tensor),
-            n=n,
-            m=m,
-            backend=backend,
-            transpose_mask_interval=interval,
-            weight=weight,
-            mask_method=method,
-            generator=generator,
-            name=name,
-        )
+        layer = cls(d_in, d_out, bias=isinstance(bias, Tensor), n=n, m=m, weight=weight, **settings)
         if isinstance(bias, Tensor) and layer.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(bias)
@@ -315,8 +299,7 @@ class SparseLinear(nn.Module):
 
     def _after_refresh(self) -> None:
         self._mask_generation += 1
-        self._updates_since_refresh = 0
-        self._seen_version = self.values._version
+        self.refresh_counter.steps = 0
 
     def hold_masks_as_parameters(self) -> None:
         """Hold M_R and M_C as frozen parameters (``requires_grad=False``), not buffers.
@@ -336,50 +319,17 @@ class SparseLinear(nn.Module):
                 self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
 
     def note_optimizer_step(self) -> None:
-        """Count one optimizer update of the values (called by :func:`follow_optimizer`'s hook).
-
-        Once called, the layer counts updates only through it and ignores the values'
-        version counter, so an update is never counted twice.
-        """
-        self._counts_optimizer_steps = True
-        self._updates_since_refresh += 1
-        self._seen_version = self.values._version
-        interval = self.transpose_mask_interval
-        # FSDP2: the forward sees a gathered copy that is freed after it, where a refreshed
-        # M_C would not last; refresh between steps instead (the same mask: the same W_R).
-        due = interval is not None and self._updates_since_refresh >= interval
-        if due and is_dtensor(self.values):
-            self.refresh_transpose_mask(with_stats=False)
-
-    def _refresh_transpose_mask_if_due(self) -> None:
-        """Refresh M_C when ``transpose_mask_interval`` optimizer updates have happened.
-
-        Contract: called at every training forward. An update is counted either by
-        :meth:`note_optimizer_step` (an optimizer step hook, see
-        :func:`~slope_lightning.sparse.follow_optimizer`: works for every optimizer) or, for
-        a layer no hook reports to, as a move of the values' version counter since the
-        previous training forward (every in-place ``torch.optim`` update bumps it, but fused
-        optimizers such as ``AdamW(fused=True)`` do not).
-        """
-        if not self._counts_optimizer_steps:
-            version = self.values._version
-            if version != self._seen_version:
-                self._seen_version = version
-                self._updates_since_refresh += 1
-        interval = self.transpose_mask_interval
-        if interval is not None and self._updates_since_refresh >= interval:
-            self.refresh_transpose_mask(with_stats=False)
+        """Count one optimizer step of the values (called by :func:`follow_optimizer`'s hook);
+        under FSDP2, re-derive M_C from the shards when it is due (a collective)."""
+        count_optimizer_step(self)
 
     def get_extra_state(self) -> Tensor:
-        """(updates since the last M_C refresh, N, M) as one int64 tensor.
+        """(optimizer steps since the last M_C refresh, N, M) as one int64 tensor.
 
         A tensor, not a dict, so that ``state_dict()`` holds only tensors (safetensors,
         ``save_pretrained``); N and M let a load refuse a checkpoint of another pattern.
         """
-        pending = int(
-            not self._counts_optimizer_steps and self.values._version != self._seen_version
-        )
-        state = [self._updates_since_refresh + pending, self.n, self.m]
+        state = [self.refresh_counter.steps, self.n, self.m]
         return torch.tensor(state, dtype=torch.int64)
 
     def set_extra_state(self, state: Any) -> None:
@@ -389,12 +339,11 @@ class SparseLinear(nn.Module):
             ValueError: the state was saved from another N:M pattern, or the loaded packed
                 masks are not a valid N:M pattern.
         """
-        updates = read_extra_state(state, self._updates_since_refresh, self.layout, self.name)
+        updates = read_extra_state(state, self.refresh_counter.steps, self.layout, self.name)
         check_index(local_part(self.row_index), self.layout, "row_index (M_R)", self.name)
         t_layout = self.layout.transposed()
         check_index(local_part(self.col_index), t_layout, "col_index (M_C)", self.name)
-        self._updates_since_refresh = updates
-        self._seen_version = self.values._version
+        self.refresh_counter.steps = updates
         self._operands.clear()
 
     def _load_from_state_dict(
@@ -537,15 +486,9 @@ class SparseLinear(nn.Module):
                 self.unmerge()
             # The optimizer is about to change the values: inference copies would go stale.
             self._operands.clear()
-            self._refresh_transpose_mask_if_due()
+            col_index = transpose_mask_for_training(self)  # M_C for this backward
             y = sparse_linear(
-                x,
-                self.values,
-                self.bias,
-                self.row_index,
-                self.col_index,
-                self.layout,
-                self._backend,
+                x, self.values, self.bias, self.row_index, col_index, self.layout, self._backend
             )
         elif self.merged:
             if self._fused is None or self._fused.key != self.weight_key():

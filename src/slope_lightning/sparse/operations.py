@@ -154,14 +154,19 @@ def backend_report(model: nn.Module) -> str:
 def follow_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> RemovableHandle:
     """Tell every SparseLinear of ``model`` whose values ``optimizer`` updates about each step.
 
-    Layers re-derive M_C every ``transpose_mask_interval`` optimizer updates. Without this
-    they detect an update through their values' version counter, which fused optimizers
-    (``AdamW(fused=True)``, the default of many trainers on CUDA) do not move; with it,
-    every optimizer counts, fused, foreach or plain. Call it once per optimizer (the
-    Lightning module does). Returns the hook's handle (``handle.remove()`` detaches it).
+    The only step counter of the M_C refresh (the rule: :mod:`slope_lightning.sparse.refresh`).
+    Needed for ``transpose_mask_interval`` > 1 (a layer cannot see a fused optimizer's
+    step; without it such a layer refuses to train) and under FSDP2, where M_C is re-derived
+    from the shards right after each step; with the default interval 1 on one process it is
+    not needed (every training forward re-derives M_C). Works for every optimizer, fused,
+    foreach or plain. Call it once per optimizer, before training (the Lightning module and
+    the SLoPe callback do; twice would count each step twice). Returns the hook's handle
+    (``handle.remove()`` detaches it).
     """
     owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
     layers = [layer for _, layer in sparse_layers(model) if id(layer.values) in owned]
+    for layer in layers:
+        layer.refresh_counter.counted = True
 
     def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for layer in layers:

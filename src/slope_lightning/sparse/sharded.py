@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from slope_lightning.sparse.dtensor import (
     all_gather_columns,
@@ -44,14 +45,8 @@ def refresh_col_index(layer: SparseLinear, with_stats: bool) -> TransposeMaskRef
     :meth:`SparseLinear.refresh_transpose_mask`); what changed if ``with_stats``."""
     if is_dtensor(layer.values):
         return refresh_sharded(layer, with_stats)
-    old = layer.col_index
     new = layer._derive_col_index()
-    if "col_index" in layer._parameters:  # held as a parameter: written in place
-        old = old.clone() if with_stats else old
-        with torch.no_grad():
-            layer.col_index.copy_(new)
-    else:
-        layer.col_index = new
+    old = store_col_index(layer, new, keep_old=with_stats)
     layer._after_refresh()
     if not with_stats:
         return None
@@ -62,6 +57,22 @@ def refresh_col_index(layer: SparseLinear, with_stats: bool) -> TransposeMaskRef
         w_r_mask = layer.layout.mask(layer.row_index).t()  # (d_in, d_out)
         kept = int((new_mask & w_r_mask).sum())
     return TransposeMaskRefresh(flipped=flipped, kept=kept, total=layer.values.numel())
+
+
+def store_col_index(layer: SparseLinear, new: Tensor, keep_old: bool = False) -> Tensor:
+    """Make ``new`` the layer's M_C; returns the previous one (intact if ``keep_old``).
+
+    A buffer is replaced; a parameter (see :meth:`SparseLinear.hold_masks_as_parameters`)
+    is written in place, so the parameter object an optimizer or FSDP2 holds stays.
+    """
+    old = layer.col_index
+    if "col_index" in layer._parameters:
+        old = old.clone() if keep_old else old
+        with torch.no_grad():
+            layer.col_index.copy_(new)
+    else:
+        layer.col_index = new
+    return old
 
 
 def refresh_sharded(layer: SparseLinear, with_stats: bool) -> TransposeMaskRefresh | None:
