@@ -456,8 +456,8 @@ class SLoPeModule(pl.LightningModule):
                 "trainer.max_steps to a positive number of optimizer steps"
             )
         optimizer, scheduler = build_adamw(self.model, self.optim, total_steps)
-        # M_C refreshes count optimizer steps through a step hook, so the fused AdamW used
-        # on CUDA (which moves no version counter) refreshes it like any other optimizer.
+        # The step hook is the M_C refresh's one step counter: needed under FSDP2 (M_C
+        # re-derived from the shards after each step) and for transpose_mask_interval > 1.
         follow_optimizer(self.model, optimizer)
         decay, no_decay = (group["params"] for group in optimizer.param_groups)
         _info(

@@ -82,8 +82,8 @@ class SLoPe(TrainingMethod):
 
     **Optimizer steps.** Without a MaskScheduler (which owns the M_C schedule when attached),
     the callback reports every optimizer step to the layers it converted
-    (:func:`~slope_lightning.sparse.follow_optimizer`), so ``transpose_mask_interval`` counts
-    the steps of fused optimizers too; a module that calls ``follow_optimizer`` itself should
+    (:func:`~slope_lightning.sparse.follow_optimizer`), the refresh's one step counter (needed
+    under FSDP2 and for ``transpose_mask_interval`` > 1); a module that calls ``follow_optimizer`` itself should
     sparsify itself instead of using this callback (each step would count twice).
 
     Args:
