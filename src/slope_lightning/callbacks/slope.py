@@ -83,8 +83,9 @@ class SLoPe(TrainingMethod):
     **Optimizer steps.** Without a MaskScheduler (which owns the M_C schedule when attached),
     the callback reports every optimizer step to the layers it converted
     (:func:`~slope_lightning.sparse.follow_optimizer`), the refresh's one step counter (needed
-    under FSDP2 and for ``transpose_mask_interval`` > 1); a module that calls ``follow_optimizer`` itself should
-    sparsify itself instead of using this callback (each step would count twice).
+    under FSDP2 and for ``transpose_mask_interval`` > 1); a module that calls
+    ``follow_optimizer`` itself should sparsify itself instead of using this callback (each
+    step would count twice).
 
     Args:
         n, m: the N:M pattern (2:4 by default).
