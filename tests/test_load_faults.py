@@ -159,7 +159,13 @@ def test_a_ckpt_without_the_models_weights_says_where_it_looked(tmp_path):
         _fit_from(path)
 
 
-def test_a_truncated_safetensors_through_the_console_script_is_one_error_line(tmp_path):
+@pytest.mark.parametrize(
+    "processes",
+    [1, pytest.param(2, marks=pytest.mark.slow, id="2-ddp-processes")],
+    ids=lambda n: f"{n}-process" if n == 1 else None,
+)
+def test_a_truncated_safetensors_through_the_console_script_is_one_error_line(tmp_path, processes):
+    """Each rank fails alike inside the launched processes; only rank 0 prints, once."""
     path = tmp_path / "dense.safetensors"
     save_file(_dense_weights(), path)
     path.write_bytes(path.read_bytes()[:300])
@@ -179,6 +185,15 @@ def test_a_truncated_safetensors_through_the_console_script_is_one_error_line(tm
         "--trainer.callbacks+=slope_lightning.callbacks.InitFromPretrained",
         f"--trainer.callbacks.source={path}",
         "--trainer.callbacks.mask_method=magnitude",
+        *(
+            [
+                "--trainer.accelerator=cpu",
+                f"--trainer.devices={processes}",
+                "--trainer.strategy=ddp",
+            ]
+            if processes > 1
+            else []
+        ),
         cwd=tmp_path,
     )
     assert result.returncode == 1, result.stderr[-3000:]
