@@ -12,14 +12,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
 from slope_lightning.callbacks.lightning_internals import reload_checkpoint
 from slope_lightning.callbacks.shared import (
+    LoggingStepCallback,
     info,
-    log_interval,
     run_length,
     sparse_layers_after_conversion,
 )
@@ -66,7 +65,7 @@ def hidden_size_of(module: nn.Module) -> tuple[int, str] | None:
     return width, f"the most common d_in ({count} of {len(layers)} sparse layers)"
 
 
-class LazyLoRA(Callback):
+class LazyLoRA(LoggingStepCallback):
     """Switch SLoPe's low-rank adapters on late in training (the paper: the last 1%).
 
     At the start step, adds an adapter to every SparseLinear (Lᵀ kept N:M sparse, so the
@@ -326,6 +325,7 @@ class LazyLoRA(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         # After the training data is set up (a max_epochs run's length is known) and before
         # the first step; a run resumed with adapters on has nothing left to check.
         if self._set_aside is not None:
@@ -452,15 +452,8 @@ class LazyLoRA(Callback):
                 param.grad.div_(world)
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        if not self.active or trainer.global_step % log_interval(trainer):
+    def on_logging_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.active:
             return
         adapters = [layer.adapter for _, layer in sparse_layers(pl_module) if layer.adapter]
         with torch.no_grad():

@@ -15,11 +15,11 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
 from slope_lightning.callbacks.shared import (
+    LoggingStepCallback,
     all_finite,
     first_non_finite,
     last_good_checkpoint,
@@ -41,7 +41,7 @@ _NONE = torch.iinfo(torch.int64).max
 _LOSS, _GRAD, _PARAM = 0, 1, 2
 
 
-class NonFiniteGuard(Callback):
+class NonFiniteGuard(LoggingStepCallback):
     """Stop (or skip the step) when the loss or the gradients hold NaN/inf.
 
     * The loss is checked as it reaches ``backward`` (``on_before_backward``), the gradients
@@ -100,7 +100,6 @@ class NonFiniteGuard(Callback):
         self._first_bad: Tensor | None = None
         # stop mode, once reported: the weights in memory are bad, every later save is refused
         self._failure: str | None = None
-        self._logged_at = -1  # the global step whose end was last looked at on a logging step
 
     # -- checks ----------------------------------------------------------------------------
 
@@ -222,19 +221,7 @@ class NonFiniteGuard(Callback):
         raise NonFiniteError(f"{when}: {self._failure}")
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        step = trainer.global_step
-        interval = int(getattr(trainer, "log_every_n_steps", 1))  # 0: Lightning never logs
-        if not interval or step % interval or step == self._logged_at:
-            return  # not the end of a logging step (or already looked at)
-        self._logged_at = step
+    def on_logging_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.action == "stop":
             self._check_recorded(
                 trainer, pl_module, f"NonFiniteGuard at global step {trainer.global_step}"

@@ -16,7 +16,8 @@ callbacks). The three rules that tie callbacks together are written here, once:
    nothing else counts optimizer steps for the layers (:func:`mask_schedule_owned`).
 
 Beside them: the pieces the baseline methods share (:class:`BaselineMethod`,
-:class:`ConvertedAtStart`), the finite checks of the fault callbacks, and small helpers
+:class:`ConvertedAtStart`), the base of the callbacks that act on logging steps
+(:class:`LoggingStepCallback`), the finite checks of the fault callbacks, and small helpers
 (rank-zero logging, the logging interval, argument checks).
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -69,6 +70,43 @@ def log_interval(trainer: pl.Trainer) -> int:
     """The trainer's logging interval in steps (Lightning sets ``log_every_n_steps`` at init
     without declaring it on the class); metrics follow it."""
     return max(1, int(getattr(trainer, "log_every_n_steps", 1)))
+
+
+class LoggingStepCallback(Callback):
+    """Base of a callback that acts once at the end of each logging step: the end of the
+    training batch after which ``trainer.global_step`` is a multiple of ``log_every_n_steps``
+    (step 0 included), when Lightning writes the step's metrics.
+
+    :meth:`on_logging_step` runs once per such step: the micro-batches of gradient
+    accumulation that end at the same global step do not run it again, and it never runs
+    when ``log_every_n_steps`` is 0 (Lightning never logs then). A subclass that overrides
+    ``on_train_start`` calls this class's, which starts the count afresh for a new fit.
+    """
+
+    _last_logging_step: int = -1  # the global step whose end last ran on_logging_step
+
+    def on_logging_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called at the end of each logging step (see the class docstring)."""
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_logging_step = -1
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        interval = int(getattr(trainer, "log_every_n_steps", 1))  # 0: Lightning never logs
+        if not interval or step % interval or step == self._last_logging_step:
+            return  # not the end of a logging step (or its end was seen already)
+        self._last_logging_step = step
+        self.on_logging_step(trainer, pl_module)
 
 
 def check_patterns(value: Sequence[str] | None, where: str) -> tuple[str, ...] | None:

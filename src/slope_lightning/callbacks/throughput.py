@@ -8,9 +8,10 @@ from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
+
+from slope_lightning.callbacks.shared import LoggingStepCallback
 
 
 class _Measurement(NamedTuple):
@@ -22,7 +23,7 @@ class _Measurement(NamedTuple):
     tokens: int
 
 
-class TokenThroughput(Callback):
+class TokenThroughput(LoggingStepCallback):
     """Tokens per second of training with (input, target) token batches, without a host sync
     per batch.
 
@@ -65,7 +66,6 @@ class TokenThroughput(Callback):
         self._train_time = 0.0  # training seconds measured up to self._since
         self._since: float | None = None  # when the running stretch of training began
         self._started = False  # the first measurement was taken
-        self._measured_step = -1
 
     def synchronize(self, device: torch.device) -> None:
         """Wait until the work queued on ``device`` is done, so that the clock reads the
@@ -80,28 +80,23 @@ class TokenThroughput(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         self._window.clear()
         self._batches = self._samples = self._tokens = 0
         self._train_time, self._since, self._started = 0.0, None, False
-        self._measured_step = -1
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        # Counted as the batch starts; the clock is read at the end of the logging step's
+        # last batch, so every measurement covers the same batches as the time it took.
         self._batches += 1
         self._samples += int(batch[0].shape[0])  # shapes: no sync
         self._tokens += int(batch[0].numel())
-        step = trainer.global_step
-        interval = int(getattr(trainer, "log_every_n_steps", 1))  # 0: Lightning never logs
-        if not interval or step % interval or step == self._measured_step:
-            return  # not the end of a logging step (or it was measured already)
-        self._measured_step = step
+
+    @override
+    def on_logging_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         now = self._clock(trainer)  # a sync point, once per logging step
         if self._started and self._since is not None:
             self._train_time += now - self._since
