@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -46,7 +47,7 @@ from slope_lightning.checkpoints import (
     load_sharded_state_dict,
 )
 from slope_lightning.data.artifacts import CorruptCacheError
-from slope_lightning.data.prepare import find_tokenizer
+from slope_lightning.data.prepare import TokenSettings, find_tokenizer
 from slope_lightning.data.tokenizer import load_tokenizer, separator_id
 from slope_lightning.export import TOKENIZER, load_exported
 from slope_lightning.models import Transformer, TransformerConfig, build_model
@@ -70,16 +71,7 @@ logger = logging.getLogger(__name__)
 RUN_CONFIG = "config.yaml"
 #: The data module's arguments that decide its tokenizer, with the defaults
 #: ``TextDataModule`` gives them (a run records every argument; these only fill gaps).
-TOKENIZER_SETTINGS: dict[str, Any] = {
-    "sources": None,
-    "cache_dir": ".cache/slope_lightning",
-    "tokenizer_path": None,
-    "vocab_size": 8192,
-    "val_fraction": 0.05,
-    "seed": 1234,
-    "text_key": "text",
-    "test_fraction": 0.0,
-}
+TOKENIZER_SETTINGS: dict[str, Any] = asdict(TokenSettings())
 #: The checkpoint key under which Lightning saves the data module's hyperparameters.
 DATAMODULE_HPARAMS = "datamodule_hyper_parameters"
 
@@ -255,9 +247,9 @@ def find_model_tokenizer(
         )
     merged = {**TOKENIZER_SETTINGS, **{k: v for k, v in settings.items() if v is not None}}
     try:
-        return find_tokenizer(
-            merged["sources"],
-            merged["cache_dir"],
+        run_settings = TokenSettings(
+            sources=merged["sources"],
+            cache_dir=merged["cache_dir"],
             tokenizer_path=merged["tokenizer_path"],
             vocab_size=int(merged["vocab_size"]),
             val_fraction=float(merged["val_fraction"]),
@@ -265,6 +257,7 @@ def find_model_tokenizer(
             text_key=str(merged["text_key"]),
             test_fraction=float(merged["test_fraction"]),
         )
+        return find_tokenizer(run_settings)
     except (OSError, ValueError, CorruptCacheError) as error:
         reason = " ".join(str(error).split())
         raise GenerateUsageError(

@@ -23,7 +23,12 @@ from slope_lightning.data.corpus import (
     split_documents,
     split_documents_with_test,
 )
-from slope_lightning.data.prepare import PreparedTokens, find_tokenizer, prepare_tokens
+from slope_lightning.data.prepare import (
+    PreparedTokens,
+    TokenSettings,
+    find_tokenizer,
+    prepare_tokens,
+)
 from slope_lightning.data.streams import (
     ConsecutiveWindows,
     RandomWindows,
@@ -53,6 +58,7 @@ __all__ = [
     "ResumableSampler",
     "TextDataModule",
     "TokenFile",
+    "TokenSettings",
     "ValidationWindows",
     "find_tokenizer",
     "fingerprint",

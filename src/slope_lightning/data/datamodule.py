@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from slope_lightning.data.corpus import check_split_fractions
-from slope_lightning.data.prepare import PreparedTokens, prepare_tokens
+from slope_lightning.data.prepare import PreparedTokens, TokenSettings, prepare_tokens
 from slope_lightning.data.streams import (
     RandomWindows,
     ResumableSampler,
@@ -228,6 +228,21 @@ class TextDataModule(pl.LightningDataModule):
         return self._vocab_size
 
     @property
+    def token_settings(self) -> TokenSettings:
+        """The settings that decide the tokenizer and token files (with a ``tokenizer_path``,
+        its vocabulary size): what ``prepare_data`` builds and ``setup`` opens."""
+        return TokenSettings(
+            sources=self.sources,
+            cache_dir=self.cache_dir,
+            tokenizer_path=self.tokenizer_path,
+            vocab_size=self._vocab_size,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+            text_key=self.text_key,
+            test_fraction=self.test_fraction,
+        )
+
+    @property
     def tokenizer(self) -> Any:
         """The ``tokenizers.Tokenizer`` (loaded on first use), e.g. to decode samples."""
         if self._tokenizer is None:
@@ -263,17 +278,7 @@ class TextDataModule(pl.LightningDataModule):
     def _resolve(self, build: bool) -> PreparedTokens:
         """Find (and with ``build``, create) the tokenizer and token files for this config,
         checked against their metadata."""
-        return prepare_tokens(
-            self.sources,
-            self.cache_dir,
-            tokenizer_path=self.tokenizer_path,
-            vocab_size=self._vocab_size,
-            val_fraction=self.val_fraction,
-            seed=self.seed,
-            text_key=self.text_key,
-            test_fraction=self.test_fraction,
-            build=build,
-        )
+        return prepare_tokens(self.token_settings, build=build)
 
     def _check_sizes(self, meta: dict[str, Any]) -> None:
         """Raise unless each split holds at least one window of ``seq_len`` tokens plus its

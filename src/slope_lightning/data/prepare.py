@@ -119,24 +119,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def prepare_tokens(
-    sources: Sequence[str | Path] | None,
-    cache_dir: str | Path,
-    *,
-    tokenizer_path: str | Path | None,
-    vocab_size: int,
-    val_fraction: float,
-    seed: int,
-    text_key: str = "text",
-    test_fraction: float = 0.0,
-    build: bool,
-) -> PreparedTokens:
-    """Find (and with ``build``, create) the tokenizer and token files for this configuration,
-    and check them against their metadata.
+@dataclass(frozen=True)
+class TokenSettings:
+    """The data settings that decide a run's tokenizer and token files: what
+    :func:`prepare_tokens` builds from and :func:`find_tokenizer` finds again. The fields are
+    ``TextDataModule``'s arguments of the same names, with its defaults.
 
-    Args:
+    Attributes:
         sources: the user's text sources (see :func:`load_documents`); None for the default
-            corpus (its archives are fetched only with ``build``).
+            corpus.
         cache_dir: cache root: archives, tokenizers and token files live below it.
         tokenizer_path: a user ``tokenizer.json``; None to train (or reuse) a BPE.
         vocab_size: the model's vocabulary: the BPE's requested size, and the bound every
@@ -147,22 +138,39 @@ def prepare_tokens(
         test_fraction: share of documents held out for testing, carved from what would
             otherwise be training documents (see :func:`split_documents_with_test`); 0 for
             none, which gives exactly the train and validation splits of before.
+    """
+
+    sources: Sequence[str | Path] | None = None
+    cache_dir: str | Path = ".cache/slope_lightning"
+    tokenizer_path: str | Path | None = None
+    vocab_size: int = 8192
+    val_fraction: float = 0.05
+    seed: int = 1234
+    text_key: str = "text"
+    test_fraction: float = 0.0
+
+
+def prepare_tokens(settings: TokenSettings, *, build: bool) -> PreparedTokens:
+    """Find (and with ``build``, create) the tokenizer and token files for these settings,
+    and check them against their metadata.
+
+    Args:
+        settings: the data settings; the default corpus's archives are fetched only with
+            ``build``.
         build: train the tokenizer and tokenize when not cached (rank 0); False only looks.
 
     Raises:
         RuntimeError: without ``build``, the tokenizer or the token files are not built yet.
         CorruptCacheError: a cached file does not match its metadata (the message names the
             file, what is wrong and which folder to delete).
-        ValueError: the tokenizer has more tokens than ``vocab_size``.
-        FileNotFoundError: ``tokenizer_path`` or a text source does not exist.
+        ValueError: the tokenizer has more tokens than ``settings.vocab_size``.
+        FileNotFoundError: ``settings.tokenizer_path`` or a text source does not exist.
     """
-    cache_dir = Path(cache_dir)
-    train_docs, val_docs, test_docs = _split_corpus(
-        sources, cache_dir, text_key, val_fraction, test_fraction, seed, download=build
-    )
+    cache_dir, vocab_size = Path(settings.cache_dir), settings.vocab_size
+    train_docs, val_docs, test_docs = _split_corpus(settings, download=build)
     # The tokenizer is trained on the training split only: it never sees a test document.
     tokenizer_file, tokenizer_sha = _tokenizer(
-        train_docs, cache_dir, tokenizer_path, vocab_size, build
+        train_docs, cache_dir, settings.tokenizer_path, vocab_size, build
     )
     # The source labels are not in the text's fingerprint (they label it), but the recorded
     # spans depend on them: the same files listed as other `sources` entries get a new folder.
@@ -199,28 +207,17 @@ def prepare_tokens(
     return PreparedTokens(tokenizer_file, tokens_dir, meta)
 
 
-def find_tokenizer(
-    sources: Sequence[str | Path] | None,
-    cache_dir: str | Path,
-    *,
-    tokenizer_path: str | Path | None,
-    vocab_size: int,
-    val_fraction: float,
-    seed: int,
-    text_key: str = "text",
-    test_fraction: float = 0.0,
-) -> Path:
+def find_tokenizer(settings: TokenSettings) -> Path:
     """The ``tokenizer.json`` that a run with these data settings used, found again without
     building anything (e.g. to decode a trained model's samples).
 
-    With ``tokenizer_path`` that file; otherwise the BPE that :func:`prepare_tokens` trained
-    on the training split and cached: the corpus is read again (the default corpus from its
-    cached archives, never downloaded) and split as the run split it, which gives the cache
-    key. Relative paths are taken from the current directory, as the run took them.
+    With ``settings.tokenizer_path`` that file; otherwise the BPE that :func:`prepare_tokens`
+    trained on the training split and cached: the corpus is read again (the default corpus
+    from its cached archives, never downloaded) and split as the run split it, which gives
+    the cache key. Relative paths are taken from the current directory, as the run took them.
 
     Args:
-        sources, cache_dir, tokenizer_path, vocab_size, val_fraction, seed, text_key,
-        test_fraction: the run's data settings (as for :func:`prepare_tokens`).
+        settings: the run's data settings.
 
     Raises:
         FileNotFoundError: the tokenizer, a text source or a corpus archive is not there
@@ -228,12 +225,10 @@ def find_tokenizer(
         CorruptCacheError: the cached tokenizer does not match its recorded checksum.
         ValueError: the sources hold no text.
     """
-    if tokenizer_path is not None:
-        return _user_tokenizer(tokenizer_path)
-    train_docs, _, _ = _split_corpus(
-        sources, Path(cache_dir), text_key, val_fraction, test_fraction, seed, download=False
-    )
-    tokenizer_file = tokenizer_cache_path(train_docs, vocab_size, cache_dir)
+    if settings.tokenizer_path is not None:
+        return _user_tokenizer(settings.tokenizer_path)
+    train_docs, _, _ = _split_corpus(settings, download=False)
+    tokenizer_file = tokenizer_cache_path(train_docs, settings.vocab_size, settings.cache_dir)
     if cached_tokenizer_record(tokenizer_file) is None:
         raise FileNotFoundError(
             f"No cached tokenizer at {tokenizer_file} for these data settings (its cache was "
@@ -243,24 +238,21 @@ def find_tokenizer(
 
 
 def _split_corpus(
-    sources: Sequence[str | Path] | None,
-    cache_dir: Path,
-    text_key: str,
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-    *,
-    download: bool,
+    settings: TokenSettings, *, download: bool
 ) -> tuple[list[Document], list[Document], list[Document]]:
-    """The train, validation and test documents of the sources (None: the default corpus,
-    its archives fetched only with ``download``)."""
-    if sources is None:
-        documents = load_default_corpus(cache_dir, download=download)
+    """The train, validation and test documents of the settings' sources (None: the default
+    corpus, its archives fetched only with ``download``)."""
+    if settings.sources is None:
+        documents = load_default_corpus(Path(settings.cache_dir), download=download)
     else:
-        documents = load_documents(sources, text_key=text_key)
+        documents = load_documents(settings.sources, text_key=settings.text_key)
     # The default corpus mixes sources; validation should hold some of each.
     return split_documents_with_test(
-        documents, val_fraction, test_fraction, seed, stratify=sources is None
+        documents,
+        settings.val_fraction,
+        settings.test_fraction,
+        settings.seed,
+        stratify=settings.sources is None,
     )
 
 
