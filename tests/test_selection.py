@@ -197,6 +197,17 @@ def test_wanda_sparsify_refuses_a_config_and_keywords_together_like_sparsify():
     assert len(wanda_sparsify(model, norms, n=2, m=4).converted) == 1
 
 
+def test_a_setting_keyword_the_function_does_not_take_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(8, 8))
+    norms = collect_input_norms(model, [torch.randn(2, 8)])
+    with pytest.raises(TypeError, match="sparsify.. got unexpected keyword.s. bakend; .*backend"):
+        sparsify(model, bakend="reference")  # type: ignore[call-arg]
+    # Wanda's mask is its own: mask_method is sparsify's keyword only.
+    with pytest.raises(TypeError, match="wanda_sparsify.. got unexpected keyword.s. mask_method"):
+        wanda_sparsify(model, norms, mask_method="random")  # type: ignore[call-arg]
+    assert isinstance(model[0], nn.Linear)
+
+
 def test_the_keyword_form_builds_the_config_of_the_config_form():
     by_keywords, by_config = nn.Sequential(nn.Linear(8, 8)), nn.Sequential(nn.Linear(8, 8))
     by_config.load_state_dict(by_keywords.state_dict())

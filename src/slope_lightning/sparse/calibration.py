@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from slope_lightning.sparse.backends import BackendName, SparseBackend
 from slope_lightning.sparse.config import SparsityConfig, config_from_call, keyword_default
@@ -44,12 +45,11 @@ from slope_lightning.sparse.conv1d import dense_weight, is_conv1d
 from slope_lightning.sparse.linear import SparseLinear
 from slope_lightning.sparse.masks import nm_positions, positions_to_mask
 from slope_lightning.sparse.selection import (
-    DEFAULT_EXCLUDE,
     LayerDecision,
     SparsifyReport,
     swap_layers,
 )
-from slope_lightning.sparse.sparsify import plan_sparsify
+from slope_lightning.sparse.sparsify import ConversionSettings, plan_sparsify
 
 logger = logging.getLogger(__name__)
 
@@ -229,14 +229,9 @@ def wanda_sparsify(
     model: nn.Module,
     norms: Mapping[str, Tensor],
     n: int | SparsityConfig = 2,
-    # keyword_default() marks a default so a config plus a keyword is caught (B008: on purpose)
+    # keyword_default() marks a default so a config plus m is caught (B008: on purpose)
     m: int = keyword_default(4),
-    *,
-    backend: str | BackendName | SparseBackend = keyword_default("reference"),  # noqa: B008
-    include: Sequence[str] | None = keyword_default(None),
-    exclude: Sequence[str] = keyword_default(DEFAULT_EXCLUDE),
-    max_aspect_ratio: float | None = keyword_default(None),
-    transpose_mask_interval: int | None = keyword_default(1),
+    **settings: Unpack[ConversionSettings],
 ) -> SparsifyReport:
     """Like :func:`~slope_lightning.sparse.sparsify`, with Wanda row masks from ``norms``.
 
@@ -269,15 +264,8 @@ def wanda_sparsify(
         >>> len(wanda_sparsify(model, norms).converted)
         2
     """
-    keywords = {
-        "m": m,
-        "backend": backend,
-        "include": include,
-        "exclude": exclude,
-        "max_aspect_ratio": max_aspect_ratio,
-        "transpose_mask_interval": transpose_mask_interval,
-    }
-    config, instance = config_from_call("wanda_sparsify", n, keywords)
+    accepted = {"m", *ConversionSettings.__optional_keys__}
+    config, instance = config_from_call("wanda_sparsify", n, {"m": m, **settings}, accepted)
     assert instance is None or isinstance(instance, SparseBackend)
     plan = plan_sparsify(model, config, instance, method="wanda_sparsify")
     return wanda_sparsify_planned(model, plan, norms, config, backend=instance)

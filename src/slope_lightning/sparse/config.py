@@ -9,7 +9,7 @@ that a reload rebuilds the same layers.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -181,7 +181,10 @@ def given_or_default(value: T) -> T:
 
 
 def config_from_call(
-    caller: str, first: int | SparsityConfig, keywords: Mapping[str, object]
+    caller: str,
+    first: int | SparsityConfig,
+    keywords: Mapping[str, object],
+    accepted: Collection[str] | None = None,
 ) -> tuple[SparsityConfig, object | None]:
     """The settings of a call that takes either a SparsityConfig or keywords, never both: the
     one rule of ``sparsify(model, config)`` / ``sparsify(model, n=2, m=4, ...)`` and of
@@ -193,14 +196,23 @@ def config_from_call(
         keywords: the call's setting keywords; those left at their :func:`keyword_default`
             count as not given. A ``backend`` that is not a name (a SparseBackend instance)
             is returned apart: a config holds backend names only.
+        accepted: the keywords the caller takes (its ``**settings``); None: any field of
+            SparsityConfig.
 
     Returns:
         (the config, the backend instance or None).
 
     Raises:
-        TypeError: a config and a setting keyword are both given.
+        TypeError: a keyword the caller does not take, or a config and a setting keyword
+            both given.
         ValueError: a config with ``sparse=False``, or a bad keyword value (named).
     """
+    unknown = sorted(set(keywords) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise TypeError(
+            f"{caller}() got unexpected keyword(s) {', '.join(unknown)}; its settings are "
+            f"{', '.join(sorted(accepted or ()))}"
+        )
     if isinstance(first, SparsityConfig):
         given = [key for key, value in keywords.items() if not isinstance(value, KeywordDefault)]
         if given:

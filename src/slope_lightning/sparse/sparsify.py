@@ -14,10 +14,11 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from slope_lightning.sparse.backends import BackendName, SparseBackend
 from slope_lightning.sparse.config import SparsityConfig, config_from_call, keyword_default
@@ -28,7 +29,6 @@ from slope_lightning.sparse.masks import MaskMethod
 # Re-exported for the modules that import them from here (hf.py, cli.py).
 from slope_lightning.sparse.operations import sparse_layers  # noqa: F401
 from slope_lightning.sparse.selection import (
-    DEFAULT_EXCLUDE,
     LayerDecision,
     LayerRules,
     NothingSparsifiedError,  # noqa: F401  (cli.py)
@@ -40,25 +40,40 @@ from slope_lightning.sparse.selection import (
 logger = logging.getLogger(__name__)
 
 
+class ConversionSettings(TypedDict, total=False):
+    """The setting keywords of :func:`sparsify` and of Wanda's ``wanda_sparsify``: the
+    :class:`SparsityConfig` fields of the same names (and defaults), which they build; a
+    keyword left out keeps the config's default, and none may be given with a config."""
+
+    backend: str | BackendName | SparseBackend
+    include: Sequence[str] | None
+    exclude: Sequence[str]
+    max_aspect_ratio: float | None
+    transpose_mask_interval: int | None
+
+
+class SparsifySettings(ConversionSettings, total=False):
+    """:func:`sparsify`'s setting keywords: :class:`ConversionSettings` and the mask choice
+    (Wanda's mask is its own)."""
+
+    mask_method: MaskMethod
+
+
 def sparsify(
     model: nn.Module,
     n: int | SparsityConfig = 2,
-    # keyword_default() marks a default so a config plus a keyword is caught (B008: on purpose)
+    # keyword_default() marks a default so a config plus m is caught (B008: on purpose)
     m: int = keyword_default(4),
     *,
-    backend: str | BackendName | SparseBackend = keyword_default("reference"),  # noqa: B008
-    include: Sequence[str] | None = keyword_default(None),
-    exclude: Sequence[str] = keyword_default(DEFAULT_EXCLUDE),
-    max_aspect_ratio: float | None = keyword_default(None),
-    transpose_mask_interval: int | None = keyword_default(1),
-    mask_method: MaskMethod = keyword_default("magnitude"),  # noqa: B008
     seed: int | None = None,
+    **settings: Unpack[SparsifySettings],
 ) -> SparsifyReport:
     """Replace ``model``'s nn.Linear layers by SLoPe SparseLinear layers, in place.
 
     ``sparsify(model, config)`` with a :class:`SparsityConfig` is the core (the form the
     Lightning module and ``load_exported`` use); the keywords below build the same config
-    (``sparsify(model, n=2, m=4, ...)``) and cannot be mixed with one.
+    (``sparsify(model, n=2, m=4, ...)``; after ``m`` they are :class:`SparsifySettings`)
+    and cannot be mixed with one.
 
     What is converted: ``nn.Linear`` layers, and transformers' ``Conv1D`` (GPT-2's transposed
     linear, recognised by duck typing) with its weight transposed. What stays dense, each
@@ -107,16 +122,8 @@ def sparsify(
             f"sparsify() takes an nn.Module, got {type(model).__name__}; pass the model "
             "object whose nn.Linear layers should become sparse"
         )
-    keywords = {
-        "m": m,
-        "backend": backend,
-        "include": include,
-        "exclude": exclude,
-        "max_aspect_ratio": max_aspect_ratio,
-        "transpose_mask_interval": transpose_mask_interval,
-        "mask_method": mask_method,
-    }
-    config, instance = config_from_call("sparsify", n, keywords)
+    accepted = {"m", *SparsifySettings.__optional_keys__}
+    config, instance = config_from_call("sparsify", n, {"m": m, **settings}, accepted)
     assert instance is None or isinstance(instance, SparseBackend)
     return _sparsify(model, config, instance, seed)
 
