@@ -238,7 +238,7 @@ def test_a_sharded_checkpoint_with_a_missing_shard_fails_with_one_line(sharded_r
     )
     assert done.returncode == 1
     line = error_line(done.stderr)
-    assert f"cannot read sharded checkpoint {broken}" in line
+    assert f"sharded checkpoint {broken} is incomplete" in line and "is missing" in line
     assert "use another checkpoint of the run, or its export" in line
 
 

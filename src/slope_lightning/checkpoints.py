@@ -200,7 +200,14 @@ _INDEX_GLOBALS = {
 }
 
 
-def check_sharded_checkpoint(path: str | Path) -> None:
+#: What to do about an incomplete sharded checkpoint when resuming or evaluating from it.
+RESUME_ADVICE = (
+    "copy the complete directory again, or resume from another checkpoint of the run "
+    "(e.g. its crash/ or checkpoints/ directory)"
+)
+
+
+def check_sharded_checkpoint(path: str | Path, advice: str = RESUME_ADVICE) -> None:
     """Check that a sharded checkpoint directory is complete, before anything loads it.
 
     Its ``.metadata`` (torch.distributed.checkpoint's index, read with an unpickler that
@@ -211,6 +218,7 @@ def check_sharded_checkpoint(path: str | Path) -> None:
 
     Args:
         path: a sharded checkpoint directory (see :func:`is_sharded_checkpoint`).
+        advice: what the error tells the user to do, in the terms of the command at hand.
 
     Raises:
         CheckpointError: the index is missing, unreadable or holds other objects, or a shard
@@ -218,10 +226,6 @@ def check_sharded_checkpoint(path: str | Path) -> None:
     """
     path = Path(path)
     index_path = path / SHARD_INDEX
-    advice = (
-        "copy the complete directory again, or resume from another checkpoint of the run "
-        "(e.g. its crash/ or checkpoints/ directory)"
-    )
     if not index_path.is_file():
         raise CheckpointError(
             f"sharded checkpoint {path} is incomplete: it has no {SHARD_INDEX} (the index "
@@ -303,7 +307,8 @@ def load_sharded_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path} is not a sharded checkpoint (a directory with {SHARDED_METADATA}); pass "
             "the directory a sharded save wrote (e.g. checkpoints/last.ckpt/ under FSDP2)"
         )
-    check_sharded_checkpoint(path)  # its index read safely, every shard there and whole
+    # its index read safely, every shard there and whole
+    check_sharded_checkpoint(path, advice="use another checkpoint of the run, or its export")
     prefix = "state_dict."
     try:
         reader = dcp.FileSystemReader(path)
