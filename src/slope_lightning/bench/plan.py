@@ -296,7 +296,7 @@ def saved_activations(
 
 PLAN_COLUMNS = [
     "preset",
-    "params_B",
+    "trainable_params_B",
     "method",
     "precision",
     "world",
@@ -361,8 +361,8 @@ def plan_rows(
             dtype, _ = precision_dtypes(precision)
             activations: dict[str, tuple[int, int, int]] = {}
             for method in methods:
-                full, _ = saved_activations(config, method, precision, batch, False, device)
-                ckpt, block = saved_activations(config, method, precision, batch, True, device)
+                full, block = saved_activations(config, method, precision, batch, False, device)
+                ckpt, _ = saved_activations(config, method, precision, batch, True, device)
                 activations[method] = (full, ckpt, block)
             for world in worlds:
                 dense_total = None
@@ -380,7 +380,7 @@ def plan_rows(
                     full, ckpt, block = activations[method]
                     row: Row = {
                         "preset": preset,
-                        "params_B": params / 1e9,
+                        "trainable_params_B": params / 1e9,
                         "method": method,
                         "precision": precision,
                         "world": world,
