@@ -366,7 +366,8 @@ def plan_rows(
                 activations[method] = (full, ckpt, block)
             for world in worlds:
                 dense_total = None
-                for method in ("dense", *(m for m in methods if m != "dense")):
+                ordered: list[PlanMethod] = ["dense", *(m for m in methods if m != "dense")]
+                for method in ordered:
                     with torch.device("meta"):
                         model = planned_model(config, method, dtype)
                     if world > 1:
