@@ -233,7 +233,16 @@ def test_residual_output_projections_use_smaller_init() -> None:
 
 
 def test_available_presets_lists_the_documented_names() -> None:
-    assert available_presets() == ["tiny", "gpt2-small", "smollm2-135m", "gpt2-medium", "llama-1b"]
+    assert available_presets() == [
+        "tiny",
+        "gpt2-small",
+        "smollm2-135m",
+        "gpt2-medium",
+        "llama-1b",
+        "llama-8b",
+        "llama-13b",
+        "llama-70b",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -117,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--new-tokens", type=int, default=16, help="tokens decoded after the prompt (inference)"
     )
     parser.add_argument("--presets", default="tiny,gpt2-small", help="transformers for 'memory'")
+    parser.add_argument(
+        "--meta",
+        action="store_true",
+        help="memory: the exact per-rank plan counted on the meta device, no model built "
+        "(for models larger than this machine, e.g. --presets llama-8b,llama-70b)",
+    )
+    parser.add_argument(
+        "--world-sizes",
+        default="8,64,512",
+        help="memory --meta: comma-separated FSDP2 world sizes (ranks sharding the model)",
+    )
     return parser
 
 
@@ -157,13 +168,48 @@ def _phases(text: str, parser: argparse.ArgumentParser) -> tuple[str, ...]:
     return phases
 
 
-def run_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
-    """Run one benchmark suite, writing its rows as they come; return its markdown."""
-    info = machine_info("python -m slope_lightning.bench " + shlex.join(sys.argv[1:]))
+def _memory_plan(
+    args: argparse.Namespace, info: dict[str, Any], parser: argparse.ArgumentParser
+) -> str:
+    """``memory --meta``: the plan of :mod:`slope_lightning.bench.plan`, written as
+    ``memory-plan-<presets>`` (exact counts: the same on any machine)."""
+    from slope_lightning.bench import plan
+
+    try:
+        worlds = [int(w) for w in args.world_sizes.split(",")]
+    except ValueError:
+        parser.error(f"--world-sizes {args.world_sizes!r}: give integers, e.g. 8,64,512")
+    presets = tuple(filter(None, args.presets.split(",")))
+    precisions = (args.precision,) if args.precision else ("bf16-mixed", "bf16-true")
+    info["counted"] = "meta device (state) and fake tensors dispatched as CPU (activations)"
+    info["paper_train_memory_vs_dense"] = plan.PAPER_TRAIN_RATIO
+    info["micro_batch"] = f"{args.batch} sequences x {args.seq_len or 'preset'} tokens"
+    name = "memory-plan-" + "-".join(presets)
+    table = common.ResultsTable(name, args.out, info, plan.PLAN_COLUMNS, "state_vs_dense")
+    plan.plan_rows(
+        presets,
+        worlds,
+        precisions,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        on_row=table.add,
+    )
+    return table.close(plot=args.plot)
+
+
+def run_suite(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str] | None = None
+) -> str:
+    """Run one benchmark suite, writing its rows as they come; return its markdown.
+    ``argv``: the arguments it was given (recorded as the command; default ``sys.argv``)."""
+    given = sys.argv[1:] if argv is None else argv
+    info = machine_info("python -m slope_lightning.bench " + shlex.join(given))
     dtype = getattr(torch, args.dtype)
     precision = args.precision or _true_precision(dtype)
     backend = args.backends.split(",")[0]
     name = _table_name(args.suite, info, args.compile)
+    if args.suite == "memory" and args.meta:
+        return _memory_plan(args, info, parser)
     if args.suite == "memory":
         from slope_lightning.bench import memory, peak
 
@@ -262,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         target = unpack(args.paths[0], args.out, tag=args.tag, plot=args.plot)
         print(f"unpacked into {target}; see {target / 'index.md'}")
         return
-    print(run_suite(args, parser))  # the table is the command's output
+    print(run_suite(args, parser, argv))  # the table is the command's output
 
 
 if __name__ == "__main__":

@@ -303,5 +303,51 @@ _PRESETS: Final[Mapping[str, Mapping[str, Any]]] = MappingProxyType(
                 mlp_hidden=8192,
             )
         ),
+        # The paper's scale (its LLaMA-3-8B row; 13B and 70B for the memory plan). Shapes of
+        # the public checkpoints; untied head, as they ship. Sized and planned on the meta
+        # device (python -m slope_lightning.bench memory --meta), not trained here.
+        # LLaMA-3-8B: d 4096, 32 layers, 32 heads, 8 KV heads (GQA), MLP 14336, 8.03B.
+        "llama-8b": MappingProxyType(
+            dict(
+                _LLAMA,
+                tie_embeddings=False,
+                vocab_size=128256,
+                seq_len=8192,
+                n_layer=32,
+                n_head=32,
+                n_kv_head=8,
+                d_model=4096,
+                mlp_hidden=14336,
+                rope_theta=500000.0,
+            )
+        ),
+        # LLaMA-2-13B: d 5120, 40 layers, 40 heads (MHA), MLP 13824, 32000 tokens, 13.0B.
+        "llama-13b": MappingProxyType(
+            dict(
+                _LLAMA,
+                tie_embeddings=False,
+                vocab_size=32000,
+                seq_len=4096,
+                n_layer=40,
+                n_head=40,
+                d_model=5120,
+                mlp_hidden=13824,
+            )
+        ),
+        # LLaMA-3-70B: d 8192, 80 layers, 64 heads, 8 KV heads, MLP 28672, 70.6B.
+        "llama-70b": MappingProxyType(
+            dict(
+                _LLAMA,
+                tie_embeddings=False,
+                vocab_size=128256,
+                seq_len=8192,
+                n_layer=80,
+                n_head=64,
+                n_kv_head=8,
+                d_model=8192,
+                mlp_hidden=28672,
+                rope_theta=500000.0,
+            )
+        ),
     }
 )
