@@ -24,6 +24,7 @@ from lightning_helpers import write_corpus
 from slope_lightning.cli import main
 from slope_lightning.study import (
     LaunchResult,
+    LrChoice,
     StaleRunError,
     StudyConfig,
     StudyConfigError,
@@ -90,7 +91,7 @@ def test_plan_is_seeds_by_methods_by_lrs_each_a_fit(tmp_path: Path) -> None:
     assert study.baseline_method.name == "dense"
 
 
-def test_plan_sweeps_on_the_sweep_seeds_then_runs_every_seed_at_the_best_lr(
+def test_plan_sweeps_then_refines_on_every_seed_then_follows_the_chosen_lr(
     tmp_path: Path,
 ) -> None:
     study = StudyConfig.from_dict(
@@ -106,32 +107,37 @@ def test_plan_sweeps_on_the_sweep_seeds_then_runs_every_seed_at_the_best_lr(
             },
         )
     )
-    assert study.planned_count() == 2 * (2 + 2) + 3 + 1
+    # Each swept method: 2 lrs on seed 0, then its 2 refine lrs on seeds 1 and 2.
+    assert study.planned_count() == 2 * (2 + 2 * 2) + 3 + 1
     # Before any sweep has finished, only the sweep can be planned.
-    assert [s.run_id for s in study.plan()] == [
-        "dense/lr0.001/seed0",
-        "dense/lr0.003/seed0",
-        "slope/lr0.001/seed0",
-        "slope/lr0.003/seed0",
-    ]
-    # Once slope's best lr is known: its other seeds, and its variant on every seed.
-    plan = [s.run_id for s in study.plan({"slope": 3e-3, "dense": None})]
-    assert plan == [
-        "dense/lr0.001/seed0",
-        "dense/lr0.003/seed0",
-        "slope/lr0.001/seed0",
-        "slope/lr0.003/seed0",
-        "variant/lr0.003/seed0",
+    sweep = ["dense/lr0.001/seed0", "dense/lr0.003/seed0", "slope/lr0.001/seed0"]
+    sweep.append("slope/lr0.003/seed0")
+    assert [s.run_id for s in study.plan()] == sweep
+    # Once slope's sweep has finished: its refine lrs on the other seeds (seed 0's are the
+    # sweep's runs); the variant waits for the choice.
+    refining = {"slope": LrChoice(refine=(1e-3, 3e-3))}
+    assert [s.run_id for s in study.plan(refining)] == [
+        *sweep,
+        "slope/lr0.001/seed1",
         "slope/lr0.003/seed1",
-        "variant/lr0.003/seed1",
+        "slope/lr0.001/seed2",
         "slope/lr0.003/seed2",
-        "variant/lr0.003/seed2",
     ]
-    full = study.plan({"slope": 3e-3, "dense": 1e-3})
-    assert len(full) == study.planned_count()
+    # Once slope's lr is chosen: its variant on every seed at that lr.
+    chosen = {"slope": LrChoice(refine=(1e-3, 3e-3), chosen=3e-3), "dense": LrChoice()}
+    plan = [s.run_id for s in study.plan(chosen)]
+    assert [r for r in plan if r.startswith("variant")] == [
+        f"variant/lr0.003/seed{seed}" for seed in (0, 1, 2)
+    ]
+    full_choices = {**chosen, "dense": LrChoice(refine=(1e-3, 3e-3), chosen=1e-3)}
+    full = study.plan(full_choices)
+    assert len(full) == study.planned_count(full_choices) == len({s.run_id for s in full})
     assert "ablation/lr0.001/seed0" in [s.run_id for s in full]
     variant = next(s for s in full if s.method == "variant")
     assert "--model.sparsity.n=1" in variant.args and "--model.optimizer.lr=0.003" in variant.args
+    # A best lr whose neighbours both diverged refines alone: fewer runs planned.
+    alone = {**full_choices, "dense": LrChoice(refine=(1e-3,), chosen=1e-3)}
+    assert study.planned_count(alone) == study.planned_count(full_choices) - 2
 
 
 def test_study_callbacks_replace_the_base_configs_and_a_method_adds_its_own(
@@ -258,8 +264,9 @@ def test_shipped_studies_parse_and_every_method_is_a_valid_fit(
     study = StudyConfig.from_file(path)
     if path.stem in FAIR_STUDIES:  # the method comparisons: tuned per method, several seeds
         assert len(study.seeds) >= 3 and all(len(m.lrs) >= 5 for m in study.methods if m.swept)
-    plan = study.plan({m.name: m.lrs[0] for m in study.methods if m.swept})
-    assert len(plan) == study.planned_count()
+    choices = {m.name: LrChoice(m.lrs[:2], m.lrs[0]) for m in study.methods if m.swept}
+    plan = study.plan(choices)
+    assert len(plan) == study.planned_count(choices)
     for method in study.methods:
         spec = next(s for s in plan if s.method == method.name)
         assert main([*spec.args, "--print_config"]) == 0  # the CLI accepts the run as given
@@ -295,7 +302,7 @@ class FakeFit:
         (version / "checkpoints").mkdir(parents=True, exist_ok=True)
         config = {
             "trainer": {"max_steps": 4, "devices": 1},
-            "data": {"batch_size": 2, "seq_len": 8},
+            "data": {"batch_size": 2, "seq_len": 8, "test_fraction": 0.05},
             "model": {"preset": "tiny"},
         }
         (version / "config.yaml").write_text(yaml.safe_dump(config))
@@ -312,10 +319,10 @@ class FakeFit:
 
 
 class FakeEvaluator:
-    def evaluate(self, export_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-        log = yaml.safe_load((export_dir.parent / "config.yaml").read_text())
-        del log
-        loss = 5.0
+    def evaluate(
+        self, export_dir: Path, config: dict[str, Any], split: str = "validation"
+    ) -> dict[str, Any]:
+        loss = 5.0 if split == "validation" else 5.5
         return {
             "loss": loss,
             "ppl": math.exp(loss),
@@ -346,6 +353,7 @@ def test_finished_runs_are_never_run_again_and_failures_are_retried(tmp_path: Pa
     finished = read_marker(study.plan()[0])
     assert finished is not None
     assert finished["tokens"] == 4 * 2 * 8 and finished["eval"]["ppl"] == pytest.approx(math.exp(5))
+    assert finished["test_eval"]["ppl"] == pytest.approx(math.exp(5.5))  # the held-out split
     assert [step for step, _ in finished["curves"]["train/loss"]] == [0, 1, 2, 3]
     assert len(list(finished_results(study))) == 7
 
@@ -463,8 +471,8 @@ def test_report_picks_the_best_lr_per_method_and_compares_paired_runs(tmp_path: 
     assert sweep[("dense", 4e-3)]["diverged"] == 1 and math.isinf(sweep[("dense", 4e-3)]["val_ppl"])
     assert sweep[("dense", 2e-3)]["best"] and not sweep[("dense", 1e-3)]["best"]
     warnings = "\n".join(summary["warnings"])
-    assert "slope: the best learning rate 0.004 is the highest of its grid" in warnings
-    assert "dense: the best learning rate" not in warnings
+    assert "slope: the sweep's best learning rate 0.004 is the highest of its grid" in warnings
+    assert "dense: the sweep's best learning rate" not in warnings
     assert "a grid of 3 learning rates" in warnings
     assert summary["early_training"] and summary["tokens_per_parameter"] == pytest.approx(10.0)
     assert summary["complete"] and summary["runs_diverged"] == 1
@@ -609,7 +617,7 @@ def test_the_console_script_plans_the_shipped_study(tmp_path: Path) -> None:
     assert len(lines) == len(study.plan()) + 1
     assert lines[-1] == (
         f"and {study.planned_count() - len(study.plan())} more runs at learning rates that "
-        "their sweeps will choose"
+        "the sweep and refine stages will choose"
     )
     missing = subprocess.run(
         [*command, "--config", "absent.yaml"],
