@@ -124,3 +124,9 @@ def test_report_shows_what_runs_logged_before_training(tmp_path: Path) -> None:
     assert row["before_training"]["pretrained/one_shot_ppl"][0] == 2269.0
     markdown = write_report(study, [result], summary["info"])["markdown"].read_text()
     assert "| slope | 31.0 | 2269.0 | 40.0 |" in markdown
+    # With a test split, the after-training number beside them stays on their (validation)
+    # windows, and the test number follows.
+    result["test_eval"] = {**result["eval"], "loss": math.log(44.0), "ppl": 44.0}
+    markdown = write_report(study, [result], summary["info"])["markdown"].read_text()
+    assert "| after training (val ppl) | after training (test ppl) |" in markdown
+    assert "| slope | 31.0 | 2269.0 | 40.0 | 44.0 |" in markdown

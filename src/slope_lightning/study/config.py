@@ -111,8 +111,8 @@ class StudyConfig:
             logs, checkpoints, export, the fit's output (``fit.log``) and ``result.json``.
         report_dir: where the report is written.
         baseline: the method the report's ratios are relative to (None: the first method).
-        eval_windows: validation windows of the split's stratified order evaluated on each
-            finished run's export (None: every window of the split).
+        eval_windows: windows of each split's stratified order (validation, test) evaluated
+            on each finished run's export (None: every window of the split).
         eval_batch_size: windows per evaluation batch.
         description: one paragraph for the report saying what the study is.
     """
@@ -227,8 +227,8 @@ class StudyConfig:
             isinstance(eval_windows, bool) or not isinstance(eval_windows, int) or eval_windows < 1
         ):
             raise StudyConfigError(
-                f"{where}eval_windows must be a positive integer (or null for the whole "
-                f"validation split), got {eval_windows!r}"
+                f"{where}eval_windows must be a positive integer (or null for every window "
+                f"of each split), got {eval_windows!r}"
             )
         batch = data.get("eval_batch_size", 8)
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:

@@ -79,7 +79,6 @@ def render_markdown(summary: dict[str, Any]) -> str:
             "",
         ]
     split = summary.get("split", "validation")
-    shown = SPLIT_NAMES[split]
     if split == "test":
         lines += [
             "**Test split.** Every table of results is on the held-out test split, which chose "
@@ -149,24 +148,28 @@ def render_markdown(summary: dict[str, Any]) -> str:
     before = [row for row in summary["table"] if row.get("before_training")]
     if before:
         tags = sorted({tag for row in before for tag in row["before_training"]})
+        test_header = " after training (test ppl) |" if split == "test" else ""
         lines += [
             "",
             "## Before training",
             "",
             "Logged by the run before its first step (e.g. `InitFromPretrained`: the "
             "pretrained model and its one-shot pruned copy), on the validation windows the "
-            "final evaluation uses when the study's `eval_windows` matches its `eval_batches`.",
+            "final evaluation uses when the study's `eval_windows` matches its `eval_batches`: "
+            "so the after-training column beside them is on validation too.",
             "",
-            "| method | " + " | ".join(tags) + f" | after training ({shown} ppl) |",
-            "|---|" + "---|" * (len(tags) + 1),
+            "| method | " + " | ".join(tags) + " | after training (val ppl) |" + test_header,
+            "|---|" + "---|" * (len(tags) + 1 + bool(test_header)),
         ]
         for row in before:
             cells = [
                 _pm(*row["before_training"][tag]) if tag in row["before_training"] else "–"
                 for tag in tags
             ]
-            after = _pm(row["ppl"], row["ppl_std"])
-            lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {after} |")
+            after = [_pm(row["val_ppl"], row["val_ppl_std"])]  # the windows of the before
+            if test_header:
+                after.append(_pm(row["ppl"], row["ppl_std"]))
+            lines.append(f"| {row['label']} | " + " | ".join([*cells, *after]) + " |")
     evaluated = next((row for row in summary["table"] if row.get("evaluated_windows")), None)
     if evaluated is not None:
         lines += [
