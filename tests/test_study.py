@@ -55,7 +55,7 @@ def _study(tmp_path: Path, **changes: Any) -> dict[str, Any]:
         "runs_dir": str(tmp_path / "runs"),
         "report_dir": str(tmp_path / "report"),
         "seeds": [0, 1],
-        "sweep_seeds": [0, 1],  # every lr on every seed (the two-stage plan: its own tests)
+        "sweep_seeds": [0, 1],  # every lr on every seed (the refine stage: its own tests)
         "common": ["--trainer.max_steps=4"],
         "methods": {
             "dense": {"args": ["--model.sparsity.sparse=false"], "lrs": [1e-3, 3e-3]},
