@@ -1,5 +1,6 @@
 """The quality-study runner: its file, its plan, resuming without re-running finished runs,
-failures and divergence, the report, and the ``slope-lightning study`` command.
+failures and divergence, and the ``slope-lightning study`` command (the report's numbers:
+``tests/test_study_report.py``; the refine stage and the test split: ``test_study_refine.py``).
 
 Most tests drive the runner with a fake launcher that writes what a fit writes (a version
 directory with its config and TensorBoard scalars, a checkpoint), so they take a second; one
@@ -24,15 +25,14 @@ from lightning_helpers import write_corpus
 from slope_lightning.cli import main
 from slope_lightning.study import (
     LaunchResult,
+    LrChoice,
     StaleRunError,
     StudyConfig,
     StudyConfigError,
+    choose,
     finished_results,
-    machine_info,
     read_marker,
     run_study,
-    summarize,
-    write_report,
 )
 from slope_lightning.study.runner import in_process_launcher
 
@@ -55,7 +55,7 @@ def _study(tmp_path: Path, **changes: Any) -> dict[str, Any]:
         "runs_dir": str(tmp_path / "runs"),
         "report_dir": str(tmp_path / "report"),
         "seeds": [0, 1],
-        "sweep_seeds": [0, 1],  # every lr on every seed (the two-stage plan: its own tests)
+        "sweep_seeds": [0, 1],  # every lr on every seed (the refine stage: its own tests)
         "common": ["--trainer.max_steps=4"],
         "methods": {
             "dense": {"args": ["--model.sparsity.sparse=false"], "lrs": [1e-3, 3e-3]},
@@ -90,7 +90,7 @@ def test_plan_is_seeds_by_methods_by_lrs_each_a_fit(tmp_path: Path) -> None:
     assert study.baseline_method.name == "dense"
 
 
-def test_plan_sweeps_on_the_sweep_seeds_then_runs_every_seed_at_the_best_lr(
+def test_plan_sweeps_then_refines_on_every_seed_then_follows_the_chosen_lr(
     tmp_path: Path,
 ) -> None:
     study = StudyConfig.from_dict(
@@ -106,32 +106,37 @@ def test_plan_sweeps_on_the_sweep_seeds_then_runs_every_seed_at_the_best_lr(
             },
         )
     )
-    assert study.planned_count() == 2 * (2 + 2) + 3 + 1
+    # Each swept method: 2 lrs on seed 0, then its 2 refine lrs on seeds 1 and 2.
+    assert study.planned_count() == 2 * (2 + 2 * 2) + 3 + 1
     # Before any sweep has finished, only the sweep can be planned.
-    assert [s.run_id for s in study.plan()] == [
-        "dense/lr0.001/seed0",
-        "dense/lr0.003/seed0",
-        "slope/lr0.001/seed0",
-        "slope/lr0.003/seed0",
-    ]
-    # Once slope's best lr is known: its other seeds, and its variant on every seed.
-    plan = [s.run_id for s in study.plan({"slope": 3e-3, "dense": None})]
-    assert plan == [
-        "dense/lr0.001/seed0",
-        "dense/lr0.003/seed0",
-        "slope/lr0.001/seed0",
-        "slope/lr0.003/seed0",
-        "variant/lr0.003/seed0",
+    sweep = ["dense/lr0.001/seed0", "dense/lr0.003/seed0", "slope/lr0.001/seed0"]
+    sweep.append("slope/lr0.003/seed0")
+    assert [s.run_id for s in study.plan()] == sweep
+    # Once slope's sweep has finished: its refine lrs on the other seeds (seed 0's are the
+    # sweep's runs); the variant waits for the choice.
+    refining = {"slope": LrChoice(refine=(1e-3, 3e-3))}
+    assert [s.run_id for s in study.plan(refining)] == [
+        *sweep,
+        "slope/lr0.001/seed1",
         "slope/lr0.003/seed1",
-        "variant/lr0.003/seed1",
+        "slope/lr0.001/seed2",
         "slope/lr0.003/seed2",
-        "variant/lr0.003/seed2",
     ]
-    full = study.plan({"slope": 3e-3, "dense": 1e-3})
-    assert len(full) == study.planned_count()
+    # Once slope's lr is chosen: its variant on every seed at that lr.
+    chosen = {"slope": LrChoice(refine=(1e-3, 3e-3), chosen=3e-3), "dense": LrChoice()}
+    plan = [s.run_id for s in study.plan(chosen)]
+    assert [r for r in plan if r.startswith("variant")] == [
+        f"variant/lr0.003/seed{seed}" for seed in (0, 1, 2)
+    ]
+    full_choices = {**chosen, "dense": LrChoice(refine=(1e-3, 3e-3), chosen=1e-3)}
+    full = study.plan(full_choices)
+    assert len(full) == study.planned_count(full_choices) == len({s.run_id for s in full})
     assert "ablation/lr0.001/seed0" in [s.run_id for s in full]
     variant = next(s for s in full if s.method == "variant")
     assert "--model.sparsity.n=1" in variant.args and "--model.optimizer.lr=0.003" in variant.args
+    # A best lr whose neighbours both diverged refines alone: fewer runs planned.
+    alone = {**full_choices, "dense": LrChoice(refine=(1e-3,), chosen=1e-3)}
+    assert study.planned_count(alone) == study.planned_count(full_choices) - 2
 
 
 def test_study_callbacks_replace_the_base_configs_and_a_method_adds_its_own(
@@ -258,8 +263,9 @@ def test_shipped_studies_parse_and_every_method_is_a_valid_fit(
     study = StudyConfig.from_file(path)
     if path.stem in FAIR_STUDIES:  # the method comparisons: tuned per method, several seeds
         assert len(study.seeds) >= 3 and all(len(m.lrs) >= 5 for m in study.methods if m.swept)
-    plan = study.plan({m.name: m.lrs[0] for m in study.methods if m.swept})
-    assert len(plan) == study.planned_count()
+    choices = {m.name: LrChoice(m.lrs[:2], m.lrs[0]) for m in study.methods if m.swept}
+    plan = study.plan(choices)
+    assert len(plan) == study.planned_count(choices)
     for method in study.methods:
         spec = next(s for s in plan if s.method == method.name)
         assert main([*spec.args, "--print_config"]) == 0  # the CLI accepts the run as given
@@ -295,7 +301,7 @@ class FakeFit:
         (version / "checkpoints").mkdir(parents=True, exist_ok=True)
         config = {
             "trainer": {"max_steps": 4, "devices": 1},
-            "data": {"batch_size": 2, "seq_len": 8},
+            "data": {"batch_size": 2, "seq_len": 8, "test_fraction": 0.05},
             "model": {"preset": "tiny"},
         }
         (version / "config.yaml").write_text(yaml.safe_dump(config))
@@ -312,10 +318,10 @@ class FakeFit:
 
 
 class FakeEvaluator:
-    def evaluate(self, export_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-        log = yaml.safe_load((export_dir.parent / "config.yaml").read_text())
-        del log
-        loss = 5.0
+    def evaluate(
+        self, export_dir: Path, config: dict[str, Any], split: str = "validation"
+    ) -> dict[str, Any]:
+        loss = 5.0 if split == "validation" else 5.5
         return {
             "loss": loss,
             "ppl": math.exp(loss),
@@ -346,6 +352,7 @@ def test_finished_runs_are_never_run_again_and_failures_are_retried(tmp_path: Pa
     finished = read_marker(study.plan()[0])
     assert finished is not None
     assert finished["tokens"] == 4 * 2 * 8 and finished["eval"]["ppl"] == pytest.approx(math.exp(5))
+    assert finished["test_eval"]["ppl"] == pytest.approx(math.exp(5.5))  # the held-out split
     assert [step for step, _ in finished["curves"]["train/loss"]] == [0, 1, 2, 3]
     assert len(list(finished_results(study))) == 7
 
@@ -395,90 +402,8 @@ def test_in_process_launcher_captures_the_error_line(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The report
+# The command
 # ---------------------------------------------------------------------------------------------
-
-
-def _result(
-    method: str, lr: float, seed: int, ppl: float, status: str = "finished"
-) -> dict[str, Any]:
-    loss = math.log(ppl)
-    return {
-        "method": method,
-        "lr": lr,
-        "seed": seed,
-        "status": status,
-        "tokens": 1000,
-        "wall_s": 10.0,
-        "resumed": False,
-        "eval": None
-        if status == "diverged"
-        else {
-            "loss": loss,
-            "ppl": ppl,
-            "windows": 4,
-            "of_windows": 8,
-            "parameters": 100,
-            "per_source": {"wiki": {"ppl": ppl * 1.1}, "shakespeare": {"ppl": ppl * 0.9}},
-        },
-        "curves": {"train/loss": [[s, loss + 1 - s / 100] for s in range(0, 100, 10)]},
-    }
-
-
-def test_report_picks_the_best_lr_per_method_and_compares_paired_runs(tmp_path: Path) -> None:
-    study = StudyConfig.from_dict(
-        _study(
-            tmp_path,
-            methods={
-                "dense": {"lrs": [1e-3, 2e-3, 4e-3]},
-                "slope": {"lrs": [1e-3, 2e-3, 4e-3]},
-            },
-        )
-    )
-    results = [
-        _result("dense", 1e-3, 0, 110.0),
-        _result("dense", 1e-3, 1, 112.0),
-        _result("dense", 2e-3, 0, 100.0),
-        _result("dense", 2e-3, 1, 104.0),
-        _result("dense", 4e-3, 0, 130.0),
-        _result("dense", 4e-3, 1, 1.0, status="diverged"),
-        _result("slope", 1e-3, 0, 120.0),
-        _result("slope", 1e-3, 1, 121.0),
-        _result("slope", 2e-3, 0, 115.0),
-        _result("slope", 2e-3, 1, 117.0),
-        _result("slope", 4e-3, 0, 105.0),
-        _result("slope", 4e-3, 1, 106.0),
-    ]
-    summary = summarize(study, results, machine_info("slope-lightning study --config x"))
-    table = {row["method"]: row for row in summary["table"]}
-    assert table["dense"]["best_lr"] == 2e-3 and table["slope"]["best_lr"] == 4e-3
-    assert table["dense"]["val_ppl"] == pytest.approx(102.0)
-    assert table["dense"]["val_ppl_std"] == pytest.approx(math.sqrt(8.0))
-    assert table["slope"]["vs_baseline"] == pytest.approx(105.5 / 102.0)
-    assert table["slope"]["paired_ratio"] == pytest.approx((105 / 100 + 106 / 104) / 2)
-    expected_delta = ((math.log(105) - math.log(100)) + (math.log(106) - math.log(104))) / 2
-    assert table["slope"]["train_loss_delta"] == pytest.approx(expected_delta)
-    assert table["slope"]["per_source_ppl"]["wiki"][0] == pytest.approx(105.5 * 1.1)
-    sweep = {(r["method"], r["lr"]): r for r in summary["sweep"]}
-    assert sweep[("dense", 4e-3)]["diverged"] == 1 and math.isinf(sweep[("dense", 4e-3)]["val_ppl"])
-    assert sweep[("dense", 2e-3)]["best"] and not sweep[("dense", 1e-3)]["best"]
-    warnings = "\n".join(summary["warnings"])
-    assert "slope: the best learning rate 0.004 is the highest of its grid" in warnings
-    assert "dense: the best learning rate" not in warnings
-    assert "a grid of 3 learning rates" in warnings
-    assert summary["early_training"] and summary["tokens_per_parameter"] == pytest.approx(10.0)
-    assert summary["complete"] and summary["runs_diverged"] == 1
-    partial = summarize(study, results[:-1], summary["info"])
-    assert not partial["complete"] and partial["runs_finished"] == 11
-    assert "slope: no learning rate" not in "\n".join(partial["warnings"])  # 2e-3 still has both
-
-    paths = write_report(study, results, summary["info"])
-    markdown = paths["markdown"].read_text()
-    assert "**Early training.**" in markdown and "| SLoPe" not in markdown  # no label: name
-    assert "| slope | 0.004 | 105.5 ± 0.7 | 1.034 |" in markdown
-    assert "| dense | 0.004 | diverged |" in markdown
-    assert json.loads(paths["json"].read_text())["table"][0]["best_lr"] == 2e-3
-    assert paths["sweep"].stat().st_size > 0 and paths["curves"].stat().st_size > 0
 
 
 def test_cli_study_errors_and_dry_run(
@@ -505,12 +430,14 @@ def test_cli_study_errors_and_dry_run(
 def test_a_tiny_study_runs_resumes_and_reports(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """2 methods × 2 lrs × 2 seeds of a 1-layer model for 4 steps, in-process; run again, only
-    a deleted run is run again; the report is written."""
+    """2 methods × 2 lrs of a 1-layer model for 4 steps, in-process: the sweep on seed 0, the
+    refine (both lrs of a 2-lr grid) on seed 1; run again, only a deleted run is run again;
+    the report is written, on the held-out test split."""
     monkeypatch.chdir(tmp_path)
     sources = write_corpus(tmp_path / "docs", documents=8, words=400)
     data = _study(
         tmp_path,
+        sweep_seeds=[0],
         eval_windows=16,
         common=[
             f"--data.sources=[{sources}]",
@@ -534,6 +461,8 @@ def test_a_tiny_study_runs_resumes_and_reports(
     for r in results.values():
         assert r["tokens"] == 4 * 2 * 16 and r["eval"]["windows"] == 16
         assert r["eval"]["ppl"] > 1 and math.isfinite(r["eval"]["ppl"])
+        assert r["test_eval"]["split"] == "test" and math.isfinite(r["test_eval"]["ppl"])
+        assert r["test_eval"]["ppl"] != r["eval"]["ppl"]  # other documents
         assert (Path(r["log_dir"]) / "export" / "model.safetensors").is_file()
 
     def first_loss(key: str) -> float:
@@ -552,6 +481,7 @@ def test_a_tiny_study_runs_resumes_and_reports(
         "demo-curves.png",
     }
     summary = json.loads((report / "demo.json").read_text())
+    assert summary["split"] == "test" and "**Test split.**" in (report / "demo.md").read_text()
     assert summary["complete"] and {row["method"] for row in summary["table"]} == {"dense", "slope"}
 
     # Run again: nothing is launched. Delete one run: only it runs again.
@@ -564,27 +494,13 @@ def test_a_tiny_study_runs_resumes_and_reports(
     launcher = in_process_launcher(counting)
     run_study(study, launcher)
     assert calls == []
-    victim = study.plan()[5]
+    victim = study.plan(choose(study, finished_results(study)))[5]
     marker = json.loads(victim.marker.read_text())
     shutil.rmtree(victim.root)
     run_study(study, launcher)
     assert len(calls) == 1 and calls[0] == list(victim.args)
     rerun = json.loads(victim.marker.read_text())
     assert rerun["eval"]["ppl"] == pytest.approx(marker["eval"]["ppl"], rel=1e-6)  # reproducible
-
-
-def test_report_shows_what_runs_logged_before_training(tmp_path: Path) -> None:
-    """InitFromPretrained's pretrained and one-shot perplexities reach the report."""
-    study = StudyConfig.from_dict(
-        _study(tmp_path, seeds=[0], sweep_seeds=[0], methods={"slope": {"lrs": [1e-4]}})
-    )
-    result = _result("slope", 1e-4, 0, 40.0)
-    result["logged"] = {"pretrained/dense_ppl": 31.0, "pretrained/one_shot_ppl": 2269.0}
-    summary = summarize(study, [result], machine_info("x"))
-    (row,) = summary["table"]
-    assert row["before_training"]["pretrained/one_shot_ppl"][0] == 2269.0
-    markdown = write_report(study, [result], summary["info"])["markdown"].read_text()
-    assert "| slope | 31.0 | 2269.0 | 40.0 |" in markdown
 
 
 def test_the_console_script_plans_the_shipped_study(tmp_path: Path) -> None:
@@ -609,7 +525,7 @@ def test_the_console_script_plans_the_shipped_study(tmp_path: Path) -> None:
     assert len(lines) == len(study.plan()) + 1
     assert lines[-1] == (
         f"and {study.planned_count() - len(study.plan())} more runs at learning rates that "
-        "their sweeps will choose"
+        "the sweep and refine stages will choose"
     )
     missing = subprocess.run(
         [*command, "--config", "absent.yaml"],

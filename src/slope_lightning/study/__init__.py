@@ -5,12 +5,15 @@
     slope-lightning study --config configs/studies/tiny.yaml --dry-run    # the plan and its state
     slope-lightning study --config configs/studies/tiny.yaml --report-only
 
-* :mod:`~slope_lightning.study.config`: the study file and its plan of runs;
+* :mod:`~slope_lightning.study.config`: the study file and its plan of runs (the sweep, the
+  refine of each method's best lrs on every seed, then the methods that follow a chosen lr);
+* :mod:`~slope_lightning.study.selection`: the sweep, the refine and the choice of each
+  method's learning rate, on the validation split;
 * :mod:`~slope_lightning.study.runner`: runs the plan, resumable (a finished run has a
   ``result.json`` marker, written last, and is never run again; an interrupted one resumes
   from its checkpoint);
-* :mod:`~slope_lightning.study.evaluate`: every run's export on the validation split, overall
-  and per source;
+* :mod:`~slope_lightning.study.evaluate`: every run's export on the validation split (which
+  chooses) and the held-out test split (which reports), overall and per source;
 * :mod:`~slope_lightning.study.report`: the table, the LR sweep and the loss curves as
   markdown, JSON and PNG under ``benchmarks/results/quality/``: the numbers from
   :mod:`~slope_lightning.study.summary`, the text from :mod:`~slope_lightning.study.markdown`,
@@ -25,6 +28,7 @@ import shlex
 from collections.abc import Callable
 
 from slope_lightning.study.config import (
+    LrChoice,
     MethodSpec,
     RunSpec,
     StudyConfig,
@@ -44,13 +48,14 @@ from slope_lightning.study.runner import (
     run_study,
     subprocess_launcher,
 )
-from slope_lightning.study.selection import best_learning_rates, run_value
+from slope_lightning.study.selection import best_learning_rates, choose, run_value
 from slope_lightning.utils import machine_info
 
 __all__ = [
     "Evaluator",
     "LaunchResult",
     "Launcher",
+    "LrChoice",
     "MethodSpec",
     "RunOutcome",
     "RunSpec",
@@ -59,6 +64,7 @@ __all__ = [
     "StudyConfigError",
     "StudyIncomplete",
     "best_learning_rates",
+    "choose",
     "finished_results",
     "in_process_launcher",
     "machine_info",
@@ -79,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="slope-lightning study",
         description=(
             "Run a quality study (methods x learning rates x seeds at equal tokens, each run "
-            "a `slope-lightning fit`) and write its report. Finished runs are never run again; "
-            "an interrupted study resumes where it stopped."
+            "a `slope-lightning fit`: a sweep, a refine of each method's best lrs on every "
+            "seed, the choice on validation) and write its report, on the held-out test split. "
+            "Finished runs are never run again; an interrupted study resumes where it stopped."
         ),
     )
     parser.add_argument("--config", required=True, help="the study file (configs/studies/*.yaml)")
@@ -121,13 +128,17 @@ def study_command(args: list[str], fit_main: Callable[[list[str]], int] | None =
         )
     study = StudyConfig.from_file(parsed.config)
     if parsed.dry_run:
-        plan = study.plan(best_learning_rates(study, finished_results(study)))
+        choices = choose(study, finished_results(study))
+        plan = study.plan(choices)
         for spec in plan:
             state = "finished" if read_marker(spec) is not None else "to run"
             print(f"{spec.run_id:40s} {state:9s} slope-lightning {shlex.join(spec.args)}")
-        waiting = study.planned_count() - len(plan)
+        waiting = study.planned_count(choices) - len(plan)
         if waiting:
-            print(f"and {waiting} more runs at learning rates that their sweeps will choose")
+            print(
+                f"and {waiting} more runs at learning rates that the sweep and refine stages "
+                "will choose"
+            )
         return 0
     command = shlex.join(["slope-lightning", "study", *args])
     if not parsed.report_only:
@@ -142,13 +153,14 @@ def study_command(args: list[str], fit_main: Callable[[list[str]], int] | None =
         outcomes = []
     results = finished_results(study)
     paths = write_report(study, results, machine_info(command))
-    finished = f"{len(results)} of {study.planned_count()} runs finished"
+    planned = study.planned_count(choose(study, results))
+    finished = f"{len(results)} of {planned} runs finished"
     print(f"study {study.name}: {finished}; report: {paths['markdown']}")
     failed = [outcome for outcome in outcomes if outcome.state == "failed"]
     if failed:
         details = "; ".join(f"{o.spec.run_id} ({o.detail})" for o in failed)
         raise StudyIncomplete(
-            f"{len(failed)} of {study.planned_count()} runs failed: {details}; their output is "
+            f"{len(failed)} of {planned} runs failed: {details}; their output is "
             "in each run's fit.log; fix the cause and run the study again (finished runs are kept)"
         )
     return 0

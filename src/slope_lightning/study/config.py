@@ -9,16 +9,22 @@ same for every run; ``seed_everything`` sets each run's initialisation and, thro
 ``data.order_seed``'s default, its data order, so runs with the same seed see the same
 batches (paired comparisons).
 
-The plan has two stages, so that a fair study stays affordable:
+The plan has three stages, so that a fair study stays affordable and its learning rate is not
+chosen on one seed:
 
 * the **sweep**: every method with its own ``lrs`` grid runs each lr with the
   ``sweep_seeds`` (by default the first seed);
-* the **seeds**: each method then runs its remaining ``seeds`` at its best lr (the lowest
-  mean validation loss of the sweep), and a method with ``lr_from: <other>`` (an ablation, a
-  variant, a post-training baseline) runs every one of its seeds at the other's best lr.
+* the **refine**: each swept method's best lr of the sweep (the lowest mean validation loss
+  over the sweep seeds) and its better neighbour on the grid (the adjacent lr of lower sweep
+  loss; none when the grid has one lr, or when every neighbour diverged) run on every seed of
+  the method; a refine run that is a sweep run (same method, lr and seed) is that run;
+* the **choice**: the method's lr is the refine lr of the lowest mean validation loss over
+  every seed; a method with ``lr_from: <other>`` (an ablation, a variant, a post-training
+  baseline) then runs each of its seeds at the other's chosen lr.
 
-The runs of the second stage are planned once their sweep has finished, so
-:meth:`StudyConfig.plan` takes the best learning rates known so far.
+The runs of the later stages are planned once the earlier ones have finished, so
+:meth:`StudyConfig.plan` takes what the finished runs have decided so far (:class:`LrChoice`,
+made by :func:`~slope_lightning.study.selection.choose`).
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ class MethodSpec:
         args: ``fit`` arguments that select the method, e.g. ``--model.sparsity.sparse=false``.
         config: its own base fit config (None: the study's ``base_config``).
         label: what the report calls it (None: ``name``).
-        lr_from: run at the best learning rate of this other (swept) method instead of a grid.
+        lr_from: run at the chosen learning rate of this other (swept) method instead of a
+            grid.
         callbacks: the method's own callbacks (``class_path``/``init_args`` mappings), added to
             the study's ``callbacks``; None with no study ``callbacks`` keeps the base config's.
         seeds: the seeds this method runs (None: every seed of the study).
@@ -92,7 +99,8 @@ class StudyConfig:
             like ``--config``).
         methods: the methods, each with its lr grid.
         seeds: ``seed_everything`` of each run (its initialisation and data order): every
-            method runs each seed at its best learning rate.
+            swept method runs each seed at its refine learning rates, every other method at
+            its chosen one.
         sweep_seeds: the seeds of the learning-rate sweep (a subset of ``seeds``; default the
             first).
         callbacks: callbacks of every run (``class_path``/``init_args`` mappings), passed as
@@ -103,8 +111,8 @@ class StudyConfig:
             logs, checkpoints, export, the fit's output (``fit.log``) and ``result.json``.
         report_dir: where the report is written.
         baseline: the method the report's ratios are relative to (None: the first method).
-        eval_windows: validation windows of the split's stratified order evaluated on each
-            finished run's export (None: every window of the split).
+        eval_windows: windows of each split's stratified order (validation, test) evaluated
+            on each finished run's export (None: every window of the split).
         eval_batch_size: windows per evaluation batch.
         description: one paragraph for the report saying what the study is.
     """
@@ -219,8 +227,8 @@ class StudyConfig:
             isinstance(eval_windows, bool) or not isinstance(eval_windows, int) or eval_windows < 1
         ):
             raise StudyConfigError(
-                f"{where}eval_windows must be a positive integer (or null for the whole "
-                f"validation split), got {eval_windows!r}"
+                f"{where}eval_windows must be a positive integer (or null for every window "
+                f"of each split), got {eval_windows!r}"
             )
         batch = data.get("eval_batch_size", 8)
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
@@ -246,16 +254,16 @@ class StudyConfig:
             source=source,
         )
 
-    def plan(self, best: Mapping[str, float | None] | None = None) -> list[RunSpec]:
-        """The runs of the study that can be planned, given the best learning rates known
-        (``method -> lr``, None or missing while its sweep is unfinished).
+    def plan(self, choices: Mapping[str, LrChoice] | None = None) -> list[RunSpec]:
+        """The runs of the study that can be planned, given what the finished runs have
+        decided (``swept method -> LrChoice``; missing: its sweep is unfinished).
 
         Seed by seed (the first seed's runs give a whole one-seed comparison before the
         second seed starts); within a seed, the swept methods first (their grid on a sweep
-        seed, else their best lr), then the ``lr_from`` methods at their source's best lr.
-        A run whose learning rate is not known yet is left out: :meth:`pending` counts them.
+        seed, else their refine lrs), then the ``lr_from`` methods at their source's chosen
+        lr. A run whose learning rate is not known yet is left out (see :meth:`planned_count`).
         """
-        best = best or {}
+        choices = choices or {}
         runs: list[RunSpec] = []
         for seed in self.seeds:
             for method in sorted(self.methods, key=lambda m: not m.swept):
@@ -263,23 +271,44 @@ class StudyConfig:
                     continue
                 if method.swept and seed in self.sweep_seeds:
                     lrs: Sequence[float] = method.lrs
+                elif method.swept:
+                    lrs = choices.get(method.name, LrChoice()).refine
                 else:
-                    chosen = best.get(method.name if method.swept else str(method.lr_from))
+                    chosen = choices.get(str(method.lr_from), LrChoice()).chosen
                     lrs = [chosen] if chosen is not None else []
                 runs.extend(RunSpec.of(self, method, lr, seed) for lr in lrs)
         return runs
 
-    def planned_count(self) -> int:
-        """How many runs the whole study has (every stage, every learning rate known)."""
+    def planned_count(self, choices: Mapping[str, LrChoice] | None = None) -> int:
+        """How many runs the whole study has: every stage, with the refine lrs that
+        ``choices`` gives, else two per swept method (one when its grid has one lr)."""
+        choices = choices or {}
         count = 0
         for method in self.methods:
             seeds = self.seeds_of(method)
             if method.swept:
                 sweep = [s for s in seeds if s in self.sweep_seeds]
-                count += len(sweep) * len(method.lrs) + len(seeds) - len(sweep)
+                known = choices.get(method.name, LrChoice()).refine
+                refine = len(known) if known else min(2, len(method.lrs))
+                count += len(sweep) * len(method.lrs) + (len(seeds) - len(sweep)) * refine
             else:
                 count += len(seeds)
         return count
+
+
+@dataclass(frozen=True)
+class LrChoice:
+    """What a swept method's finished runs have decided about its learning rate.
+
+    Attributes:
+        refine: the lrs that run on every seed: the sweep's best and its better neighbour on
+            the grid, ascending (empty until the sweep has finished, or if every lr diverged).
+        chosen: the method's lr: the refine lr of the lowest mean validation loss over every
+            seed (None until every refine run has finished, or if each diverged on a seed).
+    """
+
+    refine: tuple[float, ...] = ()
+    chosen: float | None = None
 
 
 @dataclass(frozen=True)

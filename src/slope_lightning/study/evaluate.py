@@ -1,12 +1,15 @@
-"""The final number of every run: its exported model evaluated on the validation split, overall
-and per source, by the study itself.
+"""The final numbers of every run: its exported model evaluated on the validation split (which
+chooses the learning rate) and on the held-out test split (which reports), overall and per
+source, by the study itself.
 
 Every method is evaluated by the same code on the same windows: the first ``eval_windows`` of
-the split's fixed stratified order (every window by default), from the run's
+each split's fixed stratified order (every window by default), from the run's
 ``export/`` (the final weights, loaded without Lightning by
 :func:`~slope_lightning.export.load_exported`), in float32 on the CPU or the first GPU.
 The number does not depend on the module's own validation (its ``limit_val_batches``, or
-whether it logs per-source metrics), only on the split.
+whether it logs per-source metrics), only on the split. A run trained with
+``data.test_fraction: 0`` has no test split: its test evaluation is None, and the report says
+that it shows validation numbers.
 
 Perplexity is exp of the mean token loss: overall over every evaluated token, and per source
 over that source's windows (a window never mixes sources).
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from slope_lightning.data import TextDataModule
+from slope_lightning.data import TextDataModule, ValidationWindows
 from slope_lightning.export import load_exported
 from slope_lightning.models import Transformer, TransformerConfig
 from slope_lightning.study.config import StudyConfig
@@ -51,7 +54,7 @@ def parameter_count(config: dict[str, Any]) -> int | None:
 
 
 class Evaluator:
-    """Evaluates exports on the validation split of their run's data config.
+    """Evaluates exports on the validation or test split of their run's data config.
 
     The prepared data module of each distinct data config is kept for the next run (preparing
     checks every cached file's checksum, seconds per run otherwise).
@@ -79,24 +82,47 @@ class Evaluator:
             self._data[key] = dm
         return self._data[key]
 
+    @staticmethod
+    def has_test_split(config: dict[str, Any]) -> bool:
+        """Whether the run's data config holds out a test split (``data.test_fraction > 0``)."""
+        return float((config.get("data") or {}).get("test_fraction") or 0.0) > 0.0
+
+    def _windows(self, dm: TextDataModule, split: str) -> ValidationWindows:
+        """The split's windows, each with its source index."""
+        if split == "validation":
+            assert dm.val_dataset is not None  # set by setup
+            return dm.val_dataset
+        if split != "test":
+            raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
+        if dm.test_dataset is None:
+            dm.setup("test")
+            assert dm.test_dataset is not None  # set by setup("test")
+            # This data module is the evaluator's own: its test windows carry their source
+            # (the module's test_step takes (x, y), so the data module leaves it out).
+            dm.test_dataset.with_source = True
+        return dm.test_dataset
+
     @torch.no_grad()
-    def evaluate(self, export_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-        """Loss and perplexity of the export in ``export_dir`` on the validation windows,
-        overall and per source, with the token counts and the model's dense parameter count.
+    def evaluate(
+        self, export_dir: Path, config: dict[str, Any], split: str = "validation"
+    ) -> dict[str, Any]:
+        """Loss and perplexity of the export in ``export_dir`` on the windows of ``split``
+        (``"validation"`` or ``"test"``), overall and per source, with the token counts and the
+        model's dense parameter count.
 
         Raises:
             FileNotFoundError: the run wrote no export.
+            ValueError: ``split`` is ``"test"`` and the run has no test split.
         """
         dm = self._datamodule(dict(config.get("data") or {}))
-        val = dm.val_dataset
-        assert val is not None  # set by setup
+        dataset = self._windows(dm, split)
         model = load_exported(export_dir, self.device).eval()
-        count = len(val) if self.windows is None else min(self.windows, len(val))
-        names = val.source_names
+        count = len(dataset) if self.windows is None else min(self.windows, len(dataset))
+        names = dataset.source_names
         loss_sum = torch.zeros(len(names), dtype=torch.float64)
         tokens = torch.zeros(len(names), dtype=torch.int64)
         for start in range(0, count, self.batch_size):
-            items = [val[i] for i in range(start, min(start + self.batch_size, count))]
+            items = [dataset[i] for i in range(start, min(start + self.batch_size, count))]
             x = torch.stack([item[0] for item in items]).to(self.device)  # (B, T)
             y = torch.stack([item[1] for item in items]).to(self.device)  # (B, T)
             source = torch.stack([item[2] for item in items])  # (B,)
@@ -118,13 +144,18 @@ class Evaluator:
             if tokens[i] > 0
         }
         logger.info(
-            "evaluated %s: val ppl %.2f over %d windows", export_dir, math.exp(total_loss), count
+            "evaluated %s: %s ppl %.2f over %d windows",
+            export_dir,
+            split,
+            math.exp(total_loss),
+            count,
         )
         return {
+            "split": split,
             "loss": total_loss,
             "ppl": math.exp(total_loss),
             "windows": count,
-            "of_windows": len(val),
+            "of_windows": len(dataset),
             "tokens": int(tokens.sum()),
             "per_source": per_source,
             "parameters": parameter_count(config),

@@ -1,7 +1,7 @@
 """The study's figures, drawn from a :func:`~slope_lightning.study.summary.summarize`
-summary with matplotlib (optional: imported inside the functions): the learning-rate sweep
-(``<name>-lr.png``) and the loss curves at each method's best learning rate
-(``<name>-curves.png``)."""
+summary with matplotlib (optional: imported inside the functions): the learning-rate sweep and
+refine on validation (``<name>-lr.png``) and the loss curves at each method's chosen learning
+rate (``<name>-curves.png``)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from slope_lightning.utils import machine_footnote
 
 
 def plot_sweep(path: Path, summary: dict[str, Any]) -> Path:
-    """Validation perplexity against learning rate, one line per method (mean, ± std bars,
-    the best marked by a star)."""
+    """Validation perplexity against learning rate, one line per method (the sweep: mean over
+    the sweep seeds, ± std bars), its refine lrs as squares (mean over every seed) and the
+    chosen lr marked by a star."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7.0, 4.5), layout="constrained")
@@ -36,22 +37,32 @@ def plot_sweep(path: Path, summary: dict[str, Any]) -> Path:
             capsize=3,
             label=label,
         )
-        for r in rows:
-            if r["best"]:
-                axes.plot(
-                    [r["lr"]], [r["val_ppl"]], marker="*", markersize=14, color=line[0].get_color()
-                )
+        color = line[0].get_color()
+        for r in summary.get("refine", []):
+            if r["method"] != method or not math.isfinite(r["val_ppl"]):
+                continue
+            marker = "*" if r["chosen"] else "s"
+            axes.plot(
+                [r["lr"]],
+                [r["val_ppl"]],
+                marker=marker,
+                markersize=14 if r["chosen"] else 8,
+                markerfacecolor=color if r["chosen"] else "none",
+                color=color,
+            )
     axes.set_xscale("log")
     axes.set_xlabel("peak learning rate")
     axes.set_ylabel("validation perplexity (mean ± std over seeds)")
-    axes.set_title(f"{summary['name']}: learning-rate sweep (★ best per method)", fontsize=10)
+    axes.set_title(
+        f"{summary['name']}: sweep (lines), refine on every seed (□), chosen lr (★)", fontsize=10
+    )
     axes.legend(fontsize=8)
     axes.grid(True, which="both", alpha=0.3)
     return _save(figure, path, summary)
 
 
 def plot_curves(path: Path, summary: dict[str, Any]) -> Path:
-    """Training loss and validation perplexity against step at each method's best lr (mean
+    """Training loss and validation perplexity against step at each method's chosen lr (mean
     over seeds)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
@@ -87,7 +98,7 @@ def plot_curves(path: Path, summary: dict[str, Any]) -> Path:
         axes.grid(True, alpha=0.3)
         if axes.get_lines():
             axes.legend(fontsize=8)
-    figure.suptitle(f"{summary['name']}: each method at its best learning rate", fontsize=10)
+    figure.suptitle(f"{summary['name']}: each method at its chosen learning rate", fontsize=10)
     return _save(figure, path, summary)
 
 

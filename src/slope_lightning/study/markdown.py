@@ -16,16 +16,21 @@ def _pm(mean: float, std: float, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if math.isfinite(std) else f"{mean:.{digits}f}"
 
 
-def _table(rows: list[dict[str, Any]], baseline: str, sources: list[str]) -> list[str]:
-    """A markdown table of method rows (each at its best learning rate)."""
+#: How the tables name each split.
+SPLIT_NAMES = {"test": "test", "validation": "val"}
+
+
+def _table(rows: list[dict[str, Any]], baseline: str, sources: list[str], split: str) -> list[str]:
+    """A markdown table of method rows (each at its chosen learning rate), on ``split``."""
+    name = SPLIT_NAMES[split]
     header = [
         "method",
         "lr",
-        "val ppl (mean ± std)",
+        f"{name} ppl (mean ± std)",
         f"vs {baseline}",
         "paired ratio to reference",
         "train-loss Δ vs reference (last 10%)",
-        *[f"{s} ppl" for s in sources],
+        *[f"{s} {name} ppl" for s in sources],
         "seeds",
         "wall s / run",
     ]
@@ -40,7 +45,7 @@ def _table(rows: list[dict[str, Any]], baseline: str, sources: list[str]) -> lis
         cells = [
             row["label"],
             lr,
-            _pm(row["val_ppl"], row["val_ppl_std"]),
+            _pm(row["ppl"], row["ppl_std"]),
             f"{row['vs_baseline']:.3f}",
             "–"
             if same
@@ -73,6 +78,16 @@ def render_markdown(summary: dict[str, Any]) -> str:
             "this budget, not their final quality.",
             "",
         ]
+    split = summary.get("split", "validation")
+    if split == "test":
+        lines += [
+            "**Test split.** Every table of results is on the held-out test split, which chose "
+            "nothing; the validation split chose each method's learning rate and appears only "
+            "in the sweep and refine tables.",
+            "",
+        ]
+    else:
+        lines += [f"**Validation numbers.** {summary.get('split_note', '')}".rstrip(), ""]
     if not summary["complete"]:
         lines += [
             f"**Incomplete:** {summary['runs_finished']} of {summary['runs_planned']} runs "
@@ -93,23 +108,23 @@ def render_markdown(summary: dict[str, Any]) -> str:
         if summary["parameters"]
         else "- model parameters: unknown",
         "",
-        "## Each method at its best learning rate",
+        f"## Each method at its chosen learning rate ({split} split)",
         "",
     ]
     sources = sorted({s for row in summary["table"] for s in row.get("per_source_ppl", {})})
     methods = [row for row in summary["table"] if row.get("group", "method") == "method"]
     ablations = [row for row in summary["table"] if row.get("group") == "ablation"]
-    lines += _table(methods, baseline, sources)
+    lines += _table(methods, baseline, sources, split)
     if ablations:
         lines += [
             "",
             "## Ablations",
             "",
             "Each ablation changes one thing of its reference method and runs at the "
-            "reference's best learning rate, paired seed by seed with it.",
+            "chosen learning rate of the method it names, paired seed by seed with it.",
             "",
         ]
-        lines += _table(ablations, baseline, sources)
+        lines += _table(ablations, baseline, sources, split)
     seeded = [row for row in methods if len(row.get("per_seed_ppl", {})) > 1]
     if seeded:
         seeds = sorted({seed for row in seeded for seed in row["per_seed_ppl"]}, key=int)
@@ -117,9 +132,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
             "",
             "## Per seed",
             "",
-            "Validation perplexity of every seed at the method's best learning rate (a seed is "
-            "one initialisation and one data order, shared by every method): a mean over "
-            "three seeds can hide one outlier.",
+            f"{split.capitalize()} perplexity of every seed at the method's chosen learning "
+            "rate (a seed is one initialisation and one data order, shared by every method): a "
+            "mean over three seeds can hide one outlier.",
             "",
             "| method | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
             "|---|" + "---|" * len(seeds),
@@ -133,49 +148,38 @@ def render_markdown(summary: dict[str, Any]) -> str:
     before = [row for row in summary["table"] if row.get("before_training")]
     if before:
         tags = sorted({tag for row in before for tag in row["before_training"]})
+        test_header = " after training (test ppl) |" if split == "test" else ""
         lines += [
             "",
             "## Before training",
             "",
             "Logged by the run before its first step (e.g. `InitFromPretrained`: the "
             "pretrained model and its one-shot pruned copy), on the validation windows the "
-            "final evaluation uses when the study's `eval_windows` matches its `eval_batches`.",
+            "final evaluation uses when the study's `eval_windows` matches its `eval_batches`: "
+            "so the after-training column beside them is on validation too.",
             "",
-            "| method | " + " | ".join(tags) + " | after training (val ppl) |",
-            "|---|" + "---|" * (len(tags) + 1),
+            "| method | " + " | ".join(tags) + " | after training (val ppl) |" + test_header,
+            "|---|" + "---|" * (len(tags) + 1 + bool(test_header)),
         ]
         for row in before:
             cells = [
                 _pm(*row["before_training"][tag]) if tag in row["before_training"] else "–"
                 for tag in tags
             ]
-            after = _pm(row["val_ppl"], row["val_ppl_std"])
-            lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {after} |")
+            after = [_pm(row["val_ppl"], row["val_ppl_std"])]  # the windows of the before
+            if test_header:
+                after.append(_pm(row["ppl"], row["ppl_std"]))
+            lines.append(f"| {row['label']} | " + " | ".join([*cells, *after]) + " |")
     evaluated = next((row for row in summary["table"] if row.get("evaluated_windows")), None)
     if evaluated is not None:
         lines += [
             "",
-            "Validation perplexity of each run's exported model on "
-            f"{evaluated['evaluated_windows']} of the {evaluated['of_windows']} validation "
+            f"{split.capitalize()} perplexity of each run's exported model on "
+            f"{evaluated['evaluated_windows']} of the {evaluated['of_windows']} {split} "
             "windows (the split's fixed stratified order: every source in proportion), "
             "evaluated by the study, not the training loop's sample.",
         ]
-    lines += ["", "## Learning-rate sweep", ""]
-    lines += [
-        "| method | lr | val ppl (mean ± std) | val loss | seeds | diverged | best |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in summary["sweep"]:
-        cells = [
-            row["method"],
-            format_lr(row["lr"]),
-            _pm(row["val_ppl"], row["val_ppl_std"]),
-            f"{row['val_loss']:.4f}",
-            str(row["seeds"]),
-            str(row["diverged"]),
-            "**best**" if row["best"] else "",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += _selection(summary)
     if summary["warnings"]:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in summary["warnings"]]
     lines += [
@@ -184,7 +188,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "",
         f"![LR sweep]({name}-lr.png)",
         "",
-        f"![Loss curves at each method's best lr]({name}-curves.png)",
+        f"![Loss curves at each method's chosen lr]({name}-curves.png)",
         "",
         "## Methods",
         "",
@@ -201,7 +205,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         grid = (
             f"lrs {[format_lr(lr) for lr in spec['lrs']]}"
             if not spec.get("lr_from")
-            else f"at the best lr of `{spec['lr_from']}`"
+            else f"at the chosen lr of `{spec['lr_from']}`"
         )
         extra = f"; callbacks {callbacks}" if callbacks else ""
         lines.append(
@@ -214,3 +218,57 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _selection(summary: dict[str, Any]) -> list[str]:
+    """The learning-rate choice on validation: the sweep, the refine and the choice."""
+    seeds = summary["study"]["sweep_seeds"]
+    lines = [
+        "",
+        "## Learning rate: sweep, refine, choice (validation split)",
+        "",
+        f"The sweep runs each method's grid on seed(s) {seeds}; the refine runs the sweep's "
+        "best lr and its better neighbour on the grid on every seed; the choice is the refine "
+        "lr of the lowest mean validation loss over every seed. A refine run on a sweep seed "
+        "is that sweep run.",
+        "",
+        "### Sweep",
+        "",
+        "| method | lr | val ppl (mean ± std) | val loss | seeds | diverged | sweep best "
+        "| refine |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary["sweep"]:
+        cells = [
+            row["method"],
+            format_lr(row["lr"]),
+            _pm(row["val_ppl"], row["val_ppl_std"]),
+            f"{row['val_loss']:.4f}",
+            str(row["seeds"]),
+            str(row["diverged"]),
+            "**best**" if row["best"] else "",
+            "yes" if row.get("refine") else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    refine = summary.get("refine", [])
+    if refine:
+        lines += [
+            "",
+            "### Refine and choice",
+            "",
+            "| method | lr | val ppl over every seed (mean ± std) | val loss | seeds | diverged "
+            "| choice |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in refine:
+            cells = [
+                row["method"],
+                format_lr(row["lr"]) + (" (sweep best)" if row["sweep_best"] else ""),
+                _pm(row["val_ppl"], row["val_ppl_std"]),
+                f"{row['val_loss']:.4f}",
+                f"{row['seeds']} of {row['of_seeds']}",
+                str(row["diverged"]),
+                "**chosen**" if row["chosen"] else "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines

@@ -12,11 +12,12 @@ For every run of the plan, in order:
   (the default: one process per run, as a user would type it) or in-process (the CLI passes
   its own ``main``). Its output goes to the run's ``fit.log``.
 * Exit status 0: the run's logs are read (TensorBoard scalars, ``config.yaml``), its export is
-  evaluated on the validation split (overall and per source, see
-  :mod:`~slope_lightning.study.evaluate`), and ``result.json`` is written. A run stopped by a
-  non-finite loss is a result too (``"status": "diverged"``: that learning rate is too high).
-  Exit 130 stops the study (Ctrl-C); any other failure is recorded, the study goes on, and
-  it ends with :class:`StudyIncomplete`.
+  evaluated on the validation split (``eval``: it chooses the learning rate) and on the test
+  split (``test_eval``: it reports; None when ``data.test_fraction`` is 0), overall and per
+  source (see :mod:`~slope_lightning.study.evaluate`), and ``result.json`` is written. A run
+  stopped by a non-finite loss is a result too (``"status": "diverged"``: that learning rate
+  is too high). Exit 130 stops the study (Ctrl-C); any other failure is recorded, the study
+  goes on, and it ends with :class:`StudyIncomplete`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import yaml
 from slope_lightning.checkpoints import find_resume_checkpoint
 from slope_lightning.study.config import FORMAT, RunSpec, StudyConfig
 from slope_lightning.study.evaluate import Evaluator
-from slope_lightning.study.selection import best_learning_rates
+from slope_lightning.study.selection import choose
 from slope_lightning.utils import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -231,8 +232,11 @@ def collect(
     logged = {tag: series[-1][1] for tag, series in curves.items() if series}
     export = log_dir / "export"
     evaluation: dict[str, Any] | None = None
+    test: dict[str, Any] | None = None
     if status == "finished" and evaluator is not None:
-        evaluation = evaluator.evaluate(export, config)
+        evaluation = evaluator.evaluate(export, config, "validation")
+        if Evaluator.has_test_split(config):
+            test = evaluator.evaluate(export, config, "test")
     return {
         "format": FORMAT,
         "method": spec.method,
@@ -248,6 +252,7 @@ def collect(
         "resumed": resumed,
         "logged": logged,
         "eval": evaluation,
+        "test_eval": test,
         "curves": curves,
         "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -294,9 +299,11 @@ def run_study(
 ) -> list[RunOutcome]:
     """Run every unfinished run of ``study``, in plan order; finished ones are skipped.
 
-    The plan grows as the study goes: once a method's sweep has finished, its best learning
-    rate is known and its remaining seeds (and the ``lr_from`` methods that follow it) are
-    planned. A failed run is not retried in the same invocation.
+    The plan grows as the study goes: once a method's sweep has finished, its refine runs
+    (the sweep's best lr and its better neighbour on every seed) are planned; once they have
+    finished, its lr is chosen and the ``lr_from`` methods that follow it are planned. A
+    refine run that is a sweep run is that run (same folder, same marker). A failed run is
+    not retried in the same invocation.
 
     Returns:
         One outcome per run, in the order they were run or found finished.
@@ -306,11 +313,12 @@ def run_study(
         KeyboardInterrupt: a run was interrupted (the study stops; run it again to resume).
     """
     evaluator = evaluator if evaluator is not None else Evaluator(study)
-    total = study.planned_count()
     seen: dict[str, RunOutcome] = {}
     while True:
         results = finished_results(study)  # the stale check, before anything runs
-        plan = study.plan(best_learning_rates(study, results))
+        choices = choose(study, results)
+        plan = study.plan(choices)
+        total = study.planned_count(choices)
         for spec in plan:
             if spec.run_id not in seen and read_marker(spec) is not None:
                 seen[spec.run_id] = RunOutcome(spec, "done")
@@ -330,15 +338,15 @@ def run_study(
 
 
 def finished_results(study: StudyConfig) -> list[dict[str, Any]]:
-    """The markers of the study's finished runs, in plan order (the plan of the best learning
-    rates these very results give).
+    """The markers of the study's finished runs, in plan order (the plan of the learning-rate
+    choices these very results give).
 
     Raises:
         StaleRunError: a marker records other arguments than the study now gives.
     """
     results: list[dict[str, Any]] = []
     while True:
-        plan = study.plan(best_learning_rates(study, results))
+        plan = study.plan(choose(study, results))
         found = [marker for spec in plan if (marker := read_marker(spec)) is not None]
         if len(found) == len(results):
             return found

@@ -3,16 +3,20 @@ markers alone: :func:`summarize`.
 
 How the numbers are made:
 
-* A run's number is its export's validation perplexity (see
-  :mod:`~slope_lightning.study.evaluate`); a run stopped by a non-finite loss counts as
+* Validation chooses, the test split reports. A run's number is its export's perplexity on
+  the held-out test split (see :mod:`~slope_lightning.study.evaluate`); a study whose runs
+  have no test split (``data.test_fraction: 0``) reports the validation split instead and
+  says so (``split`` and ``split_note``). A run stopped by a non-finite loss counts as
   infinite perplexity at its learning rate.
-* Per method and learning rate: mean ± sample standard deviation over seeds. The best
-  learning rate is the one of lowest mean validation loss (mean log-perplexity) among those
-  where every seed finished; a best lr on the edge of its grid is a warning (the optimum
-  may lie outside).
-* Ratios to the baseline method compare best against best: the ratio of mean perplexities,
-  and the mean ± std of the per-seed ratios (runs with one seed share their initialisation
-  seed and data order, so the per-seed ratio is paired).
+* The learning rate of a method (see :mod:`~slope_lightning.study.selection`): the sweep
+  (``sweep``: mean validation loss over the sweep seeds of each lr of the grid), the refine
+  (``refine``: the sweep's best and its better neighbour, mean validation loss over every
+  seed) and the choice (the refine lr of the lowest mean). A sweep's best on the edge of its
+  grid is a warning (the optimum may lie outside).
+* Per method at its chosen lr: mean ± sample standard deviation over seeds.
+* Ratios to the baseline method compare chosen against chosen: the ratio of mean
+  perplexities, and the mean ± std of the per-seed ratios (runs with one seed share their
+  initialisation seed and data order, so the per-seed ratio is paired).
 * The paired training-loss difference is the mean over the last 10% of logged steps of
   (method − baseline) training loss, per seed, then mean ± std over seeds: every pair saw
   the same batches, so this is a low-noise comparison of the whole run, not of one number.
@@ -28,7 +32,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from slope_lightning.study.config import FORMAT, StudyConfig, format_lr
-from slope_lightning.study.selection import best_learning_rates, run_value, sweep_loss
+from slope_lightning.study.selection import (
+    EVAL_KEYS,
+    choose,
+    refine_loss,
+    run_value,
+    sweep_loss,
+)
 
 #: Below this many training tokens per parameter a study is "early training" (a
 #: compute-optimal budget is about 20, Hoffmann et al. 2022).
@@ -63,6 +73,28 @@ def _tail_mean_difference(
     return statistics.fmean(a[step] - b[step] for step in tail)
 
 
+def report_split(results: Sequence[dict[str, Any]]) -> tuple[str, str]:
+    """The split the report's tables are on, and why when it is not the test split.
+
+    ``("test", "")`` when every finished run was evaluated on the held-out test split; else
+    ``("validation", why)``: the runs have no test split (``data.test_fraction: 0``, or made
+    before the study evaluated it), so the tables fall back to the split that chose the
+    learning rates, and say so. A study never mixes splits in one table.
+    """
+    finished = [r for r in results if r.get("status") != "diverged"]
+    missing = [r for r in finished if not r.get("test_eval")]
+    if not missing:
+        return "test", ""
+    why = (
+        f"{len(missing)} of {len(finished)} finished runs have no evaluation on a held-out test "
+        "split (their data config has data.test_fraction: 0, or they were made before the study "
+        "evaluated it), so every table reports the validation split, the one that chose the "
+        "learning rates: the numbers at the chosen lr carry that choice's selection bias. Run "
+        "the study with data.test_fraction > 0 (the shipped configs set 0.05) for test numbers."
+    )
+    return "validation", why
+
+
 def summarize(
     study: StudyConfig, results: list[dict[str, Any]], info: dict[str, Any]
 ) -> dict[str, Any]:
@@ -71,13 +103,21 @@ def summarize(
     for result in results:
         by_key.setdefault((result["method"], float(result["lr"])), []).append(result)
     warnings: list[str] = []
-    best = best_learning_rates(study, results)
+    split, split_note = report_split(results)
+    choices = choose(study, results)
     losses = sweep_loss(study, results)
+    refined = refine_loss(study, results)
+
+    def value(result: dict[str, Any]) -> float:
+        return run_value(result, "ppl", split)
 
     sweep: list[dict[str, Any]] = []
+    refine: list[dict[str, Any]] = []
     for method in study.methods:
         if not method.swept:
             continue
+        choice = choices[method.name]
+        sweep_best = min(choice.refine, key=lambda lr: losses[method.name][lr], default=None)
         for lr in method.lrs:
             runs = [r for r in by_key.get((method.name, lr), []) if r["seed"] in study.sweep_seeds]
             ppl_mean, ppl_std = _mean_std([run_value(r) for r in runs])
@@ -90,18 +130,39 @@ def summarize(
                     "val_ppl": ppl_mean,
                     "val_ppl_std": ppl_std,
                     "val_loss": losses[method.name].get(lr, math.nan),
-                    "best": lr == best.get(method.name),
+                    "best": lr == sweep_best,
+                    "refine": lr in choice.refine,
                 }
             )
-        chosen = best.get(method.name)
-        if chosen is None:
-            warnings.append(f"{method.name}: its sweep has not finished (or every lr diverged)")
-            continue
-        if len(method.lrs) > 1 and chosen in (method.lrs[0], method.lrs[-1]):
-            edge = "lowest" if chosen == method.lrs[0] else "highest"
+        seeds = study.seeds_of(method)
+        for lr in choice.refine:
+            runs = [r for r in by_key.get((method.name, lr), []) if r["seed"] in seeds]
+            ppl_mean, ppl_std = _mean_std([run_value(r) for r in runs])
+            refine.append(
+                {
+                    "method": method.name,
+                    "lr": lr,
+                    "seeds": len(runs),
+                    "of_seeds": len(seeds),
+                    "diverged": sum(r["status"] == "diverged" for r in runs),
+                    "val_ppl": ppl_mean,
+                    "val_ppl_std": ppl_std,
+                    "val_loss": refined[method.name].get(lr, math.nan),
+                    "sweep_best": lr == sweep_best,
+                    "chosen": lr == choice.chosen,
+                }
+            )
+        if choice.chosen is None:
             warnings.append(
-                f"{method.name}: the best learning rate {format_lr(chosen)} is the {edge} of "
-                f"its grid {[format_lr(lr) for lr in method.lrs]}; the optimum may lie outside"
+                f"{method.name}: its sweep or refine has not finished (or every lr diverged)"
+            )
+            continue
+        if len(method.lrs) > 1 and sweep_best in (method.lrs[0], method.lrs[-1]):
+            edge = "lowest" if sweep_best == method.lrs[0] else "highest"
+            warnings.append(
+                f"{method.name}: the sweep's best learning rate {format_lr(sweep_best or 0)} is "
+                f"the {edge} of its grid {[format_lr(lr) for lr in method.lrs]}; the optimum may "
+                "lie outside"
             )
         if len(method.lrs) < 5:
             warnings.append(
@@ -111,7 +172,7 @@ def summarize(
 
     def chosen_lr(name: str) -> float | None:
         method = study.method(name)
-        return best.get(name if method.swept else str(method.lr_from))
+        return choices[name if method.swept else str(method.lr_from)].chosen
 
     def runs_at_best(name: str) -> dict[int, dict[str, Any]]:
         lr = chosen_lr(name)
@@ -119,7 +180,7 @@ def summarize(
 
     baseline = study.baseline_method.name
     base_runs = runs_at_best(baseline)
-    base_ppl = _mean_std([run_value(r) for r in base_runs.values()])[0] if base_runs else math.nan
+    base_ppl = _mean_std([value(r) for r in base_runs.values()])[0] if base_runs else math.nan
     table: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[list[float]]]] = {}
     for method in study.methods:
@@ -138,10 +199,9 @@ def summarize(
             table.append(row)
             continue
         ref_runs = runs_at_best(reference)
-        ppl, ppl_std = _mean_std([run_value(r) for r in runs])
-        paired = [
-            run_value(r) / run_value(ref_runs[r["seed"]]) for r in runs if r["seed"] in ref_runs
-        ]
+        ppl, ppl_std = _mean_std([value(r) for r in runs])
+        val_ppl, val_ppl_std = _mean_std([run_value(r) for r in runs])  # what chose the lr
+        paired = [value(r) / value(ref_runs[r["seed"]]) for r in runs if r["seed"] in ref_runs]
         deltas = [
             d
             for r in runs
@@ -149,12 +209,10 @@ def summarize(
             for d in [_tail_mean_difference(r, ref_runs[r["seed"]])]
             if d is not None
         ]
-        sources = sorted(
-            {name for r in runs for name in (r.get("eval") or {}).get("per_source", {})}
-        )
+        evaluations = [e for r in runs if (e := r.get(EVAL_KEYS[split]))]
+        sources = sorted({name for e in evaluations for name in e.get("per_source", {})})
         per_source = {
-            name: _mean_std([r["eval"]["per_source"][name]["ppl"] for r in runs if r.get("eval")])
-            for name in sources
+            name: _mean_std([e["per_source"][name]["ppl"] for e in evaluations]) for name in sources
         }
         before = sorted(
             {t for r in runs for t in r.get("logged", {}) if t.startswith("pretrained/")}
@@ -165,9 +223,11 @@ def summarize(
             {
                 "seeds": len(runs),
                 "seed_list": [r["seed"] for r in runs],
-                "per_seed_ppl": {str(r["seed"]): run_value(r) for r in runs},
-                "val_ppl": ppl,
-                "val_ppl_std": ppl_std,
+                "per_seed_ppl": {str(r["seed"]): value(r) for r in runs},
+                "ppl": ppl,
+                "ppl_std": ppl_std,
+                "val_ppl": val_ppl,
+                "val_ppl_std": val_ppl_std,
                 "vs_baseline": ppl / base_ppl if base_ppl else math.nan,
                 "paired_ratio": _mean_std(paired)[0] if paired else math.nan,
                 "paired_ratio_std": _mean_std(paired)[1] if paired else math.nan,
@@ -181,8 +241,8 @@ def summarize(
                 "tokens": run_tokens.pop() if len(run_tokens) == 1 else None,
                 "parameters": run_parameters.pop() if len(run_parameters) == 1 else None,
                 "wall_s": statistics.fmean(r["wall_s"] for r in runs),
-                "evaluated_windows": (runs[0].get("eval") or {}).get("windows"),
-                "of_windows": (runs[0].get("eval") or {}).get("of_windows"),
+                "evaluated_windows": evaluations[0].get("windows") if evaluations else None,
+                "of_windows": evaluations[0].get("of_windows") if evaluations else None,
             }
         )
         table.append(row)
@@ -209,13 +269,16 @@ def summarize(
         warnings.append(
             f"{len(resumed)} run(s) were resumed; their wall time counts the last attempt only"
         )
+    planned = study.planned_count(choices)
     return {
         "format": FORMAT,
         "name": study.name,
         "description": study.description,
         "info": info,
-        "complete": len(results) == study.planned_count(),
-        "runs_planned": study.planned_count(),
+        "split": split,
+        "split_note": split_note,
+        "complete": len(results) == planned,
+        "runs_planned": planned,
         "runs_finished": len(results),
         "runs_diverged": sum(r["status"] == "diverged" for r in results),
         "baseline": baseline,
@@ -247,6 +310,7 @@ def summarize(
         },
         "table": table,
         "sweep": sweep,
+        "refine": refine,
         "curves": curves,
         "warnings": warnings,
     }
