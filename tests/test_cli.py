@@ -8,7 +8,6 @@ fit uses a tiny model on a tiny generated corpus (a few seconds at most).
 from __future__ import annotations
 
 import errno
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from console import console, error_line
 from lightning_helpers import write_corpus
 from slope_lightning.bench.runs import summarise
 from slope_lightning.checkpoints import CheckpointError, checkpoint_step
@@ -63,14 +63,6 @@ def _args(corpus: tuple[str, str], *extra: str, steps: int = 4) -> list[str]:
     ]
 
 
-def _error_line(stderr: str) -> str:
-    """The single ``error:`` line (asserting there is exactly one and no traceback)."""
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr, stderr
-    return lines[0]
-
-
 # --------------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------------
@@ -109,16 +101,8 @@ def test_configs_keep_each_run_apart_and_guard_against_faults(config):
 # --------------------------------------------------------------------------------------------
 
 
-def _console(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    script = Path(sys.executable).with_name("slope-lightning")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "slope_lightning.cli"]
-    return subprocess.run(
-        [*command, *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
-    )
-
-
 def test_console_script_exits_0_after_a_successful_fit(corpus, tmp_path):
-    result = _console(*_args(corpus, steps=2), cwd=tmp_path)
+    result = console(*_args(corpus, steps=2), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SLoPeCLI object" not in result.stdout + result.stderr
     assert (tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt").is_file()
@@ -126,9 +110,9 @@ def test_console_script_exits_0_after_a_successful_fit(corpus, tmp_path):
 
 def test_console_script_exits_non_zero_with_one_error_line(corpus, tmp_path):
     # The other failures (exit 1 included) go through the same main(), in-process below.
-    bad_override = _console(*_args(corpus, "--trainer.max_stepz=3"), cwd=tmp_path)
+    bad_override = console(*_args(corpus, "--trainer.max_stepz=3"), cwd=tmp_path)
     assert bad_override.returncode == 2
-    line = _error_line(bad_override.stderr)
+    line = error_line(bad_override.stderr)
     assert "max_stepz" in line and "--help" in line
 
 
@@ -190,7 +174,7 @@ def test_bad_input_fails_with_one_line(case, corpus, tmp_path, monkeypatch, caps
         args[args.index("--config") + 1] = extra[0].split("=", 1)[1]
         args.remove(extra[0])
     assert main(args) == status
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     for needle in needles:
         assert needle in line, line
 
@@ -198,7 +182,7 @@ def test_bad_input_fails_with_one_line(case, corpus, tmp_path, monkeypatch, caps
 def test_predict_is_not_offered(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["predict", "--config", TINY]) == 2
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert "'predict'" in line and "fit" in line and "validate" in line and "test" in line
     assert set(SLoPeCLI.subcommands()) == {"fit", "validate", "test"}
     assert main(["--help"]) == 0
@@ -209,7 +193,7 @@ def test_predict_is_not_offered(tmp_path, monkeypatch, capsys):
 def test_validate_needs_a_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["validate", "--config", TINY]) == 2
-    assert "--ckpt_path" in _error_line(capsys.readouterr().err)
+    assert "--ckpt_path" in error_line(capsys.readouterr().err)
 
 
 def test_a_bug_keeps_its_traceback(corpus, tmp_path, monkeypatch):
@@ -264,7 +248,7 @@ def test_a_new_run_refuses_a_checkpoint_dir_holding_another_runs_files(
     args = _args(corpus)
     args[args.index("--config") + 1] = str(fixed)
     assert main(args) == 2
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert "already holds checkpoints of an earlier run" in line and "Remove dirpath" in line
 
 
@@ -289,7 +273,7 @@ def test_resume_refuses_a_pickle_payload_as_last_ckpt(corpus, tmp_path, monkeypa
     marker = tmp_path / "pwned"
     _payload_checkpoint(tmp_path / "runs/tiny/version_0/checkpoints/last.ckpt", marker)
     assert main(_args(corpus, "--ckpt_path=last")) == 1
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert "refusing to load checkpoint" in line and "last.ckpt" in line and "trust" in line
     assert not marker.exists()
 
@@ -333,7 +317,7 @@ def test_a_nan_stops_the_cli_run_naming_the_step_and_exports_nothing(
     monkeypatch.chdir(tmp_path)
     _with_callbacks(monkeypatch, [_PoisonWeights(step=2)])
     assert main(_args(corpus, steps=4)) == 1
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert "non-finite loss at global step 2" in line and "lr" in line
     run_dir = tmp_path / "runs" / "tiny" / "version_0"
     assert not (run_dir / "export").exists()
@@ -354,7 +338,7 @@ def test_a_full_disk_fails_with_one_line_and_keeps_the_checkpoints(
     monkeypatch.chdir(tmp_path)
     _with_callbacks(monkeypatch, [_DiskFull()])
     assert main(_args(corpus, steps=4)) == 1
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert "No space left on device" in line and "free disk space" in line
     assert "--ckpt_path last" in line
     # The crash checkpoint (step 3) was written before the error reached main().
@@ -562,5 +546,5 @@ def test_a_corrupt_token_cache_is_one_error_line_naming_the_folder(corpus, tmp_p
     (train,) = cache.glob("tokens/*/train.bin")
     train.write_bytes(train.read_bytes()[:-7])  # truncated, e.g. by a full disk
     assert main(args) == 1
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert "truncated" in line and str(train.parent) in line

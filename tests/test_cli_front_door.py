@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from console import console, error_line
 from lightning_helpers import write_corpus
 from slope_lightning.cli import SUBCOMMANDS
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-SCRIPT = Path(sys.executable).with_name("slope-lightning")
 LIGHTNING_ARGS_WARNING = "args parameter is intended to run from within Python"
 
 
@@ -30,13 +30,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A tiny corpus and a token cache shared by the module's runs (one tokenizer)."""
     root = tmp_path_factory.mktemp("corpus")
     return write_corpus(root / "docs", documents=8, words=400), str(root / "cache")
-
-
-def _console(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "slope_lightning.cli"]
-    return subprocess.run(
-        [*command, *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
-    )
 
 
 def _options(corpus: tuple[str, str], *extra: str, config: Path = TINY) -> list[str]:
@@ -59,21 +52,13 @@ def _options(corpus: tuple[str, str], *extra: str, config: Path = TINY) -> list[
     ]
 
 
-def _error_line(stderr: str) -> str:
-    """The single ``error:`` line (asserting there is exactly one and no traceback)."""
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
-    return lines[0]
-
-
 # --------------------------------------------------------------------------------------------
 # One command tree
 # --------------------------------------------------------------------------------------------
 
 
 def test_help_lists_every_subcommand_with_one_line_and_no_warning(tmp_path):
-    result = _console("--help", cwd=tmp_path)
+    result = console("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     listed = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")}
     assert listed == {"fit", "validate", "test", "generate", "study", "bench", "fetch"}
@@ -82,16 +67,16 @@ def test_help_lists_every_subcommand_with_one_line_and_no_warning(tmp_path):
 
 @pytest.mark.parametrize("subcommand", list(SUBCOMMANDS))
 def test_every_subcommand_has_help(subcommand, tmp_path):
-    result = _console(subcommand, "--help", cwd=tmp_path)
+    result = console(subcommand, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "usage:" in result.stdout.lower()
     assert LIGHTNING_ARGS_WARNING not in result.stderr
 
 
 def test_an_unknown_subcommand_names_the_closest_and_exits_2(tmp_path):
-    result = _console("fitt", "--config", str(TINY), cwd=tmp_path)
+    result = console("fitt", "--config", str(TINY), cwd=tmp_path)
     assert result.returncode == 2
-    line = _error_line(result.stderr)
+    line = error_line(result.stderr)
     assert "'fitt'" in line and "did you mean 'fit'" in line and "bench" in line
 
 
@@ -110,9 +95,9 @@ def _broken_config(tmp_path: Path, old: str, new: str) -> Path:
 
 def test_a_callback_argument_rejected_in_a_yaml_config_names_class_and_argument(corpus, tmp_path):
     config = _broken_config(tmp_path, "start: 0.99 ", "start: 1.5  ")
-    result = _console("fit", *_options(corpus, config=config), cwd=tmp_path)
+    result = console("fit", *_options(corpus, config=config), cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
-    line = _error_line(result.stderr)
+    line = error_line(result.stderr)
     assert "trainer.callbacks" in line and "LazyLoRA(start=1.5)" in line
     assert "must lie in [0, 1)" in line  # LazyLoRA's own words
     assert "implicit class_path" not in line
@@ -120,9 +105,9 @@ def test_a_callback_argument_rejected_in_a_yaml_config_names_class_and_argument(
 
 def test_a_class_path_typo_names_the_bad_path_and_the_closest_importable_one(corpus, tmp_path):
     config = _broken_config(tmp_path, "callbacks.MaskScheduler", "callbacks.MaskSchedulr")
-    result = _console("fit", *_options(corpus, config=config), cwd=tmp_path)
+    result = console("fit", *_options(corpus, config=config), cwd=tmp_path)
     assert result.returncode == 2
-    line = _error_line(result.stderr)
+    line = error_line(result.stderr)
     assert "'slope_lightning.callbacks.MaskSchedulr'" in line
     assert "closest importable one is 'slope_lightning.callbacks.MaskScheduler'" in line
 
@@ -140,9 +125,9 @@ REJECTED_AFTER_PARSING = {
 @pytest.mark.parametrize("case", list(REJECTED_AFTER_PARSING))
 def test_a_value_rejected_by_a_constructor_exits_2_naming_the_key(case, corpus, tmp_path):
     option, needles = REJECTED_AFTER_PARSING[case]
-    result = _console("fit", *_options(corpus, option), cwd=tmp_path)
+    result = console("fit", *_options(corpus, option), cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
-    line = _error_line(result.stderr)
+    line = error_line(result.stderr)
     for needle in needles:
         assert needle in line, line
     # nothing reserved by the failed run is left behind
@@ -210,30 +195,30 @@ def test_fits_started_at_the_same_moment_each_get_their_own_version(corpus, tmp_
 @pytest.mark.slow
 def test_test_evaluates_the_held_out_split_of_the_run_it_was_trained_with(corpus, tmp_path):
     options = _options(corpus, "--data.test_fraction=0.25")
-    fit = _console("fit", *options, cwd=tmp_path)
+    fit = console("fit", *options, cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert LIGHTNING_ARGS_WARNING not in fit.stderr
 
-    test = _console("test", *options, "--ckpt_path=last", cwd=tmp_path)
+    test = console("test", *options, "--ckpt_path=last", cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
     assert "test/loss" in test.stdout and "test/ppl" in test.stdout
 
-    other_split = _console(
+    other_split = console(
         "test", *_options(corpus, "--data.test_fraction=0.2"), "--ckpt_path=last", cwd=tmp_path
     )
     assert other_split.returncode == 2
-    line = _error_line(other_split.stderr)
+    line = error_line(other_split.stderr)
     assert "data.test_fraction=0.2" in line and "0.25" in line
 
-    no_split = _console("test", *_options(corpus), "--ckpt_path=last", cwd=tmp_path)
+    no_split = console("test", *_options(corpus), "--ckpt_path=last", cwd=tmp_path)
     assert no_split.returncode == 2
-    assert "no test split" in _error_line(no_split.stderr)
+    assert "no test split" in error_line(no_split.stderr)
 
-    overridden = _console(
+    overridden = console(
         "validate", *options, "--ckpt_path=last", "--model.sparsity.n=1", cwd=tmp_path
     )
     assert overridden.returncode == 2
-    line = _error_line(overridden.stderr)
+    line = error_line(overridden.stderr)
     assert "model.sparsity.n=1" in line and "checkpoint has 2" in line
 
 
@@ -258,7 +243,7 @@ def test_an_interrupt_gives_advice_for_its_own_command(command, advice, wrong, m
 
     monkeypatch.setattr(cli, "_run_subcommand", interrupted)
     assert cli.main([command]) == 130
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert advice in line
     if wrong is not None:
         assert wrong not in line

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import inspect
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from console import console, error_line
 from lightning_helpers import write_corpus
 from slope_lightning.cli import main, run_cli
 from slope_lightning.data import TextDataModule, load_tokenizer, train_tokenizer
@@ -75,23 +75,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def version_dir(run: Path) -> Path:
     return run / "runs" / "tiny" / "version_0"
-
-
-def console(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The real console script (``python -m slope_lightning.cli`` where it is not installed)."""
-    script = Path(sys.executable).with_name("slope-lightning")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "slope_lightning.cli"]
-    return subprocess.run(
-        [*command, *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
-    )
-
-
-def error_line(stderr: str) -> str:
-    """The single ``error:`` line (asserting there is exactly one and no traceback)."""
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 def run_tokenizer(run: Path) -> Path:

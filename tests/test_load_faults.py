@@ -7,8 +7,6 @@ weights) and a sharded (FSDP2) checkpoint directory with a shard missing or trun
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from console import console, error_line
 from lightning_helpers import write_corpus
 from slope_lightning import sparsify
 from slope_lightning.callbacks import InitFromPretrained
@@ -34,22 +33,6 @@ from slope_lightning.checkpoints import (
 from slope_lightning.sparse import sparse_layers
 
 ROOT = Path(__file__).parents[1]
-
-
-def _console(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    script = Path(sys.executable).with_name("slope-lightning")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "slope_lightning.cli"]
-    return subprocess.run(
-        [*command, *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
-    )
-
-
-def _error_line(stderr: str) -> str:
-    """The single ``error:`` line (asserting there is exactly one and no traceback)."""
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +153,7 @@ def test_a_truncated_safetensors_through_the_console_script_is_one_error_line(tm
     save_file(_dense_weights(), path)
     path.write_bytes(path.read_bytes()[:300])
     sources = write_corpus(tmp_path / "docs", documents=8, words=400)
-    result = _console(
+    result = console(
         "fit",
         "--config",
         str(ROOT / "configs" / "tiny.yaml"),
@@ -197,7 +180,7 @@ def test_a_truncated_safetensors_through_the_console_script_is_one_error_line(tm
         cwd=tmp_path,
     )
     assert result.returncode == 1, result.stderr[-3000:]
-    line = _error_line(result.stderr)
+    line = error_line(result.stderr)
     assert str(path) in line and "truncated" in line
 
 
@@ -266,7 +249,7 @@ def test_an_index_holding_code_is_refused_and_never_runs(tmp_path):
 def test_validate_on_a_sharded_checkpoint_with_a_shard_missing_is_one_error_line(tmp_path):
     path = _sharded_checkpoint(tmp_path / "last.ckpt")
     (path / "__0_0.distcp").unlink()
-    result = _console(
+    result = console(
         "validate",
         "--config",
         str(ROOT / "configs" / "tiny.yaml"),
@@ -274,7 +257,7 @@ def test_validate_on_a_sharded_checkpoint_with_a_shard_missing_is_one_error_line
         cwd=tmp_path,
     )
     assert result.returncode == 1, result.stderr[-3000:]
-    line = _error_line(result.stderr)
+    line = error_line(result.stderr)
     assert str(path) in line and "__0_0.distcp is missing" in line
 
 
