@@ -33,6 +33,7 @@ from typing_extensions import override
 from slope_lightning.callbacks import NonFiniteError
 from slope_lightning.export import export_model
 from slope_lightning.models import Transformer, TransformerConfig, build_model, checkpoint_blocks
+from slope_lightning.models.meta_init import InitPlan, build_on_meta, is_on_meta, materialize
 from slope_lightning.optim import OptimizerConfig, build_adamw, lr_multiplier
 from slope_lightning.sparse import (
     SparsifyReport,
@@ -86,6 +87,10 @@ class SLoPeModule(pl.LightningModule):
         reshard_after_forward: under FSDP2, free each block's gathered parameters after its
             forward and gather them again for the backward (ZeRO-3; False keeps them until
             the backward: more memory, one all-gather less per block).
+        meta_init: build and sparsify the model on the meta device, and allocate and
+            initialise it in :meth:`configure_model`, after sharding: under FSDP2 each rank
+            then holds about its shard, never the whole model, and gets exactly the
+            parameters and masks of the ordinary build (magnitude masks only).
 
     Under Lightning's ``ModelParallelStrategy`` (FSDP2), :meth:`configure_model` shards every
     transformer block, then the rest of the model, over the strategy's ``data_parallel``
@@ -113,6 +118,7 @@ class SLoPeModule(pl.LightningModule):
         compile: bool = False,
         compile_backend: str = "inductor",
         reshard_after_forward: bool = True,
+        meta_init: bool = False,
     ) -> None:
         super().__init__()
         self.sparsity = _as_config(sparsity, SparsityConfig)
@@ -132,6 +138,7 @@ class SLoPeModule(pl.LightningModule):
                 "compile": compile,
                 "compile_backend": compile_backend,
                 "reshard_after_forward": reshard_after_forward,
+                "meta_init": meta_init,
             }
         )
         self.activation_checkpointing = activation_checkpointing
@@ -143,7 +150,13 @@ class SLoPeModule(pl.LightningModule):
         self.config = TransformerConfig.from_hparams(self.hparams)
         self.model: Transformer
         self.sparsify_report: SparsifyReport | None
-        self.model, self.sparsify_report = build_model(self.config, self.sparsity)
+        self._init_plan: InitPlan | None = None  # meta_init: materialised in configure_model
+        if meta_init:
+            self.model, self.sparsify_report, self._init_plan = build_on_meta(
+                self.config, self.sparsity
+            )
+        else:
+            self.model, self.sparsify_report = build_model(self.config, self.sparsity)
         self.export_dir = export_dir
         self.val_ppl = Perplexity(ignore_index=-100)
         self.test_ppl = Perplexity(ignore_index=-100)
@@ -246,8 +259,18 @@ class SLoPeModule(pl.LightningModule):
                 len(blocks),
                 mesh.size(),
             )
+        self._materialize()
         if self.compile_model:
             self.model.compile(backend=self.compile_backend)  # in place: names unchanged
+
+    def _materialize(self) -> None:
+        """Allocate and initialise a meta-built model (``meta_init``): each rank its own rows
+        under FSDP2 (a collective), on the strategy's device (the CPU without a Trainer)."""
+        if self._init_plan is None or not is_on_meta(self.model):
+            return
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        materialize(self.model, self._init_plan, device)
 
     def _log_graph_breaks(self) -> None:
         """Say where ``torch.compile`` fell back to eager while compiling the first training
@@ -290,6 +313,7 @@ class SLoPeModule(pl.LightningModule):
         try:
             path = self.trainer.ckpt_path
         except RuntimeError:  # not attached to a Trainer (load_from_checkpoint): no FSDP2
+            self._materialize()  # meta_init: real tensors for the state dict to load into
             return
         if path is None or not _is_sharded(self) or not Path(path).is_file():
             return
