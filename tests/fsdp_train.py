@@ -161,6 +161,7 @@ def train(args: argparse.Namespace) -> None:
         activation_checkpointing=args.activation_checkpointing,
         compile=args.compile is not None,
         compile_backend=args.compile or "inductor",
+        meta_init=args.meta_init,
     )
     strategy: Any = args.strategy
     if args.strategy == "fsdp":
@@ -217,6 +218,7 @@ def main() -> None:
     parser.add_argument("--compile", default=None, help="a torch.compile backend")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--meta-init", action="store_true", help="SLoPeModule(meta_init=True)")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument(
         "--scheduler",

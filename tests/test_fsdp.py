@@ -540,3 +540,42 @@ def test_configure_model_refuses_a_tensor_parallel_mesh_and_names_the_fix():
     module._device_mesh = FakeMesh(data_parallel=1, tensor_parallel=8)  # Lightning's default
     with pytest.raises(ValueError, match=r"tensor_parallel_size: 1 and data_parallel_size: 8"):
         module.configure_model()
+
+
+# --------------------------------------------------------------------------------------------
+# Meta-device initialisation
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fsdp2_meta_init_trains_bit_for_bit_like_the_ordinary_build(runs, fsdp_run):
+    # Built on the meta device, sharded, then each rank initialises its own rows: the same
+    # parameters, masks and RNG stream as the ordinary build, so the same run bit for bit.
+    assert_same_run(fsdp_run, runs.train("fsdp-meta", "--meta-init"), STEPS)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "gpt2-small"])
+def test_meta_init_on_one_process_equals_the_ordinary_build(preset):
+    overrides = {"n_layer": 2}
+    torch.manual_seed(5)
+    ordinary = SLoPeModule(preset=preset, model_overrides=overrides)
+    after_ordinary = torch.random.get_rng_state()
+    torch.manual_seed(5)
+    meta = SLoPeModule(preset=preset, model_overrides=overrides, meta_init=True)
+    assert torch.equal(torch.random.get_rng_state(), after_ordinary)  # the same stream after
+    assert all(p.is_meta for p in meta.model.parameters())
+    meta.configure_model()
+    assert not any(t.is_meta for t in [*meta.model.parameters(), *meta.model.buffers()])
+    expected, got = ordinary.model.state_dict(), meta.model.state_dict()
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    for key, value in ordinary.model.named_buffers():  # rotary tables are not in the state
+        assert torch.equal(meta.model.get_buffer(key), value), key
+    if ordinary.config.tie_embeddings:
+        assert meta.model.lm_head.weight is meta.model.tok_embed.weight
+
+
+def test_meta_init_refuses_random_masks_and_names_the_fix():
+    with pytest.raises(ValueError, match="mask_method='magnitude' only.*meta_init: false"):
+        SLoPeModule(sparsity={"mask_method": "random"}, meta_init=True)

@@ -111,12 +111,18 @@ def materialize(model: Transformer, plan: InitPlan, device: torch.device) -> Non
     ``device`` and initialise what this rank holds, bit for bit as the ordinary build.
 
     Under FSDP2 this is a collective (M_C's sharded refresh): every rank calls it. Call it
-    after ``fully_shard`` and before the first forward.
+    after ``fully_shard`` and before the first forward. Lightning calls ``configure_model``
+    under a ``meta`` default device, so every new tensor here names its device.
 
     Raises:
         ValueError: a parameter the plan does not initialise (the model's layout has
             changed since :func:`build_on_meta`), or one not sharded by rows.
     """
+    with torch.device(device):
+        _materialize(model, plan, device)
+
+
+def _materialize(model: Transformer, plan: InitPlan, device: torch.device) -> None:
     model.to_empty(device=device)
     if model.config.tie_embeddings and model.lm_head.weight is not model.tok_embed.weight:
         model.lm_head.weight = model.tok_embed.weight  # to_empty unties plain parameters
@@ -212,7 +218,7 @@ def _constants(model: Transformer) -> tuple[tuple[str, float], ...]:
 
 def _draw(draw: Draw, generator: torch.Generator) -> Tensor:
     """The full dense tensor of one draw, on the CPU (where the ordinary build draws)."""
-    out = torch.empty(draw.shape, dtype=draw.dtype)
+    out = torch.empty(draw.shape, dtype=draw.dtype, device="cpu")
     if draw.uniform:  # the bounds do not change what is consumed
         return out.uniform_(-draw.std, draw.std, generator=generator)
     return out.normal_(0.0, draw.std, generator=generator)
@@ -237,7 +243,7 @@ def _write_sparse_rows(layer: SparseLinear, dense: Tensor) -> None:
     """Prune this rank's rows of ``layer``'s dense weight (N:M along d_in, by magnitude: each
     row alone) into its local values and M_R; M_C is derived later, from all ranks."""
     rows = _rows(layer.values, layer.name)
-    mine = dense[rows]  # (rows here, d_in)
+    mine = dense[rows].to(local_part(layer.values).device)  # (rows here, d_in)
     layout = type(layer.layout)(mine.shape[0], layer.in_features, layer.n, layer.m)
     values, row_index = layout.prune(mine, "magnitude")
     local_part(layer.values).copy_(values)

@@ -144,6 +144,12 @@ def byte_tables(n: int, m: int, device: torch.device) -> tuple[Tensor, Tensor] |
         cpu = byte_tables(n, m, torch.device("cpu"))
         assert cpu is not None
         return cpu[0].to(device), cpu[1].to(device)
+    with torch.device("cpu"):  # the CPU tables, also when built under a meta default device
+        return _cpu_byte_tables(n, m, bits, per_byte)
+
+
+def _cpu_byte_tables(n: int, m: int, bits: int, per_byte: int) -> tuple[Tensor, Tensor]:
+    """:func:`byte_tables` on the CPU (``bits`` per offset, ``per_byte`` offsets a byte)."""
     groups_per_byte = per_byte // n
     byte = torch.arange(256)
     offsets = torch.stack([(byte >> (bits * i)) & ((1 << bits) - 1) for i in range(per_byte)], -1)

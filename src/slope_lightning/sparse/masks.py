@@ -147,7 +147,7 @@ def pairwise_table(n: int, m: int, device: torch.device) -> Tensor:
             beaten[a if code >> p & 1 else b] += 1  # bit set: the higher offset b won
         kept = [offset for offset in range(m) if beaten[offset] < n]
         rows.append((kept + [0] * n)[:n])
-    return torch.tensor(rows, dtype=torch.int64)
+    return torch.tensor(rows, dtype=torch.int64, device="cpu")  # also under a meta default
 
 
 def positions_to_mask(positions: Tensor, m: int) -> Tensor:
