@@ -405,6 +405,7 @@ def test_tiny_fsdp_config_runs_a_few_steps(runs, tmp_path):
         "--trainer.max_steps=4",
         "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1",
+        "--trainer.log_every_n_steps=1",
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
@@ -413,6 +414,7 @@ def test_tiny_fsdp_config_runs_a_few_steps(runs, tmp_path):
     run_dir = tmp_path / "runs" / "tiny-fsdp" / "version_0"
     assert (run_dir / "checkpoints" / "last.ckpt" / ".metadata").is_file()  # sharded
     assert (run_dir / "export" / "model.safetensors").is_file()
+    check_device_side_metrics(run_dir)
     # --ckpt_path last finds the sharded checkpoint (a directory) and resumes it in the same
     # run, through the real console entry point.
     resumed = launch(
@@ -422,6 +424,29 @@ def test_tiny_fsdp_config_runs_a_few_steps(runs, tmp_path):
     expected = f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'} (global step 4)"
     assert expected in resumed
     assert not (tmp_path / "runs" / "tiny-fsdp" / "version_1").exists()
+
+
+def check_device_side_metrics(run_dir: Path) -> None:
+    """Logging every step on two processes, the callbacks' device-side checks and statistics
+    all ran: NonFiniteGuard's reduced reading, MaskScheduler's statistics of sharded layers,
+    TokenThroughput's all-device rate (twice one device's)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in (
+        "sparsity/wrc_kept_fraction",
+        "sparsity/mc_flipped",
+        "train/device/items_per_sec",
+        "train/items_per_sec",  # all devices: two processes
+    ):
+        assert tag in tags, f"{tag} not logged; have {sorted(tags)}"
+    kept = [e.value for e in events.Scalars("sparsity/wrc_kept_fraction")]
+    assert kept and all(0.5 < value < 1.0 for value in kept)
+    device = events.Scalars("train/device/items_per_sec")[-1].value
+    total = events.Scalars("train/items_per_sec")[-1].value
+    assert total == pytest.approx(2 * device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,12 +30,10 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, Checkpoint
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 from typing_extensions import override
 
-from slope_lightning.utils import atomic_path
+from slope_lightning.utils import atomic_path, first_line, load_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +42,9 @@ CRASH_DIRNAME = "crash"
 #: Sub-directory of a run's log directory that holds ModelCheckpoint's files (Lightning's).
 CHECKPOINTS_DIRNAME = "checkpoints"
 
-_MAX_REASON = 300  # characters of an underlying error quoted in our messages
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot or must not be loaded (unsafe, truncated, not ours)."""
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message, shortened, to quote inside our own messages."""
-    text = str(error).strip().splitlines()
-    line = text[0] if text else type(error).__name__
-    return line if len(line) <= _MAX_REASON else line[:_MAX_REASON] + "..."
 
 
 def load_checkpoint_file(
@@ -140,14 +129,7 @@ def load_safetensors_file(path: str | Path, device: str = "cpu") -> dict[str, Te
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist; pass an existing file")
-    try:
-        return load_file(str(path), device=device)
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(
-            f"cannot read weights file {path}: it is not a complete .safetensors file "
-            f"({first_line(error)}); it may be truncated (an interrupted download or copy): "
-            "fetch or save it again"
-        ) from error
+    return load_safetensors(path, "fetch or save it again", error=CheckpointError, device=device)
 
 
 #: The file of a sharded (distributed) Lightning checkpoint directory that holds everything

@@ -82,7 +82,7 @@ from slope_lightning.cli_runs import (
 from slope_lightning.data import TextDataModule
 from slope_lightning.generate import generate_command
 from slope_lightning.module import SLoPeModule
-from slope_lightning.sparse.sparsify import NothingSparsifiedError
+from slope_lightning.sparse.selection import NothingSparsifiedError
 from slope_lightning.study import study_command
 
 __all__ = [

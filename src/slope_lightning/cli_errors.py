@@ -31,7 +31,7 @@ from slope_lightning.callbacks import NonFiniteError
 from slope_lightning.checkpoints import CheckpointError
 from slope_lightning.data.artifacts import CorruptCacheError
 from slope_lightning.generate import GenerateUsageError
-from slope_lightning.sparse.sparsify import NothingSparsifiedError
+from slope_lightning.sparse.selection import NothingSparsifiedError
 from slope_lightning.study import StudyConfigError, StudyIncomplete
 
 #: Environment variable: set to 1 to see the traceback of every failure.

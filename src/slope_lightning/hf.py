@@ -36,7 +36,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slope_lightning.sparse.linear import SparseLinear
-from slope_lightning.sparse.sparsify import sparse_layers, sparsify
+from slope_lightning.sparse.operations import sparse_layers
+from slope_lightning.sparse.sparsify import sparsify
 from slope_lightning.utils import (
     atomic_path,
     atomic_write,

@@ -224,18 +224,36 @@ def require_finite(tensors: Mapping[str, Tensor], verb: str, target: object) -> 
         )
 
 
-def load_safetensors(path: Path, fix: str) -> dict[str, Tensor]:
-    """The tensors of the safetensors file at ``path``, on the CPU.
+#: Characters of an underlying error quoted inside our own messages.
+MAX_REASON = 300
+
+
+def first_line(error: BaseException, with_type: bool = False) -> str:
+    """The first line of an error's message, shortened, to quote inside our own messages
+    (``Type: line`` with ``with_type``)."""
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    line = line if len(line) <= MAX_REASON else line[:MAX_REASON] + "..."
+    return f"{type(error).__name__}: {line}" if with_type else line
+
+
+def load_safetensors(
+    path: Path, fix: str, error: type[Exception] = ValueError, device: str = "cpu"
+) -> dict[str, Tensor]:
+    """The tensors of the safetensors file at ``path``, on ``device``: the one reader of
+    safetensors files (exports, Hugging Face folders, pretrained weights).
 
     Raises:
-        ValueError: the file is unreadable or truncated (the message ends with ``fix``).
+        ValueError (or ``error``): the file is unreadable or truncated (the message ends with
+            ``fix``).
     """
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({error}); it may be truncated: {fix}"
-        ) from error
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as cause:
+        raise error(
+            f"{path} is not a readable safetensors file ({first_line(cause)}; an "
+            f"interrupted download or copy?); it may be truncated: {fix}"
+        ) from cause
 
 
 def median_ms(

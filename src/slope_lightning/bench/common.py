@@ -36,12 +36,6 @@ def emit(rows: list[Row], row: Row, on_row: RowSink | None) -> None:
         on_row(row)
 
 
-def first_line(error: BaseException) -> str:
-    """``Type: first line of the message``: what a failed row's ``note`` says."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
-
-
 def markdown_table(rows: list[Row], columns: list[str]) -> str:
     """A markdown table of ``columns``; floats with 3 decimals, missing cells empty."""
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from slope_lightning.baselines import TransposableSparseLinear
 from slope_lightning.sparse import SparseLinear
-from slope_lightning.sparse.memory import local_part
+from slope_lightning.sparse.dtensor import local_part
 
 
 class SavedTensorCounter:

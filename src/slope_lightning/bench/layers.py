@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from slope_lightning.bench.common import Row, RowSink, first_line
+from slope_lightning.bench.common import Row, RowSink
 from slope_lightning.sparse import SparseLinear
-from slope_lightning.utils import median_ms
+from slope_lightning.utils import first_line, median_ms
 
 Shape = tuple[int, int]
 
@@ -156,7 +156,7 @@ def _backend_rows(
     except Exception as error:  # cannot run this shape/dtype/device, or a kernel failed
         # A RuntimeError is the backends' "cannot run this layer"; anything else (e.g. a
         # Triton compile error) is named, and costs one row, not the whole benchmark.
-        note = first_line(error)
+        note = first_line(error, with_type=True)
         if isinstance(error, RuntimeError):
             note = note.removeprefix("RuntimeError: ")
         return [{**base, "phase": "all", "note": note}]

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from slope_lightning.baselines import TransposableSparseLinear
-from slope_lightning.bench.common import Row, RowSink, first_line
+from slope_lightning.bench.common import Row, RowSink
 from slope_lightning.bench.methods import METHODS, method_model
-from slope_lightning.utils import median_ms
+from slope_lightning.utils import first_line, median_ms
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def step_rows(
             try:
                 ms = median_ms(step, device, repeats, warmup=2)
             except Exception as error:  # one failing row must not end the whole benchmark
-                note = first_line(error)
+                note = first_line(error, with_type=True)
                 logger.warning(
                     "step %s (%s): failed: %s", method, "compiled" if compiled else "eager", note
                 )

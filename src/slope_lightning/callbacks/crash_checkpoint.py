@@ -37,7 +37,8 @@ from slope_lightning.callbacks.lightning_internals import (
     validation_due,
 )
 from slope_lightning.callbacks.shared import last_good_checkpoint, non_finite_weights
-from slope_lightning.checkpoints import CRASH_DIRNAME, CheckpointError, checkpoint_step, first_line
+from slope_lightning.checkpoints import CRASH_DIRNAME, CheckpointError, checkpoint_step
+from slope_lightning.utils import first_line
 
 logger = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from slope_lightning.callbacks.shared import (
     sparse_layers_after_conversion,
 )
 from slope_lightning.optim import (
+    ADAPTER_GROUP,
     check_adapter_placement,
     param_group_named,
     place_adapter_params,
@@ -275,7 +276,7 @@ class LazyLoRA(LoggingStepCallback):
         if trainer.strategy.restore_checkpoint_after_setup:
             # FSDP2: a checkpoint may load next, and torch's loader refuses an empty declared
             # group when the checkpoint's holds adapters; it is put back at train start.
-            self._set_aside = set_aside_empty_group(trainer.optimizers[0], "adapters")
+            self._set_aside = set_aside_empty_group(trainer.optimizers[0], ADAPTER_GROUP)
 
     def _validate_before_training(
         self,
@@ -355,11 +356,7 @@ class LazyLoRA(LoggingStepCallback):
             # so their entries were skipped. Complete the structure the checkpoint was saved
             # with (adapters, their param group; the schedule's restored state kept), then
             # load the checkpoint again into it: a collective, every rank runs it, once.
-            rank = self.resolved_rank(pl_module)
-            for name, layer in sparse_layers(pl_module):
-                if layer.adapter is None:  # placeholder values, overwritten by the load
-                    generator = torch.Generator().manual_seed(self.seed + zlib.crc32(name.encode()))
-                    layer.add_adapter(rank, init=self.init, alpha=self.alpha, generator=generator)
+            self._add_adapters(pl_module)  # placeholder values, overwritten by the load
             schedules = [config.scheduler for config in trainer.lr_scheduler_configs]
             restored = [copy.deepcopy(schedule.state_dict()) for schedule in schedules]
             self._add_optimizer_group(trainer, pl_module)
@@ -375,15 +372,20 @@ class LazyLoRA(LoggingStepCallback):
             return
         if self.idle or self.active or trainer.global_step < self.start_step(trainer):
             return
-        rank = self.resolved_rank(pl_module)
-        for name, layer in sparse_layers(pl_module):
-            # Seeded per layer by a stable hash, so every DDP rank draws the same L.
-            generator = torch.Generator().manual_seed(self.seed + zlib.crc32(name.encode()))
-            layer.add_adapter(rank, init=self.init, alpha=self.alpha, generator=generator)
+        self._add_adapters(pl_module)
         self._add_optimizer_group(trainer, pl_module)
         self.active = True
         self.started_at = trainer.global_step
         info(logger, "LazyLoRA: adapters switched on at step %d", trainer.global_step)
+
+    def _add_adapters(self, pl_module: pl.LightningModule) -> None:
+        """An adapter on every sparse layer that has none, seeded per layer by a stable hash
+        of its name, so every DDP rank draws the same L."""
+        rank = self.resolved_rank(pl_module)
+        for name, layer in sparse_layers(pl_module):
+            if layer.adapter is None:
+                generator = torch.Generator().manual_seed(self.seed + zlib.crc32(name.encode()))
+                layer.add_adapter(rank, init=self.init, alpha=self.alpha, generator=generator)
 
     def _reload_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Load the run's checkpoint again, weights and optimizer state, into the optimizer's
@@ -412,12 +414,12 @@ class LazyLoRA(LoggingStepCallback):
     def _add_optimizer_group(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.optimizers:
             raise RuntimeError("LazyLoRA: the trainer has no optimizer to add adapters to")
-        declared = param_group_named(trainer.optimizers[0], "adapters") is not None
+        declared = param_group_named(trainer.optimizers[0], ADAPTER_GROUP) is not None
         group = place_adapter_params(
             trainer.optimizers[0],
             [config.scheduler for config in trainer.lr_scheduler_configs],
             self._adapter_parameters(pl_module),
-            name="adapters",
+            name=ADAPTER_GROUP,
             lr=self.lr,
             weight_decay=self.weight_decay,
         )

@@ -21,6 +21,7 @@ from slope_lightning.callbacks.shared import (
     sparse_layers_after_conversion,
 )
 from slope_lightning.sparse import SparseLinear, sparse_layers
+from slope_lightning.sparse.dtensor import is_dtensor, local_part
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +129,10 @@ def _refresh_with_counts(layer: SparseLinear) -> Tensor:
     :meth:`~slope_lightning.sparse.SparseLinear.refresh_transpose_mask` statistics (a
     collective, and a sync point, on logging steps only); returned then on the values' device.
     """
-    to_local = getattr(layer.values, "to_local", None)  # a DTensor's
-    if callable(to_local):
+    if is_dtensor(layer.values):
         refresh = layer.refresh_transpose_mask(with_stats=True)  # a sync point (FSDP2 only)
         assert refresh is not None  # with_stats=True always reports
-        device = to_local().device
+        device = local_part(layer.values).device
         return torch.tensor([refresh.kept, refresh.flipped], dtype=torch.int64, device=device)
     old = layer.col_index.detach().clone()  # packed: a fraction of the values' size
     layer.refresh_transpose_mask(with_stats=False)

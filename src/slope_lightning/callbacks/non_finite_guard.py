@@ -25,6 +25,7 @@ from slope_lightning.callbacks.shared import (
     last_good_checkpoint,
     non_finite_weights,
 )
+from slope_lightning.sparse.dtensor import local_part
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ def _grad_flags(params: list[Tensor]) -> Tensor | None:
         if grad is None:
             flags.append(None)
             continue
-        local = _local(grad.detach())
+        local = local_part(grad.detach())
         if local.is_floating_point() and local.numel():
             flags.append(local.isfinite().all())
             device = local.device
@@ -298,12 +299,6 @@ def _grad_flags(params: list[Tensor]) -> Tensor | None:
         return None
     true = torch.ones((), dtype=torch.bool, device=device)
     return torch.stack([true if f is None else f for f in flags])
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """A sharded tensor's (FSDP2 DTensor's) part on this rank; any other tensor itself."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
 
 
 def _agree(trainer: pl.Trainer, value: Tensor, op: Any) -> Tensor:

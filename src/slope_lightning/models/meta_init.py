@@ -18,7 +18,6 @@ to move the global RNG on as the ordinary build does, once in :func:`materialize
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,15 +25,12 @@ from torch import Tensor, nn
 
 from slope_lightning.models.build import build_model
 from slope_lightning.models.config import TransformerConfig
-from slope_lightning.models.transformer import Transformer, rope_cache
+from slope_lightning.models.transformer import RESIDUAL_PROJECTIONS, Transformer, rope_cache
 from slope_lightning.sparse import SparseLinear, SparsifyReport, sparse_layers
 from slope_lightning.sparse.config import SparsityConfig
 from slope_lightning.sparse.dtensor import is_dtensor, local_part, row_shard
 
 __all__ = ["InitPlan", "build_on_meta", "is_on_meta", "materialize"]
-
-#: Linear layers :meth:`Transformer.init_weights` draws a second time, with the residual std.
-_RESIDUAL = ("o_proj", "down_proj", "fc_out")
 
 
 @dataclass(frozen=True)
@@ -175,8 +171,8 @@ def _draws(model: Transformer) -> tuple[Draw, ...]:
         elif isinstance(module, nn.Embedding):
             weight = module.weight
             draws.append(Draw(name, tuple(weight.shape), weight.dtype, std))
-    residual_std = std / math.sqrt(2 * model.config.n_layer)
-    draws += [_linear_draw(n, m, residual_std) for n, m in linears if n.endswith(_RESIDUAL)]
+    residual = [(n, m) for n, m in linears if n.endswith(RESIDUAL_PROJECTIONS)]
+    draws += [_linear_draw(n, m, model.residual_std()) for n, m in residual]
     return tuple(draws)
 
 

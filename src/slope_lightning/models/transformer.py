@@ -284,6 +284,11 @@ class Block(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+#: The residual output projections, initialised with :meth:`Transformer.residual_std`
+#: (GPT-2: each block adds two branches to the residual stream).
+RESIDUAL_PROJECTIONS: tuple[str, ...] = ("o_proj", "down_proj", "fc_out")
+
+
 class Transformer(nn.Module):
     """Decoder-only language model built from a :class:`TransformerConfig`.
 
@@ -340,6 +345,10 @@ class Transformer(nn.Module):
             self.num_parameters(exclude_embeddings=True) / 1e6,
         )
 
+    def residual_std(self) -> float:
+        """The init std of the residual output projections (:data:`RESIDUAL_PROJECTIONS`)."""
+        return self.config.init_std / math.sqrt(2 * self.config.n_layer)
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter and the rotary buffers.
@@ -366,10 +375,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
-        residual_std = std / math.sqrt(2 * self.config.n_layer)
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear) and name.endswith(("o_proj", "down_proj", "fc_out")):
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std)
+            if isinstance(module, nn.Linear) and name.endswith(RESIDUAL_PROJECTIONS):
+                nn.init.normal_(module.weight, mean=0.0, std=self.residual_std())
         if self.rope_cos is not None and self.rope_sin is not None:
             cos, sin = rope_cache(
                 self.config.seq_len,

@@ -8,8 +8,6 @@ tensor counts its local shard.
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-__all__ = ["CATEGORIES", "MemoryReport", "local_part", "memory_report"]
 from dataclasses import dataclass, field
 
 import torch

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from slope_lightning.sparse.dtensor import is_dtensor
-from slope_lightning.sparse.sharded import refresh_col_index, store_col_index
+from slope_lightning.sparse.sharded import rederive_col_index, refresh_col_index
 
 if TYPE_CHECKING:
     from slope_lightning.sparse.linear import SparseLinear
@@ -96,9 +96,7 @@ def transpose_mask_for_training(layer: SparseLinear) -> Tensor:
             )
         if counter.steps < interval:
             return layer.col_index
-    fresh = layer._derive_col_index()
-    store_col_index(layer, fresh)
-    layer._after_refresh()
+    fresh, _ = rederive_col_index(layer)
     return fresh
 
 

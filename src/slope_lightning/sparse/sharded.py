@@ -45,9 +45,7 @@ def refresh_col_index(layer: SparseLinear, with_stats: bool) -> TransposeMaskRef
     :meth:`SparseLinear.refresh_transpose_mask`); what changed if ``with_stats``."""
     if is_dtensor(layer.values):
         return refresh_sharded(layer, with_stats)
-    new = layer._derive_col_index()
-    old = store_col_index(layer, new, keep_old=with_stats)
-    layer._after_refresh()
+    new, old = rederive_col_index(layer, keep_old=with_stats)
     if not with_stats:
         return None
     t_layout = layer.layout.transposed()
@@ -57,6 +55,15 @@ def refresh_col_index(layer: SparseLinear, with_stats: bool) -> TransposeMaskRef
         w_r_mask = layer.layout.mask(layer.row_index).t()  # (d_in, d_out)
         kept = int((new_mask & w_r_mask).sum())
     return TransposeMaskRefresh(flipped=flipped, kept=kept, total=layer.values.numel())
+
+
+def rederive_col_index(layer: SparseLinear, keep_old: bool = False) -> tuple[Tensor, Tensor]:
+    """Re-derive an unsharded layer's M_C from its current W_R and make it the layer's (a new
+    mask generation); returns (new, previous), the previous intact if ``keep_old``."""
+    new = layer._derive_col_index()
+    old = store_col_index(layer, new, keep_old=keep_old)
+    layer._after_refresh()
+    return new, old
 
 
 def store_col_index(layer: SparseLinear, new: Tensor, keep_old: bool = False) -> Tensor:

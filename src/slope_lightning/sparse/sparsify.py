@@ -25,13 +25,9 @@ from slope_lightning.sparse.config import SparsityConfig, config_from_call, keyw
 from slope_lightning.sparse.conv1d import is_conv1d
 from slope_lightning.sparse.linear import SparseLinear
 from slope_lightning.sparse.masks import MaskMethod
-
-# Re-exported for the modules that import them from here (hf.py, cli.py).
-from slope_lightning.sparse.operations import sparse_layers  # noqa: F401
 from slope_lightning.sparse.selection import (
     LayerDecision,
     LayerRules,
-    NothingSparsifiedError,  # noqa: F401  (cli.py)
     SparsifyReport,
     plan_layers,
     swap_layers,

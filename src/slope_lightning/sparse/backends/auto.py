@@ -30,7 +30,7 @@ from slope_lightning.sparse.kernel_ops import (
     measure_kernels,
 )
 from slope_lightning.sparse.layout import NMLayout
-from slope_lightning.utils import median_ms
+from slope_lightning.utils import first_line, median_ms
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class AutoBackend(SparseBackend):
                 except Exception as error:  # e.g. cuSPARSELt "operation not supported"
                     if name == "reference":  # the fallback itself: nothing left to run
                         raise
-                    failed.append(f"{name} failed: {_first_line(error)}")
+                    failed.append(f"{name} failed: {first_line(error, with_type=True)}")
                     logger.warning("auto: candidate %s failed, skipped: %s", name, failed[-1])
             best = min(times, key=times.__getitem__)
             reason = "measured " + ", ".join(f"{n} {t:.3f} ms" for n, t in times.items())
@@ -291,9 +291,3 @@ class AutoBackend(SparseBackend):
                 f"{layout.rows}x{layout.cols} operand before any forward of that size"
             )
         return chosen
-
-
-def _first_line(error: BaseException) -> str:
-    """``Type: first line of the message``, for a failed candidate's reason."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"

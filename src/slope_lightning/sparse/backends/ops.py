@@ -16,6 +16,7 @@ Written against the operator schemas of torch 2.11-2.14.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -108,11 +109,18 @@ def sparse_mm_arguments(choice: AlgorithmChoice) -> dict[str, Any]:
     Read against the installed schema: the split-k arguments are passed only where it has
     them (a torch without them runs the algorithm with cuSPARSELt's default split-k).
     """
-    names = {argument.name for argument in torch.ops.aten._cslt_sparse_mm.default._schema.arguments}
     arguments: dict[str, Any] = {"alg_id": choice.alg_id}
-    if {"split_k", "split_k_mode"} <= names:
+    if _takes_split_k():
         arguments |= {"split_k": choice.split_k, "split_k_mode": choice.split_k_mode}
     return arguments
+
+
+@functools.cache
+def _takes_split_k() -> bool:
+    """Whether the installed ``_cslt_sparse_mm`` has the split-k arguments: read from its
+    schema once per process, not at every GEMM."""
+    names = {argument.name for argument in torch.ops.aten._cslt_sparse_mm.default._schema.arguments}
+    return {"split_k", "split_k_mode"} <= names
 
 
 @dataclass
