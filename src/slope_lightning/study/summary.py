@@ -47,6 +47,21 @@ EARLY_TRAINING_TOKENS_PER_PARAMETER = 20.0
 PAIRED_TAIL = 0.1
 
 
+def _lr_row(method: str, lr: float, runs: list[dict[str, Any]], val_loss: float) -> dict[str, Any]:
+    """What the sweep and the refine tables say of one (method, lr): its runs' validation
+    perplexity (mean, std), how many ran and diverged, and the loss that chose."""
+    ppl_mean, ppl_std = _mean_std([run_value(r) for r in runs])
+    return {
+        "method": method,
+        "lr": lr,
+        "seeds": len(runs),
+        "diverged": sum(r["status"] == "diverged" for r in runs),
+        "val_ppl": ppl_mean,
+        "val_ppl_std": ppl_std,
+        "val_loss": val_loss,
+    }
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (NaN for one value; the mean is inf when any value
     is: a diverged seed makes its learning rate diverged)."""
@@ -120,34 +135,16 @@ def summarize(
         sweep_best = min(choice.refine, key=lambda lr: losses[method.name][lr], default=None)
         for lr in method.lrs:
             runs = [r for r in by_key.get((method.name, lr), []) if r["seed"] in study.sweep_seeds]
-            ppl_mean, ppl_std = _mean_std([run_value(r) for r in runs])
-            sweep.append(
-                {
-                    "method": method.name,
-                    "lr": lr,
-                    "seeds": len(runs),
-                    "diverged": sum(r["status"] == "diverged" for r in runs),
-                    "val_ppl": ppl_mean,
-                    "val_ppl_std": ppl_std,
-                    "val_loss": losses[method.name].get(lr, math.nan),
-                    "best": lr == sweep_best,
-                    "refine": lr in choice.refine,
-                }
-            )
+            swept = _lr_row(method.name, lr, runs, losses[method.name].get(lr, math.nan))
+            sweep.append(swept | {"best": lr == sweep_best, "refine": lr in choice.refine})
         seeds = study.seeds_of(method)
         for lr in choice.refine:
             runs = [r for r in by_key.get((method.name, lr), []) if r["seed"] in seeds]
-            ppl_mean, ppl_std = _mean_std([run_value(r) for r in runs])
+            refined_row = _lr_row(method.name, lr, runs, refined[method.name].get(lr, math.nan))
             refine.append(
-                {
-                    "method": method.name,
-                    "lr": lr,
-                    "seeds": len(runs),
+                refined_row
+                | {
                     "of_seeds": len(seeds),
-                    "diverged": sum(r["status"] == "diverged" for r in runs),
-                    "val_ppl": ppl_mean,
-                    "val_ppl_std": ppl_std,
-                    "val_loss": refined[method.name].get(lr, math.nan),
                     "sweep_best": lr == sweep_best,
                     "chosen": lr == choice.chosen,
                 }
