@@ -39,7 +39,7 @@ from slope_lightning.study.runner import in_process_launcher
 ROOT = Path(__file__).parents[1]
 STUDIES = sorted((ROOT / "configs" / "studies").glob("*.yaml"))
 #: The studies that compare methods (the others check a recipe at one lr and seed).
-FAIR_STUDIES = {"tiny", "gpt2-small"}
+FAIR_STUDIES = {"tiny", "tiny-long", "gpt2-small"}
 
 
 @pytest.fixture(autouse=True)
@@ -262,7 +262,7 @@ def test_shipped_studies_parse_and_every_method_is_a_valid_fit(
     monkeypatch.chdir(ROOT)
     study = StudyConfig.from_file(path)
     if path.stem in FAIR_STUDIES:  # the method comparisons: tuned per method, several seeds
-        assert len(study.seeds) >= 3 and all(len(m.lrs) >= 5 for m in study.methods if m.swept)
+        assert len(study.seeds) >= 3 and all(len(m.lrs) >= 3 for m in study.methods if m.swept)
     choices = {m.name: LrChoice(m.lrs[:2], m.lrs[0]) for m in study.methods if m.swept}
     plan = study.plan(choices)
     assert len(plan) == study.planned_count(choices)
@@ -391,6 +391,51 @@ def test_a_marker_of_other_arguments_is_refused(tmp_path: Path) -> None:
         run_study(StudyConfig.from_dict(data), FakeFit(), FakeEvaluator())  # type: ignore[arg-type]
 
 
+def test_a_study_continues_from_its_committed_records_without_its_run_folders(
+    tmp_path: Path,
+) -> None:
+    """With ``records_dir`` every finished run leaves a small record (the file to commit); on
+    another machine (no run folders at all) those runs count as finished and are never run
+    again, and the report is made from the records alone."""
+    data = _study(tmp_path, seeds=[0], sweep_seeds=[0], records_dir=str(tmp_path / "records"))
+    study = StudyConfig.from_dict(data)
+    first = FakeFit({"slope/lr0.001/seed0": (1, "error: something broke")})
+    run_study(study, first, FakeEvaluator())  # type: ignore[arg-type]
+    records = sorted(p.relative_to(tmp_path / "records") for p in tmp_path.glob("records/*/*/*"))
+    assert [str(p) for p in records] == [
+        "dense/lr0.001/seed0.json",
+        "dense/lr0.003/seed0.json",
+        "slope/lr0.003/seed0.json",
+    ]
+    record = json.loads((tmp_path / "records" / "dense" / "lr0.001" / "seed0.json").read_text())
+    assert record == read_marker(study.plan()[0])  # the marker itself
+
+    shutil.rmtree(tmp_path / "runs")  # the next session: only what was committed
+    again = FakeFit()
+    outcomes = run_study(study, again, FakeEvaluator())  # type: ignore[arg-type]
+    assert len(again.calls) == 1  # only the failed run, afresh (its folder is gone)
+    assert (
+        "--model.optimizer.lr=0.001" in again.calls[0] and "--ckpt_path=last" not in again.calls[0]
+    )
+    assert [o.spec.run_id for o in outcomes if o.state == "finished"] == ["slope/lr0.001/seed0"]
+    assert len(finished_results(study)) == 4
+    assert (tmp_path / "records" / "slope" / "lr0.001" / "seed0.json").is_file()
+
+    # A record made with other arguments is refused, naming both places to delete.
+    data["common"] = ["--trainer.max_steps=8"]
+    with pytest.raises(StaleRunError, match=r"delete .*runs.* and .*records"):
+        finished_results(StudyConfig.from_dict(data))
+
+
+def test_runs_finished_before_the_study_kept_records_get_one(tmp_path: Path) -> None:
+    data = _study(tmp_path, seeds=[0], sweep_seeds=[0])
+    run_study(StudyConfig.from_dict(data), FakeFit(), FakeEvaluator())  # type: ignore[arg-type]
+    data["records_dir"] = str(tmp_path / "records")
+    nothing = FakeFit()
+    run_study(StudyConfig.from_dict(data), nothing, FakeEvaluator())  # type: ignore[arg-type]
+    assert nothing.calls == [] and len(list((tmp_path / "records").glob("*/*/*.json"))) == 4
+
+
 def test_in_process_launcher_captures_the_error_line(tmp_path: Path) -> None:
     def failing_main(args: list[str]) -> int:
         print("error: model.preset: unknown preset 'x'", file=sys.stderr)
@@ -479,6 +524,7 @@ def test_a_tiny_study_runs_resumes_and_reports(
         "demo.json",
         "demo-lr.png",
         "demo-curves.png",
+        "demo-gap.png",  # SLoPe over dense at each validation point, paired by seed
     }
     summary = json.loads((report / "demo.json").read_text())
     assert summary["split"] == "test" and "**Test split.**" in (report / "demo.md").read_text()

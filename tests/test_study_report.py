@@ -96,7 +96,7 @@ def test_report_picks_the_best_lr_per_method_and_compares_paired_runs(tmp_path: 
     warnings = "\n".join(summary["warnings"])
     assert "slope: the sweep's best learning rate 0.004 is the highest of its grid" in warnings
     assert "dense: the sweep's best learning rate" not in warnings
-    assert "a grid of 3 learning rates" in warnings
+    assert "a grid of" not in warnings  # 3 lrs: the best can have a neighbour on each side
     assert summary["early_training"] and summary["tokens_per_parameter"] == pytest.approx(10.0)
     assert summary["complete"] and summary["runs_diverged"] == 1
     partial = summarize(study, results[:-1], summary["info"])
@@ -130,3 +130,62 @@ def test_report_shows_what_runs_logged_before_training(tmp_path: Path) -> None:
     markdown = write_report(study, [result], summary["info"])["markdown"].read_text()
     assert "| after training (val ppl) | after training (test ppl) |" in markdown
     assert "| slope | 31.0 | 2269.0 | 40.0 | 44.0 |" in markdown
+
+
+def _with_val_curve(result: dict[str, Any], losses: list[float]) -> dict[str, Any]:
+    """A record whose run logged ``val/loss`` every 10 of its 40 steps (25 tokens a step)."""
+    result["steps"] = 40
+    result["curves"]["val/loss"] = [[10 * (i + 1), loss] for i, loss in enumerate(losses)]
+    return result
+
+
+def test_the_gap_along_training_is_paired_by_seed_against_tokens_seen(tmp_path: Path) -> None:
+    """Each method over the baseline at every validation point: exp(loss - baseline's loss)
+    of one seed, then mean ± std over seeds; in the JSON, the markdown and a figure."""
+    study = StudyConfig.from_dict(
+        _study(
+            tmp_path,
+            methods={
+                "dense": {"lrs": [1e-3]},
+                "slope": {"lrs": [1e-3]},
+                "ablated": {"lr_from": "slope", "group": "ablation"},
+            },
+        )
+    )
+    results = [
+        _with_val_curve(_result("dense", 1e-3, 0, 100.0), [5.0, 4.0, 3.0, 2.0]),
+        _with_val_curve(_result("dense", 1e-3, 1, 100.0), [5.0, 4.2, 3.2, 2.2]),
+        # seed 0: behind by 0.2 nats, then level; seed 1: behind by 0.1 nats, then level.
+        _with_val_curve(_result("slope", 1e-3, 0, 100.0), [5.2, 4.1, 3.0, 2.0]),
+        _with_val_curve(_result("slope", 1e-3, 1, 100.0), [5.1, 4.3, 3.2, 2.2]),
+        _with_val_curve(_result("ablated", 1e-3, 0, 100.0), [9.0, 9.0, 9.0, 9.0]),
+        _with_val_curve(_result("ablated", 1e-3, 1, 100.0), [9.0, 9.0, 9.0, 9.0]),
+    ]
+    summary = summarize(study, results, machine_info("test"))
+    assert set(summary["gap"]) == {"slope"}  # ablations keep to their own table
+    assert any(w.startswith("dense: a grid of 1 learning rates") for w in summary["warnings"])
+    tokens = [point[0] for point in summary["gap"]["slope"]]
+    assert tokens == [250.0, 500.0, 750.0, 1000.0]  # steps x 25 tokens a step
+    first = summary["gap"]["slope"][0]
+    assert first[1] == pytest.approx((math.exp(0.2) + math.exp(0.1)) / 2)
+    assert first[2] == pytest.approx(abs(math.exp(0.2) - math.exp(0.1)) / math.sqrt(2))
+    assert first[3] == 2
+    assert summary["gap"]["slope"][-1][1:3] == pytest.approx([1.0, 0.0])
+    paths = write_report(study, results, machine_info("test"))
+    markdown = paths["markdown"].read_text()
+    assert "## The gap along training" in markdown
+    assert "| 250 | 1.163 ± 0.082 |" in markdown and "| 1,000 | 1.000 ± 0.000 |" in markdown
+    assert paths["gap"].name == "demo-gap.png" and paths["gap"].stat().st_size > 0
+
+
+def test_no_gap_without_a_shared_seed_or_a_validation_curve(tmp_path: Path) -> None:
+    study = StudyConfig.from_dict(
+        _study(tmp_path, methods={"dense": {"lrs": [1e-3]}, "slope": {"lrs": [1e-3]}})
+    )
+    results = [_result(m, 1e-3, s, 100.0) for m in ("dense", "slope") for s in (0, 1)]
+    summary = summarize(study, results, machine_info("test"))
+    assert summary["gap"] == {}
+    assert (
+        "gap along training"
+        not in write_report(study, results, machine_info("test"))["markdown"].read_text()
+    )

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,10 @@ class StudyConfig:
         runs_dir: each run's folder is ``<runs_dir>/<method>/lr<lr>/seed<seed>``: TensorBoard
             logs, checkpoints, export, the fit's output (``fit.log``) and ``result.json``.
         report_dir: where the report is written.
+        records_dir: where each finished run's ``result.json`` is also kept, as
+            ``<records_dir>/<method>/lr<lr>/seed<seed>.json`` (None: only in its run folder).
+            Commit it: a run with a record is finished on any machine, so a study continues
+            in another session or on another machine without re-running a finished run.
         baseline: the method the report's ratios are relative to (None: the first method).
         eval_windows: windows of each split's stratified order (validation, test) evaluated
             on each finished run's export (None: every window of the split).
@@ -126,6 +130,7 @@ class StudyConfig:
     common: tuple[str, ...] = ()
     runs_dir: str = "runs/study"
     report_dir: str = "benchmarks/results/quality"
+    records_dir: str | None = None
     baseline: str | None = None
     eval_windows: int | None = None
     eval_batch_size: int = 8
@@ -171,21 +176,7 @@ class StudyConfig:
             StudyConfigError: as :meth:`from_file`.
         """
         where = f"{source}: " if source is not None else ""
-        known = {
-            "name",
-            "base_config",
-            "methods",
-            "seeds",
-            "sweep_seeds",
-            "callbacks",
-            "common",
-            "runs_dir",
-            "report_dir",
-            "baseline",
-            "eval_windows",
-            "eval_batch_size",
-            "description",
-        }
+        known = {f.name for f in fields(cls)} - {"source"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise StudyConfigError(
@@ -246,6 +237,11 @@ class StudyConfig:
             runs_dir=_text(data.get("runs_dir", "runs/study"), f"{where}runs_dir"),
             report_dir=_text(
                 data.get("report_dir", "benchmarks/results/quality"), f"{where}report_dir"
+            ),
+            records_dir=(
+                _text(data["records_dir"], f"{where}records_dir")
+                if data.get("records_dir") is not None
+                else None
             ),
             baseline=baseline,
             eval_windows=eval_windows,
@@ -321,6 +317,7 @@ class RunSpec:
         seed: ``seed_everything``.
         root: the run's folder (its TensorBoard logger's ``save_dir/name``).
         args: the ``slope-lightning`` arguments of the run, ``fit`` first.
+        record: the copy of its marker under the study's ``records_dir`` (None: none kept).
     """
 
     method: str
@@ -328,6 +325,7 @@ class RunSpec:
     seed: int
     root: Path
     args: tuple[str, ...]
+    record: Path | None = None
 
     @property
     def run_id(self) -> str:
@@ -362,7 +360,8 @@ class RunSpec:
             f"--trainer.logger={json.dumps(logger)}",
             "--trainer.enable_progress_bar=false",
         )
-        return cls(method.name, lr, seed, Path(study.runs_dir) / run_id, args)
+        record = Path(study.records_dir) / f"{run_id}.json" if study.records_dir else None
+        return cls(method.name, lr, seed, Path(study.runs_dir) / run_id, args, record)
 
 
 def format_lr(lr: float) -> str:

@@ -1,7 +1,8 @@
 """The study's figures, drawn from a :func:`~slope_lightning.study.summary.summarize`
 summary with matplotlib (optional: imported inside the functions): the learning-rate sweep and
 refine on validation (``<name>-lr.png``) and the loss curves at each method's chosen learning
-rate (``<name>-curves.png``)."""
+rate (``<name>-curves.png``) and each method over the baseline along training
+(``<name>-gap.png``)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,32 @@ def plot_curves(path: Path, summary: dict[str, Any]) -> Path:
         if axes.get_lines():
             axes.legend(fontsize=8)
     figure.suptitle(f"{summary['name']}: each method at its chosen learning rate", fontsize=10)
+    return _save(figure, path, summary)
+
+
+def plot_gap(path: Path, summary: dict[str, Any]) -> Path:
+    """Each method's validation perplexity over the baseline's against tokens seen (paired by
+    seed: mean, ± std band), with the parity line at 1."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    labels = {row["method"]: row["label"] for row in summary["table"]}
+    for name, points in summary["gap"].items():
+        tokens = [p[0] for p in points]
+        mean = [p[1] for p in points]
+        std = [p[2] if math.isfinite(p[2]) else 0.0 for p in points]
+        (line,) = axes.plot(tokens, mean, marker="o", label=labels.get(name, name))
+        low = [m - s for m, s in zip(mean, std, strict=True)]
+        high = [m + s for m, s in zip(mean, std, strict=True)]
+        axes.fill_between(tokens, low, high, color=line.get_color(), alpha=0.15)
+    axes.axhline(1.0, color="black", linewidth=0.8)
+    baseline = labels.get(summary["baseline"], summary["baseline"])
+    axes.set_xlabel("training tokens seen")
+    axes.set_ylabel(f"validation perplexity / {baseline}'s (paired by seed)")
+    axes.set_title(f"{summary['name']}: each method over {baseline} along training", fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
     return _save(figure, path, summary)
 
 

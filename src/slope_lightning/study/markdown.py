@@ -145,6 +145,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 for seed in seeds
             ]
             lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    lines += _gap(summary)
     before = [row for row in summary["table"] if row.get("before_training")]
     if before:
         tags = sorted({tag for row in before for tag in row["before_training"]})
@@ -190,6 +191,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "",
         f"![Loss curves at each method's chosen lr]({name}-curves.png)",
         "",
+        *_gap_figure(summary),
         "## Methods",
         "",
     ]
@@ -218,6 +220,45 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _gap_figure(summary: dict[str, Any]) -> list[str]:
+    if not summary.get("gap"):
+        return []
+    return [
+        f"![Each method over {summary['baseline']} along training]({summary['name']}-gap.png)",
+        "",
+    ]
+
+
+def _gap(summary: dict[str, Any]) -> list[str]:
+    """The table of each method's perplexity over the baseline's along training."""
+    gap: dict[str, list[list[float]]] = summary.get("gap") or {}
+    if not gap:
+        return []
+    labels = {row["method"]: row["label"] for row in summary["table"]}
+    baseline = labels.get(summary["baseline"], summary["baseline"])
+    points = sorted({point[0] for series in gap.values() for point in series})
+    lines = [
+        "",
+        "## The gap along training",
+        "",
+        f"Validation perplexity of each method over {baseline}'s at every validation point of "
+        "the runs (each at its chosen learning rate; the training loop's validation sample, "
+        "the same windows for every run), paired seed by seed: mean ± std over seeds. Below 1 "
+        f"is better than {baseline}. Whether the gap opens, closes or stays as training goes "
+        "on is read down a column.",
+        "",
+        "| tokens seen | " + " | ".join(labels.get(name, name) for name in gap) + " |",
+        "|---|" + "---|" * len(gap),
+    ]
+    for tokens in points:
+        cells = []
+        for series in gap.values():
+            found = next((p for p in series if p[0] == tokens), None)
+            cells.append(_pm(found[1], found[2], digits=3) if found else "–")
+        lines.append(f"| {tokens:,.0f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _selection(summary: dict[str, Any]) -> list[str]:

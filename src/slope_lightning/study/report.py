@@ -1,7 +1,7 @@
 """The study's report, from the finished runs' markers alone: a table, the LR sweep and the loss
 curves, as ``<name>.json`` (:mod:`~slope_lightning.study.summary`: how the numbers are made),
 ``<name>.md`` (:mod:`~slope_lightning.study.markdown`), ``<name>-lr.png`` and
-``<name>-curves.png`` (:mod:`~slope_lightning.study.figures`).
+``<name>-curves.png``, ``<name>-gap.png`` (:mod:`~slope_lightning.study.figures`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from slope_lightning.study.config import StudyConfig
-from slope_lightning.study.figures import plot_curves, plot_sweep
+from slope_lightning.study.figures import plot_curves, plot_gap, plot_sweep
 from slope_lightning.study.markdown import render_markdown
 from slope_lightning.study.summary import summarize
 from slope_lightning.utils import atomic_write
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 def write_report(
     study: StudyConfig, results: list[dict[str, Any]], info: dict[str, Any]
 ) -> dict[str, Path]:
-    """Write ``<name>.json``, ``<name>.md`` and (with matplotlib) the two PNGs under the
+    """Write ``<name>.json``, ``<name>.md`` and (with matplotlib) the PNGs under the
     study's ``report_dir``; return their paths by kind."""
     out = Path(study.report_dir)
     summary = summarize(study, results, info)
@@ -40,6 +40,8 @@ def write_report(
     if results:
         paths["sweep"] = plot_sweep(out / f"{study.name}-lr.png", summary)
         paths["curves"] = plot_curves(out / f"{study.name}-curves.png", summary)
+    if summary["gap"]:
+        paths["gap"] = plot_gap(out / f"{study.name}-gap.png", summary)
     for path in paths.values():
         logger.info("wrote %s", path)
     return paths

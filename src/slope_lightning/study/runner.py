@@ -4,7 +4,10 @@ For every run of the plan, in order:
 
 * ``result.json`` in the run's folder means it is finished (it is written last, atomically,
   after the run's numbers were read): it is not run again. A marker made with other
-  arguments than the study now gives is an error, never silently reused.
+  arguments than the study now gives is an error, never silently reused. A study with a
+  ``records_dir`` also keeps a copy of each marker there (the small file to commit), and a
+  run whose record is there is finished even with no run folder: the study continues on
+  another machine, or in another session, from what is committed.
 * Otherwise, if the folder holds a checkpoint of an interrupted attempt, the run resumes
   from it (``--ckpt_path last``: exact resume, in the same version directory); if it holds
   no checkpoint, it is cleared and the run starts afresh.
@@ -136,25 +139,35 @@ class RunOutcome:
 
 
 def read_marker(spec: RunSpec) -> dict[str, Any] | None:
-    """The run's ``result.json``, or None if the run is not finished.
+    """The run's ``result.json`` (or, without its run folder, its copy under the study's
+    ``records_dir``), or None if the run is not finished.
 
     Raises:
         StaleRunError: the marker records other fit arguments than ``spec`` (the study file
-            changed since the run): delete the run's folder to run it again.
+            changed since the run): delete the run's folder (and its record) to run it again.
     """
-    if not spec.marker.is_file():
+    path = spec.marker if spec.marker.is_file() else spec.record
+    if path is None or not path.is_file():
         return None
     try:
-        result = json.loads(spec.marker.read_text(encoding="utf-8"))
+        result = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return None  # never happens to an atomic write; treat it as unfinished
     if list(result.get("args", [])) != list(spec.args):
+        stale = f"{spec.root}" + (f" and {spec.record}" if spec.record is not None else "")
         raise StaleRunError(
-            f"{spec.marker} was made with other fit arguments than the study now gives "
-            f"(recorded: {result.get('args')}; now: {list(spec.args)}); delete {spec.root} to "
+            f"{path} was made with other fit arguments than the study now gives "
+            f"(recorded: {result.get('args')}; now: {list(spec.args)}); delete {stale} to "
             "run it again with the new ones, or restore the study file"
         )
     return dict(result)
+
+
+def keep_record(spec: RunSpec, result: dict[str, Any]) -> None:
+    """Copy a finished run's marker to its record under ``records_dir`` (if the study keeps
+    records and it is not there yet): the small file to commit."""
+    if spec.record is not None and not spec.record.is_file():
+        atomic_write(spec.record, json.dumps(result, indent=1) + "\n")
 
 
 def _version_dir(root: Path) -> Path | None:
@@ -288,6 +301,7 @@ def run_one(spec: RunSpec, launcher: Launcher, evaluator: Evaluator | None) -> R
         )
     record = collect(spec, status, wall_s, resumed, evaluator)
     atomic_write(spec.marker, json.dumps(record, indent=1) + "\n")  # last: the run is done
+    keep_record(spec, record)
     return RunOutcome(spec, status, result.error or "")
 
 
@@ -320,7 +334,8 @@ def run_study(
         plan = study.plan(choices)
         total = study.planned_count(choices)
         for spec in plan:
-            if spec.run_id not in seen and read_marker(spec) is not None:
+            if spec.run_id not in seen and (found := read_marker(spec)) is not None:
+                keep_record(spec, found)  # a run finished before the study kept records
                 seen[spec.run_id] = RunOutcome(spec, "done")
                 if on_outcome is not None:
                     on_outcome(seen[spec.run_id])

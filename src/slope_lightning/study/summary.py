@@ -20,6 +20,9 @@ How the numbers are made:
 * The paired training-loss difference is the mean over the last 10% of logged steps of
   (method − baseline) training loss, per seed, then mean ± std over seeds: every pair saw
   the same batches, so this is a low-noise comparison of the whole run, not of one number.
+* The gap along training (``gap``): each method's validation perplexity over the baseline's
+  at every validation point of the runs, paired by seed, against tokens seen (see
+  :mod:`~slope_lightning.study.gap`).
 * A run of fewer than 20 tokens per parameter is labelled *early training*: the numbers
   compare methods at that budget, not their final quality.
 """
@@ -32,6 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from slope_lightning.study.config import FORMAT, StudyConfig, format_lr
+from slope_lightning.study.gap import paired_gap
 from slope_lightning.study.selection import (
     EVAL_KEYS,
     choose,
@@ -161,10 +165,10 @@ def summarize(
                 f"the {edge} of its grid {[format_lr(lr) for lr in method.lrs]}; the optimum may "
                 "lie outside"
             )
-        if len(method.lrs) < 5:
+        if len(method.lrs) < 3:
             warnings.append(
                 f"{method.name}: a grid of {len(method.lrs)} learning rates (a fair sweep has "
-                "at least 5 on a log scale)"
+                "at least 3 on a log scale, its best with a neighbour on each side)"
             )
 
     def chosen_lr(name: str) -> float | None:
@@ -180,6 +184,7 @@ def summarize(
     base_ppl = _mean_std([value(r) for r in base_runs.values()])[0] if base_runs else math.nan
     table: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[list[float]]]] = {}
+    gap: dict[str, list[list[float]]] = {}
     for method in study.methods:
         reference = method.compare_to or baseline
         row: dict[str, Any] = {
@@ -244,6 +249,8 @@ def summarize(
         )
         table.append(row)
         curves[method.name] = _mean_curves(runs)
+        if method.group == "method" and method.name != baseline:
+            gap[method.name] = paired_gap(runs_at_best(method.name), base_runs)
 
     all_tokens = {r.get("tokens") for r in results}
     if len(all_tokens) > 1:
@@ -309,6 +316,7 @@ def summarize(
         "sweep": sweep,
         "refine": refine,
         "curves": curves,
+        "gap": {name: points for name, points in gap.items() if points},
         "warnings": warnings,
     }
 
