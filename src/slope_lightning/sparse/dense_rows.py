@@ -123,9 +123,8 @@ class SafetensorsRows:
             raise FileNotFoundError(f"weights file {path} does not exist; pass an existing file")
         with reading_safetensors(self._path, fix, error):
             self._file = safe_open(str(self._path), "pt")
-            self._shapes = {
-                key: tuple(self._file.get_slice(key).get_shape()) for key in self._file.keys()
-            }
+            keys = self._file.keys()  # safe_open's handle is not iterable
+            self._shapes = {key: tuple(self._file.get_slice(key).get_shape()) for key in keys}
 
     def keys(self) -> Iterable[str]:
         return self._shapes.keys()
@@ -187,9 +186,7 @@ def check_dense_rows(model: nn.Module, source: DenseRows, *, strict: bool = True
 
 
 @torch.no_grad()
-def load_dense_rows(
-    model: nn.Module, source: DenseRows, *, strict: bool = True
-) -> LoadedKeys:
+def load_dense_rows(model: nn.Module, source: DenseRows, *, strict: bool = True) -> LoadedKeys:
     """Load a dense checkpoint into an allocated (sparsified, FSDP2-sharded or not) ``model``,
     each process reading and pruning (by magnitude) only the rows it holds.
 
@@ -271,9 +268,9 @@ def _plan(
             names.setdefault(id(param), []).append(name)
     for aliases in names.values():
         param = model.get_parameter(aliases[0])
-        key = next((name for name in aliases if name in available), None)
-        if key is not None and _check(source, key, tuple(param.shape), available):
-            fills.append(_Fill(key, param, aliases[0]))
+        stored = next((name for name in aliases if name in available), None)
+        if stored is not None and _check(source, stored, tuple(param.shape), available):
+            fills.append(_Fill(stored, param, aliases[0]))
         else:
             missing.append(aliases[0])
     for name, buffer in model.named_buffers(remove_duplicate=False):
