@@ -34,7 +34,7 @@ from slope_lightning.callbacks import NonFiniteError
 from slope_lightning.checkpoints import optimizer_state_by_name
 from slope_lightning.export import export_model
 from slope_lightning.models import Transformer, TransformerConfig, build_model, checkpoint_blocks
-from slope_lightning.models.meta_init import InitPlan, build_on_meta, is_on_meta, materialize
+from slope_lightning.models.meta_init import InitPlan, build_on_meta, materialize
 from slope_lightning.optim import OptimizerConfig, build_adamw, lr_multiplier
 from slope_lightning.sparse import (
     SparsifyReport,
@@ -46,7 +46,7 @@ from slope_lightning.sparse import (
 )
 from slope_lightning.sparse.backends.names import BackendName
 from slope_lightning.sparse.config import SparsityConfig
-from slope_lightning.sparse.dense_rows import DenseRows
+from slope_lightning.sparse.dense_rows import DenseRows, is_on_meta
 
 __all__ = ["OptimizerConfig", "SLoPeModule", "SparsityConfig", "lr_multiplier"]
 

@@ -36,13 +36,12 @@ from slope_lightning.sparse.config import SparsityConfig
 from slope_lightning.sparse.dense_rows import (
     DenseRows,
     allocate,
-    is_on_meta,
     load_dense_rows,
     write_sparse_rows,
 )
 from slope_lightning.sparse.dtensor import local_part, local_rows
 
-__all__ = ["InitPlan", "build_on_meta", "is_on_meta", "materialize"]
+__all__ = ["InitPlan", "build_on_meta", "materialize"]
 
 
 @dataclass(frozen=True)
