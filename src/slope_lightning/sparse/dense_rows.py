@@ -179,8 +179,10 @@ def check_dense_rows(model: nn.Module, source: DenseRows, *, strict: bool = True
     stored under one of its names) and every shape against the model's full shape.
 
     Raises:
-        ValueError: a key of another shape (the message names it and both shapes), or with
-            ``strict``, missing or unexpected keys (named).
+        ValueError: a key of another shape (the message names it and both shapes), with
+            ``strict`` missing or unexpected keys (named), or a sparse layer whose values
+            are sharded but whose masks are not (see
+            :meth:`~slope_lightning.sparse.SparseLinear.hold_masks_as_parameters`).
     """
     _plan(model, source, strict)
 
@@ -199,9 +201,9 @@ def load_dense_rows(model: nn.Module, source: DenseRows, *, strict: bool = True)
         ``strict``).
 
     Raises:
-        ValueError: ``model`` still has meta tensors (allocate it first), a key of another
-            shape, missing or unexpected keys (``strict``), a tensor with NaN/inf (named), or
-            on the other processes, the failure of one (its rank and message).
+        ValueError: ``model`` still has meta tensors (allocate it first), whatever
+            :func:`check_dense_rows` refuses, a tensor with NaN/inf (the key named), or on
+            the other processes, the failure of one (its rank and message).
     """
     if is_on_meta(model):
         raise ValueError(
@@ -237,7 +239,7 @@ def write_sparse_rows(layer: SparseLinear, mine: Tensor) -> None:
     values_here.copy_(values)
     if is_dtensor(layer.row_index):  # sharded with the values (hold_masks_as_parameters)
         local_part(layer.row_index).copy_(row_index)
-    else:
+    else:  # unsharded: all rows here
         layer.row_index[rows] = row_index
 
 
@@ -254,6 +256,12 @@ def _plan(
     missing: list[str] = []
     owned: set[int] = set()
     for name, layer in _sparse_layers(model):
+        if is_dtensor(layer.values) and not is_dtensor(layer.row_index):
+            raise ValueError(
+                f"layer {name!r}: its values are sharded but its masks replicated, so a rank "
+                "could write only its own rows of M_R; call hold_masks_as_parameters() on "
+                "every SparseLinear before fully_shard (SLoPeModule does)"
+            )
         key = f"{name}.weight" if name else "weight"
         owned |= {id(layer.values), id(layer.row_index), id(layer.col_index)}
         d_out, d_in = layer.out_features, layer.in_features
