@@ -111,7 +111,8 @@ def check_dense_load(rank: int, world: int, port: int, out: Path) -> None:
     """One rank of --check-dense-load: out/dense.safetensors loaded into FSDP2-sharded models
     (built, or on meta and materialised from a spied row source) equals it loaded into the
     unsharded model; out/nan.safetensors (NaN in the last rank's rows only) fails on every
-    rank. Writes dense{rank}.json: mismatching keys per path, the rows read, the errors."""
+    rank, and so does a model whose masks are replicated. Writes dense{rank}.json:
+    mismatching keys per path, the rows read, the errors."""
     import os
 
     import torch.distributed as dist
@@ -140,9 +141,10 @@ def check_dense_load(rank: int, world: int, port: int, out: Path) -> None:
     expected, _ = build_model(config(), SparsityConfig())
     load_dense_state_dict(expected, state)
 
-    def sharded(model: Any) -> Any:
+    def sharded(model: Any, hold_masks: bool = True) -> Any:
         for _, layer in sparse_layers(model):
-            layer.hold_masks_as_parameters()
+            if hold_masks:
+                layer.hold_masks_as_parameters()
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         return fully_shard(model, mesh=mesh)
@@ -173,6 +175,11 @@ def check_dense_load(rank: int, world: int, port: int, out: Path) -> None:
         load_dense_safetensors(sharded(built), out / "nan.safetensors")
     except ValueError as error:
         results["nan_error"] = str(error)
+    built, _ = build_model(config(), SparsityConfig())
+    try:
+        load_dense_safetensors(sharded(built, hold_masks=False), path)
+    except ValueError as error:
+        results["replicated_masks_error"] = str(error)
     (out / f"dense{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 

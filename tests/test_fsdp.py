@@ -671,6 +671,12 @@ def test_dense_weights_load_by_rows_into_sharded_and_meta_models_as_into_the_uns
         assert "blocks.1.mlp.down_proj.weight holds NaN/inf" in result["nan_error"], rank
         if rank != 2:
             assert "failed on rank 2" in result["nan_error"]
+        # Masks replicated next to sharded values: refused before anything is read.
+        assert "masks replicated" in result["replicated_masks_error"]
+        assert (
+            "hold_masks_as_parameters() on every SparseLinear before fully_shard"
+            in (result["replicated_masks_error"])
+        )
 
 
 @pytest.fixture(scope="module")
