@@ -3,8 +3,8 @@ under FSDP2 (Lightning's ModelParallelStrategy, gloo), or checks M_C's sharded r
 
 Run as a script (Lightning re-launches this file for the other ranks). Each rank writes its
 per-step losses, the whole model's state (sharded parameters gathered) and its per-rank
-memory report to --out. ``--check-masks N`` instead spawns N plain torch.distributed
-processes (see :func:`check_masks`).
+memory report to --out. ``--check-masks N`` and ``--check-dense-load N`` instead spawn N
+plain torch.distributed processes (see :func:`check_masks` and :func:`check_dense_load`).
 """
 
 from __future__ import annotations
@@ -79,6 +79,111 @@ def check_masks(rank: int, world: int, port: int, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def config() -> Any:
+    """The TransformerConfig of every run here: SLoPeModule(preset="tiny", ...) with MODEL."""
+    from slope_lightning.models import TransformerConfig
+
+    return TransformerConfig.from_name("tiny", vocab_size=300, seq_len=32, **MODEL)
+
+
+class SpyRows:
+    """A DenseRows that records every (key, start, stop) it is asked for, then reads it."""
+
+    def __init__(self, rows: Any) -> None:
+        self.rows_source, self.name = rows, rows.name
+        self.reads: list[tuple[str, int, int]] = []
+
+    def keys(self) -> Any:
+        return self.rows_source.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.rows_source.shape(key)
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        self.reads.append((key, start, stop))
+        return self.rows_source.rows(key, start, stop)
+
+    def columns(self, key: str, start: int, stop: int) -> torch.Tensor:
+        raise AssertionError(f"{key}: no Conv1D layer here, columns are never read")
+
+
+def check_dense_load(rank: int, world: int, port: int, out: Path) -> None:
+    """One rank of --check-dense-load: out/dense.safetensors loaded into FSDP2-sharded models
+    (built, or on meta and materialised from a spied row source) equals it loaded into the
+    unsharded model; out/nan.safetensors (NaN in the last rank's rows only) fails on every
+    rank, and so does a model whose masks are replicated. Writes dense{rank}.json:
+    mismatching keys per path, the rows read, the errors."""
+    import os
+
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from slope_lightning.models import build_model
+    from slope_lightning.models.meta_init import build_on_meta, materialize
+    from slope_lightning.sparse import (
+        SafetensorsRows,
+        load_dense_safetensors,
+        load_dense_state_dict,
+        sparse_layers,
+    )
+    from slope_lightning.sparse.config import SparsityConfig
+    from slope_lightning.sparse.dtensor import full_tensor
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    path = out / "dense.safetensors"
+    state = load_file(str(path))  # the tied head stored once, as lm_head.weight
+    state["tok_embed.weight"] = state["lm_head.weight"]
+    expected, _ = build_model(config(), SparsityConfig())
+    load_dense_state_dict(expected, state)
+
+    def sharded(model: Any, hold_masks: bool = True) -> Any:
+        for _, layer in sparse_layers(model):
+            if hold_masks:
+                layer.hold_masks_as_parameters()
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
+    def mismatches(model: Any) -> list[str]:
+        want = expected.state_dict()
+        got = {key: full_tensor(value) for key, value in model.state_dict().items()}
+        bad = [key for key, value in want.items() if not torch.equal(got[key], value)]
+        rope = ("rope_cos", "rope_sin")  # not in the state dict: recomputed
+        bad += [k for k in rope if not torch.equal(getattr(model, k), getattr(expected, k))]
+        return bad + ([] if got.keys() == want.keys() else ["<keys>"])
+
+    results: dict[str, Any] = {}
+    built, _ = build_model(config(), SparsityConfig())
+    load_dense_safetensors(sharded(built), path)
+    results["safetensors"] = mismatches(built)
+    built, _ = build_model(config(), SparsityConfig())
+    load_dense_state_dict(sharded(built), state)
+    results["state_dict"] = mismatches(built)
+    meta, _, _ = build_on_meta(config(), SparsityConfig())
+    spy = SpyRows(SafetensorsRows(path))
+    materialize(sharded(meta), spy, torch.device("cpu"))
+    results["meta"] = mismatches(meta)
+    results["tied"] = meta.lm_head.weight is meta.tok_embed.weight
+    results["reads"] = spy.reads
+    built, _ = build_model(config(), SparsityConfig())
+    try:
+        load_dense_safetensors(sharded(built), out / "nan.safetensors")
+    except ValueError as error:
+        results["nan_error"] = str(error)
+    built, _ = build_model(config(), SparsityConfig())
+    try:
+        load_dense_safetensors(sharded(built, hold_masks=False), path)
+    except ValueError as error:
+        results["replicated_masks_error"] = str(error)
+    (out / f"dense{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
 def full_state(module: Any) -> dict[str, torch.Tensor]:
     """The whole model's state on every rank (sharded parameters gathered)."""
     from torch.distributed.tensor import DTensor
@@ -97,7 +202,7 @@ def train(args: argparse.Namespace) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from lightning_helpers import LossRecorder, StopAt
-    from slope_lightning.callbacks import LazyLoRA, MaskScheduler
+    from slope_lightning.callbacks import InitFromPretrained, LazyLoRA, MaskScheduler
     from slope_lightning.data import TextDataModule
     from slope_lightning.module import OptimizerConfig, SLoPeModule
     from slope_lightning.optim import adapter_param_group, decay_groups
@@ -141,6 +246,12 @@ def train(args: argparse.Namespace) -> None:
         def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
             self.report = memory_report(pl_module.model, trainer.optimizers[0]).as_dict()
 
+    class InitialState(pl.Callback):
+        """The whole model's state when training starts (after every setup-time load)."""
+
+        def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            self.state = full_state(pl_module)
+
     torch.set_num_threads(1)
     pl.seed_everything(11)
     data = TextDataModule(
@@ -176,6 +287,9 @@ def train(args: argparse.Namespace) -> None:
         callbacks += [MaskScheduler(every=1), LazyLoRA(start=args.adapter_start, rank=4)]
     if args.stop_at is not None:
         callbacks.append(StopAt(args.stop_at))
+    initial = InitialState()
+    if args.init_from:
+        callbacks += [InitFromPretrained(args.init_from, mask_method="magnitude"), initial]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -199,6 +313,8 @@ def train(args: argparse.Namespace) -> None:
     (args.out / f"losses{rank}.json").write_text(json.dumps(recorder.losses))
     (args.out / f"memory{rank}.json").write_text(json.dumps(memory.report))
     torch.save(full_state(module), args.out / f"state{rank}.pt")
+    if args.init_from and hasattr(initial, "state"):
+        torch.save(initial.state, args.out / f"initial{rank}.pt")
 
 
 def main() -> None:
@@ -220,6 +336,7 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--meta-init", action="store_true", help="SLoPeModule(meta_init=True)")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--init-from", default=None, help="InitFromPretrained(magnitude) source")
     parser.add_argument(
         "--scheduler",
         choices=["own", "sequential"],
@@ -227,6 +344,7 @@ def main() -> None:
         help="sequential: the module's own AdamW with adapter_param_group() and SequentialLR",
     )
     parser.add_argument("--check-masks", type=int, default=0, help="N processes: check_masks")
+    parser.add_argument("--check-dense-load", type=int, default=0, help="N: check_dense_load")
     parser.add_argument("--port", type=int, default=0, help="--check-masks: MASTER_PORT")
     args = parser.parse_args()
     if args.check_masks:
@@ -235,6 +353,12 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         world = args.check_masks
         mp.spawn(check_masks, args=(world, args.port, args.out), nprocs=world)
+        return
+    if args.check_dense_load:
+        import torch.multiprocessing as mp
+
+        world = args.check_dense_load
+        mp.spawn(check_dense_load, args=(world, args.port, args.out), nprocs=world)
         return
     train(args)
 

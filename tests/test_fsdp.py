@@ -283,16 +283,24 @@ def test_activation_checkpointing_saves_fewer_activations():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("checkpoint", "stop_at"),
-    [("sharded", 3), ("sharded", 6), ("full", 6)],
-    ids=["sharded-before-adapters", "sharded-after-adapters", "full-after-adapters"],
+    [("sharded", 3), ("sharded", 6), ("full", 6), ("sharded-meta", 3)],
+    ids=[
+        "sharded-before-adapters",
+        "sharded-after-adapters",
+        "full-after-adapters",
+        "meta-init-sharded-before-adapters",
+    ],
 )
 def test_fsdp2_resume_continues_the_same_trajectory(runs, fsdp_run, checkpoint, stop_at):
+    # meta-init: both runs built on the meta device and materialised after sharding (the
+    # resumed one before the checkpoint replaces it all), equal to the ordinary build.
     name = f"{checkpoint}-{stop_at}"
     path = runs.root / f"{name}.ckpt"
-    full = ["--full-ckpt"] if checkpoint == "full" else []
-    first = runs.train(f"{name}-first", f"--stop-at={stop_at}", f"--save-ckpt={path}", *full)
-    assert path.is_dir() == (checkpoint == "sharded")  # a folder of shards, or one file
-    resumed = runs.train(f"{name}-resumed", f"--ckpt-path={path}", *full)
+    flags = ["--full-ckpt"] if checkpoint == "full" else []
+    flags += ["--meta-init"] if checkpoint.endswith("meta") else []
+    first = runs.train(f"{name}-first", f"--stop-at={stop_at}", f"--save-ckpt={path}", *flags)
+    assert path.is_dir() == checkpoint.startswith("sharded")  # a folder of shards, or one file
+    resumed = runs.train(f"{name}-resumed", f"--ckpt-path={path}", *flags)
     assert sorted(Runs.losses(first), key=int) == STEPS[:stop_at]
     assert sorted(Runs.losses(resumed), key=int) == STEPS[stop_at:]
     # Bit for bit: the resumed steps' losses and the final weights, adapters, masks and
@@ -604,3 +612,157 @@ def test_meta_init_on_one_process_equals_the_ordinary_build(preset):
 def test_meta_init_refuses_random_masks_and_names_the_fix():
     with pytest.raises(ValueError, match="mask_method='magnitude' only.*meta_init: false"):
         SLoPeModule(sparsity={"mask_method": "random"}, meta_init=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense checkpoints in, by rows
+# --------------------------------------------------------------------------------------------
+
+
+def write_dense_weights(directory: Path, nan_at: str | None = None) -> Path:
+    """A dense model of the workers' shape as ``dense.safetensors`` (the tied head stored once,
+    as save_model does), or with ``nan_at`` ``nan.safetensors``: NaN in that weight's last row."""
+    from safetensors.torch import save_file, save_model
+
+    from fsdp_train import config
+    from slope_lightning.models import build_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(3)
+    dense, _ = build_model(config(), None)
+    if nan_at is None:
+        save_model(dense, str(directory / "dense.safetensors"))
+        return directory / "dense.safetensors"
+    state = {k: v.clone() for k, v in dense.state_dict().items() if k != "tok_embed.weight"}
+    state[nan_at][-1, 0] = float("nan")
+    save_file(state, str(directory / "nan.safetensors"))
+    return directory / "nan.safetensors"
+
+
+def own_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """The rows FSDP2 gives ``rank`` of a tensor of ``rows`` rows (torch.chunk's split)."""
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
+@pytest.mark.slow
+def test_dense_weights_load_by_rows_into_sharded_and_meta_models_as_into_the_unsharded(tmp_path):
+    # 3 processes: uneven row shards. load_dense_safetensors and load_dense_state_dict into
+    # FSDP2-sharded models, and materialize of a meta model from a spied row source, against
+    # load_dense_state_dict into the unsharded model; NaN in the last rank's rows only.
+    from safetensors import safe_open
+
+    out = tmp_path / "dense"
+    path = write_dense_weights(out)
+    write_dense_weights(out, nan_at="blocks.1.mlp.down_proj.weight")
+    command = [sys.executable, str(WORKER), f"--out={out}", "--check-dense-load=3"]
+    launch([*command, f"--port={free_port()}"], "the dense-load check")
+    with safe_open(str(path), "pt") as weights:
+        shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}  # noqa: SIM118
+    for rank in range(3):
+        result = json.loads((out / f"dense{rank}.json").read_text())
+        assert result["safetensors"] == result["state_dict"] == result["meta"] == [], rank
+        assert result["tied"]
+        # Each rank read exactly its own rows of every tensor, once: nothing of another's.
+        expected = sorted((key, *own_rows(shape[0], rank, 3)) for key, shape in shapes.items())
+        assert sorted(tuple(read) for read in result["reads"]) == expected, rank
+        # Every rank refuses, naming the key: none is left waiting at M_C's collective.
+        assert "blocks.1.mlp.down_proj.weight holds NaN/inf" in result["nan_error"], rank
+        if rank != 2:
+            assert "failed on rank 2" in result["nan_error"]
+        # Masks replicated next to sharded values: refused before anything is read.
+        assert "masks replicated" in result["replicated_masks_error"]
+        assert (
+            "hold_masks_as_parameters() on every SparseLinear before fully_shard"
+            in (result["replicated_masks_error"])
+        )
+
+
+@pytest.fixture(scope="module")
+def dense_weights(runs: Runs) -> Path:
+    return write_dense_weights(runs.root / "pretrained")
+
+
+@pytest.mark.slow
+def test_fsdp2_meta_init_from_dense_weights_trains_bit_for_bit_like_the_ordinary_build(
+    runs, dense_weights
+):
+    # InitFromPretrained(magnitude) into the ordinary build, and into a meta-initialised one
+    # (each rank reading and pruning its rows after sharding): the file's weights pruned, the
+    # same parameters and masks when training starts, the same steps and final state.
+    init = [f"--init-from={dense_weights}", "--max-steps=4", "--adapter-start=2"]
+    ordinary = runs.train("init-ordinary", *init)
+    meta = runs.train("init-meta", *init, "--meta-init")
+    expected = dense_state_pruned(dense_weights)
+    for out in (ordinary, meta):
+        initial = torch.load(out / "initial0.pt")
+        assert initial.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(initial[key], value), key
+    assert_same_run(ordinary, meta, STEPS[:4])
+
+
+def dense_state_pruned(path: Path) -> dict[str, torch.Tensor]:
+    """The workers' model with the dense file loaded whole and pruned by magnitude, as one
+    process without FSDP2 would hold it."""
+    from safetensors.torch import load_file
+
+    from slope_lightning.sparse import load_dense_state_dict
+
+    module = small_module()
+    state = load_file(str(path))
+    state["tok_embed.weight"] = state["lm_head.weight"]  # tied: stored once
+    load_dense_state_dict(module.model, state)
+    return {k: v for k, v in module.model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def test_init_from_pretrained_into_a_meta_model_on_one_process_equals_the_ordinary_load(
+    tmp_path,
+):
+    from slope_lightning.callbacks import InitFromPretrained
+
+    path = write_dense_weights(tmp_path)
+    module = small_module(meta_init=True)
+    InitFromPretrained(str(path), mask_method="magnitude").setup(None, module, "fit")
+    assert all(p.is_meta for p in module.model.parameters())  # handed over, nothing read
+    module.configure_model()  # materialised from the file's rows, pruned by magnitude
+    got = module.model.state_dict()
+    for key, value in dense_state_pruned(path).items():
+        assert torch.equal(got[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mask_method": "wanda"}, "'wanda' needs the whole dense model.*mask_method='magnitude'"),
+        ({"eval_batches": 2}, "eval_batches=2 measures the whole dense model.*eval_batches: 0"),
+        ({"source": "dense.ckpt"}, r"\.ckpt .*cannot be read by rows.*save its weights as"),
+    ],
+    ids=["wanda", "eval-batches", "ckpt"],
+)
+def test_init_from_pretrained_into_a_meta_model_refuses_what_needs_the_dense_model(
+    tmp_path, kwargs, match
+):
+    from slope_lightning.callbacks import InitFromPretrained
+
+    arguments = {"source": str(write_dense_weights(tmp_path)), "mask_method": "magnitude"}
+    callback = InitFromPretrained(**{**arguments, **kwargs})
+    with pytest.raises(ValueError, match=f"meta device.*{match}.*model.meta_init: false"):
+        callback.setup(None, small_module(meta_init=True), "fit")
+
+
+def test_init_from_pretrained_into_a_meta_model_names_a_key_of_another_shape(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from slope_lightning.callbacks import InitFromPretrained
+
+    state = load_file(str(write_dense_weights(tmp_path)))
+    state["blocks.0.mlp.up_proj.weight"] = torch.zeros(96, 32)
+    save_file(state, str(tmp_path / "other.safetensors"))
+    callback = InitFromPretrained(str(tmp_path / "other.safetensors"), mask_method="magnitude")
+    module = small_module(meta_init=True)
+    match = r"blocks\.0\.mlp\.up_proj\.weight is \(96, 32\) in the file but \(192, 64\)"
+    with pytest.raises(ValueError, match=match):
+        callback.setup(None, module, "fit")
+    assert all(p.is_meta for p in module.model.parameters())  # refused before reading

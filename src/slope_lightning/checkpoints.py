@@ -5,6 +5,8 @@
   is unsafe, truncated or not a checkpoint fails with an error naming the file and the fix;
   every local save is atomic.
 * :func:`checkpoint_step`, :func:`is_sharded_checkpoint`: what a checkpoint is, read cheaply.
+* :func:`safetensors_rows`: a dense ``.safetensors`` file read by rows (each rank its own).
+* :func:`optimizer_state_by_name`: an optimizer state keyed by parameter names, not positions.
 * :func:`load_sharded_state_dict`: the full weights of a sharded checkpoint (FSDP2's
   ``last.ckpt/`` folder), read in one process without a process group.
 * :func:`run_checkpoints`, :func:`find_resume_checkpoint`, :func:`resume_point`,
@@ -30,9 +32,10 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, Checkpoint
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
+from slope_lightning.sparse.dense_rows import SafetensorsRows
 from slope_lightning.utils import atomic_path, first_line, load_safetensors
 
 logger = logging.getLogger(__name__)
@@ -130,6 +133,18 @@ def load_safetensors_file(path: str | Path, device: str = "cpu") -> dict[str, Te
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist; pass an existing file")
     return load_safetensors(path, "fetch or save it again", error=CheckpointError, device=device)
+
+
+def safetensors_rows(path: str | Path) -> SafetensorsRows:
+    """A ``.safetensors`` file of dense weights, read by rows (each rank only its own; see
+    :func:`~slope_lightning.sparse.dense_rows.load_dense_rows`), reporting a missing or
+    unreadable file as :func:`load_safetensors_file` does.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        CheckpointError: the file is truncated, corrupt or not safetensors.
+    """
+    return SafetensorsRows(path, error=CheckpointError, fix="fetch or save it again")
 
 
 #: The file of a sharded (distributed) Lightning checkpoint directory that holds everything
@@ -546,3 +561,37 @@ def written_crash_checkpoint(callbacks: Iterable[Callback]) -> Path | None:
         if isinstance(callback, Checkpoint) and path and Path(path).is_file():
             return Path(path)
     return None
+
+
+def optimizer_state_by_name(state: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+    """``state`` (an optimizer's state dict) with every parameter key that is a position in
+    ``module.parameters()`` replaced by that parameter's name in ``module.named_parameters()``
+    (keys that are names already are kept).
+
+    This is what Lightning's loader (which takes both) needs to map each entry to its own
+    parameter when the positions have moved, e.g. once LazyLoRA has added adapters.
+
+    Raises:
+        ValueError: a position beyond the module's parameters.
+    """
+    names = [name for name, _ in module.named_parameters()]
+
+    def by_name(key: object) -> object:
+        if not isinstance(key, int):
+            return key
+        if not 0 <= key < len(names):
+            raise ValueError(
+                f"optimizer state holds parameter position {key}, but the module has "
+                f"{len(names)} parameters: the state is not this module's optimizer's"
+            )
+        return names[key]
+
+    groups = [
+        {**group, "params": [by_name(key) for key in group["params"]]}
+        for group in state.get("param_groups", [])
+    ]
+    return {
+        **state,
+        "state": {by_name(key): value for key, value in state.get("state", {}).items()},
+        "param_groups": groups,
+    }

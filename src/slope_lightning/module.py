@@ -31,9 +31,10 @@ from torchmetrics.text import Perplexity
 from typing_extensions import override
 
 from slope_lightning.callbacks import NonFiniteError
+from slope_lightning.checkpoints import optimizer_state_by_name
 from slope_lightning.export import export_model
 from slope_lightning.models import Transformer, TransformerConfig, build_model, checkpoint_blocks
-from slope_lightning.models.meta_init import InitPlan, build_on_meta, is_on_meta, materialize
+from slope_lightning.models.meta_init import InitPlan, build_on_meta, materialize
 from slope_lightning.optim import OptimizerConfig, build_adamw, lr_multiplier
 from slope_lightning.sparse import (
     SparsifyReport,
@@ -45,6 +46,7 @@ from slope_lightning.sparse import (
 )
 from slope_lightning.sparse.backends.names import BackendName
 from slope_lightning.sparse.config import SparsityConfig
+from slope_lightning.sparse.dense_rows import DenseRows, is_on_meta
 
 __all__ = ["OptimizerConfig", "SLoPeModule", "SparsityConfig", "lr_multiplier"]
 
@@ -90,7 +92,8 @@ class SLoPeModule(pl.LightningModule):
         meta_init: build and sparsify the model on the meta device, and allocate and
             initialise it in :meth:`configure_model`, after sharding: under FSDP2 each rank
             then holds about its shard, never the whole model, and gets exactly the
-            parameters and masks of the ordinary build (magnitude masks only).
+            parameters and masks of the ordinary build (magnitude masks only), or of the
+            ordinary build with dense weights loaded (:meth:`initialise_from`).
 
     Under Lightning's ``ModelParallelStrategy`` (FSDP2), :meth:`configure_model` shards every
     transformer block, then the rest of the model, over the strategy's ``data_parallel``
@@ -151,6 +154,7 @@ class SLoPeModule(pl.LightningModule):
         self.model: Transformer
         self.sparsify_report: SparsifyReport | None
         self._init_plan: InitPlan | None = None  # meta_init: materialised in configure_model
+        self._init_rows: DenseRows | None = None  # or from dense weights (initialise_from)
         if meta_init:
             self.model, self.sparsify_report, self._init_plan = build_on_meta(
                 self.config, self.sparsity
@@ -263,6 +267,23 @@ class SLoPeModule(pl.LightningModule):
         if self.compile_model:
             self.model.compile(backend=self.compile_backend)  # in place: names unchanged
 
+    def initialise_from(self, rows: DenseRows) -> None:
+        """Initialise the meta-built model (``meta_init``) from dense weights instead of the
+        random init when :meth:`configure_model` materialises it: each rank reads and prunes
+        (by magnitude) only its rows (what ``InitFromPretrained`` hands over at setup).
+
+        Raises:
+            ValueError: the model is not on the meta device (``meta_init`` is off, or the
+                model is materialised already).
+        """
+        if self._init_plan is None or not is_on_meta(self.model):
+            raise ValueError(
+                f"initialise_from({rows.name!r}) needs a model still on the meta device "
+                "(SLoPeModule(meta_init=True), before configure_model); load into a "
+                "materialised model with slope_lightning.sparse.load_dense_safetensors"
+            )
+        self._init_rows = rows
+
     def _materialize(self) -> None:
         """Allocate and initialise a meta-built model (``meta_init``): each rank its own rows
         under FSDP2 (a collective), on the strategy's device (the CPU without a Trainer)."""
@@ -270,7 +291,7 @@ class SLoPeModule(pl.LightningModule):
             return
         trainer = self._trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        materialize(self.model, self._init_plan, device)
+        materialize(self.model, self._init_rows or self._init_plan, device)
 
     def _log_graph_breaks(self) -> None:
         """Say where ``torch.compile`` fell back to eager while compiling the first training
@@ -550,40 +571,6 @@ def _as_config(value: object, cls: type[C]) -> C:
     if isinstance(value, Mapping):
         return cls.from_dict(value)
     raise ValueError(f"expected a {cls.__name__} or a mapping of its fields, got {value!r}")
-
-
-def optimizer_state_by_name(state: dict[str, Any], module: nn.Module) -> dict[str, Any]:
-    """``state`` (an optimizer's state dict) with every parameter key that is a position in
-    ``module.parameters()`` replaced by that parameter's name in ``module.named_parameters()``
-    (keys that are names already are kept).
-
-    This is what Lightning's loader (which takes both) needs to map each entry to its own
-    parameter when the positions have moved, e.g. once LazyLoRA has added adapters.
-
-    Raises:
-        ValueError: a position beyond the module's parameters.
-    """
-    names = [name for name, _ in module.named_parameters()]
-
-    def by_name(key: object) -> object:
-        if not isinstance(key, int):
-            return key
-        if not 0 <= key < len(names):
-            raise ValueError(
-                f"optimizer state holds parameter position {key}, but the module has "
-                f"{len(names)} parameters: the state is not this module's optimizer's"
-            )
-        return names[key]
-
-    groups = [
-        {**group, "params": [by_name(key) for key in group["params"]]}
-        for group in state.get("param_groups", [])
-    ]
-    return {
-        **state,
-        "state": {by_name(key): value for key, value in state.get("state", {}).items()},
-        "param_groups": groups,
-    }
 
 
 def dynamo_counters() -> dict[str, Counter[str]]:

@@ -241,14 +241,29 @@ def load_safetensors(
     path: Path, fix: str, error: type[Exception] = ValueError, device: str = "cpu"
 ) -> dict[str, Tensor]:
     """The tensors of the safetensors file at ``path``, on ``device``: the one reader of
-    safetensors files (exports, Hugging Face folders, pretrained weights).
+    whole safetensors files (exports, Hugging Face folders, pretrained weights).
+
+    Raises:
+        ValueError (or ``error``): the file is unreadable or truncated (the message ends with
+            ``fix``).
+    """
+    with reading_safetensors(path, fix, error):
+        return load_file(str(path), device=device)
+
+
+@contextlib.contextmanager
+def reading_safetensors(
+    path: Path | str, fix: str, error: type[Exception] = ValueError
+) -> Iterator[None]:
+    """Inside it, safetensors' errors about the file at ``path`` (opening it, reading a
+    slice) become ``error``, naming the file: the one translation for every reader.
 
     Raises:
         ValueError (or ``error``): the file is unreadable or truncated (the message ends with
             ``fix``).
     """
     try:
-        return load_file(str(path), device=device)
+        yield
     except (SafetensorError, OSError) as cause:
         raise error(
             f"{path} is not a readable safetensors file ({first_line(cause)}; an "

@@ -15,7 +15,12 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from slope_lightning.callbacks.shared import first_non_finite, info
-from slope_lightning.checkpoints import CheckpointError, load_checkpoint_file, load_safetensors_file
+from slope_lightning.checkpoints import (
+    CheckpointError,
+    load_checkpoint_file,
+    load_safetensors_file,
+    safetensors_rows,
+)
 from slope_lightning.models import TransformerConfig
 from slope_lightning.models.pretrained import (
     DEFAULT_CACHE_DIR,
@@ -25,6 +30,12 @@ from slope_lightning.models.pretrained import (
 )
 from slope_lightning.sparse import SparseLinear, densify, sparse_layers, sparsify
 from slope_lightning.sparse.calibration import collect_input_norms, wanda_sparsify
+from slope_lightning.sparse.dense_rows import (
+    DenseRows,
+    StateDictRows,
+    check_dense_rows,
+    is_on_meta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +57,18 @@ class InitFromPretrained(Callback):
     twin and of the one-shot pruned twin are measured on that many validation batches and
     logged (``pretrained/dense_ppl``, ``pretrained/one_shot_ppl``, at step 0), so one run
     reports dense, one-shot and, through the module's own validation, continued SLoPe.
+
+    A model still on the meta device (``SLoPeModule(meta_init=True)``, e.g. under FSDP2) is
+    loaded by rows instead: at setup the source's keys and shapes are checked against the
+    meta model (nothing is read) and handed to the module
+    (:meth:`~slope_lightning.module.SLoPeModule.initialise_from`), whose ``configure_model``
+    then, after sharding, has each rank read only its rows of each tensor (a
+    ``.safetensors`` file is read slice by slice) and prune its rows of each sparse layer by
+    magnitude; M_C comes from the sharded refresh. Parameters and masks are bit for bit
+    those of the ordinary build with ``mask_method="magnitude"``. A named source is
+    dequantised whole on each rank first (save it as ``.safetensors`` to read only rows).
+    Magnitude masks only, no ``eval_batches`` (both need the whole dense model) and no
+    ``.ckpt`` (a pickle archive cannot be read by rows): refused at setup.
 
     A resumed run pays the loading once more and then the checkpoint replaces it all.
 
@@ -69,6 +92,11 @@ class InitFromPretrained(Callback):
         CheckpointError: at setup, a file that is truncated or corrupt, a ``.ckpt`` that
             holds pickled objects (refused, never run) or no ``state_dict`` under
             ``<attribute>.``, or weights with NaN/inf (the message names the key).
+
+    With a meta model: ValueError at setup for Wanda masks, ``eval_batches`` > 0, a ``.ckpt``
+    source or a module without ``initialise_from`` (each message names the fix), or weights
+    that do not fit; in ``configure_model``, weights with NaN/inf (the key named, raised on
+    every rank).
     """
 
     def __init__(
@@ -105,20 +133,7 @@ class InitFromPretrained(Callback):
 
     def _dense_state(self, model: nn.Module) -> dict[str, Tensor]:
         if self.source in PRETRAINED:
-            config = getattr(model, "config", None)
-            if not isinstance(config, TransformerConfig):
-                raise ValueError(
-                    f"InitFromPretrained(source={self.source!r}) loads into the project's "
-                    f"Transformer, but {self.attribute} is a {type(model).__name__}"
-                )
-            pretrained, _ = load_pretrained(self.source, config.seq_len, self.cache_dir)
-            if pretrained.config != config:
-                raise ValueError(
-                    f"InitFromPretrained(source={self.source!r}): the checkpoint is "
-                    f"{pretrained.config}, the model is {config}; use "
-                    f"preset={PRETRAINED[self.source].preset!r} without shape overrides"
-                )
-            return pretrained.state_dict()
+            return self._pretrained_state(model)
         if self.source.endswith(".safetensors"):
             return load_safetensors_file(self.source)  # FileNotFoundError / CheckpointError
         checkpoint = load_checkpoint_file(self.source)  # weights_only; refuses pickled objects
@@ -136,6 +151,73 @@ class InitFromPretrained(Callback):
             for key, value in state.items()
             if key.startswith(prefix) and isinstance(value, Tensor)
         }
+
+    def _pretrained_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """The named checkpoint's weights, checked to be of ``model``'s shape."""
+        config = getattr(model, "config", None)
+        if not isinstance(config, TransformerConfig):
+            raise ValueError(
+                f"InitFromPretrained(source={self.source!r}) loads into the project's "
+                f"Transformer, but {self.attribute} is a {type(model).__name__}"
+            )
+        pretrained, _ = load_pretrained(self.source, config.seq_len, self.cache_dir)
+        if pretrained.config != config:
+            raise ValueError(
+                f"InitFromPretrained(source={self.source!r}): the checkpoint is "
+                f"{pretrained.config}, the model is {config}; use "
+                f"preset={PRETRAINED[self.source].preset!r} without shape overrides"
+            )
+        return pretrained.state_dict()
+
+    def _meta_refusal(self) -> str | None:
+        """Why these settings cannot load into a meta model, and the fix; None if they can."""
+        fix = (
+            "use mask_method='magnitude' with model.meta_init: true, or set model.meta_init: false"
+        )
+        if self.mask_method == "wanda":
+            return f"mask_method='wanda' needs the whole dense model's activations; {fix}"
+        if self.eval_batches > 0:
+            return (
+                f"eval_batches={self.eval_batches} measures the whole dense model; set "
+                "eval_batches: 0, or set model.meta_init: false"
+            )
+        if self.source.endswith(".ckpt"):
+            return (
+                "a .ckpt (a pickle archive) cannot be read by rows; save its weights as "
+                ".safetensors, or set model.meta_init: false"
+            )
+        return None
+
+    def _hand_over(self, pl_module: pl.LightningModule, model: nn.Module) -> None:
+        """A meta model: check the source against it (reading no data) and hand it to the
+        module, which loads each rank's rows when it materialises the model."""
+        refusal = self._meta_refusal()
+        if refusal is not None:
+            raise ValueError(
+                f"InitFromPretrained(source={self.source!r}) into a model on the meta device "
+                f"(meta_init): {refusal}"
+            )
+        initialise_from = getattr(pl_module, "initialise_from", None)
+        if not callable(initialise_from):
+            raise ValueError(
+                f"InitFromPretrained: {self.attribute} is on the meta device, but "
+                f"{type(pl_module).__name__} has no initialise_from(rows) to load it by rows; "
+                "use SLoPeModule(meta_init=True), or build the model on a real device"
+            )
+        rows: DenseRows
+        if self.source in PRETRAINED:
+            rows = StateDictRows(self._pretrained_state(model), name=self.source)
+        else:
+            rows = safetensors_rows(self.source)  # FileNotFoundError / CheckpointError
+        check_dense_rows(model, rows)
+        initialise_from(rows)
+        info(
+            logger,
+            "InitFromPretrained: %s handed to %s, loaded by rows (each rank its own, pruned by "
+            "magnitude) when the model is materialised",
+            self.source,
+            type(pl_module).__name__,
+        )
 
     def _check_weights(self, state: Mapping[str, Tensor], twin: nn.Module) -> None:
         """Refuse weights with NaN/inf (as every save path does) and weights whose shapes
@@ -171,6 +253,9 @@ class InitFromPretrained(Callback):
         if stage != "fit":
             return
         model = getattr(pl_module, self.attribute)
+        if is_on_meta(model):
+            self._hand_over(pl_module, model)
+            return
         layers = sparse_layers(model)
         state = _in_linear_layout(self._dense_state(model), layers)
         twin = copy.deepcopy(model)

@@ -14,6 +14,11 @@ parameters, masks and the global RNG afterwards are bit for bit the ordinary bui
 Host memory per rank: its shard plus the largest single tensor (the embedding, typically).
 Time: every rank draws the whole model's random numbers twice (once in :func:`build_on_meta`
 to move the global RNG on as the ordinary build does, once in :func:`materialize`).
+
+Given dense weights instead of the plan (a :class:`~slope_lightning.sparse.dense_rows.DenseRows`,
+e.g. a ``.safetensors`` file read by rows), :func:`materialize` loads each rank's rows of them
+and prunes them by magnitude: the parameters and masks of the ordinary build with those
+weights loaded into it (``InitFromPretrained(mask_method="magnitude")``), bit for bit.
 """
 
 from __future__ import annotations
@@ -28,9 +33,15 @@ from slope_lightning.models.config import TransformerConfig
 from slope_lightning.models.transformer import RESIDUAL_PROJECTIONS, Transformer, rope_cache
 from slope_lightning.sparse import SparseLinear, SparsifyReport, sparse_layers
 from slope_lightning.sparse.config import SparsityConfig
-from slope_lightning.sparse.dtensor import is_dtensor, local_part, row_shard
+from slope_lightning.sparse.dense_rows import (
+    DenseRows,
+    allocate,
+    load_dense_rows,
+    write_sparse_rows,
+)
+from slope_lightning.sparse.dtensor import local_part, local_rows
 
-__all__ = ["InitPlan", "build_on_meta", "is_on_meta", "materialize"]
+__all__ = ["InitPlan", "build_on_meta", "materialize"]
 
 
 @dataclass(frozen=True)
@@ -95,16 +106,13 @@ def build_on_meta(
     return model, report, plan
 
 
-def is_on_meta(model: nn.Module) -> bool:
-    """Whether any parameter or buffer of ``model`` is still a meta tensor."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return any(local_part(t).is_meta or t.is_meta for t in tensors)
-
-
 @torch.no_grad()
-def materialize(model: Transformer, plan: InitPlan, device: torch.device) -> None:
+def materialize(model: Transformer, init: InitPlan | DenseRows, device: torch.device) -> None:
     """Allocate ``model`` (built by :func:`build_on_meta`, sharded by FSDP2 or not) on
-    ``device`` and initialise what this rank holds, bit for bit as the ordinary build.
+    ``device`` and initialise what this rank holds: bit for bit as the ordinary build from
+    an :class:`InitPlan`, or from dense weights (a
+    :class:`~slope_lightning.sparse.dense_rows.DenseRows`), this rank's rows of them read
+    and pruned by magnitude (see :func:`~slope_lightning.sparse.dense_rows.load_dense_rows`).
 
     Under FSDP2 this is a collective (M_C's sharded refresh): every rank calls it. Call it
     after ``fully_shard`` and before the first forward. Lightning calls ``configure_model``
@@ -112,16 +120,23 @@ def materialize(model: Transformer, plan: InitPlan, device: torch.device) -> Non
 
     Raises:
         ValueError: a parameter the plan does not initialise (the model's layout has
-            changed since :func:`build_on_meta`), or one not sharded by rows.
+            changed since :func:`build_on_meta`), or one not sharded by rows; dense weights
+            that do not fit (see :func:`~slope_lightning.sparse.dense_rows.load_dense_rows`).
     """
     with torch.device(device):
-        _materialize(model, plan, device)
+        allocate(model, device)
+        if isinstance(init, InitPlan):
+            _initialise(model, init)
+        else:
+            load_dense_rows(model, init)  # M_C included
+        if model.rope_cos is not None and model.rope_sin is not None:
+            cfg = model.config
+            cos, sin = rope_cache(cfg.seq_len, cfg.head_dim, cfg.rope_theta, device=device)
+            model.rope_cos.copy_(cos)
+            model.rope_sin.copy_(sin)
 
 
-def _materialize(model: Transformer, plan: InitPlan, device: torch.device) -> None:
-    model.to_empty(device=device)
-    if model.config.tie_embeddings and model.lm_head.weight is not model.tok_embed.weight:
-        model.lm_head.weight = model.tok_embed.weight  # to_empty unties plain parameters
+def _initialise(model: Transformer, plan: InitPlan) -> None:
     covered = {name for name, _ in plan.constants}
     generator = torch.Generator().manual_seed(0)
     generator.set_state(plan.rng_state)
@@ -132,11 +147,11 @@ def _materialize(model: Transformer, plan: InitPlan, device: torch.device) -> No
             continue  # overwritten by a later draw, as in the ordinary build
         module = model.get_submodule(draw.module)
         if isinstance(module, SparseLinear):
-            _write_sparse_rows(module, full)
+            write_sparse_rows(module, full[local_rows(module.values, module.name)])
             covered |= {f"{draw.module}.{p}" for p in ("values", "row_index", "col_index")}
         else:
             weight = module.get_parameter("weight")
-            local_part(weight).copy_(full[_rows(weight, draw.module)])
+            local_part(weight).copy_(full[local_rows(weight, draw.module)])
             covered.add(f"{draw.module}.weight")
     for name, value in plan.constants:
         local_part(model.get_parameter(name)).fill_(value)
@@ -147,11 +162,6 @@ def _materialize(model: Transformer, plan: InitPlan, device: torch.device) -> No
             "from the one models/meta_init.py mirrors (Transformer.init_weights): update it, "
             "or set model.meta_init: false"
         )
-    if model.rope_cos is not None and model.rope_sin is not None:
-        cfg = model.config
-        cos, sin = rope_cache(cfg.seq_len, cfg.head_dim, cfg.rope_theta, device=device)
-        model.rope_cos.copy_(cos)
-        model.rope_sin.copy_(sin)
     for _, layer in sparse_layers(model):
         layer.refresh_transpose_mask(with_stats=False)  # M_C; a collective when sharded
 
@@ -218,32 +228,3 @@ def _draw(draw: Draw, generator: torch.Generator) -> Tensor:
     if draw.uniform:  # the bounds do not change what is consumed
         return out.uniform_(-draw.std, draw.std, generator=generator)
     return out.normal_(0.0, draw.std, generator=generator)
-
-
-def _rows(param: Tensor, name: str) -> slice:
-    """The rows (dim 0) of the full tensor that this rank holds of ``param``."""
-    if not is_dtensor(param):
-        return slice(0, param.shape[0])
-    shard = row_shard(param)
-    if shard is None:
-        raise ValueError(
-            f"{name}: placed {param.placements}; meta_init supports FSDP2 sharding by rows "
-            "(Shard(0)) only"
-        )
-    _, chunk, index = shard
-    start = min(index * chunk, param.shape[0])
-    return slice(start, start + local_part(param).shape[0])
-
-
-def _write_sparse_rows(layer: SparseLinear, dense: Tensor) -> None:
-    """Prune this rank's rows of ``layer``'s dense weight (N:M along d_in, by magnitude: each
-    row alone) into its local values and M_R; M_C is derived later, from all ranks."""
-    rows = _rows(layer.values, layer.name)
-    mine = dense[rows].to(local_part(layer.values).device)  # (rows here, d_in)
-    layout = type(layer.layout)(mine.shape[0], layer.in_features, layer.n, layer.m)
-    values, row_index = layout.prune(mine, "magnitude")
-    local_part(layer.values).copy_(values)
-    if is_dtensor(layer.row_index):  # sharded with the values (hold_masks_as_parameters)
-        local_part(layer.row_index).copy_(row_index)
-    else:
-        layer.row_index[rows] = row_index

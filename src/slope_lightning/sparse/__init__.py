@@ -19,6 +19,7 @@ from slope_lightning.sparse.calibration import (
     wanda_sparsify,
 )
 from slope_lightning.sparse.config import SparsityConfig
+from slope_lightning.sparse.dense_rows import DenseRows, SafetensorsRows, StateDictRows
 from slope_lightning.sparse.dtensor import local_part
 from slope_lightning.sparse.kernel_ops import KernelChoices
 from slope_lightning.sparse.layout import NMLayout
@@ -30,6 +31,7 @@ from slope_lightning.sparse.operations import (
     backend_report,
     densify,
     follow_optimizer,
+    load_dense_safetensors,
     load_dense_state_dict,
     merge_for_inference,
     prune_dense_state_dict,
@@ -53,6 +55,7 @@ __all__ = [
     "MASK_METHODS",
     "BackendName",
     "DecisionStore",
+    "DenseRows",
     "KernelChoices",
     "LayerDecision",
     "LayerRules",
@@ -62,10 +65,12 @@ __all__ = [
     "NMLayout",
     "NothingSparsifiedError",
     "ReferenceBackend",
+    "SafetensorsRows",
     "SparseBackend",
     "SparseLinear",
     "SparsifyReport",
     "SparsityConfig",
+    "StateDictRows",
     "TransposeMaskRefresh",
     "add_adapters",
     "backend_report",
@@ -73,6 +78,7 @@ __all__ = [
     "collect_input_norms",
     "densify",
     "follow_optimizer",
+    "load_dense_safetensors",
     "load_dense_state_dict",
     "local_part",
     "memory_report",

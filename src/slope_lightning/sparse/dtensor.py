@@ -77,3 +77,23 @@ def all_gather_columns(part: Tensor, group: ProcessGroup, width: int) -> Tensor:
     torch.distributed.all_gather(gathered, padded.contiguous(), group=group)
     sizes = [max(0, min(chunk, width - r * chunk)) for r in range(world)]
     return torch.cat([g[:, :size] for g, size in zip(gathered, sizes, strict=True)], dim=1)
+
+
+def local_rows(tensor: Tensor, name: str) -> slice:
+    """The rows (dim 0) of the full ``tensor`` that this process holds: all of them for a
+    plain tensor, this rank's row shard of a DTensor sharded by rows (FSDP2, HSDP).
+
+    Raises:
+        ValueError: a DTensor placed otherwise (the message names ``name``).
+    """
+    if not is_dtensor(tensor):
+        return slice(0, tensor.shape[0])
+    shard = row_shard(tensor)
+    if shard is None:
+        raise ValueError(
+            f"{name}: placed {tensor.placements}; only sharding by rows (Shard(0), FSDP2) is "
+            "supported here"
+        )
+    _, chunk, index = shard
+    start = min(index * chunk, tensor.shape[0])
+    return slice(start, start + local_part(tensor).shape[0])

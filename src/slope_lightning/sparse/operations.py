@@ -1,6 +1,6 @@
 """Model-level operations on a sparsified model: find its SparseLinear layers, undo the
 conversion, add adapters, merge them for inference, follow an optimizer's steps, and load a
-dense checkpoint into it.
+dense checkpoint into it (sharded models by rows: :mod:`~slope_lightning.sparse.dense_rows`).
 
 All of them act in place on any ``nn.Module`` by visiting (or, for :func:`densify`,
 swapping) its SparseLinear children; nothing is monkey-patched and nothing is registered
@@ -19,6 +19,15 @@ from torch.utils.hooks import RemovableHandle
 
 from slope_lightning.sparse.adapters import AdapterInit
 from slope_lightning.sparse.backends import DecisionStore
+from slope_lightning.sparse.dense_rows import (
+    DenseRows,
+    SafetensorsRows,
+    StateDictRows,
+    allocate,
+    is_on_meta,
+    load_dense_rows,
+)
+from slope_lightning.sparse.dtensor import is_dtensor
 from slope_lightning.sparse.kernel_ops import derive_col_index
 from slope_lightning.sparse.linear import SparseLinear
 from slope_lightning.sparse.masks import MaskMethod
@@ -95,6 +104,7 @@ def load_dense_state_dict(
     strict: bool = True,
     mask_method: MaskMethod = "magnitude",
     generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> Any:
     """Load a dense checkpoint's state dict into a sparsified ``model``: the supported way to
     start SLoPe from a dense model (sparse continued pretraining).
@@ -103,21 +113,29 @@ def load_dense_state_dict(
     :func:`prune_dense_state_dict`); everything else loads as ``model.load_state_dict`` loads
     it. The result equals loading the checkpoint into the dense model, then sparsifying.
 
+    A model sharded by FSDP2 (DTensor parameters) or still on the meta device takes the
+    row-wise path of :func:`load_dense_safetensors` (every rank calls it, a collective): each
+    rank copies and prunes only its rows of each tensor, with the same result.
+
     Args:
         model: the sparsified model (or the LightningModule holding it: the keys are
             qualified names from ``model``).
         state_dict: e.g. ``torch.load(path, weights_only=True)["state_dict"]`` of a dense
             Lightning checkpoint, or a transformers model's ``state_dict()``.
         strict: as in ``load_state_dict``: every key must match.
-        mask_method: how M_R is chosen from the dense weights (as in :func:`sparsify`).
+        mask_method: how M_R is chosen from the dense weights (as in :func:`sparsify`);
+            "magnitude" only for a sharded or meta model.
         generator: random source for ``mask_method="random"``.
+        device: where a meta model is allocated.
 
     Returns:
         ``load_state_dict``'s named tuple of missing and unexpected keys.
 
     Raises:
         ValueError: a dense weight does not fit its layer (see :func:`prune_dense_state_dict`),
-            or a tensor holds NaN/inf (the message names it; nothing is loaded).
+            or a tensor holds NaN/inf (the message names it; nothing is loaded); on a sharded
+            or meta model, also missing or unexpected keys with ``strict``, or another
+            mask method than "magnitude".
         RuntimeError: ``strict`` and keys that do not match (``load_state_dict``'s error).
 
     Example:
@@ -128,12 +146,72 @@ def load_dense_state_dict(
         >>> load_dense_state_dict(model, dense.state_dict())
         <All keys matched successfully>
     """
+    if is_on_meta(model) or any(is_dtensor(p) for p in model.parameters()):
+        if mask_method != "magnitude":
+            raise ValueError(
+                f"load_dense_state_dict(mask_method={mask_method!r}) on a sharded or meta "
+                "model: each rank prunes its own rows, by magnitude only; pass "
+                "mask_method='magnitude'"
+            )
+        return _load_by_rows(model, StateDictRows(state_dict), strict, device)
     tensors = {key: value for key, value in state_dict.items() if isinstance(value, Tensor)}
     require_finite(tensors, "load", "the dense state dict")  # as every save path refuses them
     sparse_state = prune_dense_state_dict(
         model, state_dict, mask_method=mask_method, generator=generator
     )
     return model.load_state_dict(sparse_state, strict=strict)
+
+
+def load_dense_safetensors(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    strict: bool = True,
+    device: torch.device | str = "cpu",
+) -> Any:
+    """Load a dense ``.safetensors`` checkpoint into a sparsified ``model`` (plain, sharded by
+    FSDP2, or still on the meta device), reading only the rows each process holds.
+
+    Each SparseLinear's dense ``<layer>.weight`` rows are pruned N:M by magnitude into its
+    values and M_R, M_C derived after (a collective under FSDP2: every rank calls this);
+    every other tensor takes its rows. The result equals :func:`load_dense_state_dict` with
+    the whole file. A meta model is allocated on ``device`` first (tied parameters kept
+    tied); one with non-persistent buffers (the project's Transformer: its rotary tables)
+    needs :func:`slope_lightning.models.meta_init.materialize`, which recomputes them.
+
+    Returns:
+        The missing and unexpected keys, named as ``load_state_dict``'s (empty with
+        ``strict``).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: the file is truncated or corrupt, a key of another shape (named, with
+            both shapes), missing or unexpected keys with ``strict``, NaN/inf (the key
+            named); on every process when it happens on one; or a meta model with
+            non-persistent buffers.
+    """
+    return _load_by_rows(model, SafetensorsRows(path), strict, device)
+
+
+def _load_by_rows(
+    model: nn.Module, source: DenseRows, strict: bool, device: torch.device | str
+) -> Any:
+    if is_on_meta(model):
+        persistent = set(model.state_dict(keep_vars=True))
+        derived = [
+            name
+            for name, buffer in model.named_buffers()
+            if name not in persistent and buffer.is_meta
+        ]
+        if derived:
+            raise ValueError(
+                f"the model is on the meta device with buffers no checkpoint holds "
+                f"({derived[:3]}); for the project's Transformer use "
+                "slope_lightning.models.meta_init.materialize(model, source, device), which "
+                "recomputes them, or allocate and initialise them yourself first"
+            )
+        allocate(model, device)
+    return load_dense_rows(model, source, strict=strict)
 
 
 def backend_report(model: nn.Module) -> str:
