@@ -15,7 +15,7 @@ SUBCOMMANDS: dict[str, str] = {
     "test": "evaluate a checkpoint on the held-out test split (data.test_fraction > 0)",
     "generate": "sample text from a checkpoint or an export",
     "study": "a quality study: methods x learning rates x seeds, each a fit, then one report",
-    "bench": "benchmarks: memory, layers, kernels, step, inference, runs, unpack",
+    "bench": "benchmarks: memory, host-memory, layers, kernels, step, inference, runs, unpack",
     "fetch": "fetch a pretrained checkpoint and write its tokenizer.json",
 }
 

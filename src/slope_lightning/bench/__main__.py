@@ -1,17 +1,20 @@
 """Benchmarks: ``python -m slope_lightning.bench
-{memory,layers,kernels,step,inference,runs,unpack}``.
+{memory,host-memory,layers,kernels,step,inference,runs,unpack}``.
 
 Each suite prints a markdown table and writes JSON + markdown under ``--out`` (default
 ``benchmarks/results``) naming the machine, the versions, the date and the command. Rows are
 written as they are measured, so a suite stopped by a timeout keeps what it finished.
 ``unpack ARCHIVE`` brings a GPU check home: it unpacks the archive of
 ``scripts/gpu_check.sh`` into ``--out`` and renders its tables and plots on CPU.
+``host-memory`` runs real multi-process CPU fits (FSDP2, gloo) and records each rank's peak
+host memory at start, the ordinary build against ``meta_init``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -20,11 +23,12 @@ from typing import Any
 import torch
 
 from slope_lightning.bench import common
+from slope_lightning.bench.host_memory import BUILDS
 from slope_lightning.bench.layers import PHASES
 from slope_lightning.bench.methods import BENCH_PRESETS, PRECISIONS
 from slope_lightning.utils import machine_info
 
-SUITES = ("memory", "layers", "kernels", "step", "inference", "runs", "unpack")
+SUITES = ("memory", "host-memory", "layers", "kernels", "step", "inference", "runs", "unpack")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(for models larger than this machine, e.g. --presets llama-8b,llama-70b)",
     )
     parser.add_argument(
+        "--world-size",
+        type=int,
+        default=2,
+        help="host-memory: CPU processes of each fit (FSDP2 over gloo)",
+    )
+    parser.add_argument(
+        "--builds",
+        default=",".join(BUILDS),
+        help=f"host-memory: comma-separated builds from {', '.join(BUILDS)}",
+    )
+    parser.add_argument(
         "--world-sizes",
         default="8,64,512",
         help="memory --meta: comma-separated FSDP2 world sizes (ranks sharding the model)",
@@ -197,6 +212,38 @@ def _memory_plan(
     return table.close(plot=args.plot)
 
 
+def _host_memory(
+    args: argparse.Namespace, info: dict[str, Any], parser: argparse.ArgumentParser
+) -> str:
+    """``host-memory``: :mod:`slope_lightning.bench.host_memory`, written as
+    ``host-memory-<preset>-w<world>`` (real processes on this machine's CPUs)."""
+    from slope_lightning.bench import host_memory
+
+    builds = tuple(filter(None, args.builds.split(",")))
+    unknown = [build for build in builds if build not in host_memory.BUILDS]
+    if unknown or not builds:
+        parser.error(f"--builds {args.builds!r}: choose from {', '.join(host_memory.BUILDS)}")
+    if args.world_size < 2:
+        parser.error(f"--world-size {args.world_size}: host-memory needs 2 or more processes")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    info["host_memory_GiB"] = round(total / 2**30, 1)
+    info["micro_batch"] = f"{args.batch} sequences x {args.seq_len or 'preset'} tokens, fp32"
+    info["includes"] = host_memory.INCLUDES
+    info["weights_file"] = host_memory.WEIGHTS_READ
+    name = f"host-memory-{args.preset}-w{args.world_size}"
+    table = common.ResultsTable(name, args.out, info, host_memory.COLUMNS, "peak_MiB")
+    _, weights = host_memory.host_memory_rows(
+        args.preset,
+        args.world_size,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        builds=builds,
+        on_row=table.add,
+    )
+    table.info.update(weights)
+    return table.close(plot=args.plot)
+
+
 def run_suite(
     args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str] | None = None
 ) -> str:
@@ -208,6 +255,8 @@ def run_suite(
     precision = args.precision or _true_precision(dtype)
     backend = args.backends.split(",")[0]
     name = _table_name(args.suite, info, args.compile)
+    if args.suite == "host-memory":
+        return _host_memory(args, info, parser)
     if args.suite == "memory" and args.meta:
         return _memory_plan(args, info, parser)
     if args.suite == "memory":
