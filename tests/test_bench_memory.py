@@ -15,6 +15,7 @@ from torch import nn
 from slope_lightning.bench import common, counting, peak, plot
 from slope_lightning.bench.__main__ import main
 from slope_lightning.bench.methods import METHODS
+from slope_lightning.sparse import sparse_layers, sparsify
 
 SMALL = {"n_layer": 1, "d_model": 64, "n_head": 2, "n_kv_head": 1, "seq_len": 32, "vocab_size": 128}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -78,25 +79,47 @@ def test_peak_rows_reject_unknown_methods():
 
 def test_saved_activation_counter_counts_a_tensor_saved_twice_once():
     x = torch.randn(4, 8, requires_grad=True)
-    with counting.SavedTensorCounter() as saved:
+    with counting.StorageCounter() as saved:
         (x * x).sum()  # mul saves x as both operands
-    assert saved.total == x.numel() * x.element_size()
+    assert saved.bytes_excluding([]) == x.numel() * x.element_size()
 
 
 def test_saved_activation_counter_counts_views_as_their_one_storage():
     x = torch.randn(4, 8, requires_grad=True)
     h = x * 2  # (4, 8), saved by nothing yet
-    with counting.SavedTensorCounter() as saved:
+    with counting.StorageCounter() as saved:
         (h.view(8, 4).sin() + h.t().cos()[:, :1].sum()).sum()  # sin and cos save views of h
-    assert saved.total == h.numel() * h.element_size()
+    assert saved.bytes_excluding([]) == h.numel() * h.element_size()
 
 
 def test_saved_activation_counter_leaves_out_model_state():
     layer = nn.Linear(8, 4, bias=False)
     x = torch.randn(3, 8)
-    with counting.SavedTensorCounter(exclude=counting.state_storages(layer)) as saved:
+    with counting.StorageCounter() as saved:
         layer(x).sum().backward()  # linear saves its input and its weight
-    assert saved.total == x.numel() * x.element_size()
+    assert saved.bytes_excluding(counting.state_tensors(layer)) == x.numel() * x.element_size()
+
+
+def test_saved_activation_counter_counts_meta_tensors_by_their_size():
+    x = torch.empty(4, 8, device="meta", requires_grad=True)
+    with counting.StorageCounter() as saved:
+        (x * x).sum()
+    assert saved.bytes_excluding([]) == 4 * 8 * 4
+
+
+def test_a_transpose_mask_derived_in_the_forward_counts_as_model_state_not_activation():
+    model = nn.Sequential(nn.Linear(16, 8, bias=False))
+    sparsify(model)
+    model.train()
+    ((_, layer),) = sparse_layers(model)
+    before = layer.col_index
+    x = torch.randn(3, 16)
+    with counting.StorageCounter() as saved:
+        model(x)  # re-derives M_C (transpose_mask_interval=1) and saves the new one
+    assert layer.col_index.untyped_storage() is not before.untyped_storage()
+    mask_bytes = layer.col_index.untyped_storage().nbytes()
+    assert saved.bytes_excluding([x]) > mask_bytes  # the fresh M_C was saved
+    assert saved.bytes_excluding(counting.state_tensors(model)) == x.numel() * x.element_size()
 
 
 def test_write_results_draws_a_png_next_to_json_and_markdown(tmp_path):

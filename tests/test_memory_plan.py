@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from slope_lightning.bench.__main__ import main as bench_main
+from slope_lightning.bench.counting import StorageCounter, state_tensors
 from slope_lightning.bench.methods import bench_config, method_model, precision_dtypes
 from slope_lightning.bench.plan import (
     PLAN_METHODS,
-    StorageCounter,
     adapter_rank,
     count_saved,
     hold_masks_for_fsdp,
@@ -97,7 +97,7 @@ def real_run(preset: str, method: str, precision: str, seq_len: int, checkpointi
         _, loss = model(idx, idx)
     for handle in handles:
         handle.remove()
-    saved_bytes = saved.bytes_excluding([*model.parameters(), *model.buffers()])
+    saved_bytes = saved.bytes_excluding(state_tensors(model))
     loss.backward()
     optimizer.step()
     return memory_report(model, optimizer).as_dict(), saved_bytes

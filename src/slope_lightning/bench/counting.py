@@ -1,6 +1,6 @@
-"""Exact byte counts the memory benchmarks share: the tensors autograd saves for backward, the
-storages that model state already counts, a group of modules' state on this rank, and which
-sparse kernels a model ran.
+"""Exact byte counts the memory benchmarks share: the tensors autograd saves for backward
+(:class:`StorageCounter`, the one counter of saved activations: ``peak``, ``sharded`` and
+``plan`` use it), a group of modules' state on this rank, and which sparse kernels a model ran.
 """
 
 from __future__ import annotations
@@ -15,45 +15,55 @@ from slope_lightning.sparse import SparseLinear
 from slope_lightning.sparse.dtensor import local_part
 
 
-class SavedTensorCounter:
-    """Counts the bytes of the tensors autograd saves for backward inside a ``with`` block.
+class StorageCounter:
+    """The distinct storages autograd saves for backward inside a ``with`` block, on real,
+    meta or fake tensors alike; :meth:`bytes_excluding` counts them.
 
-    Each piece of memory is counted once: tensors are keyed by their untyped storage (a view,
-    a reshape or a tensor saved twice shares one), and the whole storage is counted, since
-    a saved view keeps all of it alive. Storages in ``exclude`` (e.g. the model's parameters
-    and buffers, already counted as model state) are left out. Only ``save_for_backward`` is
-    seen: tensors a custom autograd Function keeps as plain ``ctx`` attributes are not.
+    Each piece of memory is counted once: a storage is known by its Python object (torch
+    keeps one per storage, so a view, a reshape or a tensor saved twice shares it), and the
+    whole storage is counted, since a saved view keeps all of it alive. The counter holds the
+    storages it notes, so no id is reused while it counts (and their memory stays allocated
+    until the counter is dropped). Model state is left out when counting, not when noting:
+    pass the model's parameters and buffers to :meth:`bytes_excluding` *after* the forward,
+    since a SparseLinear re-derives M_C in each training forward and saves the new tensor,
+    which is then the layer's own (model state, not an activation). Only
+    ``save_for_backward`` is seen: tensors a custom autograd Function keeps as plain ``ctx``
+    attributes, or a checkpointed block's input, are not (:meth:`add` notes those).
 
     Example:
         >>> x = torch.randn(4, 4, requires_grad=True)
-        >>> with SavedTensorCounter() as saved:
+        >>> with StorageCounter() as saved:
         ...     y = (x * x).sum()
-        >>> saved.total  # x saved twice by mul, counted once
+        >>> saved.bytes_excluding([])  # x saved twice by mul, counted once
         64
+        >>> saved.bytes_excluding([x])  # x as model state: no activation left
+        0
     """
 
-    def __init__(self, exclude: set[int] | None = None) -> None:
-        self.exclude: set[int] = set(exclude or ())
-        self.storages: dict[int, int] = {}  # storage data_ptr -> bytes
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+    def __init__(self) -> None:
+        self._storages: dict[int, torch.UntypedStorage] = {}  # id(storage) -> storage, held
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.add, self._unpack)
 
-    def _pack(self, tensor: Tensor) -> Tensor:
+    def add(self, tensor: Tensor) -> Tensor:
+        """Note ``tensor``'s storage; return the tensor unchanged (counting must not change
+        what backward sees)."""
         storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key != 0 and key not in self.exclude and tensor.device.type != "meta":
-            self.storages[key] = max(self.storages.get(key, 0), storage.nbytes())
-        return tensor  # saved as usual: counting must not change what backward sees
+        self._storages[id(storage)] = storage
+        return tensor
 
     @staticmethod
     def _unpack(tensor: Tensor) -> Tensor:
         return tensor
 
-    @property
-    def total(self) -> int:
-        """Bytes of distinct saved storages."""
-        return sum(self.storages.values())
+    def bytes_excluding(self, state: Iterable[Tensor]) -> int:
+        """Bytes of the noted storages that none of ``state`` uses. Pass the model's
+        parameters and buffers (:func:`state_tensors`) *after* the forward: a SparseLinear
+        re-derives M_C in each training forward and saves the new one, which is then the
+        layer's (model state)."""
+        excluded = {id(t.untyped_storage()) for t in state}
+        return sum(s.nbytes() for key, s in self._storages.items() if key not in excluded)
 
-    def __enter__(self) -> SavedTensorCounter:
+    def __enter__(self) -> StorageCounter:
         self._hooks.__enter__()
         return self
 
@@ -61,10 +71,10 @@ class SavedTensorCounter:
         self._hooks.__exit__(*exc)
 
 
-def state_storages(model: nn.Module) -> set[int]:
-    """Storage addresses of ``model``'s parameters and buffers (what model state counts)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return {t.untyped_storage().data_ptr() for t in tensors if t.numel() > 0}
+def state_tensors(model: nn.Module) -> list[Tensor]:
+    """``model``'s parameters and buffers: what model state counts, and what
+    :meth:`StorageCounter.bytes_excluding` leaves out of the saved activations."""
+    return [*model.parameters(), *model.buffers()]
 
 
 def kernels_used(model: nn.Module) -> str:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from slope_lightning.bench.common import Row, RowSink, default_device, emit
-from slope_lightning.bench.counting import SavedTensorCounter, kernels_used, state_storages
+from slope_lightning.bench.counting import StorageCounter, kernels_used, state_tensors
 from slope_lightning.bench.methods import METHODS, method_model
 from slope_lightning.sparse import memory_report, merge_for_inference, sparse_layers
 
@@ -58,10 +58,13 @@ def _training_peak(model: nn.Module, idx: Tensor) -> tuple[Row, Step]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    # Warm-up step: builds the optimizer state and kernel caches; counts saved activations.
-    with SavedTensorCounter(exclude=state_storages(model)) as saved:
+    # Warm-up step: builds the optimizer state and kernel caches; counts saved activations,
+    # model state left out after the forward (a freshly derived M_C is the layers' own).
+    with StorageCounter() as counter:
         _, loss = model(idx, idx)
     assert loss is not None
+    saved = counter.bytes_excluding(state_tensors(model))
+    del counter  # it holds the saved storages alive: none may remain for the measured step
     loss.backward()
     optimizer.step()
     state = memory_report(model, optimizer).total  # with gradients, before zero_grad
@@ -69,9 +72,9 @@ def _training_peak(model: nn.Module, idx: Tensor) -> tuple[Row, Step]:
     del loss
     row: Row = {
         "state_MiB": state / 2**20,
-        "saved_activations_MiB": saved.total / 2**20,
+        "saved_activations_MiB": saved / 2**20,
         "measure": MEASURE_CPU_TRAIN,
-        "memory_MiB": (state + saved.total) / 2**20,
+        "memory_MiB": (state + saved) / 2**20,
     }
     return row, step
 

@@ -16,7 +16,7 @@ Two counts, both exact where a real run can check them (``tests/test_memory_plan
 * **Activations saved for backward** (:func:`saved_activations`): one forward of the same
   model with 1 and with 2 blocks under :class:`~torch._subclasses.fake_tensor.FakeTensorMode`
   (meta storage, the device's dispatch: autocast, the SDPA kernel choice), counted with
-  ``saved_tensors_hooks`` like :class:`~slope_lightning.bench.counting.SavedTensorCounter`,
+  :class:`~slope_lightning.bench.counting.StorageCounter` (as the real benchmarks count them),
   then scaled by the number of blocks (blocks are identical). With activation checkpointing
   a block keeps only its input; its recomputation in the backward holds one block's
   activations at a time (``recompute_block_MiB``). Activations do not depend on FSDP2: each
@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from slope_lightning.bench.common import Row, RowSink, emit
+from slope_lightning.bench.counting import StorageCounter, state_tensors
 from slope_lightning.bench.methods import AutocastTransformer, bench_config, precision_dtypes
 from slope_lightning.models import Transformer, TransformerConfig, checkpoint_blocks
 from slope_lightning.sparse import LowRankAdapter, SparseLinear, add_adapters, sparsify
@@ -200,39 +201,6 @@ def hold_masks_for_fsdp(model: nn.Module) -> None:
             module.hold_masks_as_parameters()
 
 
-class StorageCounter:
-    """The distinct storages autograd saves for backward inside a ``with`` block, on real,
-    meta or fake tensors alike; :meth:`bytes_excluding` counts them.
-
-    A storage is known by its Python object (torch keeps one per storage, so views share
-    it), held by the counter, so no id is reused while it counts.
-    """
-
-    def __init__(self) -> None:
-        self._storages: dict[int, Any] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.add, lambda t: t)
-
-    def add(self, tensor: Tensor) -> Tensor:
-        """Note ``tensor``'s storage; return the tensor unchanged."""
-        storage = tensor.untyped_storage()
-        self._storages[id(storage)] = storage
-        return tensor
-
-    def bytes_excluding(self, state: Iterable[Tensor]) -> int:
-        """Bytes of the noted storages that none of ``state`` uses. Pass the model's
-        parameters and buffers *after* the forward: a SparseLinear re-derives M_C in each
-        training forward and saves the new one, which is then the layer's (model state)."""
-        excluded = {id(t.untyped_storage()) for t in state}
-        return sum(s.nbytes() for key, s in self._storages.items() if key not in excluded)
-
-    def __enter__(self) -> StorageCounter:
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.__exit__(*exc)
-
-
 def count_saved(model: Transformer, idx: Tensor, checkpointing: bool) -> int:
     """Bytes saved for backward by one training forward of ``model`` on ``idx`` (B, T),
     model state left out, with or without activation checkpointing per block (a
@@ -253,7 +221,7 @@ def count_saved(model: Transformer, idx: Tensor, checkpointing: bool) -> int:
         model(idx, idx)
     for handle in handles:
         handle.remove()
-    return counter.bytes_excluding([*model.parameters(), *model.buffers()])
+    return counter.bytes_excluding(state_tensors(model))
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from slope_lightning.bench.common import Row, RowSink, emit
-from slope_lightning.bench.counting import SavedTensorCounter, module_state_bytes, state_storages
+from slope_lightning.bench.counting import StorageCounter, module_state_bytes, state_tensors
 from slope_lightning.bench.methods import method_model
 from slope_lightning.models import checkpoint_blocks
 from slope_lightning.sparse import memory_report
@@ -175,38 +175,40 @@ def checkpointing_rows(
             model, config = method_model(preset, "slope", **overrides)
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            saved = SavedTensorCounter(exclude=state_storages(model))
+            counter = StorageCounter()
             handles = []
             if checkpointed:
 
                 def keep_input(
-                    module: nn.Module, args: tuple[Any, ...], saved: SavedTensorCounter = saved
+                    module: nn.Module, args: tuple[Any, ...], counter: StorageCounter = counter
                 ) -> None:
                     for arg in args:
                         if isinstance(arg, Tensor) and arg.requires_grad:
-                            saved._pack(arg)  # what a checkpointed block holds on to
+                            counter.add(arg)  # what a checkpointed block holds on to
 
                 checkpoint_blocks(model.blocks)
                 for block in model.blocks:
                     handles.append(block.register_forward_pre_hook(keep_input))
             idx = torch.randint(0, config.vocab_size, (batch, config.seq_len))  # (B, T)
-            with saved:
+            with counter:
                 _, loss = model(idx, idx)
             assert loss is not None
+            for handle in handles:
+                handle.remove()
+            # Model state left out after the forward: a freshly derived M_C is the layers'.
+            saved = counter.bytes_excluding(state_tensors(model))
             loss.backward()
             optimizer.step()
             state = memory_report(model, optimizer).total
-            for handle in handles:
-                handle.remove()
-            without = without or saved.total
+            without = without or saved
             row: Row = {
                 "preset": preset,
                 "method": "slope + activation checkpointing" if checkpointed else "slope",
                 "tokens": batch * config.seq_len,
-                "saved_activations_MiB": saved.total / 2**20,
-                "vs_no_checkpointing": saved.total / without,
+                "saved_activations_MiB": saved / 2**20,
+                "vs_no_checkpointing": saved / without,
                 "state_MiB": state / 2**20,
-                "memory_MiB": (state + saved.total) / 2**20,
+                "memory_MiB": (state + saved) / 2**20,
             }
             emit(rows, row, on_row)
     return rows
