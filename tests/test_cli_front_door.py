@@ -187,6 +187,42 @@ def test_fits_started_at_the_same_moment_each_get_their_own_version(corpus, tmp_
     assert len(seeds) == 2  # each run's config.yaml is its own
 
 
+@pytest.mark.slow
+def test_a_runs_saved_config_reused_never_writes_into_that_run(corpus, tmp_path):
+    """A run's config.yaml pins its version; fit, validate or test started from it (as users
+    re-run or evaluate a run) each get a new version directory, and the run's own config,
+    checkpoint and TensorBoard events stay as they were; --ckpt_path last still resumes it."""
+    fit = console("fit", *_options(corpus), cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    saved = run / "config.yaml"
+    assert "version: 0" in saved.read_text()
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    checkpoint = str(run / "checkpoints" / "last.ckpt")
+
+    validate = console(
+        "validate", "--config", str(saved), f"--ckpt_path={checkpoint}", cwd=tmp_path
+    )
+    assert validate.returncode == 0, validate.stderr[-3000:]
+    assert "names the run in" in validate.stderr
+    again = console("fit", "--config", str(saved), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    versions = sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir())
+    assert versions == ["version_0", "version_1", "version_2"]
+    assert (tmp_path / "runs" / "tiny" / "version_2" / "checkpoints" / "last.ckpt").is_file()
+
+    # --ckpt_path last resumes the latest run (version_2), in its own directory, though the
+    # config pins version 0.
+    resume = console(
+        "fit", "--config", str(saved), "--ckpt_path=last", "--trainer.max_steps=4", cwd=tmp_path
+    )
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    latest = tmp_path / "runs" / "tiny" / "version_2"
+    assert len(list(latest.glob("events.out.tfevents.*"))) == 2  # the first attempt, the resume
+
+
 # --------------------------------------------------------------------------------------------
 # The held-out test split; checkpoints do not silently override explicit settings
 # --------------------------------------------------------------------------------------------

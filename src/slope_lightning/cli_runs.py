@@ -41,16 +41,32 @@ def logger_root(config: Namespace) -> Path | None:
     return runs_root(init.get("save_dir") or init.get("root_dir"), init.get("name"))
 
 
+def _run_dir_of(root: Path, version: int | str) -> Path | None:
+    """The directory of the run a logger ``version`` names under ``root``, if it holds one (a
+    ``config.yaml``: every run saves its config there first)."""
+    directory = root / (version if isinstance(version, str) else f"version_{version}")
+    return directory if (directory / "config.yaml").is_file() else None
+
+
 def continue_in_version(config: Namespace, version: int) -> None:
-    """Log a resumed run into the directory of the run it resumes (unless a version is set)."""
+    """Log a resumed run into the directory of the run it resumes: unless a version is set
+    that holds no run yet (a version pinned by a run's saved ``config.yaml`` names that run,
+    which may not be the one resumed)."""
     init = _logger_init_args(config)
-    if init is not None and init.get("version") is None:
+    root = logger_root(config)
+    if init is None or root is None:
+        return
+    pinned = init.get("version")
+    if pinned is None or _run_dir_of(root, pinned) is not None:
         init.version = version
 
 
 def reserve_run_version(config: Namespace) -> Path | None:
     """Reserve a new run's ``version_N`` under the logger's ``save_dir/name`` and point the
-    logger at it; returns the directory (None: no logger root, or a version given).
+    logger at it; returns the directory (None: no logger root, or a version given that holds
+    no run yet). A version given that names an existing run (every saved ``config.yaml``
+    pins its own) is replaced by a new one, with a warning: a new fit, ``validate`` or
+    ``test`` never writes into another run's directory.
 
     ``os.mkdir`` either creates the directory or fails because it exists, atomically, so two
     runs started at the same moment never take the same N: the loser tries N + 1. N starts
@@ -60,8 +76,24 @@ def reserve_run_version(config: Namespace) -> Path | None:
     """
     init = _logger_init_args(config)
     root = logger_root(config)
-    if init is None or root is None or init.get("version") is not None:
+    if init is None or root is None:
         return None
+    pinned = init.get("version")
+    if pinned is not None:
+        existing = _run_dir_of(root, pinned)
+        if existing is None:
+            return None  # a version of the user's choosing that holds no run yet
+        # A run's own config.yaml pins its version: reused (`--config <run>/config.yaml`), it
+        # would write this run into that run's folder, over its config and checkpoints.
+        if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
+            logger.warning(
+                "trainer.logger.init_args.version %s names the run in %s (a saved config.yaml "
+                "pins its run's version): this run gets a new version directory instead; to "
+                "continue that run, add --ckpt_path last",
+                pinned,
+                existing,
+            )
+        init.version = None
     if rank_zero_only.rank != 0:  # type: ignore[attr-defined]
         return None
     root.mkdir(parents=True, exist_ok=True)
