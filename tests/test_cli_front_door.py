@@ -223,6 +223,32 @@ def test_a_runs_saved_config_reused_never_writes_into_that_run(corpus, tmp_path)
     assert len(list(latest.glob("events.out.tfevents.*"))) == 2  # the first attempt, the resume
 
 
+@pytest.mark.slow
+def test_a_meta_init_run_that_fails_before_its_model_exists_ends_in_one_error_line(
+    corpus, tmp_path
+):
+    """With model.meta_init the model is materialised in configure_model: a failure before it
+    (a refusal at setup, a missing data source) still ends in the one line that names the
+    fix, not in the teardown's "Cannot copy out of meta tensor"."""
+    refused = console(
+        "fit",
+        *_options(corpus, "--model.meta_init=true"),
+        '--trainer.callbacks=[{"class_path": "slope_lightning.callbacks.InitFromPretrained", '
+        '"init_args": {"source": "dense.safetensors", "mask_method": "wanda"}}]',
+        cwd=tmp_path,
+    )
+    assert refused.returncode != 0 and "meta tensor" not in refused.stderr
+    assert "mask_method='magnitude' with model.meta_init: true" in error_line(refused.stderr)
+    missing = console(
+        "fit",
+        *_options(corpus, "--model.meta_init=true"),
+        "--data.sources=[absent.txt]",
+        cwd=tmp_path,
+    )
+    assert missing.returncode != 0 and "meta tensor" not in missing.stderr
+    assert "absent.txt" in error_line(missing.stderr)
+
+
 # --------------------------------------------------------------------------------------------
 # The held-out test split; checkpoints do not silently override explicit settings
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -730,6 +731,10 @@ def test_init_from_pretrained_into_a_meta_model_on_one_process_equals_the_ordina
     got = module.model.state_dict()
     for key, value in dense_state_pruned(path).items():
         assert torch.equal(got[key], value), key
+    # Once read, the file is let go: the module keeps no open mapping (it can be copied, as
+    # StochasticWeightAveraging does, and holds no file pages for the rest of the run).
+    copy = deepcopy(module)
+    assert torch.equal(copy.model.tok_embed.weight, module.model.tok_embed.weight)
 
 
 @pytest.mark.parametrize(
@@ -737,9 +742,10 @@ def test_init_from_pretrained_into_a_meta_model_on_one_process_equals_the_ordina
     [
         ({"mask_method": "wanda"}, "'wanda' needs the whole dense model.*mask_method='magnitude'"),
         ({"eval_batches": 2}, "eval_batches=2 measures the whole dense model.*eval_batches: 0"),
-        ({"source": "dense.ckpt"}, r"\.ckpt .*cannot be read by rows.*save its weights as"),
+        ({"source": "dense.ckpt"}, r"\.ckpt is not read by rows.*export/model\.safetensors"),
+        ({"attribute": "net"}, r"attribute='net'.*loads its model attribute"),
     ],
-    ids=["wanda", "eval-batches", "ckpt"],
+    ids=["wanda", "eval-batches", "ckpt", "attribute"],
 )
 def test_init_from_pretrained_into_a_meta_model_refuses_what_needs_the_dense_model(
     tmp_path, kwargs, match
@@ -748,8 +754,10 @@ def test_init_from_pretrained_into_a_meta_model_refuses_what_needs_the_dense_mod
 
     arguments = {"source": str(write_dense_weights(tmp_path)), "mask_method": "magnitude"}
     callback = InitFromPretrained(**{**arguments, **kwargs})
+    module = small_module(meta_init=True)
+    module.net = module.model  # the model under another name (the attribute case)
     with pytest.raises(ValueError, match=f"meta device.*{match}.*model.meta_init: false"):
-        callback.setup(None, small_module(meta_init=True), "fit")
+        callback.setup(None, module, "fit")
 
 
 def test_init_from_pretrained_into_a_meta_model_names_a_key_of_another_shape(tmp_path):

@@ -291,7 +291,21 @@ class SLoPeModule(pl.LightningModule):
             return
         trainer = self._trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        materialize(self.model, self._init_rows or self._init_plan, device)
+        source = self._init_rows if self._init_rows is not None else self._init_plan
+        materialize(self.model, source, device)
+        self._init_rows = None  # read: drop the source (an open file, or a whole state dict)
+
+    @override
+    def _apply(self, fn: Any, recurse: bool = True) -> SLoPeModule:
+        """As ``nn.Module``'s, leaving out a ``meta_init`` model not materialised yet (a run
+        failed before ``configure_model``, and its teardown moves the module to the CPU)."""
+        if not (recurse and self._init_plan is not None and is_on_meta(self.model)):
+            return super()._apply(fn, recurse)
+        super()._apply(fn, recurse=False)  # this module's own parameters and buffers
+        for child in self.children():
+            if child is not self.model:
+                child._apply(fn)
+        return self
 
     def _log_graph_breaks(self) -> None:
         """Say where ``torch.compile`` fell back to eager while compiling the first training

@@ -68,7 +68,7 @@ class InitFromPretrained(Callback):
     those of the ordinary build with ``mask_method="magnitude"``. A named source is
     dequantised whole on each rank first (save it as ``.safetensors`` to read only rows).
     Magnitude masks only, no ``eval_batches`` (both need the whole dense model) and no
-    ``.ckpt`` (a pickle archive cannot be read by rows): refused at setup.
+    ``.ckpt`` (pass the run's ``export/model.safetensors``): refused at setup.
 
     A resumed run pays the loading once more and then the checkpoint replaces it all.
 
@@ -183,8 +183,13 @@ class InitFromPretrained(Callback):
             )
         if self.source.endswith(".ckpt"):
             return (
-                "a .ckpt (a pickle archive) cannot be read by rows; save its weights as "
-                ".safetensors, or set model.meta_init: false"
+                "a Lightning .ckpt is not read by rows; pass the run's export/model.safetensors "
+                "(every fit writes one), or set model.meta_init: false"
+            )
+        if self.attribute != "model":
+            return (
+                f"attribute={self.attribute!r}: SLoPeModule.initialise_from loads its model "
+                "attribute; use attribute='model', or set model.meta_init: false"
             )
         return None
 
