@@ -69,6 +69,10 @@ class DenseRows(Protocol):
         (d_in, d_out) weight's layer."""
         ...
 
+    def whole(self, key: str) -> Tensor:
+        """All of tensor ``key`` (a scalar has no rows to read)."""
+        ...
+
 
 class LoadedKeys(NamedTuple):
     """What :func:`load_dense_rows` did not match, as ``load_state_dict``'s named tuple."""
@@ -95,6 +99,9 @@ class StateDictRows:
 
     def columns(self, key: str, start: int, stop: int) -> Tensor:
         return self._state[key][:, start:stop]
+
+    def whole(self, key: str) -> Tensor:
+        return self._state[key]
 
 
 class SafetensorsRows:
@@ -140,6 +147,10 @@ class SafetensorsRows:
         with reading_safetensors(self._path, self._fix, self._error):
             return self._file.get_slice(key)[:, start:stop]
 
+    def whole(self, key: str) -> Tensor:
+        with reading_safetensors(self._path, self._fix, self._error):
+            return self._file.get_tensor(key)
+
 
 @dataclass(frozen=True)
 class _Fill:
@@ -175,8 +186,9 @@ def allocate(model: nn.Module, device: torch.device | str) -> None:
 
 def check_dense_rows(model: nn.Module, source: DenseRows, *, strict: bool = True) -> None:
     """Check, reading no data, that ``source`` fits ``model`` (meta, sharded or plain): the
-    keys (with ``strict``: every parameter covered, nothing left over; a tied parameter is
-    stored under one of its names) and every shape against the model's full shape.
+    keys (with ``strict``: every parameter and persistent buffer covered, nothing left over;
+    a tied parameter is stored under one of its names) and every shape against the model's
+    full shape.
 
     Raises:
         ValueError: a key of another shape (the message names it and both shapes), with
@@ -281,10 +293,14 @@ def _plan(
             fills.append(_Fill(stored, param, aliases[0]))
         else:
             missing.append(aliases[0])
+    persistent = set(model.state_dict(keep_vars=True))  # a checkpoint of the model holds these
     for name, buffer in model.named_buffers(remove_duplicate=False):
-        if id(buffer) not in owned and name in available:  # loaded if given, never required
-            _check(source, name, tuple(buffer.shape), available)
+        if id(buffer) in owned:
+            continue
+        if _check(source, name, tuple(buffer.shape), available):
             fills.append(_Fill(name, buffer, name))
+        elif name in persistent:  # e.g. running statistics; not a derived (non-persistent) one
+            missing.append(name)
     filled = {fill.name for fill in fills}
     used = {fill.key for fill in fills}
     used |= {name for group in names.values() if group[0] in filled for name in group}
@@ -303,7 +319,7 @@ def _check(source: DenseRows, key: str, expected: tuple[int, ...], available: se
     """Whether ``key`` is in ``source``, of the ``expected`` shape.
 
     Raises:
-        ValueError: it is there with another shape, or holds a scalar (rows cannot be read).
+        ValueError: it is there with another shape.
     """
     if key not in available:
         return False
@@ -314,8 +330,6 @@ def _check(source: DenseRows, key: str, expected: tuple[int, ...], available: se
             f"{expected} in the model; pass weights of this model's shape (its preset and "
             "model_overrides)"
         )
-    if not found:
-        raise ValueError(f"{source.name}: {key} is a scalar; only tensors with rows load here")
     return True
 
 
@@ -331,8 +345,11 @@ def _fill(fill: _Fill, source: DenseRows) -> None:
         _require_finite(mine, fill.key, source)
         write_sparse_rows(target, mine)
         return
-    rows = local_rows(target, fill.name)
-    mine = source.rows(fill.key, rows.start, rows.stop)
+    if target.dim() == 0:  # a scalar (a step count): never sharded, read whole
+        mine = source.whole(fill.key)
+    else:
+        rows = local_rows(target, fill.name)
+        mine = source.rows(fill.key, rows.start, rows.stop)
     _require_finite(mine, fill.key, source)
     local_part(target).copy_(mine)
 
