@@ -57,3 +57,27 @@ def test_a_buffer_the_file_lacks_is_named_missing_not_left_uninitialised(tmp_pat
     model = _sparse()
     loaded = load_dense_safetensors(model, path, strict=False)
     assert loaded.missing_keys == ["1.running_mean", "1.running_var"]
+
+
+def test_a_tied_head_stored_once_loads_into_a_plain_model_as_by_rows(tmp_path: Path) -> None:
+    """A dense run's export stores a tied embedding once: load_dense_state_dict on a plain
+    model accepts it (as the row path does) and gives the same state."""
+    from slope_lightning.models import TransformerConfig, build_model
+    from slope_lightning.sparse import load_dense_state_dict
+    from slope_lightning.sparse.config import SparsityConfig
+
+    config = TransformerConfig.from_name(
+        "tiny", n_layer=1, d_model=32, n_head=2, n_kv_head=1, vocab_size=64, seq_len=16
+    )
+    dense, _ = build_model(config, SparsityConfig(sparse=False))
+    state = {k: v for k, v in dense.state_dict().items() if k != "lm_head.weight"}
+    path = tmp_path / "export.safetensors"
+    save_file(state, str(path))
+    plain, _ = build_model(config, SparsityConfig())
+    load_dense_state_dict(plain, state)
+    by_rows, _ = build_model(config, SparsityConfig())
+    load_dense_safetensors(by_rows, path)
+    assert plain.lm_head.weight is plain.tok_embed.weight
+    for key, value in by_rows.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(plain.state_dict()[key], value), key

@@ -159,6 +159,12 @@ def load_dense_state_dict(
     sparse_state = prune_dense_state_dict(
         model, state_dict, mask_method=mask_method, generator=generator
     )
+    # A tied parameter is stored once (safetensors keeps no aliases): its other names load it.
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for name, param in named.items():
+        stored = next((n for n, p in named.items() if p is param and n in sparse_state), None)
+        if name not in sparse_state and stored is not None:
+            sparse_state[name] = sparse_state[stored]
     return model.load_state_dict(sparse_state, strict=strict)
 
 
