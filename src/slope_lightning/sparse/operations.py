@@ -213,8 +213,10 @@ def _load_by_rows(
             raise ValueError(
                 f"the model is on the meta device with buffers no checkpoint holds "
                 f"({derived[:3]}); for the project's Transformer use "
-                "slope_lightning.models.meta_init.materialize(model, source, device), which "
-                "recomputes them, or allocate and initialise them yourself first"
+                "slope_lightning.models.meta_init.materialize(model, rows, device) with rows = "
+                "SafetensorsRows(path) or StateDictRows(state_dict), which recomputes them (a "
+                "SLoPeModule(meta_init=True): module.initialise_from(rows) before "
+                "configure_model), or allocate and initialise them yourself first"
             )
         allocate(model, device)
     return load_dense_rows(model, source, strict=strict)
