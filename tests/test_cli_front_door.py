@@ -237,8 +237,9 @@ def test_a_meta_init_run_that_fails_before_its_model_exists_ends_in_one_error_li
         '"init_args": {"source": "dense.safetensors", "mask_method": "wanda"}}]',
         cwd=tmp_path,
     )
-    assert refused.returncode != 0 and "meta tensor" not in refused.stderr
+    assert refused.returncode == 2 and "meta tensor" not in refused.stderr  # refused up front
     assert "mask_method='magnitude' with model.meta_init: true" in error_line(refused.stderr)
+    assert not (tmp_path / "runs").exists()  # before a run folder, data or model exists
     missing = console(
         "fit",
         *_options(corpus, "--model.meta_init=true"),

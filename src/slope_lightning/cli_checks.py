@@ -12,6 +12,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 
+from slope_lightning.callbacks import InitFromPretrained
 from slope_lightning.cli_errors import ConfigError
 from slope_lightning.cli_runs import callback_configs
 
@@ -33,6 +34,8 @@ def check_parsed_config(subcommand: str, config: Namespace) -> None:
     """
     _check_linked_overrides(config)
     _refuse_auto_resuming_callbacks(config)
+    if subcommand == "fit":
+        _refuse_pretrained_needing_a_dense_model(config)
     if config.get("weights_only") is False:
         raise ConfigError(
             "--weights_only false is refused: slope-lightning loads checkpoints with "
@@ -83,6 +86,20 @@ def _refuse_auto_resuming_callbacks(config: Namespace) -> None:
                 "slope_lightning.callbacks.CrashCheckpoint instead (the same crash checkpoint; "
                 "resuming stays explicit with --ckpt_path)"
             )
+
+
+def _refuse_pretrained_needing_a_dense_model(config: Namespace) -> None:
+    """With ``model.meta_init`` no rank holds the dense model: refuse, before any data is
+    prepared, an ``InitFromPretrained`` whose settings need it (Wanda, its default)."""
+    if not config.get("model.meta_init"):
+        return
+    for cls, init_args in callback_configs(config):
+        if isinstance(cls, type) and issubclass(cls, InitFromPretrained):
+            refusal = cls(**init_args.as_dict()).meta_init_refusal()
+            if refusal is not None:
+                raise ConfigError(
+                    f"trainer.callbacks: InitFromPretrained with model.meta_init: true: {refusal}"
+                )
 
 
 def check_test_split_unseen(path: Path, config: Namespace) -> None:

@@ -169,8 +169,9 @@ class InitFromPretrained(Callback):
             )
         return pretrained.state_dict()
 
-    def _meta_refusal(self) -> str | None:
-        """Why these settings cannot load into a meta model, and the fix; None if they can."""
+    def meta_init_refusal(self) -> str | None:
+        """Why these settings cannot load into a meta model (``model.meta_init``), and the fix;
+        None if they can. The CLI asks before anything is built."""
         fix = (
             "use mask_method='magnitude' with model.meta_init: true, or set model.meta_init: false"
         )
@@ -196,7 +197,7 @@ class InitFromPretrained(Callback):
     def _hand_over(self, pl_module: pl.LightningModule, model: nn.Module) -> None:
         """A meta model: check the source against it (reading no data) and hand it to the
         module, which loads each rank's rows when it materialises the model."""
-        refusal = self._meta_refusal()
+        refusal = self.meta_init_refusal()
         if refusal is not None:
             raise ValueError(
                 f"InitFromPretrained(source={self.source!r}) into a model on the meta device "
