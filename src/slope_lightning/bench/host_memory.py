@@ -81,9 +81,10 @@ WEIGHTS_READ = (
     "safetensors maps the file (mmap) and copies each tensor read into anonymous memory. "
     "ordinary+pretrained: InitFromPretrained loads the whole file on every rank (load_file, "
     "the mapping closed after it), prunes a copy and loads it into the built model; "
-    "meta_init+pretrained: each rank reads only its rows (safe_open slices, the mapping kept "
-    "open until the fit ends), so the pages it touched are in its RSS as file-backed pages "
-    "(weights_mapped_MiB, file_MiB). The page cache of pages never mapped is not RSS."
+    "meta_init+pretrained: each rank reads only its rows (safe_open slices, the mapping "
+    "closed once they are read), so the pages it touched count in its peak while it loads "
+    "(weights_mapped_MiB: those still mapped at the first batch, 0 since the module lets the "
+    "file go). The page cache of pages never mapped is not RSS."
 )
 
 
