@@ -37,6 +37,7 @@ from slope_lightning.sparse.dense_rows import (
     DenseRows,
     allocate,
     load_dense_rows,
+    require_masks_sharded_with_values,
     write_sparse_rows,
 )
 from slope_lightning.sparse.dtensor import local_part, local_rows
@@ -120,9 +121,11 @@ def materialize(model: Transformer, init: InitPlan | DenseRows, device: torch.de
 
     Raises:
         ValueError: a parameter the plan does not initialise (the model's layout has
-            changed since :func:`build_on_meta`), or one not sharded by rows; dense weights
+            changed since :func:`build_on_meta`), or one not sharded by rows, or sharded
+            values beside replicated masks (before anything is allocated); dense weights
             that do not fit (see :func:`~slope_lightning.sparse.dense_rows.load_dense_rows`).
     """
+    require_masks_sharded_with_values(model)  # before anything is allocated
     with torch.device(device):
         allocate(model, device)
         if isinstance(init, InitPlan):

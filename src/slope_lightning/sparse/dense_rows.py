@@ -37,6 +37,7 @@ __all__ = [
     "check_dense_rows",
     "is_on_meta",
     "load_dense_rows",
+    "require_masks_sharded_with_values",
     "write_sparse_rows",
 ]
 
@@ -255,6 +256,22 @@ def write_sparse_rows(layer: SparseLinear, mine: Tensor) -> None:
         layer.row_index[rows] = row_index
 
 
+def require_masks_sharded_with_values(model: nn.Module) -> None:
+    """Refuse a sparse layer whose values are sharded but whose masks are replicated: a rank
+    initialising or loading its rows could write only its own rows of M_R.
+
+    Raises:
+        ValueError: such a layer (named), with the fix.
+    """
+    for name, layer in _sparse_layers(model):
+        if is_dtensor(layer.values) and not is_dtensor(layer.row_index):
+            raise ValueError(
+                f"layer {name!r}: its values are sharded but its masks replicated, so a rank "
+                "could write only its own rows of M_R; call hold_masks_as_parameters() on "
+                "every SparseLinear before fully_shard (SLoPeModule does)"
+            )
+
+
 def _sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:
     return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SparseLinear)]
 
@@ -267,13 +284,8 @@ def _plan(
     fills: list[_Fill] = []
     missing: list[str] = []
     owned: set[int] = set()
+    require_masks_sharded_with_values(model)
     for name, layer in _sparse_layers(model):
-        if is_dtensor(layer.values) and not is_dtensor(layer.row_index):
-            raise ValueError(
-                f"layer {name!r}: its values are sharded but its masks replicated, so a rank "
-                "could write only its own rows of M_R; call hold_masks_as_parameters() on "
-                "every SparseLinear before fully_shard (SLoPeModule does)"
-            )
         key = f"{name}.weight" if name else "weight"
         owned |= {id(layer.values), id(layer.row_index), id(layer.col_index)}
         d_out, d_in = layer.out_features, layer.in_features
