@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from slope_lightning.sparse.dtensor import is_dtensor, local_part, local_rows
-from slope_lightning.sparse.linear import SparseLinear
+from slope_lightning.sparse.linear import SparseLinear, sparse_layers
 from slope_lightning.utils import reading_safetensors
 
 __all__ = [
@@ -234,7 +234,7 @@ def load_dense_rows(model: nn.Module, source: DenseRows, *, strict: bool = True)
     except Exception as error:  # agreed on below, then raised on every process
         failure = error
     _agree(model, source, failure)
-    for _, layer in _sparse_layers(model):
+    for _, layer in sparse_layers(model):
         layer.refresh_transpose_mask(with_stats=False)  # M_C; a collective when sharded
     return LoadedKeys(missing, unexpected)
 
@@ -263,17 +263,13 @@ def require_masks_sharded_with_values(model: nn.Module) -> None:
     Raises:
         ValueError: such a layer (named), with the fix.
     """
-    for name, layer in _sparse_layers(model):
+    for name, layer in sparse_layers(model):
         if is_dtensor(layer.values) and not is_dtensor(layer.row_index):
             raise ValueError(
                 f"layer {name!r}: its values are sharded but its masks replicated, so a rank "
                 "could write only its own rows of M_R; call hold_masks_as_parameters() on "
                 "every SparseLinear before fully_shard (SLoPeModule does)"
             )
-
-
-def _sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:
-    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SparseLinear)]
 
 
 def _plan(
@@ -285,7 +281,7 @@ def _plan(
     missing: list[str] = []
     owned: set[int] = set()
     require_masks_sharded_with_values(model)
-    for name, layer in _sparse_layers(model):
+    for name, layer in sparse_layers(model):
         key = f"{name}.weight" if name else "weight"
         owned |= {id(layer.values), id(layer.row_index), id(layer.col_index)}
         d_out, d_in = layer.out_features, layer.in_features

@@ -535,3 +535,8 @@ class SparseLinear(nn.Module):
             f"transpose_mask_interval={self.transpose_mask_interval}"
             + (", merged" if self.merged else "")
         )
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:
+    """Every SparseLinear in ``model`` with its qualified name."""
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SparseLinear)]

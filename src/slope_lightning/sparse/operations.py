@@ -29,15 +29,10 @@ from slope_lightning.sparse.dense_rows import (
 )
 from slope_lightning.sparse.dtensor import is_dtensor
 from slope_lightning.sparse.kernel_ops import derive_col_index
-from slope_lightning.sparse.linear import SparseLinear
+from slope_lightning.sparse.linear import SparseLinear, sparse_layers
 from slope_lightning.sparse.masks import MaskMethod
 from slope_lightning.sparse.selection import replace_children
 from slope_lightning.utils import require_finite
-
-
-def sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:
-    """Every SparseLinear in ``model`` with its qualified name."""
-    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SparseLinear)]
 
 
 def prune_dense_state_dict(
