@@ -76,6 +76,7 @@ def check_masks(rank: int, world: int, port: int, out: Path) -> None:
                 }
             )
     (out / f"masks{rank}.json").write_text(json.dumps(results))
+    dist.barrier()  # no rank tears its connections down while another still reads
     dist.destroy_process_group()
 
 
@@ -181,6 +182,7 @@ def check_dense_load(rank: int, world: int, port: int, out: Path) -> None:
     except ValueError as error:
         results["replicated_masks_error"] = str(error)
     (out / f"dense{rank}.json").write_text(json.dumps(results))
+    dist.barrier()  # no rank tears its connections down while another still reads
     dist.destroy_process_group()
 
 

@@ -98,6 +98,7 @@ def _fsdp_rank(
             }
         )
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
+    dist.barrier()  # no rank tears its connections down while another still reads
     dist.destroy_process_group()
 
 
