@@ -149,6 +149,7 @@ def test_the_gap_along_training_is_paired_by_seed_against_tokens_seen(tmp_path: 
                 "dense": {"lrs": [1e-3]},
                 "slope": {"lrs": [1e-3]},
                 "ablated": {"lr_from": "slope", "group": "ablation"},
+                "pruned-after": {"lr_from": "dense"},
             },
         )
     )
@@ -160,9 +161,12 @@ def test_the_gap_along_training_is_paired_by_seed_against_tokens_seen(tmp_path: 
         _with_val_curve(_result("slope", 1e-3, 1, 100.0), [5.1, 4.3, 3.2, 2.2]),
         _with_val_curve(_result("ablated", 1e-3, 0, 100.0), [9.0, 9.0, 9.0, 9.0]),
         _with_val_curve(_result("ablated", 1e-3, 1, 100.0), [9.0, 9.0, 9.0, 9.0]),
+        _with_val_curve(_result("pruned-after", 1e-3, 0, 100.0), [5.0, 4.0, 3.0, 2.0]),
     ]
     summary = summarize(study, results, machine_info("test"))
-    assert set(summary["gap"]) == {"slope"}  # ablations keep to their own table
+    # ablations keep to their own table; a method at dense's lr is dense's run until it
+    # prunes after training, so its curve would read 1.000 whatever pruning costs
+    assert set(summary["gap"]) == {"slope"}
     assert any(w.startswith("dense: a grid of 1 learning rates") for w in summary["warnings"])
     tokens = [point[0] for point in summary["gap"]["slope"]]
     assert tokens == [250.0, 500.0, 750.0, 1000.0]  # steps x 25 tokens a step

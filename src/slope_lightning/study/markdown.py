@@ -247,7 +247,8 @@ def _gap(summary: dict[str, Any]) -> list[str]:
         "the runs (each at its chosen learning rate; the training loop's validation sample, "
         "the same windows for every run), paired seed by seed: mean ± std over seeds. Below 1 "
         f"is better than {baseline}. Whether the gap opens, closes or stays as training goes "
-        "on is read down a column.",
+        "on is read down a column. Methods that prune the baseline's model after training "
+        "are left out: until they prune, their curve is the baseline's.",
         "",
         "| tokens seen | " + " | ".join(labels.get(name, name) for name in gap) + " |",
         "|---|" + "---|" * len(gap),

@@ -22,7 +22,9 @@ How the numbers are made:
   the same batches, so this is a low-noise comparison of the whole run, not of one number.
 * The gap along training (``gap``): each method's validation perplexity over the baseline's
   at every validation point of the runs, paired by seed, against tokens seen (see
-  :mod:`~slope_lightning.study.gap`).
+  :mod:`~slope_lightning.study.gap`). Methods trained at the baseline's lr (``lr_from``
+  the baseline: pruning the baseline's model after training) are left out: until they
+  prune, their curve is the baseline's.
 * A run of fewer than 20 tokens per parameter is labelled *early training*: the numbers
   compare methods at that budget, not their final quality.
 """
@@ -249,7 +251,9 @@ def summarize(
         )
         table.append(row)
         curves[method.name] = _mean_curves(runs)
-        if method.group == "method" and method.name != baseline:
+        if method.group == "method" and baseline not in (method.name, method.lr_from):
+            # lr_from the baseline: the baseline's own run until it prunes after training,
+            # so its curve over the baseline's says nothing (the tables give its end point)
             gap[method.name] = paired_gap(runs_at_best(method.name), base_runs)
 
     all_tokens = {r.get("tokens") for r in results}
