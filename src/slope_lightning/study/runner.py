@@ -302,7 +302,8 @@ def run_one(spec: RunSpec, launcher: Launcher, evaluator: Evaluator | None) -> R
     record = collect(spec, status, wall_s, resumed, evaluator)
     atomic_write(spec.marker, json.dumps(record, indent=1) + "\n")  # last: the run is done
     keep_record(spec, record)
-    return RunOutcome(spec, status, result.error or "")
+    # a finished run's log can still hold an earlier attempt's interruption: no detail then
+    return RunOutcome(spec, status, (result.error or "") if status == "diverged" else "")
 
 
 def run_study(
