@@ -121,6 +121,37 @@ def test_weight_decay_applies_to_matrices_only(corpus, tmp_path):
     assert all(p.dim() == 1 for p in plain["params"])
 
 
+def test_the_embedding_trains_at_its_own_scaled_lr_and_resumes_with_it(corpus, tmp_path):
+    """optimizer.embedding_lr_scale: the token embedding (tied with the head) in a group of its
+    own at that multiple of lr at every step of the schedule; a checkpoint resumes into it."""
+    module = SLoPeModule(
+        preset="tiny",
+        vocab_size=300,
+        seq_len=32,
+        model_overrides=SMALL,
+        optimizer=OptimizerConfig(lr=3e-3, warmup=2, embedding_lr_scale=4.0),
+    )
+    trainer = make_trainer(tmp_path, [], max_steps=3)
+    trainer.fit(module, datamodule=make_data(corpus))
+    groups = {group["name"]: group for group in trainer.optimizers[0].param_groups}
+    assert list(groups) == ["decay", "no_decay", "embedding"]
+    embedding = module.model.tok_embed.weight
+    assert groups["embedding"]["params"] == [embedding]
+    assert module.model.lm_head.weight is embedding  # the tied head: trained once, in it
+    assert all(p is not embedding for p in groups["decay"]["params"])
+    assert groups["embedding"]["weight_decay"] == groups["decay"]["weight_decay"] == 0.1
+    assert groups["embedding"]["lr"] == pytest.approx(4 * groups["decay"]["lr"], rel=1e-12)
+    assert groups["embedding"]["initial_lr"] == pytest.approx(1.2e-2)
+    path = tmp_path / "scaled.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = make_trainer(tmp_path / "resumed", [], max_steps=4)
+    resumed.fit(
+        SLoPeModule.load_from_checkpoint(path), datamodule=make_data(corpus), ckpt_path=path
+    )
+    (group,) = [g for g in resumed.optimizers[0].param_groups if g["name"] == "embedding"]
+    assert group["lr"] == pytest.approx(4 * resumed.optimizers[0].param_groups[0]["lr"])
+
+
 def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
     cfg = OptimizerConfig(schedule="cosine", min_lr_ratio=0.1)
     values = [lr_multiplier(step, 10, 100, cfg) for step in range(101)]

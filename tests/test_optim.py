@@ -242,6 +242,31 @@ def test_build_adamw_names_its_groups_and_decays_matrices_only():
     assert isinstance(scheduler, sched.LambdaLR)
 
 
+def test_embedding_lr_scale_puts_each_embedding_weight_once_in_a_group_at_that_multiple():
+    embed = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = embed.weight  # tied, as a language model's head
+    model = nn.Sequential(embed, nn.Linear(4, 4), head)
+    optimizer, scheduler = build_adamw(
+        model, OptimizerConfig(warmup=2, embedding_lr_scale=0.5), total_steps=10
+    )
+    decay, _, embedding = optimizer.param_groups
+    assert [g["name"] for g in optimizer.param_groups] == ["decay", "no_decay", "embedding"]
+    assert embedding["params"] == [embed.weight] and decay["params"] == [model[1].weight]
+    for _ in range(6):  # warmup and decay alike: the ratio holds at every step
+        assert embedding["lr"] == pytest.approx(0.5 * decay["lr"], rel=1e-12)
+        optimizer.step()
+        scheduler.step()
+    default, _ = build_adamw(model, OptimizerConfig(), total_steps=10)
+    assert [g["name"] for g in default.param_groups] == ["decay", "no_decay"]
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_non_positive_embedding_lr_scale_is_refused_by_name(scale):
+    with pytest.raises(ValueError, match="optimizer.embedding_lr_scale must be a positive"):
+        OptimizerConfig(embedding_lr_scale=scale)
+
+
 # ------------------------------------------------------------- the adapters' declared group
 
 

@@ -35,7 +35,12 @@ from slope_lightning.checkpoints import optimizer_state_by_name
 from slope_lightning.export import export_model
 from slope_lightning.models import Transformer, TransformerConfig, build_model, checkpoint_blocks
 from slope_lightning.models.meta_init import InitPlan, build_on_meta, materialize
-from slope_lightning.optim import OptimizerConfig, build_adamw, lr_multiplier
+from slope_lightning.optim import (
+    OptimizerConfig,
+    build_adamw,
+    describe_param_groups,
+    lr_multiplier,
+)
 from slope_lightning.sparse import (
     SparsifyReport,
     backend_report,
@@ -518,14 +523,7 @@ class SLoPeModule(pl.LightningModule):
         # The step hook is the M_C refresh's one step counter: needed under FSDP2 (M_C
         # re-derived from the shards after each step) and for transpose_mask_interval > 1.
         follow_optimizer(self.model, optimizer)
-        decay, no_decay = (group["params"] for group in optimizer.param_groups)
-        _info(
-            "AdamW: %d decayed tensors (%d values), %d not decayed (%d values)",
-            len(decay),
-            sum(p.numel() for p in decay),
-            len(no_decay),
-            sum(p.numel() for p in no_decay),
-        )
+        _info("AdamW: %s", describe_param_groups(optimizer))
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
