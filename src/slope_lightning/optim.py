@@ -143,10 +143,10 @@ def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     return decay, no_decay
 
 
-def embedding_weights(model: nn.Module) -> list[nn.Parameter]:
+def embedding_weights(model: nn.Module) -> list[Tensor]:
     """The trainable weights of ``model``'s ``nn.Embedding`` modules, each once (a tied
     output head shares its embedding's)."""
-    found: dict[int, nn.Parameter] = {}
+    found: dict[int, Tensor] = {}
     for module in model.modules():
         if isinstance(module, nn.Embedding) and module.weight.requires_grad:
             found.setdefault(id(module.weight), module.weight)
