@@ -68,9 +68,8 @@ class OptimizerConfig:
 
         Raises:
             ValueError: ``lr``, ``eps`` or ``embedding_lr_scale`` not positive,
-                ``weight_decay`` or ``warmup``
-                negative, ``min_lr_ratio`` outside [0, 1], a beta outside [0, 1), or an unknown
-                ``schedule``.
+                ``weight_decay`` or ``warmup`` negative, ``min_lr_ratio`` outside [0, 1], a
+                beta outside [0, 1), or an unknown ``schedule``.
         """
         object.__setattr__(self, "betas", tuple(self.betas))
         if not self.lr > 0:

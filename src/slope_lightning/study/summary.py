@@ -263,16 +263,12 @@ def summarize(
             f"{sorted(map(str, all_tokens))}"
         )
     tokens: int | None = next(iter(all_tokens)) if len(all_tokens) == 1 else None
-    parameters: int | None = next(
-        (t["parameters"] for t in table if t.get("parameters") and t["method"] == baseline),
-        next(
-            (t["parameters"] for t in table if t.get("parameters")),
-            next(
-                (e["parameters"] for r in results if (e := r.get("eval")) and e.get("parameters")),
-                None,
-            ),
-        ),
-    )
+    counted = {
+        r["method"]: e["parameters"]
+        for r in results
+        if (e := r.get("eval")) and e.get("parameters")
+    }
+    parameters: int | None = counted.get(baseline, next(iter(counted.values()), None))
     tokens_per_parameter = tokens / parameters if tokens and parameters else None
     early = (
         tokens_per_parameter is not None
