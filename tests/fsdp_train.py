@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 # Lightning and the Lightning layer are imported by train() only: --check-masks spawns
-# processes that re-import this file and need nothing but torch and slope_lightning.sparse.
+# processes that re-import this file and need nothing but torch and slope_lightning.sparse
+# (and bench.sharded.end_rank, torch-only too).
 
 MODEL = {"n_layer": 2, "d_model": 64, "n_head": 2, "n_kv_head": 1}
 
@@ -41,6 +42,7 @@ def check_masks(rank: int, world: int, port: int, out: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from slope_lightning.bench.sharded import end_rank
     from slope_lightning.sparse import SparseLinear
 
     torch.set_num_threads(1)
@@ -76,8 +78,7 @@ def check_masks(rank: int, world: int, port: int, out: Path) -> None:
                 }
             )
     (out / f"masks{rank}.json").write_text(json.dumps(results))
-    dist.barrier()  # no rank tears its connections down while another still reads
-    dist.destroy_process_group()
+    end_rank()
 
 
 def config() -> Any:
@@ -121,6 +122,7 @@ def check_dense_load(rank: int, world: int, port: int, out: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from slope_lightning.bench.sharded import end_rank
     from slope_lightning.models import build_model
     from slope_lightning.models.meta_init import build_on_meta, materialize
     from slope_lightning.sparse import (
@@ -182,8 +184,7 @@ def check_dense_load(rank: int, world: int, port: int, out: Path) -> None:
     except ValueError as error:
         results["replicated_masks_error"] = str(error)
     (out / f"dense{rank}.json").write_text(json.dumps(results))
-    dist.barrier()  # no rank tears its connections down while another still reads
-    dist.destroy_process_group()
+    end_rank()
 
 
 def full_state(module: Any) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import socket
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,27 @@ FSDP_COLUMNS = [
     "sparse_layers_ratio",
     "metadata_MiB",
 ]
+
+
+def end_rank() -> NoReturn:
+    """End one spawned rank once its results are written: meet every rank, destroy the
+    process group, and exit the process at once.
+
+    Python's interpreter finalisation can destroy a gloo process group whose worker threads
+    are still joinable (a DeviceMesh or DTensor still holds it), and the process then aborts
+    with "terminate called without an active exception" although its work is done (the
+    failure mode of pytorch/pytorch#65231). ``os._exit`` skips that finalisation; everything
+    the rank had to write is written and closed before it is called.
+    """
+    import sys
+
+    import torch.distributed as dist
+
+    dist.barrier()  # no rank tears its connections down while another still reads
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _fsdp_rank(
@@ -98,8 +119,7 @@ def _fsdp_rank(
             }
         )
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
-    dist.barrier()  # no rank tears its connections down while another still reads
-    dist.destroy_process_group()
+    end_rank()
 
 
 def fsdp_rows(
