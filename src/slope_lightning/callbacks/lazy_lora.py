@@ -32,6 +32,7 @@ from slope_lightning.optim import (
 )
 from slope_lightning.sparse import SparseLinear, sparse_layers
 from slope_lightning.sparse.adapters import AdapterInit, resolve_rank
+from slope_lightning.sparse.dtensor import full_tensor, is_dtensor
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ class LazyLoRA(LoggingStepCallback):
     :func:`~slope_lightning.optim.add_param_group_following_schedule` for the rule and the
     supported schedulers). Under DDP, adapters start identical on every rank (seeded) and
     their gradients are averaged across ranks by this callback (DDP's reducer was built before
-    they existed).
+    they existed). Under FSDP2 they are sharded by rows like the layer's values (each rank
+    keeps its rows of the same seeded draw), gathered for each forward and their gradients
+    reduce-scattered, as FSDP2 does its own parameters.
 
     Everything that can only fail late is checked before the first step: the rank against
     every layer's size and whether the scheduler can be extended (``on_fit_start``), the start
@@ -449,7 +452,8 @@ class LazyLoRA(LoggingStepCallback):
         if world == 1:
             return
         for param in self._adapter_parameters(pl_module):
-            if param.grad is not None:
+            # Sharded adapters (FSDP2) had theirs reduce-scattered in the backward already.
+            if param.grad is not None and not is_dtensor(param.grad):
                 dist.all_reduce(param.grad)  # a sync point, once per optimizer step
                 param.grad.div_(world)
 
@@ -458,11 +462,13 @@ class LazyLoRA(LoggingStepCallback):
         if not self.active:
             return
         adapters = [layer.adapter for _, layer in sparse_layers(pl_module) if layer.adapter]
-        with torch.no_grad():
+        with torch.no_grad():  # a sharded adapter's norm is over every rank's rows
             down_norm = torch.linalg.vector_norm(
-                torch.stack([a.down_values.float().norm() for a in adapters])
+                torch.stack([full_tensor(a.down_values.float().norm()) for a in adapters])
             )
-            up_norm = torch.linalg.vector_norm(torch.stack([a.up.float().norm() for a in adapters]))
+            up_norm = torch.linalg.vector_norm(
+                torch.stack([full_tensor(a.up.float().norm()) for a in adapters])
+            )
         pl_module.log_dict(
             {"adapters/L_norm": down_norm, "adapters/R_norm": up_norm},
             on_step=True,

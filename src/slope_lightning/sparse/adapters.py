@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from slope_lightning.sparse.dtensor import gathered_for_compute
 from slope_lightning.sparse.layout import NMLayout
 
 AdapterInit = Literal["slope", "peft"]
@@ -90,18 +91,21 @@ class LowRankAdapter(nn.Module):
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=device))
 
     def down_dense(self) -> Tensor:
-        """Lᵀ as a dense (r, d_in) tensor; differentiable w.r.t. ``down_values``."""
-        return self.layout.to_dense(self.down_values, self.down_index)
+        """Lᵀ as a dense (r, d_in) tensor; differentiable w.r.t. ``down_values``.
+
+        Under FSDP2 (parameters sharded by :func:`~slope_lightning.sparse.dtensor.shard_like`)
+        this and every method below gather them: a collective."""
+        return self.layout.to_dense(gathered_for_compute(self.down_values), self.down_index)
 
     def forward(self, x: Tensor) -> Tensor:
         """s·(X L) R for X of shape (..., d_in); returns (..., d_out)."""
         down = self.down_dense().to(x.dtype)  # (r, d_in)
         hidden = x @ down.t()  # (..., r)
-        return (hidden @ self.up.to(x.dtype)) * self.scale.to(x.dtype)
+        return (hidden @ gathered_for_compute(self.up).to(x.dtype)) * self.scale.to(x.dtype)
 
     def delta_weight(self) -> Tensor:
         """s·(L R)ᵀ as a dense (d_out, d_in) tensor (for export to a dense layer)."""
-        return (self.up.t() @ self.down_dense()) * self.scale
+        return (gathered_for_compute(self.up).t() @ self.down_dense()) * self.scale
 
     def extra_repr(self) -> str:
         return (

@@ -4,16 +4,18 @@ a row-sharded SparseLinear needs between steps.
 Under FSDP2 (``fully_shard``) a SparseLinear's values are a DTensor sharded by rows (d_out)
 between steps, and FSDP's gathered plain tensor inside the forward and backward. The packed
 masks shard with them once held as frozen parameters
-(:meth:`~slope_lightning.sparse.SparseLinear.hold_masks_as_parameters`). Every function here
-works on a build of torch without ``torch.distributed`` too (nothing is a DTensor then).
+(:meth:`~slope_lightning.sparse.SparseLinear.hold_masks_as_parameters`). Adapters that
+LazyLoRA adds after ``fully_shard`` are sharded the same way by :func:`shard_like` and
+gathered for each forward by :func:`gathered_for_compute`. Every function here works on a
+build of torch without ``torch.distributed`` too (nothing is a DTensor then).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -97,3 +99,43 @@ def local_rows(tensor: Tensor, name: str) -> slice:
     _, chunk, index = shard
     start = min(index * chunk, tensor.shape[0])
     return slice(start, start + local_part(tensor).shape[0])
+
+
+def shard_like(param: nn.Parameter, reference: DTensor) -> nn.Parameter:
+    """``param`` (the same on every rank) sharded by rows on ``reference``'s mesh and
+    placements, as FSDP2 shards ``reference``: for a parameter created after ``fully_shard``
+    (LazyLoRA's adapters), which FSDP2 does not manage. Each rank keeps its rows of its own
+    copy; nothing is communicated."""
+    from torch.distributed.tensor import distribute_tensor
+
+    sharded = distribute_tensor(
+        param.detach(), reference.device_mesh, reference.placements, src_data_rank=None
+    )
+    return nn.Parameter(sharded, requires_grad=param.requires_grad)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """The identity forward; the gradient times ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def gathered_for_compute(param: Tensor) -> Tensor:
+    """A parameter that :func:`shard_like` sharded, whole for one forward, as FSDP2 gathers
+    its own: an all-gather, whose backward reduce-scatters the gradient to the shards,
+    averaged over every rank of the mesh (FSDP2's data-parallel mean). Any other tensor is
+    returned as it is. A collective under FSDP2: every rank runs the same forward."""
+    if not is_dtensor(param):
+        return param
+    from torch.distributed.tensor import Partial
+
+    mesh = param.device_mesh
+    whole = param.full_tensor(grad_placements=[Partial()] * mesh.ndim)
+    return _ScaleGradient.apply(whole, 1.0 / mesh.size())

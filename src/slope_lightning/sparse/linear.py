@@ -26,7 +26,7 @@ from slope_lightning.sparse.backends import (
     resolve_backend,
 )
 from slope_lightning.sparse.conv1d import dense_weight, is_conv1d
-from slope_lightning.sparse.dtensor import local_part
+from slope_lightning.sparse.dtensor import is_dtensor, local_part, shard_like
 from slope_lightning.sparse.function import (
     compute_dtype_of,
     sparse_linear,
@@ -377,7 +377,12 @@ class SparseLinear(nn.Module):
         alpha: float | None = None,
         generator: torch.Generator | None = None,
     ) -> list[nn.Parameter]:
-        """Attach a low-rank adapter; returns its new parameters (for a running optimizer)."""
+        """Attach a low-rank adapter; returns its new parameters (for a running optimizer).
+
+        On a layer that FSDP2 shards, the adapter's parameters are sharded by rows like its
+        values (each rank keeps its rows of the same seeded draw) and gathered for each
+        forward, their gradients reduce-scattered: no rank holds all of them.
+        """
         if self.adapter is not None:
             raise RuntimeError(f"layer {self.name!r} already has an adapter")
         r = resolve_rank(rank, self.in_features, self.out_features, f"layer {self.name!r}")
@@ -393,6 +398,9 @@ class SparseLinear(nn.Module):
             dtype=self.values.dtype,
             generator=generator,
         )
+        if is_dtensor(self.values):
+            self.adapter.down_values = shard_like(self.adapter.down_values, self.values)
+            self.adapter.up = shard_like(self.adapter.up, self.values)
         if self.merged:
             self.unmerge()
         return [self.adapter.down_values, self.adapter.up]
