@@ -170,27 +170,25 @@ def test_plan_per_rank_equals_two_process_fsdp2_counts():
     assert rows[0]["slope_MiB"] > rows[1]["slope_MiB"]
 
 
-def test_plan_shards_by_rows_and_replicates_buffers_and_adapters():
+def test_plan_shards_parameters_by_rows_adapters_included_and_replicates_buffers():
     config = bench_config("tiny", seq_len=32, vocab_size=250)  # 250 rows: 84, 84, 82
     with torch.device("meta"):
         model = planned_model(config, "slope+adapters")
     hold_masks_for_fsdp(model)
     one = state_plan(model, world=1)
     ranks = [state_plan(model, world=3, rank=r) for r in range(3)]
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-
-    def adapter_bytes(suffix: str) -> int:
-        return sum(t.numel() * t.element_size() for n, t in tensors.items() if n.endswith(suffix))
-
-    # LazyLoRA's adapters come after fully_shard: every rank holds all of them
-    replicated = {
-        "sparse values": adapter_bytes("adapter.down_values"),
-        "dense parameters": adapter_bytes("adapter.up"),
-        "metadata": adapter_bytes("adapter.down_index"),
-    }
-    assert all(replicated.values())
-    for category, copies in replicated.items():
-        assert sum(r[category] for r in ranks) == one[category] + 2 * copies
+    index = sum(
+        t.numel() * t.element_size()
+        for n, t in model.named_buffers()
+        if n.endswith("adapter.down_index")
+    )
+    assert index and any(n.endswith("adapter.up") for n, _ in model.named_parameters())
+    # Every parameter (LazyLoRA's adapters too, sharded like the values they ride on) is split
+    # by rows: the ranks' shares add up to the whole. An adapter's packed index is a buffer,
+    # held whole on every rank.
+    for category in ("sparse values", "dense parameters", "gradients"):
+        assert sum(r[category] for r in ranks) == one[category], category
+    assert sum(r["metadata"] for r in ranks) == one["metadata"] + 2 * index
     for category in ("buffers", "caches"):  # replicated: rope tables, adapter scales
         assert [r[category] for r in ranks] == [one[category]] * 3
     assert ranks[0]["total"] > ranks[2]["total"]  # the trailing rank has fewer embedding rows

@@ -106,7 +106,9 @@ class SLoPeModule(pl.LightningModule):
     of processes. A SparseLinear's packed values shard like any parameter (by rows), and its
     packed masks with them (held as frozen parameters, see
     :meth:`~slope_lightning.sparse.SparseLinear.hold_masks_as_parameters`); adapters added
-    mid-run are replicated. The export is written once, by rank 0, from the gathered state.
+    mid-run are sharded by rows too (see
+    :meth:`~slope_lightning.sparse.SparseLinear.add_adapter`). The export is written once, by
+    rank 0, from the gathered state.
 
     Raises:
         ValueError: on an unknown preset or override, or invalid sparsity or optimizer
@@ -481,35 +483,6 @@ class SLoPeModule(pl.LightningModule):
                 states[index] = optimizer_state_by_name(state, self)
 
     # ------------------------------------------------------------------ optimizer
-
-    @override
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        with_grad = [p for p in params if p.grad is not None]
-        sharded = [p for p in with_grad if isinstance(p.grad, DTensor)]
-        plain = [p for p in with_grad if not isinstance(p.grad, DTensor)]
-        by_norm = bool(gradient_clip_val) and gradient_clip_algorithm != "value"
-        if not (by_norm and sharded and plain):
-            super().configure_gradient_clipping(
-                optimizer, gradient_clip_val, gradient_clip_algorithm
-            )
-            return
-        # FSDP2 after LazyLoRA's start: sharded DTensor gradients next to the adapters' plain
-        # ones (replicated, already averaged over ranks), which torch's clip_grad_norm_ cannot
-        # mix. One global norm: the sharded part reduced over ranks, the replicated part once.
-        assert gradient_clip_val is not None
-        sharded_norm = torch.nn.utils.get_total_norm([p.grad for p in sharded])
-        if isinstance(sharded_norm, DTensor):
-            sharded_norm = sharded_norm.full_tensor()  # a collective: the norm over all shards
-        plain_norm = torch.nn.utils.get_total_norm([p.grad for p in plain])
-        total = torch.linalg.vector_norm(torch.stack([sharded_norm, plain_norm.to(sharded_norm)]))
-        torch.nn.utils.clip_grads_with_norm_(sharded, float(gradient_clip_val), total)
-        torch.nn.utils.clip_grads_with_norm_(plain, float(gradient_clip_val), total)
 
     @override
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:

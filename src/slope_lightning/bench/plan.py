@@ -10,9 +10,11 @@ Two counts, both exact where a real run can check them (``tests/test_memory_plan
   (``world > 1``) a parameter is sharded by dim 0 with ``torch.chunk``'s rule, as
   ``fully_shard`` shards it: ``ceil(rows / world)`` rows per rank, the trailing ranks fewer
   or none; its gradient and AdamW moments follow it, each AdamW ``step`` is a 4-byte fp32
-  scalar on every rank. Buffers are replicated; so are the adapters that LazyLoRA adds after
-  sharding (FSDP2 does not manage them). Rank 0 holds the largest shard, and FSDP2 pads every
-  rank's parameter and gradient buffers to it, so rank 0's count is what each rank allocates.
+  scalar on every rank. The adapters that LazyLoRA adds after sharding are sharded by rows
+  the same way (:meth:`~slope_lightning.sparse.SparseLinear.add_adapter`); buffers (an
+  adapter's packed index included) are replicated. Rank 0 holds the largest shard, and FSDP2
+  pads every rank's parameter and gradient buffers to it, so rank 0's count is what each rank
+  allocates.
 * **Activations saved for backward** (:func:`saved_activations`): one forward of the same
   model with 1 and with 2 blocks under :class:`~torch._subclasses.fake_tensor.FakeTensorMode`
   (meta storage, the device's dispatch: autocast, the SDPA kernel choice), counted with
@@ -134,28 +136,17 @@ def cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
                 setattr(module, name, buffer.to(dtype))
 
 
-def _adapter_params(model: nn.Module) -> set[int]:
-    """Ids of the adapters' parameters: added after ``fully_shard``, so replicated."""
-    return {
-        id(param)
-        for module in model.modules()
-        if isinstance(module, LowRankAdapter)
-        for param in module.parameters()
-    }
-
-
 def state_plan(model: nn.Module, world: int = 1, rank: int = 0) -> dict[str, int]:
     """This rank's bytes of ``model``'s state after one AdamW step, by the categories of
     :func:`~slope_lightning.sparse.memory_report` (plus ``"total"``), without running one.
 
     ``model`` may live on the meta device. ``world > 1``: sharded as
     :class:`~slope_lightning.module.SLoPeModule` shards it with FSDP2 (masks held as
-    parameters, sharded with the values; buffers and adapters replicated). Every trainable
+    parameters, sharded with the values; adapters sharded too; buffers replicated). Every trainable
     parameter gets a gradient and AdamW state (two moments of its dtype and shard, one
     4-byte step); a frozen one (the masks under FSDP2) gets none.
     """
     counts = dict.fromkeys(CATEGORIES, 0)
-    replicated = _adapter_params(model)
     sparse_values: set[int] = set()
     metadata: set[int] = set()
     for module in model.modules():
@@ -165,10 +156,8 @@ def state_plan(model: nn.Module, world: int = 1, rank: int = 0) -> dict[str, int
         elif isinstance(module, LowRankAdapter):
             sparse_values.add(id(module.down_values))
             metadata.add(id(module.down_index))
-    fsdp = world > 1
     for param in model.parameters():  # each once: a tied weight is one parameter
-        sharded = fsdp and id(param) not in replicated
-        size = _local_bytes(param, world, rank, sharded)
+        size = _local_bytes(param, world, rank, sharded=world > 1)
         if id(param) in metadata:
             category = "metadata"
         elif id(param) in sparse_values:
