@@ -187,6 +187,59 @@ def check_dense_load(rank: int, world: int, port: int, out: Path) -> None:
     end_rank()
 
 
+def check_adapters(rank: int, world: int, port: int, out: Path) -> None:
+    """One rank of --check-adapters: an adapter of rank 2 added to an FSDP2-sharded
+    SparseLinear on 3 processes (rows 1, 1 and none) holds its rows of the unsharded layer's
+    adapter; each rank's backward on its own batch leaves, gathered, the gradient of the mean
+    loss over every rank's batch on one process; an AdamW step runs on the empty shard too.
+    Writes adapters{rank}.json."""
+    import os
+
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from slope_lightning.bench.sharded import end_rank
+    from slope_lightning.sparse import SparseLinear
+    from slope_lightning.sparse.dtensor import full_tensor, is_dtensor, local_part
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    reference, sharded = SparseLinear.from_linear(linear), SparseLinear.from_linear(linear)
+    sharded.hold_masks_as_parameters()
+    fully_shard(sharded, mesh=mesh)
+    for layer in (reference, sharded):
+        layer.add_adapter(2, generator=torch.Generator().manual_seed(5))
+    assert sharded.adapter is not None and reference.adapter is not None
+    up = torch.randn(2, 48, generator=torch.Generator().manual_seed(6))  # R = 0 at the start
+    with torch.no_grad():  # this rank's rows of R: torch.chunk's split, as FSDP2's
+        reference.adapter.up.copy_(up)
+        local = local_part(sharded.adapter.up)
+        local.copy_(up[rank : rank + local.shape[0]])
+    seeds = [torch.Generator().manual_seed(10 + i) for i in range(world)]
+    batches = [torch.randn(5, 64, generator=seed) for seed in seeds]
+    (sum(reference(x).pow(2).mean() for x in batches) / world).backward()
+    sharded(batches[rank]).pow(2).mean().backward()
+    results: dict[str, Any] = {}
+    for name in ("down_values", "up"):
+        param, want = getattr(sharded.adapter, name), getattr(reference.adapter, name)
+        results[name] = {
+            "sharded": is_dtensor(param),
+            "rows": local_part(param).shape[0],
+            "values_equal": bool(torch.equal(full_tensor(param.detach()), want.detach())),
+            "grad_max_diff": float((full_tensor(param.grad) - want.grad).abs().max()),
+        }
+    torch.optim.AdamW(sharded.parameters(), lr=1e-2).step()
+    results["stepped_shape"] = list(full_tensor(sharded.adapter.up.detach()).shape)
+    (out / f"adapters{rank}.json").write_text(json.dumps(results))
+    end_rank()
+
+
 def full_state(module: Any) -> dict[str, torch.Tensor]:
     """The whole model's state on every rank (sharded parameters gathered)."""
     from torch.distributed.tensor import DTensor
@@ -348,6 +401,7 @@ def main() -> None:
     )
     parser.add_argument("--check-masks", type=int, default=0, help="N processes: check_masks")
     parser.add_argument("--check-dense-load", type=int, default=0, help="N: check_dense_load")
+    parser.add_argument("--check-adapters", type=int, default=0, help="N: check_adapters")
     parser.add_argument("--port", type=int, default=0, help="--check-masks: MASTER_PORT")
     args = parser.parse_args()
     if args.check_masks:
@@ -356,6 +410,13 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         world = args.check_masks
         mp.spawn(check_masks, args=(world, args.port, args.out), nprocs=world)
+        return
+    if args.check_adapters:
+        import torch.multiprocessing as mp
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        world = args.check_adapters
+        mp.spawn(check_adapters, args=(world, args.port, args.out), nprocs=world)
         return
     if args.check_dense_load:
         import torch.multiprocessing as mp

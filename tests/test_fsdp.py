@@ -675,6 +675,22 @@ def test_dense_weights_load_by_rows_into_sharded_and_meta_models_as_into_the_uns
         )
 
 
+@pytest.mark.slow
+def test_adapters_added_after_sharding_are_sharded_and_train_like_the_unsharded_ones(tmp_path):
+    # 3 processes, adapter rank 2: rows 1, 1 and none. The gathered gradient is the one of
+    # the mean loss over every rank's batch on one process (FSDP2's data-parallel mean).
+    out = tmp_path / "adapters"
+    command = [sys.executable, str(WORKER), f"--out={out}", "--check-adapters=3"]
+    launch([*command, f"--port={free_port()}"], "the adapter check")
+    for rank, rows in enumerate((1, 1, 0)):
+        result = json.loads((out / f"adapters{rank}.json").read_text())
+        for name in ("down_values", "up"):
+            assert result[name]["sharded"] and result[name]["rows"] == rows, (rank, name)
+            assert result[name]["values_equal"], (rank, name)
+            assert result[name]["grad_max_diff"] < 1e-6, (rank, name)
+        assert result["stepped_shape"] == [2, 48]
+
+
 @pytest.fixture(scope="module")
 def dense_weights(runs: Runs) -> Path:
     return write_dense_weights(runs.root / "pretrained")
