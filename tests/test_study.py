@@ -458,7 +458,9 @@ def test_cli_study_errors_and_dry_run(
     assert main(["study", "--config", "absent.yaml"]) == 2
     assert "error: study file 'absent.yaml' does not exist" in capsys.readouterr().err
     assert main(["study", "--config", "absent.yaml", "--bogus"]) == 2
-    assert "unrecognized arguments ['--bogus']" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "unrecognized arguments ['--bogus']" in error
+    assert error.count("--help lists the accepted options") == 1
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(_study(tmp_path)))
     assert main(["study", "--config", "study.yaml", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()

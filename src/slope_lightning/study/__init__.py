@@ -123,9 +123,7 @@ def study_command(args: list[str], fit_main: Callable[[list[str]], int] | None =
     """
     parsed, unknown = _parser().parse_known_args(args)
     if unknown:
-        raise StudyConfigError(
-            f"study: unrecognized arguments {unknown} (--help lists the accepted options)"
-        )
+        raise StudyConfigError(f"study: unrecognized arguments {unknown}")
     study = StudyConfig.from_file(parsed.config)
     if parsed.dry_run:
         choices = choose(study, finished_results(study))
