@@ -122,7 +122,7 @@ def plot_gap(path: Path, summary: dict[str, Any]) -> Path:
     axes.axhline(1.0, color="black", linewidth=0.8)
     baseline = labels.get(summary["baseline"], summary["baseline"])
     axes.set_xlabel("training tokens seen")
-    axes.set_ylabel(f"validation perplexity / {baseline}'s (paired by seed)")
+    axes.set_ylabel("validation perplexity ratio (paired by seed)")
     axes.set_title(f"{summary['name']}: each method over {baseline} along training", fontsize=10)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
