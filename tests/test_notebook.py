@@ -56,7 +56,12 @@ def test_the_toy_training_predicts_the_next_token():
 
 QUALITY_NOTEBOOK = NOTEBOOK.parent / "quality.ipynb"
 QUALITY_REPORTS = NOTEBOOK.parents[1] / "benchmarks" / "results" / "quality"
-NOTEBOOK_STUDIES = ["study-tiny", "study-tiny-long"]  # the notebook's STUDY: both drawn
+NOTEBOOK_STUDIES = [  # the notebook's STUDY: every committed tiny report drawn
+    "study-tiny",
+    "study-tiny-long",
+    "study-tiny-embedding-lr",
+    "study-tiny-long-embedding-lr",
+]
 
 
 @pytest.mark.parametrize("study", NOTEBOOK_STUDIES)
