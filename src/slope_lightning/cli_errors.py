@@ -248,11 +248,8 @@ def format_parse_error(error: BaseException) -> str:
         close = difflib.get_close_matches(path, _callback_paths(), n=1, cutoff=0.6)
         hint = f"; the closest importable one is {close[0]!r}" if close else ""
         summary = f"{key}: class_path {path!r} cannot be imported ({detail}){hint}"
-    help_hint = " (--help lists the accepted options)"
-    if (
-        "unrecognized arguments" in summary or "is not accepted" in summary
-    ) and help_hint not in summary:
-        summary += help_hint
+    if "unrecognized arguments" in summary or "is not accepted" in summary:
+        summary += " (--help lists the accepted options)"
     return one_line(summary)
 
 
